@@ -1,0 +1,112 @@
+"""The `optiforge` command: serve, worker, migrate.
+
+`optiforge serve` on the embedded defaults (no broker configured) runs the schema upgrade, a
+Celery worker process beside the API, and the API itself: one command, one machine, no Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from app.settings import get_settings
+
+
+def _worker_argv(queues: str, concurrency: int | None, loglevel: str) -> list[str]:
+    argv = ["worker", "--queues", queues, "--loglevel", loglevel, "--without-mingle", "--without-gossip"]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    return argv
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    print(f"database at head: {settings.resolved_database_url}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import celery_app
+
+    settings = get_settings()
+    queues = ",".join(settings.queue(name.strip()) for name in args.queues.split(","))
+    celery_app.worker_main(_worker_argv(queues, args.concurrency, args.loglevel))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = get_settings()
+    cmd_migrate(args)
+    start_worker = settings.embedded_broker if args.worker is None else args.worker
+    worker: subprocess.Popen[bytes] | None = None
+    if start_worker:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", "--queues", args.queues, "--loglevel", args.loglevel],
+            env=os.environ.copy(),
+        )
+        print(f"started a worker beside the API (pid {worker.pid}, queues {args.queues})")
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            log_level=args.loglevel.lower(),
+        )
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optiforge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the API (and, on embedded defaults, a worker beside it)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--worker",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start a worker beside the API (default: only when no broker URL is configured)",
+    )
+    serve.add_argument("--queues", default="cpu", help="queues of the worker started beside the API")
+    serve.add_argument("--loglevel", default="INFO")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker alone")
+    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
+    worker.add_argument("--concurrency", type=int, default=None, help="default: OPTIFORGE_WORKER_CONCURRENCY")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

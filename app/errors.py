@@ -1,0 +1,59 @@
+"""Every error response is JSON with a machine-readable `code` and a human `detail`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engines.errors import EngineError
+
+#: HTTP status for engine errors raised at request time.
+_ENGINE_ERROR_STATUS = {"upload_too_large": 413, "backend_unavailable": 409}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, **extra: Any):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+
+def not_found(kind: str, item_id: str) -> ApiError:
+    return ApiError(404, f"{kind}_not_found", f"no {kind} with id '{item_id}'")
+
+
+def from_engine_error(error: EngineError, status: int = 422) -> ApiError:
+    extra = {key: value for key, value in error.extra.items() if key not in ("code", "detail")}
+    return ApiError(_ENGINE_ERROR_STATUS.get(error.code, status), error.code, error.detail, **extra)
+
+
+def _body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"code": code, "detail": detail, **extra}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(_body(exc.code, exc.detail, **exc.extra), status_code=exc.status)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_request: Request, exc: EngineError) -> JSONResponse:
+        error = from_engine_error(exc)
+        return JSONResponse(_body(error.code, error.detail, **error.extra), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(item.get("loc", ())), "msg": item.get("msg", ""), "type": item.get("type", "")}
+            for item in exc.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        return JSONResponse(_body("validation_error", detail, errors=errors), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)

@@ -1,0 +1,33 @@
+"""The FastAPI application. `create_app()` is what uvicorn serves (`optiforge serve`)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.engine_pool import EnginePool
+from app.errors import install_error_handlers
+from app.routes import datasets, engines, health, jobs, models
+from app.settings import Settings, get_settings
+from app.store import get_store
+
+DESCRIPTION = """
+Upload a trained model (ONNX) and a dataset, start a job, get engines that are measured side by
+side with the original: latency per batch size (mean, p50, p90, p99, throughput) and accuracy
+(top-1 against labels, or fidelity to the original without labels).
+
+Errors are JSON: `{"code": "machine_readable", "detail": "for a person"}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = FastAPI(title="optiforge", version=__version__, description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.store = get_store(settings.resolved_artifact_dir)
+    app.state.engine_pool = EnginePool(settings.engine_pool_size, settings.inference_threads)
+    install_error_handlers(app)
+    for module in (health, models, datasets, jobs, engines):
+        app.include_router(module.router)
+    return app

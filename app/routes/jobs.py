@@ -1,0 +1,192 @@
+"""/v1/jobs: optimization jobs run by Celery workers; their state lives in SQL."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.deps import get_db, get_settings_dep
+from app.errors import ApiError, from_engine_error, not_found
+from app.job_queue import enqueue_job
+from app.orm import EngineRecord, JobRecord, JobStatus, ModelRecord, utcnow
+from app.routes.datasets import get_dataset_record
+from app.routes.models import get_model_record
+from app.schemas import JobCreate, JobOut
+from app.settings import Settings
+from engines.datasets import DatasetInfo, check_fits_model
+from engines.errors import EngineError
+from engines.pipeline import check_batch_sizes
+from engines.report import render_markdown, report_row
+from engines.signature import specs_from_dicts
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def job_out(session: Session, job: JobRecord) -> JobOut:
+    engine_ids = session.scalars(
+        select(EngineRecord.id).where(EngineRecord.job_id == job.id).order_by(EngineRecord.created_at)
+    ).all()
+    return JobOut(
+        id=job.id,
+        model_id=job.model_id,
+        calibration_dataset_id=job.calibration_dataset_id,
+        evaluation_dataset_id=job.evaluation_dataset_id,
+        recipe=job.recipe,
+        status=job.status,
+        stage=job.stage,
+        progress=job.progress,
+        messages=job.messages or [],
+        error=job.error,
+        cancel_requested=job.cancel_requested,
+        attempts=job.attempts,
+        engine_ids=list(engine_ids),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def get_job_record(session: Session, job_id: str) -> JobRecord:
+    job = session.get(JobRecord, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def _check_dataset(session: Session, dataset_id: str | None, model: ModelRecord) -> None:
+    if dataset_id is None:
+        return
+    dataset = get_dataset_record(session, dataset_id)
+    try:
+        check_fits_model(DatasetInfo.from_dict(dataset.info), specs_from_dicts(model.info["inputs"]))
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+
+
+@router.post("", status_code=202, response_model=JobOut, summary="Start an optimization job")
+def create_job(
+    body: JobCreate, session: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep)
+) -> JobOut:
+    """Check that the recipe and datasets fit the model, store the job, then queue it.
+
+    The dataset/model match is checked here, so a mismatch is a 422 now, not a failed job later.
+    """
+    model = get_model_record(session, body.model_id)
+    _check_dataset(session, body.calibration_dataset_id, model)
+    _check_dataset(session, body.evaluation_dataset_id, model)
+    recipe = body.recipe.to_config()
+    try:
+        check_batch_sizes(specs_from_dicts(model.info["inputs"]), recipe.batch_sizes)
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    job = JobRecord(
+        model_id=model.id,
+        calibration_dataset_id=body.calibration_dataset_id,
+        evaluation_dataset_id=body.evaluation_dataset_id,
+        recipe=recipe.to_dict(),
+        messages=[],
+    )
+    session.add(job)
+    session.commit()  # enqueue only after the row is committed: the worker re-reads it
+    try:
+        enqueue_job(settings, job.id, recipe)
+    except Exception as exc:
+        logger.exception("could not enqueue job %s", job.id)
+        job.status, job.finished_at = JobStatus.FAILED, utcnow()
+        job.error = {"code": "broker_unavailable", "detail": f"the job queue is unreachable: {exc}"}
+        session.commit()
+        raise ApiError(
+            503, "broker_unavailable", f"the job queue is unreachable: {exc}", job_id=job.id
+        ) from exc
+    return job_out(session, job)
+
+
+@router.get("", response_model=list[JobOut], summary="List jobs")
+def list_jobs(
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    model_id: str | None = None,
+    session: Session = Depends(get_db),
+) -> list[JobOut]:
+    query = select(JobRecord).order_by(JobRecord.created_at.desc())
+    if status:
+        query = query.where(JobRecord.status == status)
+    if model_id:
+        query = query.where(JobRecord.model_id == model_id)
+    return [job_out(session, job) for job in session.scalars(query)]
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Job status, progress and error")
+def get_job(job_id: str, session: Session = Depends(get_db)) -> JobOut:
+    return job_out(session, get_job_record(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
+def cancel_job(job_id: str, session: Session = Depends(get_db)) -> JobOut:
+    """A queued job is cancelled at once; a running one stops at its next checkpoint (within seconds)."""
+    job = get_job_record(session, job_id)
+    now = utcnow()
+    cancelled_queued = session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, stage="cancelled", finished_at=now)
+    ).rowcount
+    if not cancelled_queued:
+        flagged = session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == JobStatus.RUNNING)
+            .values(cancel_requested=True)
+        ).rowcount
+        if not flagged:
+            session.rollback()
+            raise ApiError(
+                409,
+                "job_not_cancellable",
+                f"job '{job_id}' is {job.status}; only queued or running jobs can be cancelled",
+            )
+    session.commit()
+    session.refresh(job)
+    return job_out(session, job)
+
+
+@router.get(
+    "/{job_id}/report",
+    summary="The comparison table: baseline and every engine",
+    responses={200: {"content": {"application/json": {}, "text/markdown": {}}}},
+)
+def job_report(
+    job_id: str,
+    format: Literal["json", "md"] = Query("json", description="json, or md for a markdown table"),
+    session: Session = Depends(get_db),
+) -> Response:
+    job = get_job_record(session, job_id)
+    if job.status != JobStatus.SUCCEEDED or job.baseline is None:
+        raise ApiError(
+            409, "job_not_succeeded", f"job '{job_id}' is {job.status}; reports exist for succeeded jobs"
+        )
+    model = get_model_record(session, job.model_id)
+    engines = session.scalars(
+        select(EngineRecord).where(EngineRecord.job_id == job_id).order_by(EngineRecord.created_at)
+    ).all()
+    rows = [report_row(model.name, "original", job.baseline, None)]
+    for engine in engines:
+        measurement = {"backend": engine.backend, "precision": engine.precision, **engine.metrics}
+        rows.append(report_row(model.name, engine.id, measurement, engine.metrics.get("vs_baseline")))
+    hardware = job.baseline.get("hardware", {})
+    if format == "md":
+        return PlainTextResponse(render_markdown(rows, hardware), media_type="text/markdown")
+    return JSONResponse(
+        {
+            "job_id": job.id,
+            "model_id": model.id,
+            "network": model.name,
+            "hardware": hardware,
+            "messages": job.messages or [],
+            "rows": rows,
+        }
+    )

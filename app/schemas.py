@@ -1,0 +1,155 @@
+"""Request and response bodies. Request models map 1:1 onto the frozen configs in engines/."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engines.backends.registry import backend_names
+from engines.recipe import MeasureConfig, Recipe
+
+
+class TensorSpecOut(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int | str | None] = Field(description="ints are static dims, strings symbolic, null unknown")
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    opset: int
+    ir_version: int
+    producer: str
+    inputs: list[TensorSpecOut]
+    outputs: list[TensorSpecOut]
+    parameters: int
+    macs: int | None = Field(description="multiply-accumulates per sample (Conv/Gemm/MatMul)")
+    external_data: bool
+    op_types: dict[str, int]
+    created_at: datetime
+
+
+class ArrayOut(BaseModel):
+    shape: list[int]
+    dtype: str
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    samples: int
+    arrays: dict[str, ArrayOut]
+    has_labels: bool
+    classes: int | None
+    created_at: datetime
+
+
+class MeasureIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_runs: int = Field(10, ge=0, le=10_000)
+    timed_runs: int = Field(50, ge=1, le=100_000)
+    threads: int | None = Field(None, ge=1, le=1024, description="null: all cores")
+
+    def to_config(self) -> MeasureConfig:
+        return MeasureConfig(warmup_runs=self.warmup_runs, timed_runs=self.timed_runs, threads=self.threads)
+
+
+class RecipeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] = Field(default_factory=lambda: ["onnxruntime-cpu"], min_length=1)
+    precision: Literal["fp32"] = "fp32"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, max_length=16)
+    measure: MeasureIn = Field(default_factory=MeasureIn)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        unknown = [target for target in targets if target not in backend_names()]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; known targets: {backend_names()}")
+        return list(dict.fromkeys(targets))
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sane_batch_sizes(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 or size > 4096 for size in sizes):
+            raise ValueError("batch sizes must be between 1 and 4096")
+        return sorted(set(sizes))
+
+    def to_config(self) -> Recipe:
+        return Recipe(
+            targets=tuple(self.targets),
+            precision=self.precision,
+            batch_sizes=tuple(self.batch_sizes),
+            measure=self.measure.to_config(),
+        )
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    calibration_dataset_id: str | None = None
+    evaluation_dataset_id: str | None = None
+    recipe: RecipeIn = Field(default_factory=RecipeIn)
+
+
+class JobError(BaseModel):
+    code: str
+    detail: str
+
+
+class JobOut(BaseModel):
+    id: str
+    model_id: str
+    calibration_dataset_id: str | None
+    evaluation_dataset_id: str | None
+    recipe: dict[str, Any]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: str
+    progress: float
+    messages: list[str]
+    error: JobError | None
+    cancel_requested: bool
+    attempts: int
+    engine_ids: list[str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EngineOut(BaseModel):
+    id: str
+    job_id: str
+    model_id: str
+    backend: str
+    precision: str
+    size_bytes: int
+    build_seconds: float
+    hardware: dict[str, Any]
+    metrics: dict[str, Any] = Field(
+        description="latency per batch size, accuracy, and ratios vs the baseline"
+    )
+    build_info: dict[str, Any]
+    created_at: datetime
+
+
+class InferRequest(BaseModel):
+    inputs: dict[str, Any] = Field(description="input name -> nested list of numbers, batch first")
+
+
+class InferResponse(BaseModel):
+    engine_id: str
+    outputs: dict[str, Any]
+    compute_ms: float = Field(description="time spent in the engine, server side")

@@ -1,0 +1,70 @@
+"""One settings object shared by the API and the workers, read from environment variables.
+
+Every variable is `OPTIFORGE_<FIELD>` (e.g. `OPTIFORGE_DATA_DIR`); `REDIS_URL` is honoured as the
+broker too, as container platforms usually set it. Defaults are the embedded single-machine setup:
+a SQLite file, a local artifact directory and a filesystem broker, all under the data directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPTIFORGE_", extra="ignore")
+
+    data_dir: Path = Path("./data")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir")
+    broker_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPTIFORGE_BROKER_URL", "REDIS_URL"),
+        description="Celery broker; default: a filesystem broker in data_dir (no Redis needed)",
+    )
+    artifact_dir: Path | None = Field(default=None, description="default: data_dir/artifacts")
+    max_upload_bytes: int = 1024 * MIB
+    #: An archive (.zip bundle or .npz) may unpack to at most this many times the upload limit.
+    max_unpack_ratio: int = 4
+    queue_prefix: str = Field(default="", description="prepended to queue names, to share one broker")
+    worker_concurrency: int = 1  # measurements on a shared CPU would disturb each other
+    job_max_attempts: int = 3  # deliveries before a job that keeps killing its worker is failed
+    job_visibility_timeout_s: int = 6 * 3600  # Redis re-delivers unacked jobs after this long
+    engine_pool_size: int = 8  # loaded engines kept in the API process
+    inference_threads: int | None = None  # None: all cores
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'optiforge.db').resolve()}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def max_unpacked_bytes(self) -> int:
+        return self.max_upload_bytes * self.max_unpack_ratio
+
+    def queue(self, name: str) -> str:
+        return f"{self.queue_prefix}{name}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,62 @@
+"""Receive an uploaded file into a private temp directory, hashing it and enforcing the size limit."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request, UploadFile
+
+from app.errors import ApiError
+
+_CHUNK = 1024 * 1024
+#: Multipart framing around the file: a request this much over the limit is refused unread.
+_MULTIPART_SLACK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ReceivedFile:
+    path: Path
+    filename: str
+    sha256: str
+    size_bytes: int
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "upload_too_large", f"the upload is over the limit of {limit} bytes")
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    """Refuse an oversized upload from its header, before reading the body."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
+        raise too_large(limit)
+
+
+def safe_filename(name: str | None, default: str) -> str:
+    base = Path(name or default).name
+    return re.sub(r"[^A-Za-z0-9._-]", "_", base)[:200] or default
+
+
+@contextmanager
+def receive_upload(upload: UploadFile, limit: int, default_name: str) -> Iterator[ReceivedFile]:
+    """Copy the upload to a temp dir that is removed afterwards, whatever happens."""
+    with tempfile.TemporaryDirectory(prefix="optiforge-upload-") as tmp:
+        filename = safe_filename(upload.filename, default_name)
+        target = Path(tmp) / "upload" / filename
+        target.parent.mkdir()
+        digest = hashlib.sha256()
+        size = 0
+        with open(target, "wb") as out:
+            while chunk := upload.file.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                digest.update(chunk)
+                out.write(chunk)
+        yield ReceivedFile(path=target, filename=filename, sha256=digest.hexdigest(), size_bytes=size)

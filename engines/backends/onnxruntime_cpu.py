@@ -1,0 +1,118 @@
+"""ONNX Runtime on CPU: always present, the backend every engine can fall back to.
+
+Compile saves the graph after ONNX Runtime's *extended* optimizations (fusions that are valid
+on any CPU); the hardware-specific layout passes run again at load time, so an engine file stays
+portable between x86 machines while the session still gets every optimization.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.backends.base import Backend, CompileOptions, EngineArtifact
+from engines.hardware import cpu_info
+from engines.ingest import PROTOBUF_LIMIT_BYTES
+from engines.signature import TensorSpec
+
+ENGINE_FILENAME = "engine.onnx"
+
+
+def _session_options(threads: int | None, level_name: str) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level_name)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def _spec(node_arg: Any) -> TensorSpec:
+    type_name = node_arg.type  # e.g. "tensor(float)"
+    element = type_name[len("tensor(") : -1] if type_name.startswith("tensor(") else type_name
+    dtype = {"float": "float32", "double": "float64", "float16": "float16"}.get(element, element)
+    shape = tuple(dim if isinstance(dim, int | str) else None for dim in node_arg.shape)
+    return TensorSpec(name=node_arg.name, dtype=dtype, shape=shape)
+
+
+class OnnxRuntimeRunner:
+    """A loaded ONNX Runtime session; `InferenceSession.run` is thread-safe."""
+
+    def __init__(self, session: Any):
+        self._session = session
+        self._inputs = [_spec(arg) for arg in session.get_inputs()]
+        self._outputs = [_spec(arg) for arg in session.get_outputs()]
+        self._output_names = [spec.name for spec in self._outputs]
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, results, strict=True))
+
+    def input_metadata(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    def output_metadata(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+
+class OnnxRuntimeCpuBackend(Backend):
+    name = "onnxruntime-cpu"
+    queue = "cpu"
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return False
+        return "CPUExecutionProvider" in ort.get_available_providers()
+
+    def compile(self, onnx_path: Path, out_dir: Path, options: CompileOptions) -> EngineArtifact:
+        import onnxruntime as ort
+
+        if options.precision != "fp32":
+            raise ValueError(
+                f"{self.name} compiles fp32 graphs; quantize before compiling ({options.precision})"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        engine_path = out_dir / ENGINE_FILENAME
+        session_options = _session_options(options.threads, "ORT_ENABLE_EXTENDED")
+        session_options.optimized_model_filepath = str(engine_path)
+        if onnx_path.stat().st_size + _external_data_size(onnx_path) >= PROTOBUF_LIMIT_BYTES:
+            session_options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", ENGINE_FILENAME + ".data"
+            )
+        started = time.perf_counter()
+        ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
+        build_seconds = time.perf_counter() - started
+        return EngineArtifact(
+            backend=self.name,
+            precision=options.precision,
+            path=engine_path,
+            build_seconds=build_seconds,
+            metadata={"onnxruntime": ort.__version__, "saved_optimization_level": "extended"},
+        )
+
+    def load(self, engine_path: Path, threads: int | None = None) -> OnnxRuntimeRunner:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(
+            str(engine_path), _session_options(threads, "ORT_ENABLE_ALL"), providers=["CPUExecutionProvider"]
+        )
+        return OnnxRuntimeRunner(session)
+
+    def hardware(self, threads: int | None = None) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        info = cpu_info()
+        return {**info, "threads": threads or info["logical_cores"], "onnxruntime": ort.__version__}
+
+
+def _external_data_size(onnx_path: Path) -> int:
+    return sum(path.stat().st_size for path in onnx_path.parent.glob(onnx_path.name + ".data"))

@@ -1,0 +1,194 @@
+"""Datasets: `.npz` archives with one array per model input and optional integer `labels`.
+
+Arrays are read with `allow_pickle=False` and every member must be a real `.npy` array of a
+numeric dtype: an `.npz` is a zip that can carry pickles, and user data is never unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.errors import DatasetMismatchError, InvalidDatasetError
+from engines.signature import TensorSpec, check_array_against_spec
+
+LABELS_KEY = "labels"
+_ALLOWED_KINDS = {"b", "i", "u", "f"}  # bool, signed, unsigned, float
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    samples: int
+    arrays: dict[str, ArraySpec]  # input arrays only; labels are described by has_labels/classes
+    has_labels: bool
+    classes: int | None  # distinct label values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "arrays": {name: spec.to_dict() for name, spec in self.arrays.items()},
+            "has_labels": self.has_labels,
+            "classes": self.classes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetInfo:
+        return cls(
+            samples=data["samples"],
+            arrays={
+                name: ArraySpec(tuple(spec["shape"]), spec["dtype"]) for name, spec in data["arrays"].items()
+            },
+            has_labels=data["has_labels"],
+            classes=data["classes"],
+        )
+
+
+@dataclass(frozen=True)
+class Dataset:
+    inputs: dict[str, np.ndarray]  # keyed by model input name once bound
+    labels: np.ndarray | None
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, count: int) -> Dataset:
+        return Dataset(
+            inputs={name: array[:count] for name, array in self.inputs.items()},
+            labels=None if self.labels is None else self.labels[:count],
+        )
+
+
+def read_npz(path: Path, *, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
+    """Read every array of an `.npz` safely, or raise InvalidDatasetError saying why not."""
+    if path.stat().st_size == 0:
+        raise InvalidDatasetError("the uploaded file is empty", code="empty_file")
+    if not zipfile.is_zipfile(path):
+        raise InvalidDatasetError("the file is not an .npz archive (save it with numpy.savez)")
+    with zipfile.ZipFile(path) as archive:
+        unpacked = sum(info.file_size for info in archive.infolist())
+    if unpacked > max_unpacked_bytes:
+        raise InvalidDatasetError(
+            f"the archive unpacks to {unpacked} bytes, over the limit of {max_unpacked_bytes}",
+            code="upload_too_large",
+        )
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                value = npz[key]
+                if not isinstance(value, np.ndarray):
+                    raise InvalidDatasetError(f"member '{key}' is not a .npy array")
+                arrays[key] = value
+    except InvalidDatasetError:
+        raise
+    except ValueError as exc:  # numpy says "Object arrays cannot be loaded when allow_pickle=False"
+        raise InvalidDatasetError(
+            f"the archive holds object arrays or pickles, which are never loaded: {exc}",
+            code="pickle_refused",
+        ) from exc
+    except Exception as exc:
+        raise InvalidDatasetError(f"the archive could not be read: {exc}") from exc
+    if not arrays:
+        raise InvalidDatasetError("the archive holds no arrays")
+    return arrays
+
+
+def inspect_arrays(arrays: dict[str, np.ndarray]) -> DatasetInfo:
+    """Check shapes, dtypes, values and labels; describe the dataset."""
+    inputs = {key: value for key, value in arrays.items() if key != LABELS_KEY}
+    if not inputs:
+        raise InvalidDatasetError("the archive holds only labels; add one array per model input")
+    for key, value in inputs.items():
+        if value.dtype.kind not in _ALLOWED_KINDS:
+            raise InvalidDatasetError(
+                f"array '{key}' has dtype {value.dtype}; only numeric arrays are accepted"
+            )
+        if value.ndim == 0:
+            raise InvalidDatasetError(f"array '{key}' is a scalar; the first dim must count samples")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise InvalidDatasetError(f"array '{key}' holds NaN or Inf values", code="non_finite_values")
+    counts = {key: len(value) for key, value in inputs.items()}
+    if len(set(counts.values())) != 1:
+        raise InvalidDatasetError(f"arrays disagree on the number of samples: {counts}")
+    samples = next(iter(counts.values()))
+    if samples == 0:
+        raise InvalidDatasetError("the dataset has no samples")
+    labels = arrays.get(LABELS_KEY)
+    classes: int | None = None
+    if labels is not None:
+        if labels.dtype.kind not in ("i", "u") or labels.ndim != 1:
+            raise InvalidDatasetError(
+                f"labels must be a 1-D integer array, got dtype {labels.dtype} "
+                f"and shape {list(labels.shape)}",
+                code="invalid_labels",
+            )
+        if len(labels) != samples:
+            raise InvalidDatasetError(
+                f"labels has {len(labels)} entries, but the inputs have {samples} samples",
+                code="invalid_labels",
+            )
+        if (labels < 0).any():
+            raise InvalidDatasetError("labels must be class indices >= 0", code="invalid_labels")
+        classes = len(np.unique(labels))
+    return DatasetInfo(
+        samples=samples,
+        arrays={
+            key: ArraySpec(tuple(int(d) for d in value.shape), value.dtype.name)
+            for key, value in inputs.items()
+        },
+        has_labels=labels is not None,
+        classes=classes,
+    )
+
+
+def bind_arrays(array_names: Sequence[str], model_inputs: Sequence[TensorSpec]) -> dict[str, str]:
+    """Map dataset array names to model input names: by name, or one unnamed array to a single input."""
+    names = [name for name in array_names if name != LABELS_KEY]
+    if len(model_inputs) == 1 and len(names) == 1:
+        return {names[0]: model_inputs[0].name}
+    expected = {spec.name for spec in model_inputs}
+    missing = sorted(expected - set(names))
+    extra = sorted(set(names) - expected)
+    problems = [f"missing array for model input '{name}'" for name in missing]
+    problems += [f"array '{name}' matches no model input (inputs: {sorted(expected)})" for name in extra]
+    if problems:
+        raise DatasetMismatchError(problems)
+    return {name: name for name in names}
+
+
+def check_fits_model(info: DatasetInfo, model_inputs: Sequence[TensorSpec]) -> None:
+    """Raise DatasetMismatchError listing every way the dataset does not fit the model's inputs."""
+    binding = bind_arrays(list(info.arrays), model_inputs)
+    specs = {spec.name: spec for spec in model_inputs}
+    problems: list[str] = []
+    for array_name, input_name in binding.items():
+        array_spec = info.arrays[array_name]
+        probe = np.empty((0, *array_spec.shape[1:]), dtype=array_spec.dtype)
+        problems += check_array_against_spec(probe, specs[input_name], what="input")
+    if problems:
+        raise DatasetMismatchError(problems)
+
+
+def load_dataset(path: Path, model_inputs: Sequence[TensorSpec], *, max_unpacked_bytes: int) -> Dataset:
+    """Load a stored dataset with its arrays keyed by the model's input names."""
+    arrays = read_npz(path, max_unpacked_bytes=max_unpacked_bytes)
+    binding = bind_arrays(list(arrays), model_inputs)
+    return Dataset(
+        inputs={input_name: arrays[array_name] for array_name, input_name in binding.items()},
+        labels=arrays.get(LABELS_KEY),
+    )

@@ -1,0 +1,72 @@
+"""Errors the optimization core raises, each with a stable machine-readable code.
+
+The API maps them onto 4xx responses and the workers onto a job's error, so a user
+sees the same `code` whether the problem was caught at upload or inside a job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EngineError(Exception):
+    """Base class: `code` is machine-readable, `detail` is for a person."""
+
+    code: str = "engine_error"
+
+    def __init__(self, detail: str, *, code: str | None = None, extra: dict[str, Any] | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+        self.extra = extra or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "detail": self.detail, **self.extra}
+
+
+class InvalidModelError(EngineError):
+    """The uploaded file is not a valid, self-contained ONNX model."""
+
+    code = "invalid_model"
+
+
+class InvalidDatasetError(EngineError):
+    """The uploaded dataset cannot be read safely or is inconsistent."""
+
+    code = "invalid_dataset"
+
+
+class DatasetMismatchError(EngineError):
+    """The dataset's arrays do not fit the model's inputs; `mismatches` lists each problem."""
+
+    code = "dataset_mismatch"
+
+    def __init__(self, mismatches: list[str]):
+        super().__init__(
+            "dataset does not match the model's inputs: " + "; ".join(mismatches),
+            extra={"mismatches": mismatches},
+        )
+        self.mismatches = mismatches
+
+
+class InvalidRecipeError(EngineError):
+    """A recipe that cannot run on this model (e.g. a batch size its static batch dim forbids)."""
+
+    code = "invalid_recipe"
+
+
+class InvalidInputError(EngineError):
+    """Inference inputs that do not match the engine's signature."""
+
+    code = "invalid_input"
+
+
+class BackendUnavailableError(EngineError):
+    """The backend an engine needs is not present on this node (e.g. TensorRT on a CPU box)."""
+
+    code = "backend_unavailable"
+
+
+class Cancelled(Exception):
+    """Raised by a progress callback to stop a stage cooperatively."""

@@ -1,0 +1,274 @@
+"""Ingest: validate an uploaded ONNX model and describe it.
+
+An upload is either a single `.onnx` file or a `.zip` bundle holding one `.onnx` file plus the
+external-data files it references (what `torch.onnx.export(dynamo=True)` writes). Nothing in an
+upload may point outside it: archive members with absolute or `..` paths, symlinks, and
+external-data locations that escape the bundle are all refused before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import stat
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from engines.errors import InvalidModelError
+from engines.signature import Dim, TensorSpec, onnx_value_to_spec
+
+#: Protobuf cannot serialize a single message over 2 GiB; bigger models keep external data.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+MODEL_FILENAME = "model.onnx"
+EXTERNAL_DATA_FILENAME = "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a user wants to know about a model before optimizing it."""
+
+    opset: int
+    ir_version: int
+    producer: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parameters: int
+    macs: int | None  # multiply-accumulates for one sample; None when shapes are not all known
+    external_data: bool
+    op_types: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "producer": self.producer,
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
+            "parameters": self.parameters,
+            "macs": self.macs,
+            "external_data": self.external_data,
+            "op_types": self.op_types,
+        }
+
+
+def unpack_upload(upload: Path, workdir: Path, *, max_unpacked_bytes: int) -> Path:
+    """Return the path of the ONNX file inside an upload, unpacking a zip bundle into `workdir`."""
+    if upload.stat().st_size == 0:
+        raise InvalidModelError("the uploaded file is empty", code="empty_file")
+    if not zipfile.is_zipfile(upload):
+        return upload
+    with zipfile.ZipFile(upload) as bundle:
+        members = [info for info in bundle.infolist() if not info.is_dir()]
+        total = sum(info.file_size for info in members)
+        if total > max_unpacked_bytes:
+            raise InvalidModelError(
+                f"the bundle unpacks to {total} bytes, over the limit of {max_unpacked_bytes}",
+                code="upload_too_large",
+            )
+        for info in members:
+            _check_member_path(info)
+        onnx_members = [info for info in members if info.filename.lower().endswith(".onnx")]
+        if len(onnx_members) != 1:
+            raise InvalidModelError(
+                f"a model bundle must hold exactly one .onnx file, found {len(onnx_members)}",
+                code="invalid_bundle",
+            )
+        for info in members:
+            target = workdir / info.filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with bundle.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return workdir / onnx_members[0].filename
+
+
+def _check_member_path(info: zipfile.ZipInfo) -> None:
+    path = PurePosixPath(info.filename.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise InvalidModelError(
+            f"archive member '{info.filename}' points outside the bundle", code="archive_path_traversal"
+        )
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise InvalidModelError(
+            f"archive member '{info.filename}' is a symlink", code="archive_path_traversal"
+        )
+
+
+def _all_tensors(graph: Any) -> Iterator[Any]:
+    """Initializers and tensor attributes, through every subgraph (If/Loop bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
+def check_external_data(model: Any, base_dir: Path) -> bool:
+    """Refuse external-data locations outside `base_dir` or missing; return whether any are used."""
+    from onnx import TensorProto
+
+    root = base_dir.resolve()
+    used = False
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        used = True
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+        candidate = PurePosixPath(location.replace("\\", "/"))
+        resolved = (root / location).resolve()
+        if (
+            not location
+            or candidate.is_absolute()
+            or ".." in candidate.parts
+            or not resolved.is_relative_to(root)
+        ):
+            raise InvalidModelError(
+                f"tensor '{tensor.name}' keeps its data at '{location}', outside the upload",
+                code="external_data_outside_upload",
+            )
+        if not resolved.is_file():
+            raise InvalidModelError(
+                f"tensor '{tensor.name}' keeps its data in '{location}', which is not in the upload; "
+                "upload a .zip holding the .onnx file and its data files",
+                code="external_data_missing",
+            )
+    return used
+
+
+def load_model_proto(path: Path, *, with_external_data: bool = False) -> Any:
+    """Parse an ONNX file, mapping protobuf errors onto InvalidModelError."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=with_external_data)
+    except Exception as exc:  # protobuf DecodeError, truncated files, random bytes
+        raise InvalidModelError(
+            f"the file is not a readable ONNX model ({type(exc).__name__}: {exc})", code="invalid_model"
+        ) from exc
+
+
+def inspect_model(path: Path) -> ModelInfo:
+    """Validate an ONNX file fully (checker, shape inference) and describe it.
+
+    External data must already have been checked to stay inside the file's directory.
+    """
+    import onnx
+
+    model = load_model_proto(path)
+    external = check_external_data(model, path.parent)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise InvalidModelError(
+            f"the ONNX checker rejected the model: {exc}", code="onnx_check_failed"
+        ) from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        inferred_path = Path(tmp) / "inferred.onnx"
+        try:
+            onnx.shape_inference.infer_shapes_path(str(path), str(inferred_path), strict_mode=False)
+            inferred = onnx.load(str(inferred_path), load_external_data=False)
+        except Exception as exc:
+            raise InvalidModelError(f"shape inference failed: {exc}", code="onnx_check_failed") from exc
+    graph = inferred.graph
+    initializer_names = {tensor.name for tensor in graph.initializer}
+    inputs = tuple(onnx_value_to_spec(value) for value in graph.input if value.name not in initializer_names)
+    outputs = tuple(onnx_value_to_spec(value) for value in graph.output)
+    if not inputs or not outputs:
+        raise InvalidModelError("the model has no inputs or no outputs", code="onnx_check_failed")
+    opset = next((entry.version for entry in inferred.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    op_types: dict[str, int] = {}
+    for node in graph.node:
+        op_types[node.op_type] = op_types.get(node.op_type, 0) + 1
+    return ModelInfo(
+        opset=int(opset),
+        ir_version=int(inferred.ir_version),
+        producer=f"{inferred.producer_name} {inferred.producer_version}".strip(),
+        inputs=inputs,
+        outputs=outputs,
+        parameters=sum(math.prod(tensor.dims) for tensor in graph.initializer),
+        macs=count_macs(inferred),
+        external_data=external,
+        op_types=dict(sorted(op_types.items())),
+    )
+
+
+def _static_shape(shape: tuple[Dim, ...]) -> tuple[int, ...] | None:
+    """A shape for one sample: the leading symbolic batch dim becomes 1; any other unknown dim fails."""
+    dims: list[int] = []
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif axis == 0:
+            dims.append(1)
+        else:
+            return None
+    return tuple(dims)
+
+
+def count_macs(model: Any) -> int | None:
+    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul for one sample.
+
+    These dominate CNNs and transformers; elementwise ops are left out, as papers do.
+    Returns None when a counted op has a shape that inference could not resolve.
+    """
+    graph = model.graph
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        shapes[value.name] = _static_shape(onnx_value_to_spec(value).shape)
+    for tensor in graph.initializer:
+        shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
+    total = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        in_shapes = [shapes.get(name) for name in node.input[:2]]
+        out_shape = shapes.get(node.output[0])
+        if out_shape is None or any(shape is None for shape in in_shapes):
+            return None
+        data_shape, weight_shape = in_shapes[0], in_shapes[1]
+        assert data_shape is not None and weight_shape is not None
+        if node.op_type == "Conv":
+            total += math.prod(out_shape) * math.prod(weight_shape[1:])
+        elif node.op_type == "ConvTranspose":
+            total += math.prod(data_shape) * math.prod(weight_shape[1:])
+        elif node.op_type == "Gemm":
+            trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
+            inner = data_shape[0] if trans_a else data_shape[-1]
+            total += math.prod(out_shape) * inner
+        else:
+            total += math.prod(out_shape) * data_shape[-1]
+    return int(total)
+
+
+def write_normalized(path: Path, dest_dir: Path) -> list[Path]:
+    """Write the model as `model.onnx` in `dest_dir`, external data (if any) in one known file.
+
+    Downstream stages then never deal with the uploader's file layout. Returns the files written.
+    """
+    import onnx
+
+    model = load_model_proto(path, with_external_data=True)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / MODEL_FILENAME
+    if model.ByteSize() < PROTOBUF_LIMIT_BYTES:
+        onnx.save_model(model, str(target))
+        return [target]
+    onnx.save_model(
+        model,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILENAME,
+        size_threshold=1024,
+    )
+    return [target, dest_dir / EXTERNAL_DATA_FILENAME]

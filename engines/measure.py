@@ -1,0 +1,139 @@
+"""One measurement harness for every runner: latency per batch size, accuracy and fidelity.
+
+Jobs and benchmarks both use it, so the numbers a job stores and the numbers bench/ prints
+come from the same code. Results are plain dicts, ready to store as JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from engines.backends.base import Runner
+from engines.datasets import Dataset
+from engines.errors import InvalidRecipeError
+from engines.recipe import MeasureConfig
+from engines.signature import TensorSpec
+
+StopCheck = Callable[[], None]
+
+
+def latency_stats(samples_ms: np.ndarray, batch_size: int) -> dict[str, float]:
+    mean = float(samples_ms.mean())
+    return {
+        "batch_size": batch_size,
+        "runs": len(samples_ms),
+        "mean_ms": mean,
+        "p50_ms": float(np.percentile(samples_ms, 50)),
+        "p90_ms": float(np.percentile(samples_ms, 90)),
+        "p99_ms": float(np.percentile(samples_ms, 99)),
+        "min_ms": float(samples_ms.min()),
+        "throughput_per_s": batch_size * 1000.0 / mean,
+    }
+
+
+def make_batch(
+    specs: list[TensorSpec], batch_size: int, dataset: Dataset | None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A batch for timing: real samples when a dataset is given (repeated if it is small), else random."""
+    feeds: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(seed)
+    for spec in specs:
+        if dataset is not None:
+            source = dataset.inputs[spec.name]
+            index = np.arange(batch_size) % len(source)
+            feeds[spec.name] = np.ascontiguousarray(source[index])
+            continue
+        dims = []
+        for axis, dim in enumerate(spec.shape):
+            if axis == 0:
+                dims.append(batch_size)
+            elif isinstance(dim, int):
+                dims.append(dim)
+            else:
+                raise InvalidRecipeError(
+                    f"input '{spec.name}' has a dynamic dim {axis} ({dim!r}); "
+                    "give a dataset so it can be measured"
+                )
+        if np.dtype(spec.dtype).kind == "f":
+            feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+        else:
+            feeds[spec.name] = np.zeros(dims, dtype=spec.dtype)
+    return feeds
+
+
+def measure_latency(
+    runner: Runner,
+    batch_sizes: tuple[int, ...],
+    config: MeasureConfig,
+    dataset: Dataset | None = None,
+    check_stop: StopCheck | None = None,
+) -> dict[str, dict[str, float]]:
+    """Latency stats per batch size (keys are str(batch_size), as JSON wants them)."""
+    specs = runner.input_metadata()
+    results: dict[str, dict[str, float]] = {}
+    for batch_size in batch_sizes:
+        feeds = make_batch(specs, batch_size, dataset)
+        for _ in range(config.warmup_runs):
+            runner.infer(feeds)
+        timings = np.empty(config.timed_runs)
+        for index in range(config.timed_runs):
+            if check_stop is not None and index % 10 == 0:
+                check_stop()
+            started = time.perf_counter_ns()
+            runner.infer(feeds)
+            timings[index] = (time.perf_counter_ns() - started) / 1e6
+        results[str(batch_size)] = latency_stats(timings, batch_size)
+    return results
+
+
+def run_dataset(
+    runner: Runner, dataset: Dataset, batch_size: int, check_stop: StopCheck | None = None
+) -> np.ndarray:
+    """The first output of the runner over the whole dataset, in order."""
+    first_output = runner.output_metadata()[0].name
+    chunks = []
+    for start in range(0, dataset.samples, batch_size):
+        if check_stop is not None:
+            check_stop()
+        feeds = {name: array[start : start + batch_size] for name, array in dataset.inputs.items()}
+        chunks.append(runner.infer(feeds)[first_output])
+    return np.concatenate(chunks, axis=0)
+
+
+def classification_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Top-1 (and top-5 when there are at least 5 classes) of class scores against labels."""
+    scores = logits.reshape(len(logits), -1)
+    result = {"top1": float((scores.argmax(axis=1) == labels).mean())}
+    if scores.shape[1] >= 5:
+        top5 = np.argsort(-scores, axis=1)[:, :5]
+        result["top5"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    return result
+
+
+def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How closely an engine reproduces the original model's outputs, for models without labels."""
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    norms = np.linalg.norm(cand, axis=1) * np.linalg.norm(ref, axis=1)
+    cosine = np.where(norms > 0, (cand * ref).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+    return {
+        "top1_agreement": float((cand.argmax(axis=1) == ref.argmax(axis=1)).mean()),
+        "cosine_similarity": float(cosine.mean()),
+        "max_abs_error": float(np.abs(cand - ref).max()),
+    }
+
+
+def accuracy_report(
+    outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None
+) -> dict[str, Any]:
+    """Accuracy against labels where there are labels; fidelity against the reference where given."""
+    report: dict[str, Any] = {"samples": len(outputs)}
+    if labels is not None:
+        report.update(classification_accuracy(outputs, labels))
+    if reference is not None:
+        report["fidelity"] = fidelity(outputs, reference)
+    return report

@@ -1,0 +1,40 @@
+"""Recipes: which stages run, with which options. Frozen dataclasses, no loose option dicts.
+
+The API's pydantic request models map 1:1 onto these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PRECISIONS = ("fp32",)
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How latency is measured: warm-up runs are discarded, timed runs give the percentiles."""
+
+    warmup_runs: int = 10
+    timed_runs: int = 50
+    threads: int | None = None  # None: all cores
+
+
+@dataclass(frozen=True)
+class Recipe:
+    targets: tuple[str, ...] = ("onnxruntime-cpu",)
+    precision: str = "fp32"
+    batch_sizes: tuple[int, ...] = (1, 8)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        return cls(
+            targets=tuple(data.get("targets", cls.targets)),
+            precision=data.get("precision", cls.precision),
+            batch_sizes=tuple(data.get("batch_sizes", cls.batch_sizes)),
+            measure=MeasureConfig(**data.get("measure", {})),
+        )

@@ -1,0 +1,67 @@
+"""The comparison table every model-compression write-up ends with, as data and as markdown."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def report_row(
+    network: str, label: str, measurement: dict[str, Any], comparison: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One row: a measured runner (the baseline when `comparison` is None) against the baseline."""
+    accuracy = measurement.get("accuracy") or {}
+    fidelity = accuracy.get("fidelity") or {}
+    return {
+        "network": network,
+        "engine": label,
+        "precision": measurement["precision"],
+        "backend": measurement["backend"],
+        "latency": {
+            size: {key: stats[key] for key in ("mean_ms", "p50_ms", "p99_ms", "throughput_per_s")}
+            for size, stats in measurement["latency"].items()
+        },
+        "top1": accuracy.get("top1"),
+        "top5": accuracy.get("top5"),
+        "top1_agreement": fidelity.get("top1_agreement"),
+        "speedup": (comparison or {}).get("speedup"),
+        "top1_delta": (comparison or {}).get("top1_delta"),
+    }
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | None = None) -> str:
+    """A markdown table with latency per batch size (mean and p99), top-1 and deltas vs the baseline."""
+    sizes = sorted({size for row in rows for size in row["latency"]}, key=int)
+    header = ["Network", "Engine", "Precision", "Backend"]
+    for size in sizes:
+        header += [f"Mean (b={size}) ms", f"p99 (b={size}) ms", f"Speedup (b={size})"]
+    header += ["Top-1", "Δ top-1 vs baseline", "Agreement"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["network"], row["engine"], row["precision"], row["backend"]]
+        for size in sizes:
+            stats = row["latency"].get(size)
+            speedup = (row["speedup"] or {}).get(size)
+            cells += [
+                _cell(stats and stats["mean_ms"], ".3f"),
+                _cell(stats and stats["p99_ms"], ".3f"),
+                "—" if row["speedup"] is None else _cell(speedup, ".2f") + "×",
+            ]
+        delta = row["top1_delta"]
+        cells += [
+            _cell(row["top1"], ".4f"),
+            "—" if delta is None else f"{delta * 100:+.2f} pt",
+            _cell(row["top1_agreement"], ".4f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if hardware:
+        lines.append("")
+        lines.append(
+            f"Measured on {hardware.get('cpu_model')} ({hardware.get('threads')} threads, "
+            f"onnxruntime {hardware.get('onnxruntime')})."
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Alembic migrations; `optiforge migrate` (and `optiforge serve`) upgrade to head."""

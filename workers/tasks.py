@@ -1,0 +1,14 @@
+"""Celery tasks. Thin on purpose: the work is in workers.job_runner and engines/."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from app.settings import get_settings
+from workers.celery_app import RUN_JOB_TASK
+from workers.job_runner import run_job_by_id
+
+
+@shared_task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
+def run_job(job_id: str) -> None:
+    run_job_by_id(get_settings(), job_id)
