@@ -1,0 +1,248 @@
+"""Shared fixtures: a real digits CNN, in-process API clients, and live service stacks.
+
+Two live stacks run the same end-to-end tests over real HTTP:
+- `embedded`: `optiforge serve` alone (SQLite, filesystem broker, worker started beside the API);
+- `postgres-redis`: `optiforge serve --no-worker` plus `optiforge worker`, on PostgreSQL and Redis.
+PostgreSQL and Redis tests skip when those servers are unreachable, unless
+OPTIFORGE_REQUIRE_SERVICES=1 (as in CI), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.migrate import upgrade
+from app.settings import Settings
+from app.store import LocalArtifactStore
+from tests import digits_model
+
+POSTGRES_URL = os.environ.get("OPTIFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("OPTIFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REQUIRE_SERVICES = os.environ.get("OPTIFORGE_REQUIRE_SERVICES") == "1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class DigitsArtifacts:
+    onnx_path: Path
+    static_batch_onnx_path: Path
+    split: digits_model.DigitsSplit
+    torch_test_logits: np.ndarray
+    eval_npz: Path  # test split with labels
+    eval_unlabeled_npz: Path  # test split without labels
+    calib_npz: Path  # part of the training split, no labels
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsArtifacts:
+    """Train the digits CNN once per session and export it to ONNX."""
+    root = tmp_path_factory.mktemp("digits")
+    split = digits_model.load_digits_split()
+    model = digits_model.train_cnn(split)
+    eval_npz, unlabeled, calib = root / "eval.npz", root / "eval_unlabeled.npz", root / "calib.npz"
+    np.savez(eval_npz, input=split.test_x, labels=split.test_y)
+    np.savez(unlabeled, input=split.test_x)
+    np.savez(calib, input=split.train_x[:256])
+    return DigitsArtifacts(
+        onnx_path=digits_model.export_onnx(model, root / "digits.onnx"),
+        static_batch_onnx_path=digits_model.export_onnx(model, root / "digits_b1.onnx", dynamic_batch=False),
+        split=split,
+        torch_test_logits=digits_model.predict(model, split.test_x),
+        eval_npz=eval_npz,
+        eval_unlabeled_npz=unlabeled,
+        calib_npz=calib,
+    )
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    return Settings(data_dir=data_dir, broker_url=None, database_url=None, **overrides)
+
+
+@dataclass
+class LocalApi:
+    """An in-process API on SQLite with its store, for tests that check what is (not) stored."""
+
+    client: TestClient
+    settings: Settings
+    store: LocalArtifactStore
+
+
+@pytest.fixture
+def local_api(tmp_path: Path) -> Iterator[LocalApi]:
+    settings = make_settings(tmp_path / "data", max_upload_bytes=4 * 1024 * 1024)
+    settings.data_dir.mkdir(parents=True)
+    upgrade(settings.resolved_database_url)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield LocalApi(client, settings, app.state.store)
+
+
+# ---------------------------------------------------------------- live stacks over real HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _service_reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    if _service_reachable(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " (OPTIFORGE_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+@dataclass
+class LiveStack:
+    name: str
+    base_url: str
+    env: dict[str, str]
+    data_dir: Path
+    processes: list[subprocess.Popen]
+    logs: list[Path]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60)
+
+    def job_files(self, job_id: str) -> list[Path]:
+        root = self.data_dir / "artifacts" / "jobs" / job_id
+        return [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    handle = open(log, "wb")  # noqa: SIM115 - closed with the process at teardown
+    return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+
+
+def _wait_ready(stack: LiveStack, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process, log in zip(stack.processes, stack.logs, strict=True):
+            if process.poll() is not None:
+                raise RuntimeError(f"{stack.name}: a process exited early:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{stack.base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{stack.name} did not become ready:\n" + "\n".join(log.read_text()[-2000:] for log in stack.logs))
+
+
+def _stop(stack: LiveStack) -> None:
+    for process in stack.processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in stack.processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _base_env(data_dir: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OPTIFORGE_", "REDIS_URL"))}
+    env["OPTIFORGE_DATA_DIR"] = str(data_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _optiforge() -> list[str]:
+    return [sys.executable, "-m", "app.cli"]
+
+
+@pytest.fixture(scope="session")
+def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    """`optiforge serve` on the embedded defaults: the README's first command, minus the install."""
+    data_dir = tmp_path_factory.mktemp("embedded") / "data"
+    port = free_port()
+    env = _base_env(data_dir)
+    log = data_dir.parent / "serve.log"
+    process = _start([*_optiforge(), "serve", "--port", str(port)], env, log)
+    stack = LiveStack("embedded", f"http://127.0.0.1:{port}", env, data_dir, [process], [log])
+    try:
+        _wait_ready(stack)
+        yield stack
+    finally:
+        _stop(stack)
+
+
+@pytest.fixture(scope="session")
+def postgres_redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    """API and a separate worker on a fresh PostgreSQL database and a Redis broker."""
+    import psycopg
+    import redis
+    from sqlalchemy.engine import make_url
+
+    admin_url = make_url(POSTGRES_URL)
+    redis_url = make_url(REDIS_URL.replace("redis://", "redis+x://"))  # parsed for host/port only
+    require_service("PostgreSQL", admin_url.host or "127.0.0.1", admin_url.port or 5432)
+    require_service("Redis", redis_url.host or "127.0.0.1", redis_url.port or 6379)
+    db_name = f"optiforge_test_{secrets.token_hex(4)}"
+    conninfo = admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{db_name}"')
+    data_dir = tmp_path_factory.mktemp("pgredis") / "data"
+    env = _base_env(data_dir)
+    env["OPTIFORGE_DATABASE_URL"] = admin_url.set(database=db_name).render_as_string(hide_password=False)
+    env["OPTIFORGE_BROKER_URL"] = REDIS_URL
+    env["OPTIFORGE_QUEUE_PREFIX"] = f"test-{secrets.token_hex(4)}-"
+    port = free_port()
+    logs = [data_dir.parent / "api.log", data_dir.parent / "worker.log"]
+    subprocess.run([*_optiforge(), "migrate"], env=env, check=True, cwd=REPO_ROOT, capture_output=True)
+    processes = [
+        _start([*_optiforge(), "serve", "--no-worker", "--port", str(port)], env, logs[0]),
+        _start([*_optiforge(), "worker", "--queues", "cpu"], env, logs[1]),
+    ]
+    stack = LiveStack("postgres-redis", f"http://127.0.0.1:{port}", env, data_dir, processes, logs)
+    try:
+        _wait_ready(stack)
+        yield stack
+    finally:
+        _stop(stack)
+        with psycopg.connect(conninfo, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(f"{env['OPTIFORGE_QUEUE_PREFIX']}*"):
+            client.delete(key)
+
+
+@pytest.fixture(scope="session", params=["embedded", "postgres-redis"])
+def live_stack(request: pytest.FixtureRequest) -> LiveStack:
+    fixture = "embedded_stack" if request.param == "embedded" else "postgres_redis_stack"
+    return request.getfixturevalue(fixture)
+
+
+def wait_for_job(client: httpx.Client | TestClient, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}")

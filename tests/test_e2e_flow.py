@@ -1,0 +1,118 @@
+"""The whole flow over real HTTP, on both stacks: upload → job in a Celery worker → engine → infer."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import DigitsArtifacts, LiveStack, wait_for_job
+
+FAST_MEASURE = {"warmup_runs": 3, "timed_runs": 20}
+
+
+def _upload(client, path, kind: str, name: str) -> dict:
+    with open(path, "rb") as handle:
+        response = client.post(f"/v1/{kind}", files={"file": (path.name, handle)}, data={"name": name})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_upload_job_engine_infer_report(live_stack: LiveStack, digits: DigitsArtifacts) -> None:
+    with live_stack.client() as client:
+        model = _upload(client, digits.onnx_path, "models", "digits-cnn")
+        assert model["opset"] == 17 and model["parameters"] > 20_000 and len(model["sha256"]) == 64
+        assert model["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 32, 32]}]
+        assert model["outputs"][0]["shape"] == ["batch", 10]
+        evaluation = _upload(client, digits.eval_npz, "datasets", "digits-test")
+        assert evaluation["samples"] == 500 and evaluation["has_labels"] and evaluation["classes"] == 10
+        calibration = _upload(client, digits.calib_npz, "datasets", "digits-calib")
+        assert not calibration["has_labels"]
+
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model["id"],
+                "calibration_dataset_id": calibration["id"],
+                "evaluation_dataset_id": evaluation["id"],
+                "recipe": {"targets": ["onnxruntime-cpu"], "precision": "fp32", "batch_sizes": [1, 8],
+                           "measure": FAST_MEASURE},
+            },
+        )
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] in ("queued", "running")
+        job = wait_for_job(client, response.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["progress"] == 1.0 and job["started_at"] and job["finished_at"] and job["attempts"] == 1
+        assert len(job["engine_ids"]) == 1
+
+        engines = client.get("/v1/engines", params={"job_id": job["id"]}).json()
+        assert [engine["id"] for engine in engines] == job["engine_ids"]
+        engine = client.get(f"/v1/engines/{job['engine_ids'][0]}").json()
+        assert engine["backend"] == "onnxruntime-cpu" and engine["precision"] == "fp32"
+        assert engine["size_bytes"] > 0 and engine["hardware"]["cpu_model"] and engine["hardware"]["threads"] >= 1
+        metrics = engine["metrics"]
+        for size in ("1", "8"):
+            stats = metrics["latency"][size]
+            assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+            assert stats["throughput_per_s"] > 0 and stats["runs"] == FAST_MEASURE["timed_runs"]
+            assert metrics["vs_baseline"]["speedup"][size] > 0
+        assert metrics["accuracy"]["top1"] >= 0.97 and metrics["accuracy"]["top5"] >= metrics["accuracy"]["top1"]
+        assert metrics["accuracy"]["fidelity"]["top1_agreement"] == 1.0
+        assert abs(metrics["vs_baseline"]["top1_delta"]) < 1e-9
+
+        images = digits.split.test_x[:16]
+        response = client.post(f"/v1/engines/{engine['id']}/infer", json={"inputs": {"input": images.tolist()}})
+        assert response.status_code == 200, response.text
+        logits = np.asarray(response.json()["outputs"]["logits"])
+        assert logits.shape == (16, 10) and response.json()["compute_ms"] > 0
+        np.testing.assert_array_equal(logits.argmax(1), digits.torch_test_logits[:16].argmax(1))
+        np.testing.assert_allclose(logits, digits.torch_test_logits[:16], atol=1e-4)
+
+        report = client.get(f"/v1/jobs/{job['id']}/report").json()
+        assert [row["engine"] for row in report["rows"]] == ["original", engine["id"]]
+        assert report["rows"][0]["top1"] == pytest.approx(metrics["accuracy"]["top1"])
+        markdown = client.get(f"/v1/jobs/{job['id']}/report", params={"format": "md"})
+        assert markdown.headers["content-type"].startswith("text/markdown")
+        assert "| digits-cnn | original | fp32 | onnxruntime-cpu |" in markdown.text
+        print(f"\n[{live_stack.name}] report for job {job['id']}:\n{markdown.text}")
+
+
+def test_unlabeled_evaluation_reports_fidelity(live_stack: LiveStack, digits: DigitsArtifacts) -> None:
+    with live_stack.client() as client:
+        model = _upload(client, digits.onnx_path, "models", "digits-cnn")
+        unlabeled = _upload(client, digits.eval_unlabeled_npz, "datasets", "digits-unlabeled")
+        response = client.post(
+            "/v1/jobs",
+            json={"model_id": model["id"], "evaluation_dataset_id": unlabeled["id"],
+                  "recipe": {"batch_sizes": [4], "measure": FAST_MEASURE}},
+        )
+        job = wait_for_job(client, response.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert any("no labels" in message for message in job["messages"])
+        accuracy = client.get(f"/v1/engines/{job['engine_ids'][0]}").json()["metrics"]["accuracy"]
+        assert "top1" not in accuracy
+        assert accuracy["fidelity"]["top1_agreement"] == 1.0
+        assert accuracy["fidelity"]["cosine_similarity"] > 0.9999
+
+
+def test_cancel_running_job_leaves_nothing(live_stack: LiveStack, digits: DigitsArtifacts) -> None:
+    with live_stack.client() as client:
+        model = _upload(client, digits.onnx_path, "models", "digits-cnn")
+        response = client.post(
+            "/v1/jobs",
+            json={"model_id": model["id"], "recipe": {"batch_sizes": [1], "measure": {"timed_runs": 100_000}}},
+        )
+        job_id = response.json()["id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+            assert time.monotonic() < deadline, "job never started"
+            time.sleep(0.1)
+        cancelled = client.post(f"/v1/jobs/{job_id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"]
+        job = wait_for_job(client, job_id, timeout=30)
+        assert job["status"] == "cancelled" and job["engine_ids"] == []
+        assert live_stack.job_files(job_id) == []
+        again = client.post(f"/v1/jobs/{job_id}/cancel")
+        assert again.status_code == 409 and again.json()["code"] == "job_not_cancellable"
