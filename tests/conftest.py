@@ -30,7 +30,9 @@ from app.settings import Settings
 from app.store import LocalArtifactStore
 from tests import digits_model
 
-POSTGRES_URL = os.environ.get("OPTIFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+POSTGRES_URL = os.environ.get(
+    "OPTIFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("OPTIFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REQUIRE_SERVICES = os.environ.get("OPTIFORGE_REQUIRE_SERVICES") == "1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +153,9 @@ def _wait_ready(stack: LiveStack, timeout: float = 60) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"{stack.name} did not become ready:\n" + "\n".join(log.read_text()[-2000:] for log in stack.logs))
+    raise RuntimeError(
+        f"{stack.name} did not become ready:\n" + "\n".join(log.read_text()[-2000:] for log in stack.logs)
+    )
 
 
 def _stop(stack: LiveStack) -> None:

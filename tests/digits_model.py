@@ -64,7 +64,9 @@ def train_cnn(split: DigitsSplit, epochs: int = 10, batch_size: int = 32, seed: 
     x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=1e-2, total_steps=epochs * steps_per_epoch
+    )
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):

@@ -36,8 +36,12 @@ def test_upload_job_engine_infer_report(live_stack: LiveStack, digits: DigitsArt
                 "model_id": model["id"],
                 "calibration_dataset_id": calibration["id"],
                 "evaluation_dataset_id": evaluation["id"],
-                "recipe": {"targets": ["onnxruntime-cpu"], "precision": "fp32", "batch_sizes": [1, 8],
-                           "measure": FAST_MEASURE},
+                "recipe": {
+                    "targets": ["onnxruntime-cpu"],
+                    "precision": "fp32",
+                    "batch_sizes": [1, 8],
+                    "measure": FAST_MEASURE,
+                },
             },
         )
         assert response.status_code == 202, response.text
@@ -51,19 +55,27 @@ def test_upload_job_engine_infer_report(live_stack: LiveStack, digits: DigitsArt
         assert [engine["id"] for engine in engines] == job["engine_ids"]
         engine = client.get(f"/v1/engines/{job['engine_ids'][0]}").json()
         assert engine["backend"] == "onnxruntime-cpu" and engine["precision"] == "fp32"
-        assert engine["size_bytes"] > 0 and engine["hardware"]["cpu_model"] and engine["hardware"]["threads"] >= 1
+        assert (
+            engine["size_bytes"] > 0
+            and engine["hardware"]["cpu_model"]
+            and engine["hardware"]["threads"] >= 1
+        )
         metrics = engine["metrics"]
         for size in ("1", "8"):
             stats = metrics["latency"][size]
             assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
             assert stats["throughput_per_s"] > 0 and stats["runs"] == FAST_MEASURE["timed_runs"]
             assert metrics["vs_baseline"]["speedup"][size] > 0
-        assert metrics["accuracy"]["top1"] >= 0.97 and metrics["accuracy"]["top5"] >= metrics["accuracy"]["top1"]
+        assert (
+            metrics["accuracy"]["top1"] >= 0.97 and metrics["accuracy"]["top5"] >= metrics["accuracy"]["top1"]
+        )
         assert metrics["accuracy"]["fidelity"]["top1_agreement"] == 1.0
         assert abs(metrics["vs_baseline"]["top1_delta"]) < 1e-9
 
         images = digits.split.test_x[:16]
-        response = client.post(f"/v1/engines/{engine['id']}/infer", json={"inputs": {"input": images.tolist()}})
+        response = client.post(
+            f"/v1/engines/{engine['id']}/infer", json={"inputs": {"input": images.tolist()}}
+        )
         assert response.status_code == 200, response.text
         logits = np.asarray(response.json()["outputs"]["logits"])
         assert logits.shape == (16, 10) and response.json()["compute_ms"] > 0
@@ -85,8 +97,11 @@ def test_unlabeled_evaluation_reports_fidelity(live_stack: LiveStack, digits: Di
         unlabeled = _upload(client, digits.eval_unlabeled_npz, "datasets", "digits-unlabeled")
         response = client.post(
             "/v1/jobs",
-            json={"model_id": model["id"], "evaluation_dataset_id": unlabeled["id"],
-                  "recipe": {"batch_sizes": [4], "measure": FAST_MEASURE}},
+            json={
+                "model_id": model["id"],
+                "evaluation_dataset_id": unlabeled["id"],
+                "recipe": {"batch_sizes": [4], "measure": FAST_MEASURE},
+            },
         )
         job = wait_for_job(client, response.json()["id"])
         assert job["status"] == "succeeded", job
@@ -102,7 +117,10 @@ def test_cancel_running_job_leaves_nothing(live_stack: LiveStack, digits: Digits
         model = _upload(client, digits.onnx_path, "models", "digits-cnn")
         response = client.post(
             "/v1/jobs",
-            json={"model_id": model["id"], "recipe": {"batch_sizes": [1], "measure": {"timed_runs": 100_000}}},
+            json={
+                "model_id": model["id"],
+                "recipe": {"batch_sizes": [1], "measure": {"timed_runs": 100_000}},
+            },
         )
         job_id = response.json()["id"]
         deadline = time.monotonic() + 60

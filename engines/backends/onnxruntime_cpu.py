@@ -15,11 +15,24 @@ from typing import Any
 import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact
+from engines.errors import EngineError
 from engines.hardware import cpu_info
 from engines.ingest import PROTOBUF_LIMIT_BYTES
 from engines.signature import TensorSpec
 
 ENGINE_FILENAME = "engine.onnx"
+
+
+def _session(path: Path, options: Any) -> Any:
+    """An InferenceSession, with load failures (unsupported ops, bad graphs) as a clear EngineError."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+        raise EngineError(
+            f"ONNX Runtime cannot run this model: {exc}".strip(), code="model_not_runnable"
+        ) from exc
 
 
 def _session_options(threads: int | None, level_name: str) -> Any:
@@ -89,7 +102,7 @@ class OnnxRuntimeCpuBackend(Backend):
                 "session.optimized_model_external_initializers_file_name", ENGINE_FILENAME + ".data"
             )
         started = time.perf_counter()
-        ort.InferenceSession(str(onnx_path), session_options, providers=["CPUExecutionProvider"])
+        _session(onnx_path, session_options)
         build_seconds = time.perf_counter() - started
         return EngineArtifact(
             backend=self.name,
@@ -100,12 +113,8 @@ class OnnxRuntimeCpuBackend(Backend):
         )
 
     def load(self, engine_path: Path, threads: int | None = None) -> OnnxRuntimeRunner:
-        import onnxruntime as ort
 
-        session = ort.InferenceSession(
-            str(engine_path), _session_options(threads, "ORT_ENABLE_ALL"), providers=["CPUExecutionProvider"]
-        )
-        return OnnxRuntimeRunner(session)
+        return OnnxRuntimeRunner(_session(engine_path, _session_options(threads, "ORT_ENABLE_ALL")))
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         import onnxruntime as ort

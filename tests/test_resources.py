@@ -1,0 +1,172 @@
+"""CRUD on models, datasets, jobs and engines, and the job runner's contract, in-process on SQLite.
+
+Jobs here are run by calling the worker's own entry point (`run_job_by_id`) in the test process:
+the same code a Celery worker runs, without the broker hop that tests/test_e2e_flow.py covers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.db import session_scope
+from app.orm import JobRecord
+from tests.conftest import DigitsArtifacts, LocalApi
+from tests.test_bad_input import assert_nothing_stored, expect_error, linear_model, post_file
+from workers.job_runner import run_job_by_id
+
+FAST = {"batch_sizes": [1, 4], "measure": {"warmup_runs": 1, "timed_runs": 5}}
+
+
+@pytest.fixture
+def uploaded(local_api: LocalApi, digits: DigitsArtifacts) -> dict[str, str]:
+    model = post_file(local_api, "models", "digits.onnx", digits.onnx_path.read_bytes()).json()
+    dataset = post_file(local_api, "datasets", "eval.npz", digits.eval_npz.read_bytes()).json()
+    return {"model_id": model["id"], "evaluation_dataset_id": dataset["id"]}
+
+
+def create_job(api: LocalApi, uploaded: dict[str, str], recipe: dict | None = None) -> str:
+    response = api.client.post("/v1/jobs", json={**uploaded, "recipe": recipe or FAST})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def test_model_listing_download_and_delete(local_api: LocalApi, digits: DigitsArtifacts) -> None:
+    created = post_file(local_api, "models", "digits.onnx", digits.onnx_path.read_bytes()).json()
+    assert created["name"] == "digits" and created["macs"] > 0
+    assert [model["id"] for model in local_api.client.get("/v1/models").json()] == [created["id"]]
+    assert local_api.client.get(f"/v1/models/{created['id']}").json() == created
+    download = local_api.client.get(f"/v1/models/{created['id']}/download")
+    assert download.status_code == 200 and download.content[:2] == digits.onnx_path.read_bytes()[:2]
+    assert local_api.client.delete(f"/v1/models/{created['id']}").status_code == 204
+    assert local_api.client.get("/v1/models").json() == []
+    assert_nothing_stored(local_api)
+
+
+def test_dataset_listing_download_and_delete(local_api: LocalApi, digits: DigitsArtifacts) -> None:
+    created = post_file(local_api, "datasets", "eval.npz", digits.eval_npz.read_bytes()).json()
+    assert created["arrays"] == {"input": {"shape": [500, 1, 32, 32], "dtype": "float32"}}
+    assert [item["id"] for item in local_api.client.get("/v1/datasets").json()] == [created["id"]]
+    download = local_api.client.get(f"/v1/datasets/{created['id']}/download")
+    assert download.content == digits.eval_npz.read_bytes()
+    assert local_api.client.delete(f"/v1/datasets/{created['id']}").status_code == 204
+    assert_nothing_stored(local_api)
+
+
+def test_cancel_queued_job_and_in_use_guards(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    job_id = create_job(local_api, uploaded)  # no worker runs here: the job stays queued
+    assert local_api.client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+    expect_error(local_api.client.delete(f"/v1/models/{uploaded['model_id']}"), 409, "model_in_use")
+    expect_error(
+        local_api.client.delete(f"/v1/datasets/{uploaded['evaluation_dataset_id']}"), 409, "dataset_in_use"
+    )
+    expect_error(local_api.client.get(f"/v1/jobs/{job_id}/report"), 409, "job_not_succeeded")
+    cancelled = local_api.client.post(f"/v1/jobs/{job_id}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    run_job_by_id(local_api.settings, job_id)  # a late delivery of a cancelled job does nothing
+    assert local_api.client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 0
+    assert local_api.client.delete(f"/v1/models/{uploaded['model_id']}").status_code == 204
+    assert local_api.client.get(f"/v1/jobs/{job_id}").status_code == 404  # jobs go with their model
+    assert local_api.client.delete(f"/v1/datasets/{uploaded['evaluation_dataset_id']}").status_code == 204
+    assert_nothing_stored(local_api)
+
+
+def test_job_runs_and_redelivery_is_idempotent(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    job_id = create_job(local_api, uploaded)
+    run_job_by_id(local_api.settings, job_id)
+    job = local_api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and len(job["engine_ids"]) == 1 and job["attempts"] == 1
+    files = local_api.store.files()
+    run_job_by_id(local_api.settings, job_id)  # re-delivered after success: nothing changes
+    assert local_api.client.get(f"/v1/jobs/{job_id}").json() == job
+    assert local_api.store.files() == files
+    assert [
+        item["id"] for item in local_api.client.get("/v1/jobs", params={"status": "succeeded"}).json()
+    ] == [job_id]
+
+
+def test_job_found_running_after_a_crash_starts_clean(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    job_id = create_job(local_api, uploaded)
+    run_job_by_id(local_api.settings, job_id)
+    first_engine = local_api.client.get(f"/v1/jobs/{job_id}").json()["engine_ids"][0]
+    with session_scope(local_api.settings.resolved_database_url) as session:  # as if the worker died mid-job
+        job = session.get(JobRecord, job_id)
+        job.status, job.finished_at = "running", None
+    run_job_by_id(local_api.settings, job_id)
+    job = local_api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert len(job["engine_ids"]) == 1 and job["engine_ids"] != [first_engine]
+    assert any("restarted" in message for message in job["messages"])
+    assert not [key for key in local_api.store.files() if first_engine in key]
+
+
+def test_job_that_keeps_killing_workers_is_failed(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    job_id = create_job(local_api, uploaded)
+    with session_scope(local_api.settings.resolved_database_url) as session:
+        job = session.get(JobRecord, job_id)
+        job.status, job.attempts = "running", local_api.settings.job_max_attempts
+    run_job_by_id(local_api.settings, job_id)
+    job = local_api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+
+
+def test_model_onnxruntime_cannot_run_fails_the_job_clearly(local_api: LocalApi, tmp_path) -> None:
+    """It passes the ONNX checker (unknown domains are not checked) but no runtime has the op."""
+    from onnx import helper
+
+    model = linear_model()
+    model.graph.node.append(helper.make_node("Frobnicate", ["y"], ["z"], domain="com.example"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    created = post_file(local_api, "models", "custom.onnx", model.SerializeToString())
+    assert created.status_code == 201, created.text
+    job_id = create_job(local_api, {"model_id": created.json()["id"]})
+    run_job_by_id(local_api.settings, job_id)
+    job = local_api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "model_not_runnable"
+    assert "Frobnicate" in job["error"]["detail"]
+    assert job["engine_ids"] == [] and not [key for key in local_api.store.files() if key.startswith("jobs/")]
+
+
+def test_engine_inference_validation_and_delete(
+    local_api: LocalApi, uploaded: dict, digits: DigitsArtifacts
+) -> None:
+    job_id = create_job(local_api, uploaded)
+    run_job_by_id(local_api.settings, job_id)
+    engine_id = local_api.client.get(f"/v1/jobs/{job_id}").json()["engine_ids"][0]
+    infer = f"/v1/engines/{engine_id}/infer"
+    good = digits.split.test_x[:2].tolist()
+    response = local_api.client.post(infer, json={"inputs": {"input": good}})
+    assert response.status_code == 200
+    np.testing.assert_allclose(response.json()["outputs"]["logits"], digits.torch_test_logits[:2], atol=1e-4)
+    cases = [
+        ({"wrong": good}, "missing input 'input'"),
+        ({"input": good, "extra": [1]}, "unknown input 'extra'"),
+        ({"input": np.zeros((2, 1, 28, 28)).tolist()}, "dim 2 is 28"),
+        ({"input": np.zeros((2, 32, 32)).tolist()}, "rank 3"),
+        ({"input": [[1, 2], [3]]}, "not a rectangular array"),
+        ({"input": "pixels"}, "not a rectangular array"),
+    ]
+    for inputs, fragment in cases:
+        body = expect_error(local_api.client.post(infer, json={"inputs": inputs}), 422, "invalid_input")
+        assert fragment in body["detail"], body
+    assert local_api.client.post(infer, json={"inputs": {"input": good}}).status_code == 200  # still serving
+    assert local_api.client.delete(f"/v1/engines/{engine_id}").status_code == 204
+    expect_error(local_api.client.post(infer, json={"inputs": {"input": good}}), 404, "engine_not_found")
+    assert not [key for key in local_api.store.files() if engine_id in key]
+
+
+def test_health_and_docs(local_api: LocalApi) -> None:
+    assert local_api.client.get("/healthz").json() == {"status": "ok"}
+    ready = local_api.client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["checks"]["database"] == "ok"
+    assert local_api.client.get("/docs").status_code == 200
+    paths = local_api.client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/v1/models",
+        "/v1/datasets",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/engines/{engine_id}/infer",
+    ):
+        assert path in paths
