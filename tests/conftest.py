@@ -28,7 +28,7 @@ from app.main import create_app
 from app.migrate import upgrade
 from app.settings import Settings
 from app.store import LocalArtifactStore
-from tests import digits_model
+from examples import digits as digits_model
 
 POSTGRES_URL = os.environ.get(
     "OPTIFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -1,0 +1,23 @@
+# optiforge API and CPU worker image. The same image runs `optiforge serve` and `optiforge worker`.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    OPTIFORGE_DATA_DIR=/data
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY workers ./workers
+COPY engines ./engines
+COPY migrations ./migrations
+RUN pip install . \
+    && useradd --create-home --uid 1000 optiforge \
+    && mkdir -p /data && chown optiforge /data
+
+USER optiforge
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
+CMD ["optiforge", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,33 @@
+# The two commands of the README: `make serve` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The service alone: no torch, no test tools.
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Tests add torch (pinned to the CPU build), scikit-learn for the digits set, pytest and ruff.
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.serve-installed
+
+serve: $(VENV)/.serve-installed
+	$(BIN)/optiforge serve $(ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache
