@@ -57,11 +57,13 @@ class MeasureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     warmup_runs: int = Field(10, ge=0, le=10_000)
-    timed_runs: int = Field(50, ge=1, le=100_000)
+    timed_runs: int = Field(50, ge=1, le=100_000, description="at least this many timed runs per batch size")
+    min_seconds: float = Field(1.0, ge=0, le=600, description="and at least this long timing each batch size")
+    max_runs: int = Field(100_000, ge=1, le=1_000_000, description="but never more runs than this")
     threads: int | None = Field(None, ge=1, le=1024, description="null: all cores")
 
     def to_config(self) -> MeasureConfig:
-        return MeasureConfig(warmup_runs=self.warmup_runs, timed_runs=self.timed_runs, threads=self.threads)
+        return MeasureConfig(**self.model_dump())
 
 
 class RecipeIn(BaseModel):

@@ -7,7 +7,7 @@ come from the same code. Results are plain dicts, ready to store as JSON.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -66,27 +66,44 @@ def make_batch(
 
 
 def measure_latency(
-    runner: Runner,
+    runners: Mapping[str, Runner],
     batch_sizes: tuple[int, ...],
     config: MeasureConfig,
     dataset: Dataset | None = None,
     check_stop: StopCheck | None = None,
-) -> dict[str, dict[str, float]]:
-    """Latency stats per batch size (keys are str(batch_size), as JSON wants them)."""
-    specs = runner.input_metadata()
-    results: dict[str, dict[str, float]] = {}
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Latency stats per runner and batch size (batch keys are str, as JSON wants them).
+
+    Runners are timed side by side: every round gives each runner a short slice of timed runs,
+    so load from elsewhere on a noisy machine falls on all of them alike and their ratios hold.
+    Each runner gets at least `timed_runs` runs and `min_seconds` of timing per batch size.
+    """
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in runners}
+    slice_runs = max(1, min(10, config.timed_runs))
     for batch_size in batch_sizes:
-        feeds = make_batch(specs, batch_size, dataset)
-        for _ in range(config.warmup_runs):
-            runner.infer(feeds)
-        timings = np.empty(config.timed_runs)
-        for index in range(config.timed_runs):
-            if check_stop is not None and index % 10 == 0:
+        feeds = {
+            name: make_batch(runner.input_metadata(), batch_size, dataset) for name, runner in runners.items()
+        }
+        for name, runner in runners.items():
+            for _ in range(config.warmup_runs):
+                runner.infer(feeds[name])
+        timings: dict[str, list[float]] = {name: [] for name in runners}
+        spent = dict.fromkeys(runners, 0.0)
+        while any(
+            len(timings[name]) < config.timed_runs or spent[name] < config.min_seconds * 1000
+            for name in runners
+        ) and all(len(values) < config.max_runs for values in timings.values()):
+            if check_stop is not None:
                 check_stop()
-            started = time.perf_counter_ns()
-            runner.infer(feeds)
-            timings[index] = (time.perf_counter_ns() - started) / 1e6
-        results[str(batch_size)] = latency_stats(timings, batch_size)
+            for name, runner in runners.items():
+                for _ in range(slice_runs):
+                    started = time.perf_counter_ns()
+                    runner.infer(feeds[name])
+                    elapsed_ms = (time.perf_counter_ns() - started) / 1e6
+                    timings[name].append(elapsed_ms)
+                    spent[name] += elapsed_ms
+        for name, values in timings.items():
+            results[name][str(batch_size)] = latency_stats(np.asarray(values), batch_size)
     return results
 
 

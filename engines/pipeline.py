@@ -1,7 +1,8 @@
 """Run a recipe on one model: measure the original, build each target, measure it the same way.
 
 The original model is always measured in the same run, on the same machine, with the same
-threads and inputs, so every engine's speedup and accuracy delta are side-by-side ratios.
+threads and inputs, interleaved with the engines, so every engine's speedup and accuracy delta
+are side-by-side ratios.
 The caller (a worker, a notebook, a benchmark) supplies a progress callback and a cancellation
 check; the check may raise `engines.errors.Cancelled`, and is polled between timed runs.
 """
@@ -13,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engines.backends.base import CompileOptions, EngineArtifact, Runner
 from engines.backends.registry import get_backend
 from engines.datasets import Dataset
@@ -25,6 +24,7 @@ from engines.signature import TensorSpec
 
 Progress = Callable[[float, str], None]
 BASELINE_BACKEND = "onnxruntime-cpu"
+BASELINE = "original"
 
 
 @dataclass(frozen=True)
@@ -91,28 +91,6 @@ def compare(baseline: Measurement, candidate: Measurement) -> dict[str, Any]:
     return result
 
 
-def _measure(
-    runner: Runner,
-    *,
-    backend: str,
-    precision: str,
-    hardware: dict[str, Any],
-    recipe: Recipe,
-    timing_data: Dataset | None,
-    evaluation: Dataset | None,
-    eval_batch: int,
-    reference: np.ndarray | None,
-    check_stop: Callable[[], None],
-) -> tuple[Measurement, np.ndarray | None]:
-    latency = measure_latency(runner, recipe.batch_sizes, recipe.measure, timing_data, check_stop)
-    outputs = accuracy = None
-    if evaluation is not None:
-        outputs = run_dataset(runner, evaluation, eval_batch, check_stop)
-        accuracy = accuracy_report(outputs, evaluation.labels, reference)
-    measurement = Measurement(backend, precision, hardware, latency, accuracy)
-    return measurement, outputs
-
-
 def run_recipe(
     model_path: Path,
     recipe: Recipe,
@@ -123,11 +101,11 @@ def run_recipe(
     progress: Progress = lambda fraction, stage: None,
     check_cancelled: Callable[[], None] = lambda: None,
 ) -> PipelineResult:
-    """Measure the original model, then build and measure every target of the recipe."""
+    """Build every target of the recipe, then measure them side by side with the original model."""
     threads = recipe.measure.threads
     baseline_backend = get_backend(BASELINE_BACKEND)
-    baseline_runner = baseline_backend.load(model_path, threads)
-    inputs = baseline_runner.input_metadata()
+    runners: dict[str, Runner] = {BASELINE: baseline_backend.load(model_path, threads)}
+    inputs = runners[BASELINE].input_metadata()
     check_batch_sizes(inputs, recipe.batch_sizes)
     eval_batch = _evaluation_batch(inputs, recipe.batch_sizes)
     if (
@@ -136,48 +114,45 @@ def run_recipe(
         and any(s.has_static_batch() for s in inputs)
     ):
         evaluation = evaluation.take(evaluation.samples - evaluation.samples % eval_batch)
-    timing_data = evaluation or calibration
-    steps = 1 + len(recipe.targets)
-
-    progress(0.0, "measuring the original model")
-    baseline, reference = _measure(
-        baseline_runner,
-        backend=BASELINE_BACKEND,
-        precision="fp32",
-        hardware=baseline_backend.hardware(threads),
-        recipe=recipe,
-        timing_data=timing_data,
-        evaluation=evaluation,
-        eval_batch=eval_batch,
-        reference=None,
-        check_stop=check_cancelled,
-    )
-    result = PipelineResult(baseline=baseline)
+    messages: list[str] = []
     if evaluation is None:
-        result.messages.append("no evaluation dataset: latency only, no accuracy or fidelity")
+        messages.append("no evaluation dataset: latency only, no accuracy or fidelity")
     elif evaluation.labels is None:
-        result.messages.append(
-            "evaluation dataset has no labels: accuracy is reported as fidelity to the original"
-        )
+        messages.append("evaluation dataset has no labels: accuracy is reported as fidelity to the original")
+    if calibration is not None and recipe.precision == "fp32":
+        messages.append("the calibration dataset is not used by fp32 engines (it calibrates int8)")
 
-    for index, target in enumerate(recipe.targets, start=1):
+    artifacts: dict[str, EngineArtifact] = {}
+    hardware = {BASELINE: baseline_backend.hardware(threads)}
+    for index, target in enumerate(recipe.targets):
+        progress(0.6 * index / len(recipe.targets), f"building {target} {recipe.precision}")
         backend = get_backend(target)
-        progress(index / (steps + 1), f"building {target} {recipe.precision}")
         options = CompileOptions(precision=recipe.precision, batch_sizes=recipe.batch_sizes, threads=threads)
-        artifact = backend.compile(model_path, workdir / target, options)
-        progress((index + 0.5) / (steps + 1), f"measuring {target} {recipe.precision}")
-        measurement, _ = _measure(
-            backend.load(artifact.path, threads),
-            backend=target,
-            precision=recipe.precision,
-            hardware=backend.hardware(threads),
-            recipe=recipe,
-            timing_data=timing_data,
-            evaluation=evaluation,
-            eval_batch=eval_batch,
-            reference=reference,
-            check_stop=check_cancelled,
-        )
-        result.engines.append(BuiltEngine(artifact, measurement, compare(baseline, measurement)))
+        artifacts[target] = backend.compile(model_path, workdir / target, options)
+        runners[target] = backend.load(artifacts[target].path, threads)
+        hardware[target] = backend.hardware(threads)
+        check_cancelled()
+
+    progress(0.6, "measuring latency side by side with the original")
+    latency = measure_latency(
+        runners, recipe.batch_sizes, recipe.measure, evaluation or calibration, check_cancelled
+    )
+    accuracy: dict[str, dict[str, Any] | None] = dict.fromkeys(runners)
+    if evaluation is not None:
+        progress(0.85, "measuring accuracy")
+        reference = run_dataset(runners[BASELINE], evaluation, eval_batch, check_cancelled)
+        accuracy[BASELINE] = accuracy_report(reference, evaluation.labels, None)
+        for target in recipe.targets:
+            outputs = run_dataset(runners[target], evaluation, eval_batch, check_cancelled)
+            accuracy[target] = accuracy_report(outputs, evaluation.labels, reference)
+
+    def measurement(name: str, backend: str, precision: str) -> Measurement:
+        return Measurement(backend, precision, hardware[name], latency[name], accuracy[name])
+
+    baseline = measurement(BASELINE, BASELINE_BACKEND, "fp32")
+    result = PipelineResult(baseline=baseline, messages=messages)
+    for target, artifact in artifacts.items():
+        built = measurement(target, target, artifact.precision)
+        result.engines.append(BuiltEngine(artifact, built, compare(baseline, built)))
     progress(1.0, "done")
     return result

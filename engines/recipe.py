@@ -13,10 +13,16 @@ PRECISIONS = ("fp32",)
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    """How latency is measured: warm-up runs are discarded, timed runs give the percentiles."""
+    """How latency is measured: warm-up runs are discarded, timed runs give the percentiles.
+
+    Timing goes on until both `timed_runs` runs and `min_seconds` are reached (sub-millisecond
+    models need many runs for a stable p99), but never past `max_runs`.
+    """
 
     warmup_runs: int = 10
     timed_runs: int = 50
+    min_seconds: float = 1.0
+    max_runs: int = 100_000
     threads: int | None = None  # None: all cores
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import DigitsArtifacts, LiveStack, wait_for_job
 
-FAST_MEASURE = {"warmup_runs": 3, "timed_runs": 20}
+FAST_MEASURE = {"warmup_runs": 3, "timed_runs": 20, "min_seconds": 0}
 
 
 def _upload(client, path, kind: str, name: str) -> dict:

@@ -15,7 +15,7 @@ from tests.conftest import DigitsArtifacts, LocalApi
 from tests.test_bad_input import assert_nothing_stored, expect_error, linear_model, post_file
 from workers.job_runner import run_job_by_id
 
-FAST = {"batch_sizes": [1, 4], "measure": {"warmup_runs": 1, "timed_runs": 5}}
+FAST = {"batch_sizes": [1, 4], "measure": {"warmup_runs": 1, "timed_runs": 5, "min_seconds": 0}}
 
 
 @pytest.fixture
