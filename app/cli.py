@@ -43,6 +43,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """In the worker child: get SIGTERM when `serve` dies, even by SIGKILL (Linux), so none is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -54,8 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker", "--queues", args.queues, "--loglevel", args.loglevel],
             env=os.environ.copy(),
+            preexec_fn=_die_with_parent,
         )
         print(f"started a worker beside the API (pid {worker.pid}, queues {args.queues})")
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; turn that into SystemExit so
+    # the `finally` below still stops the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(
             "app.main:create_app",
