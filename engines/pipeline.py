@@ -77,9 +77,13 @@ def _evaluation_batch(inputs: list[TensorSpec], batch_sizes: tuple[int, ...]) ->
 
 
 def compare(baseline: Measurement, candidate: Measurement) -> dict[str, Any]:
-    """Side-by-side ratios: speedup (baseline mean / engine mean) per batch size, accuracy deltas."""
+    """Side-by-side ratios: speedup per batch size and accuracy deltas.
+
+    Speedup compares medians (baseline p50 / engine p50): on a shared machine a few stalls move
+    the mean of a sub-millisecond model by tens of percent, the median hardly at all.
+    """
     speedup = {
-        size: baseline.latency[size]["mean_ms"] / stats["mean_ms"]
+        size: baseline.latency[size]["p50_ms"] / stats["p50_ms"]
         for size, stats in candidate.latency.items()
         if size in baseline.latency
     }

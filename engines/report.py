@@ -34,11 +34,11 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | None = None) -> str:
-    """A markdown table with latency per batch size (mean and p99), top-1 and deltas vs the baseline."""
+    """A markdown table: latency per batch size (p50, p99, speedup of p50s), top-1, deltas vs baseline."""
     sizes = sorted({size for row in rows for size in row["latency"]}, key=int)
     header = ["Network", "Engine", "Precision", "Backend"]
     for size in sizes:
-        header += [f"Mean (b={size}) ms", f"p99 (b={size}) ms", f"Speedup (b={size})"]
+        header += [f"p50 (b={size}) ms", f"p99 (b={size}) ms", f"Speedup (b={size})"]
     header += ["Top-1", "Δ top-1 vs baseline", "Agreement"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -47,7 +47,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | N
             stats = row["latency"].get(size)
             speedup = (row["speedup"] or {}).get(size)
             cells += [
-                _cell(stats and stats["mean_ms"], ".3f"),
+                _cell(stats and stats["p50_ms"], ".3f"),
                 _cell(stats and stats["p99_ms"], ".3f"),
                 "—" if row["speedup"] is None else _cell(speedup, ".2f") + "×",
             ]
