@@ -5,11 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app import __version__
+from app.body_limit import BodySizeLimitMiddleware
 from app.engine_pool import EnginePool
 from app.errors import install_error_handlers
 from app.routes import datasets, engines, health, jobs, models
 from app.settings import Settings, get_settings
 from app.store import get_store
+from app.uploads import MULTIPART_SLACK_BYTES
 
 DESCRIPTION = """
 Upload a trained model (ONNX) and a dataset, start a job, get engines that are measured side by
@@ -28,6 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = get_store(settings.resolved_artifact_dir)
     app.state.engine_pool = EnginePool(settings.engine_pool_size, settings.inference_threads)
     install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES
+    )
     for module in (health, models, datasets, jobs, engines):
         app.include_router(module.router)
     return app

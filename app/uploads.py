@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import Request, UploadFile
+from fastapi import UploadFile
 
 from app.errors import ApiError
 
 _CHUNK = 1024 * 1024
-#: Multipart framing around the file: a request this much over the limit is refused unread.
-_MULTIPART_SLACK = 64 * 1024
+#: Room for multipart framing and form fields around the file in a request body.
+MULTIPART_SLACK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,6 @@ class ReceivedFile:
 
 def too_large(limit: int) -> ApiError:
     return ApiError(413, "upload_too_large", f"the upload is over the limit of {limit} bytes")
-
-
-def check_content_length(request: Request, limit: int) -> None:
-    """Refuse an oversized upload from its header, before reading the body."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
-        raise too_large(limit)
 
 
 def safe_filename(name: str | None, default: str) -> str:

@@ -345,3 +345,22 @@ def test_job_with_unknown_model_or_dataset_is_404(local_api: LocalApi, digits_mo
         "dataset_not_found",
     )
     assert_nothing_stored(local_api, models=1)
+
+
+def test_oversized_body_without_content_length_is_cut_off(local_api: LocalApi) -> None:
+    """A chunked upload declares no length: reading stops once the limit is passed."""
+    limit = local_api.settings.max_upload_bytes
+    sent = 0
+
+    def chunks():
+        nonlocal sent
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="big.onnx"\r\n\r\n'
+        while sent < 3 * limit:
+            sent += 256 * 1024
+            yield b"\0" * (256 * 1024)
+
+    response = local_api.client.post(
+        "/v1/models", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    expect_error(response, 413, "upload_too_large")
+    assert_nothing_stored(local_api)

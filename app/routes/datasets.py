@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -17,7 +17,7 @@ from app.orm import DatasetRecord, JobRecord, JobStatus, new_id
 from app.schemas import DatasetOut
 from app.settings import Settings
 from app.store import ArtifactStore
-from app.uploads import check_content_length, receive_upload
+from app.uploads import receive_upload
 from engines.datasets import inspect_arrays, read_npz
 from engines.errors import InvalidDatasetError
 
@@ -46,7 +46,6 @@ def get_dataset_record(session: Session, dataset_id: str) -> DatasetRecord:
 
 @router.post("", status_code=201, response_model=DatasetOut, summary="Upload a dataset (.npz)")
 def upload_dataset(
-    request: Request,
     file: Annotated[
         UploadFile,
         File(
@@ -59,7 +58,6 @@ def upload_dataset(
     session: Session = Depends(get_db),
 ) -> DatasetOut:
     """Read every array without unpickling anything, check samples, dtypes and labels, and store it."""
-    check_content_length(request, settings.max_upload_bytes)
     with receive_upload(file, settings.max_upload_bytes, DATASET_FILENAME) as received:
         try:
             info = inspect_arrays(read_npz(received.path, max_unpacked_bytes=settings.max_unpacked_bytes))

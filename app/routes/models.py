@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -20,7 +20,7 @@ from app.orm import JobRecord, JobStatus, ModelRecord, new_id
 from app.schemas import ModelOut
 from app.settings import Settings
 from app.store import ArtifactStore
-from app.uploads import check_content_length, receive_upload
+from app.uploads import receive_upload
 from engines.errors import InvalidModelError
 from engines.ingest import inspect_model, unpack_upload, write_normalized
 
@@ -48,7 +48,6 @@ def get_model_record(session: Session, model_id: str) -> ModelRecord:
 
 @router.post("", status_code=201, response_model=ModelOut, summary="Upload an ONNX model")
 def upload_model(
-    request: Request,
     file: Annotated[
         UploadFile, File(description="an .onnx file, or a .zip of one .onnx plus its data files")
     ],
@@ -61,7 +60,6 @@ def upload_model(
 
     Nothing is stored unless every check passes.
     """
-    check_content_length(request, settings.max_upload_bytes)
     with receive_upload(file, settings.max_upload_bytes, "model.onnx") as received:
         workdir = received.path.parent.parent
         try:
