@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import UploadFile
+from sqlalchemy.orm import Session
 
 from app.errors import ApiError
+from app.orm import Base
+from app.store import ArtifactStore
 
 _CHUNK = 1024 * 1024
 #: Room for multipart framing and form fields around the file in a request body.
@@ -53,3 +56,17 @@ def receive_upload(upload: UploadFile, limit: int, default_name: str) -> Iterato
                 digest.update(chunk)
                 out.write(chunk)
         yield ReceivedFile(path=target, filename=filename, sha256=digest.hexdigest(), size_bytes=size)
+
+
+def commit_upload(
+    session: Session, store: ArtifactStore, prefix: str, source_dir: Path, record: Base
+) -> None:
+    """Store the files, then the row; if the row cannot be written the files go too."""
+    store.put_dir(prefix, source_dir)
+    try:
+        session.add(record)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        store.delete(prefix)
+        raise

@@ -17,7 +17,7 @@ from app.orm import DatasetRecord, JobRecord, JobStatus, new_id
 from app.schemas import DatasetOut
 from app.settings import Settings
 from app.store import ArtifactStore
-from app.uploads import receive_upload
+from app.uploads import commit_upload, receive_upload
 from engines.datasets import inspect_arrays, read_npz
 from engines.errors import InvalidDatasetError
 
@@ -68,7 +68,6 @@ def upload_dataset(
         staged = received.path.parent.parent / "stored"
         staged.mkdir()
         shutil.move(received.path, staged / DATASET_FILENAME)
-        store.put_dir(prefix, staged)
         record = DatasetRecord(
             id=dataset_id,
             name=name or Path(received.filename).stem,
@@ -78,13 +77,7 @@ def upload_dataset(
             artifact_key=f"{prefix}/{DATASET_FILENAME}",
             info=info.to_dict(),
         )
-        try:
-            session.add(record)
-            session.commit()
-        except BaseException:
-            session.rollback()
-            store.delete(prefix)
-            raise
+        commit_upload(session, store, prefix, staged, record)
     return dataset_out(record)
 
 

@@ -20,7 +20,7 @@ from app.orm import JobRecord, JobStatus, ModelRecord, new_id
 from app.schemas import ModelOut
 from app.settings import Settings
 from app.store import ArtifactStore
-from app.uploads import receive_upload
+from app.uploads import commit_upload, receive_upload
 from engines.errors import InvalidModelError
 from engines.ingest import inspect_model, unpack_upload, write_normalized
 
@@ -73,7 +73,6 @@ def upload_model(
             raise from_engine_error(exc) from exc
         model_id = new_id("mdl")
         prefix = f"models/{model_id}"
-        store.put_dir(prefix, normalized_dir)
         record = ModelRecord(
             id=model_id,
             name=name or Path(received.filename).stem,
@@ -83,13 +82,7 @@ def upload_model(
             artifact_prefix=prefix,
             info=info.to_dict(),
         )
-        try:
-            session.add(record)
-            session.commit()
-        except BaseException:
-            session.rollback()
-            store.delete(prefix)
-            raise
+        commit_upload(session, store, prefix, normalized_dir, record)
     return model_out(record)
 
 
