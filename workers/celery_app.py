@@ -31,11 +31,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": settings.job_visibility_timeout_s},
     }
     if settings.embedded_broker:
-        queue_dir = settings.broker_dir / "queue"
-        queue_dir.mkdir(parents=True, exist_ok=True)
+        queue_dir, control_dir = settings.broker_dir / "queue", settings.broker_dir / "control"
+        for folder in (queue_dir, control_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         config["broker_transport_options"] = {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
+            "control_folder": str(control_dir),  # kombu's default is ./control, beside whatever cwd is
             "store_processed": False,
         }
         # Remote control needs broadcast; jobs are cancelled through the database instead.
