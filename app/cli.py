@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -43,29 +42,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """In the worker child: get SIGTERM when `serve` dies, even by SIGKILL (Linux), so none is orphaned."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from app.supervisor import WorkerSupervisor
 
     settings = get_settings()
     cmd_migrate(args)
     start_worker = settings.embedded_broker if args.worker is None else args.worker
-    worker: subprocess.Popen[bytes] | None = None
+    supervisor = None
     if start_worker:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--queues", args.queues, "--loglevel", args.loglevel],
-            env=os.environ.copy(),
-            preexec_fn=_die_with_parent,
-        )
-        print(f"started a worker beside the API (pid {worker.pid}, queues {args.queues})")
+        argv = [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "worker",
+            "--queues",
+            args.queues,
+            "--loglevel",
+            args.loglevel,
+        ]
+        supervisor = WorkerSupervisor(argv, os.environ.copy())
+        supervisor.start()
     # uvicorn re-raises the SIGTERM it caught once it has shut down; turn that into SystemExit so
     # the `finally` below still stops the worker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -78,12 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=args.loglevel.lower(),
         )
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 

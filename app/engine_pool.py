@@ -19,24 +19,43 @@ class EnginePool:
         self.capacity = max(1, capacity)
         self.threads = threads
         self._runners: OrderedDict[str, Runner] = OrderedDict()
+        self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, engine_id: str, backend_name: str, engine_path: Path) -> Runner:
-        """The runner for an engine, loading it on first use (BackendUnavailableError if this node can't)."""
+        """The runner for an engine, loading it on first use (BackendUnavailableError if this node can't).
+
+        Loading happens outside the pool's lock, so requests to loaded engines never wait for a
+        load; concurrent first requests to one engine load it once.
+        """
         with self._lock:
-            runner = self._runners.get(engine_id)
+            runner = self._cached(engine_id)
             if runner is not None:
-                self._runners.move_to_end(engine_id)
+                return runner
+            loading = self._loading.setdefault(engine_id, threading.Lock())
+        with loading:
+            with self._lock:
+                runner = self._cached(engine_id)
+            if runner is not None:
                 return runner
             runner = get_backend(backend_name).load(engine_path, self.threads)
-            self._runners[engine_id] = runner
-            while len(self._runners) > self.capacity:
-                self._runners.popitem(last=False)
+            with self._lock:
+                self._runners[engine_id] = runner
+                self._loading.pop(engine_id, None)
+                while len(self._runners) > self.capacity:
+                    self._runners.popitem(last=False)
             return runner
 
-    def evict(self, engine_id: str) -> None:
+    def _cached(self, engine_id: str) -> Runner | None:
+        runner = self._runners.get(engine_id)
+        if runner is not None:
+            self._runners.move_to_end(engine_id)
+        return runner
+
+    def evict(self, *engine_ids: str) -> None:
         with self._lock:
-            self._runners.pop(engine_id, None)
+            for engine_id in engine_ids:
+                self._runners.pop(engine_id, None)
 
     def __len__(self) -> int:
         return len(self._runners)

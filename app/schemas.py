@@ -125,6 +125,8 @@ class JobOut(BaseModel):
     error: JobError | None
     cancel_requested: bool
     attempts: int
+    worker: str | None = Field(description="host:pid of the worker running the current attempt")
+    heartbeat_at: datetime | None
     engine_ids: list[str]
     created_at: datetime
     started_at: datetime | None

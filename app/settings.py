@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     max_unpack_ratio: int = 4
     queue_prefix: str = Field(default="", description="prepended to queue names, to share one broker")
     worker_concurrency: int = 1  # measurements on a shared CPU would disturb each other
-    job_max_attempts: int = 3  # deliveries before a job that keeps killing its worker is failed
+    job_max_attempts: int = 3  # attempts before a job that keeps losing its worker is failed
+    job_lease_s: int = 60  # a running job whose heartbeat is older than this lost its worker
+    job_sweep_interval_s: int = 15  # how often each worker looks for such jobs to re-queue
     job_visibility_timeout_s: int = 6 * 3600  # Redis re-delivers unacked jobs after this long
     engine_pool_size: int = 8  # loaded engines kept in the API process
     inference_threads: int | None = None  # None: all cores

@@ -35,8 +35,8 @@ def too_large(limit: int) -> ApiError:
 
 
 def safe_filename(name: str | None, default: str) -> str:
-    base = Path(name or default).name
-    return re.sub(r"[^A-Za-z0-9._-]", "_", base)[:200] or default
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name or default).name)[:200]
+    return default if base.strip(".") == "" else base
 
 
 @contextmanager

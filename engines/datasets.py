@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.archives import declared_unpacked_bytes, is_zip_archive
 from engines.errors import DatasetMismatchError, InvalidDatasetError
 from engines.signature import TensorSpec, check_array_against_spec
 
@@ -74,34 +75,40 @@ class Dataset:
 
 
 def read_npz(path: Path, *, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
-    """Read every array of an `.npz` safely, or raise InvalidDatasetError saying why not."""
+    """Read every array of an `.npz` safely, or raise InvalidDatasetError saying why not.
+
+    Arrays come back in native byte order: a big-endian `>f4` array fed as float32 would be
+    read byte-swapped by every runtime, so it is converted here, once.
+    """
     if path.stat().st_size == 0:
         raise InvalidDatasetError("the uploaded file is empty", code="empty_file")
-    if not zipfile.is_zipfile(path):
+    if not is_zip_archive(path):
         raise InvalidDatasetError("the file is not an .npz archive (save it with numpy.savez)")
-    with zipfile.ZipFile(path) as archive:
-        unpacked = sum(info.file_size for info in archive.infolist())
-    if unpacked > max_unpacked_bytes:
-        raise InvalidDatasetError(
-            f"the archive unpacks to {unpacked} bytes, over the limit of {max_unpacked_bytes}",
-            code="upload_too_large",
-        )
     arrays: dict[str, np.ndarray] = {}
     try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = declared_unpacked_bytes(archive)
+        if unpacked > max_unpacked_bytes:
+            raise InvalidDatasetError(
+                f"the archive unpacks to {unpacked} bytes, over the limit of {max_unpacked_bytes}",
+                code="upload_too_large",
+            )
         with np.load(path, allow_pickle=False) as npz:
             for key in npz.files:
                 value = npz[key]
                 if not isinstance(value, np.ndarray):
                     raise InvalidDatasetError(f"member '{key}' is not a .npy array")
-                arrays[key] = value
+                arrays[key] = value.astype(value.dtype.newbyteorder("="), copy=False)
     except InvalidDatasetError:
         raise
-    except ValueError as exc:  # numpy says "Object arrays cannot be loaded when allow_pickle=False"
-        raise InvalidDatasetError(
-            f"the archive holds object arrays or pickles, which are never loaded: {exc}",
-            code="pickle_refused",
-        ) from exc
-    except Exception as exc:
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+            raise InvalidDatasetError(
+                f"the archive holds object arrays or pickles, which are never loaded: {exc}",
+                code="pickle_refused",
+            ) from exc
+        raise InvalidDatasetError(f"the archive could not be read: {exc}") from exc
+    except Exception as exc:  # damaged zips, truncated members, unsupported compression
         raise InvalidDatasetError(f"the archive could not be read: {exc}") from exc
     if not arrays:
         raise InvalidDatasetError("the archive holds no arrays")

@@ -13,11 +13,13 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from engines.archives import declared_unpacked_bytes, is_zip_archive
 from engines.errors import InvalidModelError
 from engines.signature import Dim, TensorSpec, onnx_value_to_spec
 
@@ -25,6 +27,8 @@ from engines.signature import Dim, TensorSpec, onnx_value_to_spec
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 MODEL_FILENAME = "model.onnx"
 EXTERNAL_DATA_FILENAME = "model.onnx.data"
+MAX_BUNDLE_MEMBERS = 1000
+_SUPPORTED_COMPRESSION = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
 @dataclass(frozen=True)
@@ -59,57 +63,109 @@ def unpack_upload(upload: Path, workdir: Path, *, max_unpacked_bytes: int) -> Pa
     """Return the path of the ONNX file inside an upload, unpacking a zip bundle into `workdir`."""
     if upload.stat().st_size == 0:
         raise InvalidModelError("the uploaded file is empty", code="empty_file")
-    if not zipfile.is_zipfile(upload):
+    if not is_zip_archive(upload):
         return upload
-    with zipfile.ZipFile(upload) as bundle:
-        members = [info for info in bundle.infolist() if not info.is_dir()]
-        total = sum(info.file_size for info in members)
-        if total > max_unpacked_bytes:
-            raise InvalidModelError(
-                f"the bundle unpacks to {total} bytes, over the limit of {max_unpacked_bytes}",
-                code="upload_too_large",
-            )
-        for info in members:
-            _check_member_path(info)
-        onnx_members = [info for info in members if info.filename.lower().endswith(".onnx")]
-        if len(onnx_members) != 1:
-            raise InvalidModelError(
-                f"a model bundle must hold exactly one .onnx file, found {len(onnx_members)}",
-                code="invalid_bundle",
-            )
-        for info in members:
-            target = workdir / info.filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with bundle.open(info) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        return workdir / onnx_members[0].filename
+    try:
+        with zipfile.ZipFile(upload) as bundle:
+            return _extract_bundle(bundle, workdir, max_unpacked_bytes)
+    except InvalidModelError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as exc:
+        raise InvalidModelError(
+            f"the .zip bundle is damaged or unsupported: {exc}", code="invalid_bundle"
+        ) from exc
 
 
-def _check_member_path(info: zipfile.ZipInfo) -> None:
-    path = PurePosixPath(info.filename.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+def _extract_bundle(bundle: zipfile.ZipFile, workdir: Path, max_unpacked_bytes: int) -> Path:
+    members = [info for info in bundle.infolist() if not info.is_dir()]
+    if len(members) > MAX_BUNDLE_MEMBERS:
+        raise InvalidModelError(
+            f"the bundle holds {len(members)} files; at most {MAX_BUNDLE_MEMBERS} are accepted",
+            code="invalid_bundle",
+        )
+    total = declared_unpacked_bytes(bundle)
+    if total > max_unpacked_bytes:
+        raise InvalidModelError(
+            f"the bundle unpacks to {total} bytes, over the limit of {max_unpacked_bytes}",
+            code="upload_too_large",
+        )
+    root = workdir.resolve()
+    targets = [_member_target(info, root) for info in members]
+    onnx_targets = [target for target in targets if target.suffix.lower() == ".onnx"]
+    if len(onnx_targets) != 1:
+        raise InvalidModelError(
+            f"a model bundle must hold exactly one .onnx file, found {len(onnx_targets)}",
+            code="invalid_bundle",
+        )
+    for info, target in zip(members, targets, strict=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with bundle.open(info) as src, open(target, "xb") as dst:  # "x": a duplicate name fails
+            shutil.copyfileobj(src, dst)
+    return onnx_targets[0]
+
+
+def _member_target(info: zipfile.ZipInfo, root: Path) -> Path:
+    """Where a member may be written: inside `root`, a plain file, readable without a password."""
+    name = info.filename.replace("\\", "/")
+    path = PurePosixPath(name)
+    target = (root / name).resolve()
+    if (
+        path.is_absolute()
+        or ".." in path.parts
+        or ":" in name
+        or target == root
+        or not target.is_relative_to(root)
+    ):
         raise InvalidModelError(
             f"archive member '{info.filename}' points outside the bundle", code="archive_path_traversal"
         )
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
+    if stat.S_ISLNK(info.external_attr >> 16):
         raise InvalidModelError(
             f"archive member '{info.filename}' is a symlink", code="archive_path_traversal"
         )
+    if info.flag_bits & 0x1:
+        raise InvalidModelError(f"archive member '{info.filename}' is encrypted", code="invalid_bundle")
+    if info.compress_type not in _SUPPORTED_COMPRESSION:
+        raise InvalidModelError(
+            f"archive member '{info.filename}' uses compression method {info.compress_type}; "
+            "use stored or deflate",
+            code="invalid_bundle",
+        )
+    return target
 
 
-def _all_tensors(graph: Any) -> Iterator[Any]:
-    """Initializers and tensor attributes, through every subgraph (If/Loop bodies)."""
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    """Initializers (dense and sparse) and tensor attributes, through every subgraph."""
     yield from graph.initializer
-    for node in graph.node:
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Any) -> Iterator[Any]:
+    for node in nodes:
         for attribute in node.attribute:
             if attribute.HasField("t"):
                 yield attribute.t
             yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield attribute.sparse_tensor.values
+                yield attribute.sparse_tensor.indices
+            for sparse in attribute.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
             if attribute.HasField("g"):
-                yield from _all_tensors(attribute.g)
+                yield from _graph_tensors(attribute.g)
             for subgraph in attribute.graphs:
-                yield from _all_tensors(subgraph)
+                yield from _graph_tensors(subgraph)
+
+
+def _all_tensors(model: Any) -> Iterator[Any]:
+    """Every tensor that can carry external data: the graph's and the model-local functions'."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
 
 
 def check_external_data(model: Any, base_dir: Path) -> bool:
@@ -118,7 +174,7 @@ def check_external_data(model: Any, base_dir: Path) -> bool:
 
     root = base_dir.resolve()
     used = False
-    for tensor in _all_tensors(model.graph):
+    for tensor in _all_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         used = True
@@ -158,9 +214,10 @@ def load_model_proto(path: Path, *, with_external_data: bool = False) -> Any:
 
 
 def inspect_model(path: Path) -> ModelInfo:
-    """Validate an ONNX file fully (checker, shape inference) and describe it.
+    """Validate an ONNX file fully (external-data paths, checker, shape inference) and describe it.
 
-    External data must already have been checked to stay inside the file's directory.
+    External-data locations are checked before anything reads them: they must name files inside
+    the ONNX file's directory (the unpacked upload).
     """
     import onnx
 
@@ -224,7 +281,8 @@ def count_macs(model: Any) -> int | None:
     graph = model.graph
     shapes: dict[str, tuple[int, ...] | None] = {}
     for value in [*graph.input, *graph.value_info, *graph.output]:
-        shapes[value.name] = _static_shape(onnx_value_to_spec(value).shape)
+        if value.type.WhichOneof("value") == "tensor_type":
+            shapes[value.name] = _static_shape(onnx_value_to_spec(value).shape)
     for tensor in graph.initializer:
         shapes[tensor.name] = tuple(int(d) for d in tensor.dims)
     total = 0

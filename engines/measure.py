@@ -144,13 +144,25 @@ def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     }
 
 
+def _json_safe(values: dict[str, float]) -> dict[str, float | None]:
+    """NaN and ±Inf (an engine that overflows) become None: JSON has no such numbers."""
+    return {key: (value if np.isfinite(value) else None) for key, value in values.items()}
+
+
 def accuracy_report(
     outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None
 ) -> dict[str, Any]:
-    """Accuracy against labels where there are labels; fidelity against the reference where given."""
+    """Accuracy against labels where there are labels; fidelity against the reference where given.
+
+    Non-finite outputs are counted and reported, never silently averaged into the metrics.
+    """
     report: dict[str, Any] = {"samples": len(outputs)}
+    non_finite = int(outputs.size - np.isfinite(outputs).sum())
+    if non_finite:
+        report["non_finite_outputs"] = non_finite
     if labels is not None:
         report.update(classification_accuracy(outputs, labels))
     if reference is not None:
-        report["fidelity"] = fidelity(outputs, reference)
+        with np.errstate(all="ignore"):
+            report["fidelity"] = _json_safe(fidelity(outputs, reference))
     return report

@@ -59,16 +59,36 @@ class PipelineResult:
     messages: list[str] = field(default_factory=list)
 
 
-def check_batch_sizes(inputs: list[TensorSpec], batch_sizes: tuple[int, ...]) -> None:
-    """A model exported with a static batch dim runs only that batch size."""
+def validate_recipe(
+    inputs: list[TensorSpec],
+    recipe: Recipe,
+    *,
+    evaluation_samples: int | None = None,
+    calibration_samples: int | None = None,
+) -> None:
+    """Raise InvalidRecipeError for a recipe that cannot run on this model and these datasets.
+
+    The API calls it when a job is created, so such a job is a 422 at once, not a failure later.
+    """
     for spec in inputs:
-        if spec.has_static_batch():
-            wrong = [size for size in batch_sizes if size != spec.batch_dim]
+        if isinstance(spec.batch_dim, int):
+            wrong = [size for size in recipe.batch_sizes if size != spec.batch_dim]
             if wrong:
                 raise InvalidRecipeError(
                     f"input '{spec.name}' has a static batch dim of {spec.batch_dim}, so batch sizes {wrong} "
                     f"cannot run; ask for [{spec.batch_dim}] or export the model with a dynamic batch dim"
                 )
+            if evaluation_samples is not None and evaluation_samples < spec.batch_dim:
+                raise InvalidRecipeError(
+                    f"the evaluation set has {evaluation_samples} samples, fewer than the model's static "
+                    f"batch of {spec.batch_dim}"
+                )
+        dynamic = [axis for axis, dim in enumerate(spec.shape) if axis > 0 and not isinstance(dim, int)]
+        if dynamic and evaluation_samples is None and calibration_samples is None:
+            raise InvalidRecipeError(
+                f"input '{spec.name}' has dynamic dims {dynamic} besides the batch; give an evaluation or "
+                "calibration dataset so there is something real to measure"
+            )
 
 
 def _evaluation_batch(inputs: list[TensorSpec], batch_sizes: tuple[int, ...]) -> int:
@@ -110,7 +130,12 @@ def run_recipe(
     baseline_backend = get_backend(BASELINE_BACKEND)
     runners: dict[str, Runner] = {BASELINE: baseline_backend.load(model_path, threads)}
     inputs = runners[BASELINE].input_metadata()
-    check_batch_sizes(inputs, recipe.batch_sizes)
+    validate_recipe(
+        inputs,
+        recipe,
+        evaluation_samples=None if evaluation is None else evaluation.samples,
+        calibration_samples=None if calibration is None else calibration.samples,
+    )
     eval_batch = _evaluation_batch(inputs, recipe.batch_sizes)
     if (
         evaluation is not None

@@ -47,9 +47,17 @@ def specs_from_dicts(items: Sequence[dict[str, Any]]) -> list[TensorSpec]:
 
 
 def onnx_value_to_spec(value: Any) -> TensorSpec:
-    """Turn an onnx ValueInfoProto into a TensorSpec."""
+    """Turn an onnx ValueInfoProto into a TensorSpec (InvalidModelError for non-tensor values)."""
     from onnx import helper
 
+    from engines.errors import InvalidModelError
+
+    if value.type.WhichOneof("value") != "tensor_type":
+        raise InvalidModelError(
+            f"'{value.name}' is a {value.type.WhichOneof('value') or 'untyped value'}; "
+            "only tensor inputs and outputs are supported",
+            code="unsupported_io_type",
+        )
     tensor_type = value.type.tensor_type
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name
     shape: list[Dim] = []

@@ -36,6 +36,7 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("OPTIFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REQUIRE_SERVICES = os.environ.get("OPTIFORGE_REQUIRE_SERVICES") == "1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+JOB_LEASE_S = 5
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,9 @@ def _base_env(data_dir: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OPTIFORGE_", "REDIS_URL"))}
     env["OPTIFORGE_DATA_DIR"] = str(data_dir)
     env["PYTHONUNBUFFERED"] = "1"
+    # Short leases so the tests that kill a worker see its job recovered within seconds.
+    env["OPTIFORGE_JOB_LEASE_S"] = str(JOB_LEASE_S)
+    env["OPTIFORGE_JOB_SWEEP_INTERVAL_S"] = "1"
     return env
 
 

@@ -364,3 +364,171 @@ def test_oversized_body_without_content_length_is_cut_off(local_api: LocalApi) -
     )
     expect_error(response, 413, "upload_too_large")
     assert_nothing_stored(local_api)
+
+
+def _damaged_zips() -> dict[str, bytes]:
+    model = linear_model().SerializeToString()
+    good = zip_bytes({"model.onnx": model})
+    bad_crc = bytearray(good)
+    offset = bytes(bad_crc).index(model[:8])
+    bad_crc[offset] ^= 0xFF  # stored member: flip a byte of the data, the CRC no longer matches
+    encrypted = bytearray(good)
+    encrypted[6] |= 0x1  # general-purpose flag bit 0: encrypted (local header)
+    central = bytes(encrypted).index(b"PK\x01\x02")
+    encrypted[central + 8] |= 0x1  # and in the central directory
+    weird_method = bytearray(good)
+    for offset_of_method in (8, central + 10):
+        weird_method[offset_of_method] = 99  # compression method 99 (AES): not supported
+    return {
+        "bad_crc": bytes(bad_crc),
+        "encrypted": bytes(encrypted),
+        "unsupported_method": bytes(weird_method),
+        "file_and_dir": zip_bytes({"x": b"1", "x/model.onnx": model}),
+        "dot_member": zip_bytes({".": b"1", "model.onnx": model}),
+        "truncated": good[: len(good) // 2],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_damaged_zips()))
+def test_damaged_bundles_are_422_not_500(local_api: LocalApi, case: str) -> None:
+    response = post_file(local_api, "models", "bundle.zip", _damaged_zips()[case])
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] in ("invalid_bundle", "archive_path_traversal", "invalid_model")
+    assert_nothing_stored(local_api)
+
+
+def test_symlink_member_is_refused(local_api: LocalApi) -> None:
+    info = zipfile.ZipInfo("model.onnx")
+    info.external_attr = 0o120777 << 16  # a symlink
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(info, "/etc/passwd")
+    expect_error(post_file(local_api, "models", "b.zip", buffer.getvalue()), 422, "archive_path_traversal")
+    assert_nothing_stored(local_api)
+
+
+@pytest.mark.parametrize("filename", ["..", "a/..", ".", "...", "../../x.onnx"])
+def test_hostile_upload_filenames_are_harmless(local_api: LocalApi, filename: str) -> None:
+    response = local_api.client.post(
+        "/v1/models", files={"file": (filename, linear_model().SerializeToString())}
+    )
+    assert response.status_code == 201, response.text
+    assert ".." not in response.json()["filename"] and "/" not in response.json()["filename"]
+
+
+def test_model_with_non_tensor_output_is_refused(local_api: LocalApi) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("SequenceConstruct", ["x"], ["seq"])],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    body = expect_error(
+        post_file(local_api, "models", "seq.onnx", model.SerializeToString()), 422, "unsupported_io_type"
+    )
+    assert "seq" in body["detail"]
+    assert_nothing_stored(local_api)
+
+
+def test_external_data_in_a_model_function_is_checked(local_api: LocalApi) -> None:
+    """Tensors inside model-local functions are loaded by onnx too: their paths are checked."""
+    constant = numpy_helper.from_array(np.ones(3, dtype=np.float32), "c")
+    constant.ClearField("raw_data")
+    constant.data_location = TensorProto.EXTERNAL
+    constant.external_data.add(key="location", value="../../../../etc/hostname")
+    function = helper.make_function(
+        "local",
+        "AddOnes",
+        ["x"],
+        ["y"],
+        [helper.make_node("Constant", [], ["c"], value=constant), helper.make_node("Add", ["x", "c"], ["y"])],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("AddOnes", ["x"], ["y"], domain="local")],
+        "f",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+    )
+    model = helper.make_model(
+        graph,
+        functions=[function],
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+    )
+    expect_error(
+        post_file(local_api, "models", "f.onnx", model.SerializeToString()),
+        422,
+        "external_data_outside_upload",
+    )
+    assert_nothing_stored(local_api)
+
+
+def test_truncated_npy_member_is_invalid_not_pickle(local_api: LocalApi) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((10, 3), np.float32))
+    content = zip_bytes({"input.npy": buffer.getvalue()[:-20]})
+    expect_error(post_file(local_api, "datasets", "d.npz", content), 422, "invalid_dataset")
+    assert_nothing_stored(local_api)
+
+
+def test_big_endian_arrays_are_read_in_native_order(local_api: LocalApi, digits_model_id: str) -> None:
+    response = post_file(
+        local_api, "datasets", "be.npz", npz_bytes(input=np.ones((2, 1, 32, 32), dtype=">f4"))
+    )
+    assert response.status_code == 201 and response.json()["arrays"]["input"]["dtype"] == "float32"
+    from engines.datasets import read_npz
+
+    stored = local_api.store.local_path(f"datasets/{response.json()['id']}/dataset.npz")
+    array = read_npz(stored, max_unpacked_bytes=10**8)["input"]
+    assert array.dtype == np.dtype("float32") and array.dtype.isnative and float(array.max()) == 1.0
+
+
+def test_jobs_that_could_not_run_are_refused_up_front(local_api: LocalApi) -> None:
+    static = linear_model()
+    for value in (static.graph.input[0], static.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 8  # a static batch of 8
+    static_id = post_file(local_api, "models", "b8.onnx", static.SerializeToString()).json()["id"]
+    five = upload_dataset(local_api, x=np.ones((5, 4), np.float32))
+    body = expect_error(
+        local_api.client.post(
+            "/v1/jobs",
+            json={"model_id": static_id, "evaluation_dataset_id": five, "recipe": {"batch_sizes": [8]}},
+        ),
+        422,
+        "invalid_recipe",
+    )
+    assert "5 samples, fewer than the model's static batch of 8" in body["detail"]
+
+    dynamic = linear_model()
+    dynamic.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
+    dynamic_id = post_file(local_api, "models", "dyn.onnx", dynamic.SerializeToString()).json()["id"]
+    body = expect_error(
+        local_api.client.post("/v1/jobs", json={"model_id": dynamic_id}), 422, "invalid_recipe"
+    )
+    assert "dynamic dims [1]" in body["detail"]
+    assert_nothing_stored(local_api, models=2, datasets=1)
+
+
+def test_inference_the_model_cannot_do_is_422(local_api: LocalApi) -> None:
+    """Inputs that fit the signature, but a Reshape inside the model cannot take them."""
+    from workers.job_runner import run_job_by_id
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model_id = post_file(local_api, "models", "r.onnx", model.SerializeToString()).json()["id"]
+    recipe = {"batch_sizes": [3], "measure": {"timed_runs": 1, "min_seconds": 0}}
+    job_id = local_api.client.post("/v1/jobs", json={"model_id": model_id, "recipe": recipe}).json()["id"]
+    run_job_by_id(local_api.settings, job_id)
+    engine_id = local_api.client.get(f"/v1/jobs/{job_id}").json()["engine_ids"][0]
+    infer = f"/v1/engines/{engine_id}/infer"
+    ok = local_api.client.post(infer, json={"inputs": {"x": np.ones((3, 4)).tolist()}})
+    assert ok.status_code == 200 and np.asarray(ok.json()["outputs"]["y"]).shape == (4, 3)
+    bad = local_api.client.post(infer, json={"inputs": {"x": np.ones((1, 4)).tolist()}})
+    expect_error(bad, 422, "inference_failed")

@@ -134,3 +134,55 @@ def test_cancel_running_job_leaves_nothing(live_stack: LiveStack, digits: Digits
         assert live_stack.job_files(job_id) == []
         again = client.post(f"/v1/jobs/{job_id}/cancel")
         assert again.status_code == 409 and again.json()["code"] == "job_not_cancellable"
+
+
+def test_non_finite_outputs_are_reported_not_stored_as_nan(live_stack: LiveStack, tmp_path) -> None:
+    """PostgreSQL's JSON refuses NaN: an overflowing model must still get a clean job record."""
+    from onnx import TensorProto, helper, numpy_helper, save_model
+
+    graph = helper.make_graph(
+        [helper.make_node("Div", ["x", "zero"], ["y"])],
+        "overflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.zeros(4, dtype=np.float32), "zero")],
+    )
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "div0.onnx")
+    np.savez(tmp_path / "ones.npz", x=np.ones((16, 4), np.float32))
+    with live_stack.client() as client:
+        model = _upload(client, tmp_path / "div0.onnx", "models", "div0")
+        dataset = _upload(client, tmp_path / "ones.npz", "datasets", "ones")
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model["id"],
+                "evaluation_dataset_id": dataset["id"],
+                "recipe": {"batch_sizes": [4], "measure": FAST_MEASURE},
+            },
+        )
+        job = wait_for_job(client, response.json()["id"])
+        assert job["status"] == "succeeded", job
+        accuracy = client.get(f"/v1/engines/{job['engine_ids'][0]}").json()["metrics"]["accuracy"]
+        assert accuracy["non_finite_outputs"] == 64
+        assert accuracy["fidelity"]["cosine_similarity"] is None
+
+
+def test_job_survives_its_worker_being_killed(live_stack: LiveStack, digits: DigitsArtifacts) -> None:
+    """SIGKILL the process running a job: the job is re-queued once its lease expires and completes."""
+    import os
+    import signal
+
+    with live_stack.client() as client:
+        model = _upload(client, digits.onnx_path, "models", "digits-cnn")
+        recipe = {"batch_sizes": [1], "measure": {"timed_runs": 10, "min_seconds": 4}}
+        job_id = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": recipe}).json()["id"]
+        deadline = time.monotonic() + 60
+        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] != "running" or not job["worker"]:
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+        os.kill(int(job["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+        job = wait_for_job(client, job_id, timeout=120)
+        assert job["status"] == "succeeded", (job["error"], job["messages"], job["attempts"])
+        assert job["attempts"] == 2 and len(job["engine_ids"]) == 1
+        assert any("was lost; starting over" in message for message in job["messages"])
+        assert len(live_stack.job_files(job_id)) >= 1

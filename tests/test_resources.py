@@ -6,14 +6,18 @@ the same code a Celery worker runs, without the broker hop that tests/test_e2e_f
 
 from __future__ import annotations
 
+import threading
+from datetime import timedelta
+
 import numpy as np
 import pytest
 
 from app.db import session_scope
-from app.orm import JobRecord
+from app.orm import JobRecord, utcnow
 from tests.conftest import DigitsArtifacts, LocalApi
 from tests.test_bad_input import assert_nothing_stored, expect_error, linear_model, post_file
-from workers.job_runner import run_job_by_id
+from workers.job_runner import Attempt, Superseded, run_job_by_id
+from workers.recovery import requeue_lost_jobs
 
 FAST = {"batch_sizes": [1, 4], "measure": {"warmup_runs": 1, "timed_runs": 5, "min_seconds": 0}}
 
@@ -91,12 +95,12 @@ def test_job_found_running_after_a_crash_starts_clean(local_api: LocalApi, uploa
     first_engine = local_api.client.get(f"/v1/jobs/{job_id}").json()["engine_ids"][0]
     with session_scope(local_api.settings.resolved_database_url) as session:  # as if the worker died mid-job
         job = session.get(JobRecord, job_id)
-        job.status, job.finished_at = "running", None
+        job.status, job.finished_at, job.heartbeat_at = "running", None, utcnow() - timedelta(hours=1)
     run_job_by_id(local_api.settings, job_id)
     job = local_api.client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["attempts"] == 2
     assert len(job["engine_ids"]) == 1 and job["engine_ids"] != [first_engine]
-    assert any("restarted" in message for message in job["messages"])
+    assert any("was lost; starting over" in message for message in job["messages"])
     assert not [key for key in local_api.store.files() if first_engine in key]
 
 
@@ -105,6 +109,7 @@ def test_job_that_keeps_killing_workers_is_failed(local_api: LocalApi, uploaded:
     with session_scope(local_api.settings.resolved_database_url) as session:
         job = session.get(JobRecord, job_id)
         job.status, job.attempts = "running", local_api.settings.job_max_attempts
+        job.heartbeat_at = utcnow() - timedelta(hours=1)
     run_job_by_id(local_api.settings, job_id)
     job = local_api.client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
@@ -170,3 +175,70 @@ def test_health_and_docs(local_api: LocalApi) -> None:
         "/v1/engines/{engine_id}/infer",
     ):
         assert path in paths
+
+
+def _lose_worker(api: LocalApi, job_id: str) -> None:
+    """The state a job is left in when its worker is killed: running, heartbeat gone quiet."""
+    with session_scope(api.settings.resolved_database_url) as session:
+        job = session.get(JobRecord, job_id)
+        job.status, job.attempts, job.worker = "running", 1, "gone:1"
+        job.heartbeat_at = utcnow() - timedelta(seconds=api.settings.job_lease_s + 5)
+
+
+def test_two_deliveries_at_once_run_the_job_once(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    job_id = create_job(local_api, uploaded)
+    threads = [threading.Thread(target=run_job_by_id, args=(local_api.settings, job_id)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    job = local_api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["attempts"] == 1 and len(job["engine_ids"]) == 1
+    assert len([key for key in local_api.store.files() if key.startswith("jobs/")]) == 1
+
+
+def test_sweeper_requeues_a_job_whose_worker_was_lost(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    job_id = create_job(local_api, uploaded)
+    _lose_worker(local_api, job_id)
+    assert requeue_lost_jobs(local_api.settings) == [job_id]
+    assert requeue_lost_jobs(local_api.settings) == []  # once is enough
+    job = local_api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "queued" and "worker was lost" in job["stage"]
+    run_job_by_id(local_api.settings, job_id)  # what the re-sent message does in a worker
+    job = local_api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+
+
+def test_a_live_attempt_is_not_disturbed(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    job_id = create_job(local_api, uploaded)
+    _lose_worker(local_api, job_id)
+    with session_scope(local_api.settings.resolved_database_url) as session:
+        session.get(JobRecord, job_id).heartbeat_at = utcnow()  # alive after all
+    assert requeue_lost_jobs(local_api.settings) == []
+    run_job_by_id(local_api.settings, job_id)  # a duplicate delivery: ignored
+    assert local_api.client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 1
+    cancelled = local_api.client.post(f"/v1/jobs/{job_id}/cancel").json()
+    assert cancelled["status"] == "running" and cancelled["cancel_requested"]  # the owner will stop
+
+
+def test_cancel_of_a_job_whose_worker_was_lost_is_immediate(
+    local_api: LocalApi, uploaded: dict[str, str]
+) -> None:
+    job_id = create_job(local_api, uploaded)
+    _lose_worker(local_api, job_id)
+    cancelled = local_api.client.post(f"/v1/jobs/{job_id}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    assert local_api.client.delete(f"/v1/models/{uploaded['model_id']}").status_code == 204
+
+
+def test_superseded_attempt_stops_without_writing(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    job_id = create_job(local_api, uploaded)
+    _lose_worker(local_api, job_id)
+    attempt = Attempt(local_api.settings.resolved_database_url, job_id, number=1, heartbeat_s=60)
+    attempt.check_cancelled(force=True)  # still ours
+    with session_scope(local_api.settings.resolved_database_url) as session:
+        session.get(JobRecord, job_id).attempts = 2  # another worker took over
+    with pytest.raises(Superseded):
+        attempt.check_cancelled(force=True)
+    assert not attempt.finish("failed", error={"code": "x", "detail": "y"})
+    assert local_api.client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"

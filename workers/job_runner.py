@@ -1,23 +1,44 @@
-"""Run one job: re-read its row, run the recipe through engines/, record engines and results.
+"""Run one job: claim its row, run the recipe through engines/, record engines and results.
 
-Idempotent under re-delivery: a finished job is left alone, and a job found `running` (its
-worker died) starts over after removing what the earlier attempt stored. Every output goes
-under `jobs/<job id>/` in the store, written atomically, and is removed again if the job fails.
+Celery may deliver a job more than once (a worker killed mid-job, a Redis visibility timeout),
+sometimes while the first delivery is still running. So the row, not the message, decides:
+
+- an attempt starts only by compare-and-swap on (status, attempts): of two deliveries at once,
+  one wins and the other returns;
+- the winning attempt holds a lease, a heartbeat refreshed by a background thread; a running job
+  whose heartbeat is older than `job_lease_s` lost its worker, and the sweeper
+  (`workers.recovery`) puts it back in the queue;
+- every later write of the attempt is conditional on still owning the row (same attempt number,
+  still running), so an attempt that was superseded or cancelled cannot overwrite the outcome;
+- files go under `jobs/<job id>/engines/<engine id>/`, written atomically; an attempt that does
+  not succeed removes the files it wrote, and a restarted job first removes its predecessors'.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
-from app.orm import DatasetRecord, EngineRecord, JobRecord, JobStatus, ModelRecord, new_id, utcnow
+from app.orm import (
+    DatasetRecord,
+    EngineRecord,
+    JobRecord,
+    JobStatus,
+    ModelRecord,
+    lease_cutoff,
+    new_id,
+    utcnow,
+)
 from app.settings import Settings
 from app.store import ArtifactStore, get_store
 from engines.datasets import Dataset, load_dataset
@@ -31,68 +52,169 @@ logger = logging.getLogger(__name__)
 _CANCEL_POLL_SECONDS = 0.5
 
 
-class JobReporter:
-    """Writes progress to the job row and turns a cancel request into `Cancelled`."""
+class Superseded(Exception):
+    """This attempt no longer owns the job (another attempt took over, or it was cancelled as lost)."""
 
-    def __init__(self, db_url: str, job_id: str):
-        self.db_url, self.job_id = db_url, job_id
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owned(job_id: str, attempt: int) -> Any:
+    """WHERE clause: the row is still running under this attempt."""
+    return (
+        (JobRecord.id == job_id) & (JobRecord.attempts == attempt) & (JobRecord.status == JobStatus.RUNNING)
+    )
+
+
+class Attempt:
+    """One attempt at a job: its heartbeat, progress reports and cancellation checks."""
+
+    def __init__(self, db_url: str, job_id: str, number: int, heartbeat_s: float):
+        self.db_url, self.job_id, self.number = db_url, job_id, number
+        self._heartbeat_s = heartbeat_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
         self._last_poll = 0.0
+        self.lost = False
+
+    def __enter__(self) -> Attempt:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                with session_scope(self.db_url) as session:
+                    owned = session.execute(
+                        update(JobRecord)
+                        .where(_owned(self.job_id, self.number))
+                        .values(heartbeat_at=utcnow())
+                    ).rowcount
+                if not owned:
+                    self.lost = True
+                    return
+            except Exception:  # a database blip must not kill the job; the next beat retries
+                logger.exception("heartbeat for job %s failed", self.job_id)
 
     def progress(self, fraction: float, stage: str) -> None:
         self.check_cancelled(force=True)
         with session_scope(self.db_url) as session:
-            job = session.get(JobRecord, self.job_id)
-            if job is not None:
-                job.progress, job.stage = round(max(0.0, min(1.0, fraction)), 4), stage
+            session.execute(
+                update(JobRecord)
+                .where(_owned(self.job_id, self.number))
+                .values(progress=round(max(0.0, min(1.0, fraction)), 4), stage=stage)
+            )
         logger.info("job %s: %.0f%% %s", self.job_id, fraction * 100, stage)
 
     def check_cancelled(self, force: bool = False) -> None:
+        """Raise Cancelled on a cancel request, Superseded when the row is no longer ours."""
         now = time.monotonic()
         if not force and now - self._last_poll < _CANCEL_POLL_SECONDS:
             return
         self._last_poll = now
+        if self.lost:
+            raise Superseded(self.job_id)
         with session_scope(self.db_url) as session:
-            requested = session.scalar(select(JobRecord.cancel_requested).where(JobRecord.id == self.job_id))
-        if requested:
+            row = session.execute(
+                select(JobRecord.cancel_requested, JobRecord.attempts, JobRecord.status).where(
+                    JobRecord.id == self.job_id
+                )
+            ).one_or_none()
+        if row is None or row.attempts != self.number or row.status != JobStatus.RUNNING:
+            raise Superseded(self.job_id)
+        if row.cancel_requested:
             raise Cancelled(self.job_id)
 
+    def finish(self, status: str, **values: Any) -> bool:
+        """Record the outcome if the row is still ours; False when it was not."""
+        with session_scope(self.db_url) as session:
+            return bool(
+                session.execute(
+                    update(JobRecord)
+                    .where(_owned(self.job_id, self.number))
+                    .values(status=status, finished_at=utcnow(), **values)
+                ).rowcount
+            )
 
-def _finish(db_url: str, job_id: str, status: str, **values: Any) -> None:
+
+def claim(settings: Settings, store: ArtifactStore, job_id: str) -> int | None:
+    """Start a new attempt at the job; its number, or None when there is nothing to do."""
+    db_url = settings.resolved_database_url
     with session_scope(db_url) as session:
         job = session.get(JobRecord, job_id)
-        if job is not None:
-            job.status, job.finished_at = status, utcnow()
-            for key, value in values.items():
-                setattr(job, key, value)
-
-
-def _claim(session: Session, job: JobRecord, settings: Settings, store: ArtifactStore) -> bool:
-    """Mark the job running; False when there is nothing (more) to do."""
-    if job.status in JobStatus.FINISHED:
-        logger.info("job %s is already %s; ignoring re-delivery", job.id, job.status)
-        return False
-    if job.cancel_requested:
-        job.status, job.stage, job.finished_at = JobStatus.CANCELLED, "cancelled", utcnow()
-        return False
-    job.attempts += 1
-    if job.attempts > settings.job_max_attempts:
-        job.status, job.finished_at = JobStatus.FAILED, utcnow()
-        job.error = {
-            "code": "worker_lost",
-            "detail": f"the worker died {job.attempts - 1} times running this job "
-            "(out of memory?); giving up",
-        }
-        return False
-    if job.status == JobStatus.RUNNING:  # re-delivered after a crash: start clean
-        session.execute(delete(EngineRecord).where(EngineRecord.job_id == job.id))
-        store.delete(f"jobs/{job.id}")
-        job.messages = [
-            *(job.messages or []),
-            f"restarted (attempt {job.attempts}) after the worker was lost",
-        ]
-    job.status, job.stage, job.progress = JobStatus.RUNNING, "starting", 0.0
-    job.started_at, job.error, job.baseline = utcnow(), None, None
-    return True
+        if job is None:
+            logger.warning("job %s does not exist (deleted?); dropping it", job_id)
+            return None
+        if job.status in JobStatus.FINISHED:
+            logger.info("job %s is already %s; ignoring this delivery", job_id, job.status)
+            return None
+        current = (
+            (JobRecord.id == job_id) & (JobRecord.attempts == job.attempts) & (JobRecord.status == job.status)
+        )
+        alive = job.heartbeat_at is not None and job.heartbeat_at > lease_cutoff(settings.job_lease_s)
+        if job.status == JobStatus.RUNNING and alive:
+            logger.info("job %s is running on %s; ignoring this delivery", job_id, job.worker)
+            return None
+        if job.cancel_requested:
+            session.execute(
+                update(JobRecord)
+                .where(current)
+                .values(status=JobStatus.CANCELLED, stage="cancelled", finished_at=utcnow())
+            )
+            return None
+        if job.attempts >= settings.job_max_attempts:
+            failed = session.execute(
+                update(JobRecord)
+                .where(current)
+                .values(
+                    status=JobStatus.FAILED,
+                    finished_at=utcnow(),
+                    error={
+                        "code": "worker_lost",
+                        "detail": f"the worker running this job was lost {job.attempts} times "
+                        "(killed, out of memory?); giving up",
+                    },
+                )
+            ).rowcount
+            if failed:
+                session.execute(delete(EngineRecord).where(EngineRecord.job_id == job_id))
+                store.delete(f"jobs/{job_id}")
+            return None
+        attempt = job.attempts + 1
+        messages = list(job.messages or [])
+        if job.attempts:
+            messages.append(
+                f"attempt {attempt}: the worker of attempt {job.attempts} was lost; starting over"
+            )
+        now = utcnow()
+        claimed = session.execute(
+            update(JobRecord)
+            .where(current)
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=attempt,
+                worker=worker_name(),
+                heartbeat_at=now,
+                started_at=now,
+                stage="starting",
+                progress=0.0,
+                error=None,
+                baseline=None,
+                messages=messages,
+            )
+        ).rowcount
+        if not claimed:
+            logger.info("job %s was claimed by another delivery", job_id)
+            return None
+        if job.attempts:  # what an earlier, lost attempt left behind
+            session.execute(delete(EngineRecord).where(EngineRecord.job_id == job_id))
+            store.delete(f"jobs/{job_id}")
+        return attempt
 
 
 def _load(
@@ -105,14 +227,15 @@ def _load(
     )
 
 
-def _record(session: Session, store: ArtifactStore, job: JobRecord, result: PipelineResult) -> list[str]:
-    """Store each engine's files and row; returns the stored prefixes."""
-    prefixes = []
+def _store_engines(
+    session: Session, store: ArtifactStore, job: JobRecord, result: PipelineResult, written: list[str]
+) -> None:
+    """Store each engine's files and row; `written` collects the prefixes, for clean-up on failure."""
     for built in result.engines:
         engine_id = new_id("eng")
         prefix = f"jobs/{job.id}/engines/{engine_id}"
+        written.append(prefix)
         store.put_dir(prefix, built.artifact.path.parent)
-        prefixes.append(prefix)
         measurement = built.measurement
         session.add(
             EngineRecord(
@@ -134,19 +257,18 @@ def _record(session: Session, store: ArtifactStore, job: JobRecord, result: Pipe
                 build_info=built.artifact.metadata,
             )
         )
-    return prefixes
 
 
 def run_job_by_id(settings: Settings, job_id: str) -> None:
+    """The Celery task's body: claim the job, run it, record the outcome."""
     db_url = settings.resolved_database_url
     store = get_store(settings.resolved_artifact_dir)
+    number = claim(settings, store, job_id)
+    if number is None:
+        return
     with session_scope(db_url) as session:
         job = session.get(JobRecord, job_id)
-        if job is None:
-            logger.warning("job %s does not exist (deleted?); dropping it", job_id)
-            return
-        if not _claim(session, job, settings, store):
-            return
+        assert job is not None
         model = session.get(ModelRecord, job.model_id)
         calibration = (
             session.get(DatasetRecord, job.calibration_dataset_id) if job.calibration_dataset_id else None
@@ -154,47 +276,58 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
         evaluation = (
             session.get(DatasetRecord, job.evaluation_dataset_id) if job.evaluation_dataset_id else None
         )
-        recipe = Recipe.from_dict(job.recipe)
-    reporter = JobReporter(db_url, job_id)
-    try:
-        assert model is not None, "a job's model cannot vanish: deleting a model with active jobs is refused"
-        inputs = specs_from_dicts(model.info["inputs"])
-        model_path = store.local_path(f"{model.artifact_prefix}/{MODEL_FILENAME}")
-        with tempfile.TemporaryDirectory(prefix=f"optiforge-{job_id}-") as workdir:
-            result = run_recipe(
-                model_path,
-                recipe,
-                Path(workdir),
-                evaluation=_load(settings, store, evaluation, inputs),
-                calibration=_load(settings, store, calibration, inputs),
-                progress=reporter.progress,
-                check_cancelled=reporter.check_cancelled,
-            )
-            reporter.check_cancelled(force=True)
-            with session_scope(db_url) as session:
-                job = session.get(JobRecord, job_id)
-                assert job is not None
-                _record(session, store, job, result)
-                job.status, job.finished_at, job.stage, job.progress = (
-                    JobStatus.SUCCEEDED,
-                    utcnow(),
-                    "done",
-                    1.0,
+        recipe, messages = Recipe.from_dict(job.recipe), list(job.messages or [])
+    written: list[str] = []
+    with Attempt(db_url, job_id, number, heartbeat_s=max(1.0, settings.job_lease_s / 4)) as attempt:
+        try:
+            assert model is not None, "a model with active jobs cannot be deleted"
+            inputs = specs_from_dicts(model.info["inputs"])
+            with tempfile.TemporaryDirectory(prefix=f"optiforge-{job_id}-") as workdir:
+                result = run_recipe(
+                    store.local_path(f"{model.artifact_prefix}/{MODEL_FILENAME}"),
+                    recipe,
+                    Path(workdir),
+                    evaluation=_load(settings, store, evaluation, inputs),
+                    calibration=_load(settings, store, calibration, inputs),
+                    progress=attempt.progress,
+                    check_cancelled=attempt.check_cancelled,
                 )
-                job.baseline = result.baseline.to_dict()
-                job.messages = [*(job.messages or []), *result.messages]
-    except Cancelled:
-        store.delete(f"jobs/{job_id}")
-        _finish(db_url, job_id, JobStatus.CANCELLED, stage="cancelled")
-    except EngineError as exc:
-        store.delete(f"jobs/{job_id}")
-        _finish(db_url, job_id, JobStatus.FAILED, error={"code": exc.code, "detail": exc.detail})
-    except Exception as exc:
-        logger.exception("job %s failed", job_id)
-        store.delete(f"jobs/{job_id}")
-        _finish(
-            db_url,
-            job_id,
-            JobStatus.FAILED,
-            error={"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"},
-        )
+                attempt.check_cancelled(force=True)
+                with session_scope(db_url) as session:
+                    job = session.get(JobRecord, job_id)
+                    assert job is not None
+                    _store_engines(session, store, job, result, written)
+                    succeeded = session.execute(
+                        update(JobRecord)
+                        .where(_owned(job_id, number) & JobRecord.cancel_requested.is_(False))
+                        .values(
+                            status=JobStatus.SUCCEEDED,
+                            finished_at=utcnow(),
+                            stage="done",
+                            progress=1.0,
+                            baseline=result.baseline.to_dict(),
+                            messages=[*messages, *result.messages],
+                        )
+                    ).rowcount
+                    if not succeeded:  # cancelled or superseded at the last moment: roll back
+                        raise Cancelled(job_id)
+        except Superseded:
+            logger.warning("job %s: attempt %d was superseded; discarding its work", job_id, number)
+            _remove(store, written)
+        except Cancelled:
+            _remove(store, written)
+            attempt.finish(JobStatus.CANCELLED, stage="cancelled")
+        except EngineError as exc:
+            _remove(store, written)
+            attempt.finish(JobStatus.FAILED, error={"code": exc.code, "detail": exc.detail})
+        except Exception as exc:
+            logger.exception("job %s failed", job_id)
+            _remove(store, written)
+            attempt.finish(
+                JobStatus.FAILED, error={"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
+            )
+
+
+def _remove(store: ArtifactStore, prefixes: list[str]) -> None:
+    for prefix in prefixes:
+        store.delete(prefix)

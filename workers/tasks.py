@@ -1,14 +1,23 @@
-"""Celery tasks. Thin on purpose: the work is in workers.job_runner and engines/."""
+"""Celery tasks and worker hooks. Thin on purpose: the work is in workers.job_runner and engines/."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
+from celery.signals import worker_ready
 
 from app.settings import get_settings
 from workers.celery_app import RUN_JOB_TASK
 from workers.job_runner import run_job_by_id
+from workers.recovery import start_sweeper
 
 
 @shared_task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> None:
     run_job_by_id(get_settings(), job_id)
+
+
+@worker_ready.connect
+def _start_sweeping(**_kwargs: Any) -> None:
+    start_sweeper(get_settings())

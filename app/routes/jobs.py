@@ -10,28 +10,41 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.deps import get_db, get_settings_dep
+from app.deps import get_db, get_settings_dep, get_store_dep
 from app.errors import ApiError, from_engine_error, not_found
 from app.job_queue import enqueue_job
-from app.orm import EngineRecord, JobRecord, JobStatus, ModelRecord, utcnow
+from app.orm import EngineRecord, JobRecord, JobStatus, lease_cutoff, utcnow
 from app.routes.datasets import get_dataset_record
 from app.routes.models import get_model_record
 from app.schemas import JobCreate, JobOut
 from app.settings import Settings
+from app.store import ArtifactStore
 from engines.datasets import DatasetInfo, check_fits_model
 from engines.errors import EngineError
-from engines.pipeline import check_batch_sizes
+from engines.pipeline import validate_recipe
 from engines.report import render_markdown, report_row
-from engines.signature import specs_from_dicts
+from engines.signature import TensorSpec, specs_from_dicts
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def job_out(session: Session, job: JobRecord) -> JobOut:
-    engine_ids = session.scalars(
-        select(EngineRecord.id).where(EngineRecord.job_id == job.id).order_by(EngineRecord.created_at)
-    ).all()
+def engine_ids_by_job(session: Session, job_ids: list[str]) -> dict[str, list[str]]:
+    """Engine ids of many jobs in one query."""
+    found: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
+    rows = session.execute(
+        select(EngineRecord.job_id, EngineRecord.id)
+        .where(EngineRecord.job_id.in_(job_ids))
+        .order_by(EngineRecord.created_at, EngineRecord.id)
+    )
+    for job_id, engine_id in rows:
+        found[job_id].append(engine_id)
+    return found
+
+
+def job_out(session: Session, job: JobRecord, engine_ids: list[str] | None = None) -> JobOut:
+    if engine_ids is None:
+        engine_ids = engine_ids_by_job(session, [job.id])[job.id]
     return JobOut(
         id=job.id,
         model_id=job.model_id,
@@ -45,7 +58,9 @@ def job_out(session: Session, job: JobRecord) -> JobOut:
         error=job.error,
         cancel_requested=job.cancel_requested,
         attempts=job.attempts,
-        engine_ids=list(engine_ids),
+        worker=job.worker,
+        heartbeat_at=job.heartbeat_at,
+        engine_ids=engine_ids,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -59,14 +74,15 @@ def get_job_record(session: Session, job_id: str) -> JobRecord:
     return job
 
 
-def _check_dataset(session: Session, dataset_id: str | None, model: ModelRecord) -> None:
+def _dataset_fitting(
+    session: Session, dataset_id: str | None, inputs: list[TensorSpec]
+) -> DatasetInfo | None:
+    """The dataset's description, after checking that its arrays fit the model's inputs."""
     if dataset_id is None:
-        return
-    dataset = get_dataset_record(session, dataset_id)
-    try:
-        check_fits_model(DatasetInfo.from_dict(dataset.info), specs_from_dicts(model.info["inputs"]))
-    except EngineError as exc:
-        raise from_engine_error(exc) from exc
+        return None
+    info = DatasetInfo.from_dict(get_dataset_record(session, dataset_id).info)
+    check_fits_model(info, inputs)
+    return info
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Start an optimization job")
@@ -78,11 +94,17 @@ def create_job(
     The dataset/model match is checked here, so a mismatch is a 422 now, not a failed job later.
     """
     model = get_model_record(session, body.model_id)
-    _check_dataset(session, body.calibration_dataset_id, model)
-    _check_dataset(session, body.evaluation_dataset_id, model)
+    inputs = specs_from_dicts(model.info["inputs"])
     recipe = body.recipe.to_config()
     try:
-        check_batch_sizes(specs_from_dicts(model.info["inputs"]), recipe.batch_sizes)
+        calibration = _dataset_fitting(session, body.calibration_dataset_id, inputs)
+        evaluation = _dataset_fitting(session, body.evaluation_dataset_id, inputs)
+        validate_recipe(
+            inputs,
+            recipe,
+            evaluation_samples=evaluation and evaluation.samples,
+            calibration_samples=calibration and calibration.samples,
+        )
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     job = JobRecord(
@@ -118,7 +140,9 @@ def list_jobs(
         query = query.where(JobRecord.status == status)
     if model_id:
         query = query.where(JobRecord.model_id == model_id)
-    return [job_out(session, job) for job in session.scalars(query)]
+    jobs = list(session.scalars(query))
+    engine_ids = engine_ids_by_job(session, [job.id for job in jobs])
+    return [job_out(session, job, engine_ids[job.id]) for job in jobs]
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Job status, progress and error")
@@ -127,29 +151,42 @@ def get_job(job_id: str, session: Session = Depends(get_db)) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
-def cancel_job(job_id: str, session: Session = Depends(get_db)) -> JobOut:
-    """A queued job is cancelled at once; a running one stops at its next checkpoint (within seconds)."""
+def cancel_job(
+    job_id: str,
+    session: Session = Depends(get_db),
+    settings: Settings = Depends(get_settings_dep),
+    store: ArtifactStore = Depends(get_store_dep),
+) -> JobOut:
+    """A queued job, or a running one whose worker was lost, is cancelled at once; a running one
+    stops at its next checkpoint (timed runs are checked twice a second) and stores nothing."""
     job = get_job_record(session, job_id)
-    now = utcnow()
-    cancelled_queued = session.execute(
+    stops_now = (JobRecord.status == JobStatus.QUEUED) | (
+        (JobRecord.status == JobStatus.RUNNING)
+        & (JobRecord.heartbeat_at < lease_cutoff(settings.job_lease_s))
+    )
+    cancelled_now = session.execute(
         update(JobRecord)
-        .where(JobRecord.id == job_id, JobRecord.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, cancel_requested=True, stage="cancelled", finished_at=now)
+        .where(JobRecord.id == job_id, stops_now)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, stage="cancelled", finished_at=utcnow())
     ).rowcount
-    if not cancelled_queued:
-        flagged = session.execute(
+    flagged = (
+        cancelled_now
+        or session.execute(
             update(JobRecord)
             .where(JobRecord.id == job_id, JobRecord.status == JobStatus.RUNNING)
             .values(cancel_requested=True)
         ).rowcount
-        if not flagged:
-            session.rollback()
-            raise ApiError(
-                409,
-                "job_not_cancellable",
-                f"job '{job_id}' is {job.status}; only queued or running jobs can be cancelled",
-            )
+    )
+    if not flagged:
+        session.rollback()
+        raise ApiError(
+            409,
+            "job_not_cancellable",
+            f"job '{job_id}' is {job.status}; only queued or running jobs can be cancelled",
+        )
     session.commit()
+    if cancelled_now:
+        store.delete(f"jobs/{job_id}")  # whatever a lost worker may have left
     session.refresh(job)
     return job_out(session, job)
 

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 
 from app.deps import get_db, get_settings_dep, get_store_dep
 from app.errors import ApiError, from_engine_error, not_found
-from app.orm import JobRecord, JobStatus, ModelRecord, new_id
+from app.orm import EngineRecord, JobRecord, JobStatus, ModelRecord, new_id
 from app.schemas import ModelOut
 from app.settings import Settings
 from app.store import ArtifactStore
@@ -128,7 +128,10 @@ def download_model(
 
 @router.delete("/{model_id}", status_code=204, summary="Delete a model, its jobs and engines")
 def delete_model(
-    model_id: str, session: Session = Depends(get_db), store: ArtifactStore = Depends(get_store_dep)
+    model_id: str,
+    request: Request,
+    session: Session = Depends(get_db),
+    store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
     record = get_model_record(session, model_id)
     jobs = session.scalars(select(JobRecord).where(JobRecord.model_id == model_id)).all()
@@ -138,10 +141,12 @@ def delete_model(
             409, "model_in_use", f"jobs {active} are still running on this model; cancel them first"
         )
     prefixes = [record.artifact_prefix] + [f"jobs/{job.id}" for job in jobs]
+    engine_ids = session.scalars(select(EngineRecord.id).where(EngineRecord.model_id == model_id)).all()
     for job in jobs:
         session.delete(job)
     session.delete(record)
     session.commit()
+    request.app.state.engine_pool.evict(*engine_ids)
     for prefix in prefixes:
         store.delete(prefix)
     return Response(status_code=204)

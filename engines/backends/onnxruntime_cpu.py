@@ -64,7 +64,10 @@ class OnnxRuntimeRunner:
         self._output_names = [spec.name for spec in self._outputs]
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self._session.run(self._output_names, dict(feeds))
+        try:
+            results = self._session.run(self._output_names, dict(feeds))
+        except Exception as exc:  # e.g. a Reshape that the given shapes cannot satisfy
+            raise EngineError(f"ONNX Runtime failed on these inputs: {exc}", code="inference_failed") from exc
         return dict(zip(self._output_names, results, strict=True))
 
     def input_metadata(self) -> list[TensorSpec]:
