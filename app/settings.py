@@ -17,7 +17,7 @@ MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OPTIFORGE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="OPTIFORGE_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Path("./data")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir")

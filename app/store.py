@@ -26,9 +26,6 @@ class ArtifactStore(abc.ABC):
         """A local file path to read `key` from (a remote store downloads it to a cache first)."""
 
     @abc.abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abc.abstractmethod
     def size(self, prefix: str) -> int:
         """Bytes stored under `prefix`."""
 
@@ -70,9 +67,6 @@ class LocalArtifactStore(ArtifactStore):
         if not path.exists():
             raise FileNotFoundError(key)
         return path
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).exists()
 
     def size(self, prefix: str) -> int:
         path = self._path(prefix)

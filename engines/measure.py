@@ -18,6 +18,7 @@ from engines.errors import InvalidRecipeError
 from engines.recipe import MeasureConfig
 from engines.signature import TensorSpec
 
+#: Called between runs; raises to stop (e.g. engines.errors.Cancelled). It must be cheap: throttle inside.
 StopCheck = Callable[[], None]
 
 
@@ -87,14 +88,14 @@ def measure_latency(
         for name, runner in runners.items():
             for _ in range(config.warmup_runs):
                 runner.infer(feeds[name])
+                if check_stop is not None:
+                    check_stop()
         timings: dict[str, list[float]] = {name: [] for name in runners}
         spent = dict.fromkeys(runners, 0.0)
         while any(
             len(timings[name]) < config.timed_runs or spent[name] < config.min_seconds * 1000
             for name in runners
         ) and all(len(values) < config.max_runs for values in timings.values()):
-            if check_stop is not None:
-                check_stop()
             for name, runner in runners.items():
                 for _ in range(slice_runs):
                     started = time.perf_counter_ns()
@@ -102,6 +103,8 @@ def measure_latency(
                     elapsed_ms = (time.perf_counter_ns() - started) / 1e6
                     timings[name].append(elapsed_ms)
                     spent[name] += elapsed_ms
+                    if check_stop is not None:  # cheap: the check throttles itself
+                        check_stop()
         for name, values in timings.items():
             results[name][str(batch_size)] = latency_stats(np.asarray(values), batch_size)
     return results

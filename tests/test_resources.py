@@ -164,7 +164,11 @@ def test_engine_inference_validation_and_delete(
 def test_health_and_docs(local_api: LocalApi) -> None:
     assert local_api.client.get("/healthz").json() == {"status": "ok"}
     ready = local_api.client.get("/readyz").json()
-    assert ready["status"] == "ready" and ready["checks"]["database"] == "ok"
+    assert ready["status"] == "ready" and ready["checks"] == {
+        "database": "ok",
+        "broker": "ok",
+        "artifact_store": "ok",
+    }
     assert local_api.client.get("/docs").status_code == 200
     paths = local_api.client.get("/openapi.json").json()["paths"]
     for path in (
@@ -242,3 +246,17 @@ def test_superseded_attempt_stops_without_writing(local_api: LocalApi, uploaded:
         attempt.check_cancelled(force=True)
     assert not attempt.finish("failed", error={"code": "x", "detail": "y"})
     assert local_api.client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+
+
+def test_readyz_reports_an_unreachable_broker(tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, database_url=None, broker_url="redis://127.0.0.1:1/0")
+    upgrade(settings.resolved_database_url)
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503 and response.json()["checks"]["broker"].startswith("error")

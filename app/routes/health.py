@@ -16,7 +16,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database and artifact store are reachable")
+@router.get("/readyz", summary="The database, job broker and artifact store are reachable")
 def readyz(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     checks: dict[str, str] = {}
@@ -26,6 +26,14 @@ def readyz(request: Request) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {exc}"
+    try:
+        from workers.celery_app import get_celery
+
+        with get_celery(settings).connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"error: {exc}"
     store_root = settings.resolved_artifact_dir
     checks["artifact_store"] = "ok" if store_root.is_dir() else f"error: {store_root} is missing"
     ready = all(value == "ok" for value in checks.values())
