@@ -1,4 +1,4 @@
-"""Run a recipe on one model: measure the original, build each target, measure it the same way.
+"""Run a recipe on one model: build each target, then measure every engine beside the original.
 
 The original model is always measured in the same run, on the same machine, with the same
 threads and inputs, interleaved with the engines, so every engine's speedup and accuracy delta
@@ -10,7 +10,7 @@ check; the check may raise `engines.errors.Cancelled`, and is polled between tim
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,7 @@ class Measurement:
     accuracy: dict[str, Any] | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "precision": self.precision,
-            "hardware": self.hardware,
-            "latency": self.latency,
-            "accuracy": self.accuracy,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
