@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engines.backends.registry import backend_names
-from engines.recipe import MeasureConfig, Recipe
+from engines.quantize import QuantizeConfig
+from engines.recipe import AccuracyBudget, MeasureConfig, Recipe
 
 
 class TensorSpecOut(BaseModel):
@@ -66,12 +67,41 @@ class MeasureIn(BaseModel):
         return MeasureConfig(**self.model_dump())
 
 
+class QuantizeIn(BaseModel):
+    """INT8 calibration; used when `precision` is int8."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    calibration_samples: int | None = Field(None, ge=1, description="null: the whole calibration set")
+    reduce_range: bool | None = Field(None, description="7-bit weights; null: chosen from the CPU's features")
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="node names kept in float")
+
+    def to_config(self) -> QuantizeConfig:
+        return QuantizeConfig(**{**self.model_dump(), "nodes_to_exclude": tuple(self.nodes_to_exclude)})
+
+
+class AccuracyBudgetIn(BaseModel):
+    """Keep the most error-prone nodes in float until the drop is within `max_drop` (0.01 = 1 point)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal["top1", "fidelity"] = "top1"
+    max_drop: float = Field(0.01, ge=0, le=1)
+
+    def to_config(self) -> AccuracyBudget:
+        return AccuracyBudget(**self.model_dump())
+
+
 class RecipeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     targets: list[str] = Field(default_factory=lambda: ["onnxruntime-cpu"], min_length=1)
-    precision: Literal["fp32"] = "fp32"
+    precision: Literal["fp32", "int8", "fp16"] = "fp32"
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, max_length=16)
+    quantize: QuantizeIn = Field(default_factory=QuantizeIn)
+    accuracy_budget: AccuracyBudgetIn | None = None
     measure: MeasureIn = Field(default_factory=MeasureIn)
 
     @field_validator("targets")
@@ -94,6 +124,8 @@ class RecipeIn(BaseModel):
             targets=tuple(self.targets),
             precision=self.precision,
             batch_sizes=tuple(self.batch_sizes),
+            quantize=self.quantize.to_config(),
+            accuracy_budget=self.accuracy_budget.to_config() if self.accuracy_budget else None,
             measure=self.measure.to_config(),
         )
 

@@ -17,10 +17,11 @@ from typing import Any
 from engines.backends.base import CompileOptions, EngineArtifact, Runner
 from engines.backends.registry import get_backend
 from engines.datasets import Dataset
-from engines.errors import InvalidRecipeError
+from engines.errors import EngineError, InvalidRecipeError
 from engines.measure import accuracy_report, measure_latency, run_dataset
 from engines.recipe import Recipe
 from engines.signature import TensorSpec
+from engines.variants import ModelVariant, build_variant
 
 Progress = Callable[[float, str], None]
 BASELINE_BACKEND = "onnxruntime-cpu"
@@ -58,12 +59,27 @@ def validate_recipe(
     recipe: Recipe,
     *,
     evaluation_samples: int | None = None,
+    evaluation_has_labels: bool = False,
     calibration_samples: int | None = None,
 ) -> None:
     """Raise InvalidRecipeError for a recipe that cannot run on this model and these datasets.
 
     The API calls it when a job is created, so such a job is a 422 at once, not a failure later.
     """
+    if recipe.precision == "int8" and calibration_samples is None:
+        raise InvalidRecipeError("int8 needs a calibration dataset: give calibration_dataset_id")
+    budget = recipe.accuracy_budget
+    if budget is not None:
+        if recipe.precision != "int8":
+            raise InvalidRecipeError("an accuracy budget applies to int8 only")
+        if evaluation_samples is None:
+            raise InvalidRecipeError(
+                "an accuracy budget needs an evaluation dataset: give evaluation_dataset_id"
+            )
+        if budget.metric == "top1" and not evaluation_has_labels:
+            raise InvalidRecipeError(
+                "a top1 budget needs labels in the evaluation set; use metric 'fidelity'"
+            )
     for spec in inputs:
         if isinstance(spec.batch_dim, int):
             wrong = [size for size in recipe.batch_sizes if size != spec.batch_dim]
@@ -85,6 +101,11 @@ def validate_recipe(
             )
 
 
+def _calibration_batch(inputs: list[TensorSpec]) -> int:
+    static = [spec.batch_dim for spec in inputs if isinstance(spec.batch_dim, int)]
+    return int(static[0]) if static else 16
+
+
 def _evaluation_batch(inputs: list[TensorSpec], batch_sizes: tuple[int, ...]) -> int:
     static = [spec.batch_dim for spec in inputs if spec.has_static_batch()]
     return int(static[0]) if static else max(batch_sizes)
@@ -101,7 +122,9 @@ def compare(baseline: Measurement, candidate: Measurement) -> dict[str, Any]:
         for size, stats in candidate.latency.items()
         if size in baseline.latency
     }
-    result: dict[str, Any] = {"speedup": speedup}
+    faster = [ratio > 1.0 for ratio in speedup.values()]
+    verdict = "faster" if all(faster) else "slower" if not any(faster) else "mixed"
+    result: dict[str, Any] = {"speedup": speedup, "verdict": verdict}
     if baseline.accuracy and candidate.accuracy:
         for metric in ("top1", "top5"):
             if metric in baseline.accuracy and metric in candidate.accuracy:
@@ -128,6 +151,7 @@ def run_recipe(
         inputs,
         recipe,
         evaluation_samples=None if evaluation is None else evaluation.samples,
+        evaluation_has_labels=evaluation is not None and evaluation.labels is not None,
         calibration_samples=None if calibration is None else calibration.samples,
     )
     eval_batch = _evaluation_batch(inputs, recipe.batch_sizes)
@@ -142,19 +166,53 @@ def run_recipe(
         messages.append("no evaluation dataset: latency only, no accuracy or fidelity")
     elif evaluation.labels is None:
         messages.append("evaluation dataset has no labels: accuracy is reported as fidelity to the original")
-    if calibration is not None and recipe.precision == "fp32":
-        messages.append("the calibration dataset is not used by fp32 engines (it calibrates int8)")
+    if calibration is not None and recipe.precision != "int8":
+        messages.append(
+            f"the calibration dataset is not used by {recipe.precision} engines (it calibrates int8)"
+        )
 
     artifacts: dict[str, EngineArtifact] = {}
     hardware = {BASELINE: baseline_backend.hardware(threads)}
+    variants: dict[str, ModelVariant] = {}  # by quantization profile: targets that share one, share it
     for index, target in enumerate(recipe.targets):
-        progress(0.6 * index / len(recipe.targets), f"building {target} {recipe.precision}")
         backend = get_backend(target)
+        profile = backend.quantization_profile
+        if profile not in variants:
+            progress(
+                0.6 * index / len(recipe.targets),
+                f"preparing the {recipe.precision} model ({profile} profile)",
+            )
+            variants[profile] = build_variant(
+                model_path,
+                recipe,
+                profile,
+                workdir,
+                calibration=calibration,
+                evaluation=evaluation,
+                batch_size=_calibration_batch(inputs),
+                check_cancelled=check_cancelled,
+            )
+            messages += variants[profile].messages
+        variant = variants[profile]
+        progress(0.6 * (index + 0.5) / len(recipe.targets), f"building {target} {recipe.precision}")
         options = CompileOptions(precision=recipe.precision, batch_sizes=recipe.batch_sizes, threads=threads)
-        artifacts[target] = backend.compile(model_path, workdir / target, options)
-        runners[target] = backend.load(artifacts[target].path, threads)
+        try:
+            artifact = backend.compile(variant.path, workdir / target, options)
+            runners[target] = backend.load(artifact.path, threads)
+        except EngineError as exc:
+            if recipe.precision == "fp32":
+                raise
+            messages.append(
+                f"{target} cannot run this {recipe.precision} model, so it has no engine: {exc.detail}"
+            )
+            continue
+        artifact.metadata.update(variant.metadata)
+        variant.write_layer_errors(artifact.path.parent)
+        artifacts[target] = artifact
         hardware[target] = backend.hardware(threads)
         check_cancelled()
+    if not artifacts:
+        raise EngineError("no target could run the model: " + "; ".join(messages), code="no_engine_built")
 
     progress(0.6, "measuring latency side by side with the original")
     latency = measure_latency(
@@ -165,7 +223,7 @@ def run_recipe(
         progress(0.85, "measuring accuracy")
         reference = run_dataset(runners[BASELINE], evaluation, eval_batch, check_cancelled)
         accuracy[BASELINE] = accuracy_report(reference, evaluation.labels, None)
-        for target in recipe.targets:
+        for target in artifacts:
             outputs = run_dataset(runners[target], evaluation, eval_batch, check_cancelled)
             accuracy[target] = accuracy_report(outputs, evaluation.labels, reference)
 
@@ -176,6 +234,13 @@ def run_recipe(
     result = PipelineResult(baseline=baseline, messages=messages)
     for target, artifact in artifacts.items():
         built = measurement(target, target, artifact.precision)
-        result.engines.append(BuiltEngine(artifact, built, compare(baseline, built)))
+        comparison = compare(baseline, built)
+        if comparison["verdict"] != "faster":
+            ratios = ", ".join(f"b={size}: {ratio:.2f}×" for size, ratio in comparison["speedup"].items())
+            result.messages.append(
+                f"the {artifact.precision} {target} engine is not faster than the original everywhere "
+                f"({ratios}); where it is slower, serve the original"
+            )
+        result.engines.append(BuiltEngine(artifact, built, comparison))
     progress(1.0, "done")
     return result

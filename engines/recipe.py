@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PRECISIONS = ("fp32",)
+from engines.quantize import QuantizeConfig
+
+PRECISIONS = ("fp32", "int8", "fp16")
+BUDGET_METRICS = ("top1", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -27,10 +30,21 @@ class MeasureConfig:
 
 
 @dataclass(frozen=True)
+class AccuracyBudget:
+    """Keep the most error-prone nodes in float until the drop against the float model is at most
+    `max_drop` (a fraction: 0.01 is one point of top-1, or 1 % of predictions changed for fidelity)."""
+
+    metric: str = "top1"
+    max_drop: float = 0.01
+
+
+@dataclass(frozen=True)
 class Recipe:
     targets: tuple[str, ...] = ("onnxruntime-cpu",)
     precision: str = "fp32"
     batch_sizes: tuple[int, ...] = (1, 8)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    accuracy_budget: AccuracyBudget | None = None
     measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -38,9 +52,14 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        quantize = dict(data.get("quantize") or {})
+        quantize["nodes_to_exclude"] = tuple(quantize.get("nodes_to_exclude", ()))
+        budget = data.get("accuracy_budget")
         return cls(
             targets=tuple(data.get("targets", cls.targets)),
             precision=data.get("precision", cls.precision),
             batch_sizes=tuple(data.get("batch_sizes", cls.batch_sizes)),
+            quantize=QuantizeConfig(**quantize),
+            accuracy_budget=AccuracyBudget(**budget) if budget else None,
             measure=MeasureConfig(**data.get("measure", {})),
         )

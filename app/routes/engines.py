@@ -16,6 +16,7 @@ from app.schemas import EngineOut, InferRequest, InferResponse
 from app.store import ArtifactStore
 from engines.errors import EngineError
 from engines.signature import validate_feeds
+from engines.variants import LAYER_ERRORS_FILENAME
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
@@ -61,6 +62,26 @@ def delete_engine(
     request.app.state.engine_pool.evict(engine_id)
     store.delete(record.artifact_prefix)
     return Response(status_code=204)
+
+
+@router.get(
+    "/{engine_id}/layer-errors", summary="Which layer lost accuracy: per-tensor INT8 error, worst first"
+)
+def get_layer_errors(
+    engine_id: str, session: Session = Depends(get_db), store: ArtifactStore = Depends(get_store_dep)
+) -> Response:
+    """For INT8 engines: SQNR (dB, higher is better) of every quantized activation against the float
+    model, `local_sqnr_db` for the error its own Q/DQ adds, `model_sqnr_db` for the error accumulated
+    up to it; weights too. Measured on a few calibration samples when the engine was built."""
+    record = get_engine_record(session, engine_id)
+    path = store.local_path(record.artifact_prefix) / LAYER_ERRORS_FILENAME
+    if not path.is_file():
+        raise ApiError(
+            404,
+            "layer_errors_not_available",
+            f"engine '{engine_id}' is {record.precision}; per-layer errors exist for int8 engines",
+        )
+    return Response(path.read_bytes(), media_type="application/json")
 
 
 def _to_arrays(inputs: dict[str, object], dtypes: dict[str, str]) -> dict[str, np.ndarray]:

@@ -103,6 +103,7 @@ def create_job(
             inputs,
             recipe,
             evaluation_samples=evaluation and evaluation.samples,
+            evaluation_has_labels=bool(evaluation and evaluation.has_labels),
             calibration_samples=calibration and calibration.samples,
         )
     except EngineError as exc:

@@ -50,6 +50,8 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: The Celery queue whose workers can build this backend's engines.
     queue: ClassVar[str] = "cpu"
+    #: Which INT8 flavour of QDQ ONNX it runs best (see engines.quantize).
+    quantization_profile: ClassVar[str] = "cpu"
 
     @classmethod
     @abc.abstractmethod

@@ -92,10 +92,6 @@ class OnnxRuntimeCpuBackend(Backend):
     def compile(self, onnx_path: Path, out_dir: Path, options: CompileOptions) -> EngineArtifact:
         import onnxruntime as ort
 
-        if options.precision != "fp32":
-            raise ValueError(
-                f"{self.name} compiles fp32 graphs; quantize before compiling ({options.precision})"
-            )
         out_dir.mkdir(parents=True, exist_ok=True)
         engine_path = out_dir / ENGINE_FILENAME
         session_options = _session_options(options.threads, "ORT_ENABLE_EXTENDED")
