@@ -86,7 +86,7 @@ def quantize_within_budget(
         "drop": best_drop,
         "met": met,
         "steps": steps,
-        "why_float": "nodes whose own Q/DQ adds the most error (lowest local SQNR on calibration samples)",
+        "why_float": "their quantization adds the most error on calibration samples (engines.quant_debug)",
     }
     kept = len(best.metadata["nodes_kept_float"])
     if not met:

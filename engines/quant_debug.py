@@ -51,10 +51,13 @@ def layer_errors(
         str(augmented_qdq), _reader(data, batch_size), execution_providers=providers
     )
     errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
-    producers = {
-        output: (node.name, node.op_type)
-        for node in load(str(float_path)).graph.node
-        for output in node.output
+    nodes = load(str(float_path)).graph.node
+    producers = {output: (node.name, node.op_type) for node in nodes for output in node.output}
+    # A folded Relu/Clip has no Q/DQ of its own: its quantization error belongs to the op before it.
+    folded_into = {
+        node.name: producers.get(node.input[0], ("", ""))[0]
+        for node in nodes
+        if node.op_type in _FOLDED_ACTIVATIONS
     }
     activations = []
     for tensor, error in errors.items():
@@ -68,6 +71,7 @@ def layer_errors(
                 # after a folded Relu the "pre-Q/DQ" tensor is the pre-activation: no local error to report
                 "local_sqnr_db": None if folded else _finite(error.get("qdq_err")),
                 "model_sqnr_db": _finite(error.get("xmodel_err")),
+                "quantized_node": folded_into.get(node, node) if folded else node,
             }
         )
     activations.sort(key=lambda row: (row["model_sqnr_db"] is None, row["model_sqnr_db"] or 0.0))
@@ -80,7 +84,12 @@ def layer_errors(
 
 
 def most_harmful_nodes(report: dict[str, Any]) -> list[str]:
-    """Nodes ranked by the error their own quantization adds (lowest local SQNR first)."""
-    rows = [row for row in report["activations"] if row["node"] and row["local_sqnr_db"] is not None]
-    rows.sort(key=lambda row: row["local_sqnr_db"])
-    return list(dict.fromkeys(row["node"] for row in rows))
+    """Quantized nodes, most harmful first: by the error their own Q/DQ adds (local SQNR), or, for an
+    op whose output goes through a folded Relu, by the model SQNR right after it."""
+    scored = []
+    for row in report["activations"]:
+        score = row["local_sqnr_db"] if row["local_sqnr_db"] is not None else row["model_sqnr_db"]
+        if row["quantized_node"] and score is not None:
+            scored.append((score, row["quantized_node"]))
+    scored.sort()
+    return list(dict.fromkeys(node for _, node in scored))

@@ -186,3 +186,38 @@ def test_job_survives_its_worker_being_killed(live_stack: LiveStack, digits: Dig
         assert job["attempts"] == 2 and len(job["engine_ids"]) == 1
         assert any("was lost; starting over" in message for message in job["messages"])
         assert len(live_stack.job_files(job_id)) >= 1
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_int8_job_over_http(live_stack: LiveStack, digits: DigitsArtifacts, method: str) -> None:
+    with live_stack.client() as client:
+        model = _upload(client, digits.onnx_path, "models", "digits-cnn")
+        evaluation = _upload(client, digits.eval_npz, "datasets", "digits-test")
+        calibration = _upload(client, digits.calib_npz, "datasets", "digits-calib")
+        recipe = {
+            "precision": "int8",
+            "quantize": {"calibration": method},
+            "batch_sizes": [1, 8],
+            "measure": FAST_MEASURE,
+        }
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model["id"],
+                "evaluation_dataset_id": evaluation["id"],
+                "calibration_dataset_id": calibration["id"],
+                "recipe": recipe,
+            },
+        )
+        job = wait_for_job(client, response.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert any("calibrated on 256 samples" in message for message in job["messages"])
+        engine = client.get(f"/v1/engines/{job['engine_ids'][0]}").json()
+        assert engine["precision"] == "int8" and engine["build_info"]["calibration"] == method
+        assert engine["metrics"]["vs_baseline"]["top1_delta"] >= -0.005
+        errors = client.get(f"/v1/engines/{engine['id']}/layer-errors").json()
+        assert {"tensor", "node", "op_type", "local_sqnr_db", "model_sqnr_db"} <= set(
+            errors["activations"][0]
+        )
+        report = client.get(f"/v1/jobs/{job['id']}/report", params={"format": "md"}).text
+        assert "| int8 | onnxruntime-cpu |" in report

@@ -260,3 +260,50 @@ def test_readyz_reports_an_unreachable_broker(tmp_path) -> None:
     with TestClient(create_app(settings)) as client:
         response = client.get("/readyz")
     assert response.status_code == 503 and response.json()["checks"]["broker"].startswith("error")
+
+
+def test_int8_and_fp16_jobs_and_their_guards(local_api: LocalApi, uploaded: dict[str, str], digits) -> None:
+    calib = post_file(local_api, "datasets", "calib.npz", digits.calib_npz.read_bytes()).json()["id"]
+    unlabeled = post_file(local_api, "datasets", "u.npz", digits.eval_unlabeled_npz.read_bytes()).json()["id"]
+    jobs = local_api.client
+    cases = [
+        ({"precision": "int8"}, {}, "int8 needs a calibration dataset"),
+        (
+            {"precision": "int8", "accuracy_budget": {"max_drop": 0.01}},
+            {"calibration_dataset_id": calib, "evaluation_dataset_id": None},
+            "accuracy budget needs an evaluation dataset",
+        ),
+        (
+            {"precision": "int8", "accuracy_budget": {"metric": "top1"}},
+            {"calibration_dataset_id": calib, "evaluation_dataset_id": unlabeled},
+            "needs labels",
+        ),
+        ({"precision": "fp16", "accuracy_budget": {"metric": "fidelity"}}, {}, "int8 only"),
+    ]
+    for recipe, datasets, fragment in cases:
+        body = {**uploaded, **datasets, "recipe": {**FAST, **recipe}}
+        response = jobs.post(
+            "/v1/jobs", json={key: value for key, value in body.items() if value is not None}
+        )
+        assert expect_error(response, 422, "invalid_recipe")["detail"].find(fragment) >= 0, response.text
+    expect_error(
+        jobs.post("/v1/jobs", json={**uploaded, "recipe": {"quantize": {"calibration": "kl"}}}),
+        422,
+        "validation_error",
+    )
+
+    job_id = create_job(
+        local_api,
+        {**uploaded, "calibration_dataset_id": calib},
+        {**FAST, "precision": "int8", "quantize": {"calibration": "entropy"}},
+    )
+    run_job_by_id(local_api.settings, job_id)
+    engine_id = local_api.client.get(f"/v1/jobs/{job_id}").json()["engine_ids"][0]
+    assert local_api.client.get(f"/v1/engines/{engine_id}/layer-errors").json()["activations"]
+    fp16_job = create_job(local_api, uploaded, {**FAST, "precision": "fp16"})
+    run_job_by_id(local_api.settings, fp16_job)
+    fp16_engine = local_api.client.get(f"/v1/jobs/{fp16_job}").json()["engine_ids"][0]
+    assert local_api.client.get(f"/v1/engines/{fp16_engine}").json()["precision"] == "fp16"
+    expect_error(
+        local_api.client.get(f"/v1/engines/{fp16_engine}/layer-errors"), 404, "layer_errors_not_available"
+    )
