@@ -29,5 +29,9 @@ lint: $(VENV)/.dev-installed
 test: lint
 	$(BIN)/pytest $(ARGS)
 
+# The benchmark table of the README (about 10 minutes on 2 cores); ARGS="--quick" for a smoke run.
+bench: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.run $(ARGS)
+
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

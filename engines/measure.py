@@ -6,8 +6,10 @@ come from the same code. Results are plain dicts, ready to store as JSON.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,30 @@ from engines.signature import TensorSpec
 
 #: Called between runs; raises to stop (e.g. engines.errors.Cancelled). It must be cheap: throttle inside.
 StopCheck = Callable[[], None]
+
+
+def resident_mb() -> float:
+    """This process's resident memory (Linux /proc; elsewhere the peak, which only grows)."""
+    statm = Path("/proc/self/statm")
+    if statm.exists():
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_of(
+    load: Callable[[], Runner], batch: Callable[[Runner], dict[str, np.ndarray]]
+) -> tuple[Runner, float]:
+    """Load a runner and run one batch: the resident memory that took, in MiB.
+
+    Approximate: the allocator may reuse memory freed earlier in the process, so read it as the
+    engine's footprint on top of what is already loaded, not as an exact figure.
+    """
+    before = resident_mb()
+    runner = load()
+    runner.infer(batch(runner))
+    return runner, max(0.0, resident_mb() - before)
 
 
 def latency_stats(samples_ms: np.ndarray, batch_size: int) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from engines.backends.base import CompileOptions, EngineArtifact, Runner
 from engines.backends.registry import get_backend
 from engines.datasets import Dataset
 from engines.errors import EngineError, InvalidRecipeError
-from engines.measure import accuracy_report, measure_latency, run_dataset
+from engines.measure import accuracy_report, make_batch, measure_latency, memory_of, run_dataset
 from engines.recipe import Recipe
 from engines.signature import TensorSpec
 from engines.variants import ModelVariant, build_variant
@@ -35,6 +36,7 @@ class Measurement:
     hardware: dict[str, Any]
     latency: dict[str, dict[str, float]]
     accuracy: dict[str, Any] | None
+    memory_mb: float | None = None  # resident memory of loading the runner and running one largest batch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +89,15 @@ def validate_recipe(
                 raise InvalidRecipeError(
                     f"input '{spec.name}' has a static batch dim of {spec.batch_dim}, so batch sizes {wrong} "
                     f"cannot run; ask for [{spec.batch_dim}] or export the model with a dynamic batch dim"
+                )
+            if (
+                recipe.precision == "int8"
+                and calibration_samples is not None
+                and calibration_samples < spec.batch_dim
+            ):
+                raise InvalidRecipeError(
+                    f"the calibration set has {calibration_samples} samples, fewer than the model's static "
+                    f"batch of {spec.batch_dim}"
                 )
             if evaluation_samples is not None and evaluation_samples < spec.batch_dim:
                 raise InvalidRecipeError(
@@ -145,7 +156,16 @@ def run_recipe(
     """Build every target of the recipe, then measure them side by side with the original model."""
     threads = recipe.measure.threads
     baseline_backend = get_backend(BASELINE_BACKEND)
-    runners: dict[str, Runner] = {BASELINE: baseline_backend.load(model_path, threads)}
+    memory: dict[str, float] = {}
+
+    def largest_batch(runner: Runner) -> dict[str, Any]:
+        specs = runner.input_metadata()  # a static batch dim wins: the recipe is validated after loading
+        return make_batch(specs, _evaluation_batch(specs, recipe.batch_sizes), evaluation or calibration)
+
+    runners: dict[str, Runner] = {}
+    runners[BASELINE], memory[BASELINE] = memory_of(
+        lambda: baseline_backend.load(model_path, threads), largest_batch
+    )
     inputs = runners[BASELINE].input_metadata()
     validate_recipe(
         inputs,
@@ -198,7 +218,9 @@ def run_recipe(
         options = CompileOptions(precision=recipe.precision, batch_sizes=recipe.batch_sizes, threads=threads)
         try:
             artifact = backend.compile(variant.path, workdir / target, options)
-            runners[target] = backend.load(artifact.path, threads)
+            runners[target], memory[target] = memory_of(
+                partial(backend.load, artifact.path, threads), largest_batch
+            )
         except EngineError as exc:
             if recipe.precision == "fp32":
                 raise
@@ -228,7 +250,7 @@ def run_recipe(
             accuracy[target] = accuracy_report(outputs, evaluation.labels, reference)
 
     def measurement(name: str, backend: str, precision: str) -> Measurement:
-        return Measurement(backend, precision, hardware[name], latency[name], accuracy[name])
+        return Measurement(backend, precision, hardware[name], latency[name], accuracy[name], memory[name])
 
     baseline = measurement(BASELINE, BASELINE_BACKEND, "fp32")
     result = PipelineResult(baseline=baseline, messages=messages)

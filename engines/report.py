@@ -7,7 +7,11 @@ from typing import Any
 
 
 def report_row(
-    network: str, label: str, measurement: dict[str, Any], comparison: dict[str, Any] | None
+    network: str,
+    label: str,
+    measurement: dict[str, Any],
+    comparison: dict[str, Any] | None,
+    size_bytes: int | None = None,
 ) -> dict[str, Any]:
     """One row: a measured runner (the baseline when `comparison` is None) against the baseline."""
     accuracy = measurement.get("accuracy") or {}
@@ -24,6 +28,7 @@ def report_row(
         "top1": accuracy.get("top1"),
         "top5": accuracy.get("top5"),
         "top1_agreement": fidelity.get("top1_agreement"),
+        "size_mb": None if size_bytes is None else size_bytes / 1e6,
         "speedup": (comparison or {}).get("speedup"),
         "top1_delta": (comparison or {}).get("top1_delta"),
     }
@@ -39,7 +44,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | N
     header = ["Network", "Engine", "Precision", "Backend"]
     for size in sizes:
         header += [f"p50 (b={size}) ms", f"p99 (b={size}) ms", f"Speedup (b={size})"]
-    header += ["Top-1", "Δ top-1 vs baseline", "Agreement"]
+    header += ["Top-1", "Δ top-1 vs baseline", "Agreement", "Size (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["network"], row["engine"], row["precision"], row["backend"]]
@@ -56,6 +61,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | N
             _cell(row["top1"], ".4f"),
             "—" if delta is None else f"{delta * 100:+.2f} pt",
             _cell(row["top1_agreement"], ".4f"),
+            _cell(row["size_mb"], ".3f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if hardware:

@@ -5,6 +5,7 @@ or a QDQ INT8 model quantized for the backend's profile (optionally within an ac
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ def build_variant(
         return ModelVariant(path, "fp16", {"fp16": "float16 weights and compute, float32 inputs and outputs"})
     if calibration is None:
         raise InvalidRecipeError("int8 needs a calibration dataset (calibration_dataset_id)")
+    started = time.perf_counter()
     float_path, messages = prepare_float_model(model_path, variant_dir, profile)  # type: ignore[arg-type]
     features = cpu_info()["cpu_features"]
 
@@ -86,6 +88,7 @@ def build_variant(
         )
     else:
         result = quantize(recipe.quantize, variant_dir / "model-int8.onnx")
+    result.metadata["quantize_seconds"] = time.perf_counter() - started
     check_cancelled()
     errors = layer_errors(float_path, result.path, calibration, batch_size=batch_size, workdir=variant_dir)
     return ModelVariant(result.path, "int8", result.metadata, messages + result.messages, errors)

@@ -252,6 +252,7 @@ def _store_engines(
                 metrics={
                     "latency": measurement.latency,
                     "accuracy": measurement.accuracy,
+                    "memory_mb": measurement.memory_mb,
                     "vs_baseline": built.comparison,
                 },
                 build_info=built.artifact.metadata,

@@ -211,10 +211,14 @@ def job_report(
     engines = session.scalars(
         select(EngineRecord).where(EngineRecord.job_id == job_id).order_by(EngineRecord.created_at)
     ).all()
-    rows = [report_row(model.name, "original", job.baseline, None)]
+    rows = [report_row(model.name, "original", job.baseline, None, model.size_bytes)]
     for engine in engines:
         measurement = {"backend": engine.backend, "precision": engine.precision, **engine.metrics}
-        rows.append(report_row(model.name, engine.id, measurement, engine.metrics.get("vs_baseline")))
+        rows.append(
+            report_row(
+                model.name, engine.id, measurement, engine.metrics.get("vs_baseline"), engine.size_bytes
+            )
+        )
     hardware = job.baseline.get("hardware", {})
     if format == "md":
         return PlainTextResponse(render_markdown(rows, hardware), media_type="text/markdown")

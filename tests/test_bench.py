@@ -1,0 +1,25 @@
+"""The benchmark runs end to end (a quick smoke run: its figures are not the README's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.run import main
+
+
+def test_bench_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
+    assert main(["--quick", "--models", "digits", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    engines = [row["engine"] for row in results["rows"]]
+    assert engines == [
+        "pytorch eager",
+        "onnxruntime",
+        "onnxruntime int8 (minmax)",
+        "onnxruntime int8 (entropy)",
+        "onnxruntime int8 (percentile)",
+    ]
+    assert all(row["top1"] > 0.95 for row in results["rows"])
+    assert results["hardware"]["cpu_model"] and results["hardware"]["threads"] >= 1
+    assert "| digits | onnxruntime int8 (entropy) |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "latency_vs_accuracy.png").stat().st_size > 10_000
