@@ -86,14 +86,18 @@ def preprocess(model_path: Path, out_path: Path) -> tuple[Path, list[str]]:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    attempts = [({}, None), ({"skip_symbolic_shape": True}, "symbolic shape inference failed; skipped it")]
-    failures = []
-    for options, note in attempts:
+    failures: list[str] = []
+    for options in ({}, {"skip_symbolic_shape": True}):
         try:
             quant_pre_process(str(model_path), str(out_path), **options)
-            return out_path, [note] if note else []
+            notes = (
+                [f"symbolic shape inference failed ({failures[0]}); pre-processed without it"]
+                if failures
+                else []
+            )
+            return out_path, notes
         except Exception as exc:
-            failures.append(f"{type(exc).__name__}: {exc}")
+            failures.append(f"{type(exc).__name__}: {str(exc)[:300]}")
     return model_path, [f"pre-processing failed ({failures[-1]}); quantized the model as uploaded"]
 
 
