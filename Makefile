@@ -9,14 +9,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The service alone: no torch, no test tools.
+# onnx2torch requires torchvision, whose install would replace the CPU torch build: no deps
+# (engines/torch_bridge.py stands in for the two converters that need torchvision).
+ONNX2TORCH := onnx2torch==1.5.15
+
+# The service with pruning support (torch CPU build, torch-pruning), no test tools.
 $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[prune]'
+	$(BIN)/pip install -q --no-deps $(ONNX2TORCH)
 	touch $@
 
 # Tests add torch (pinned to the CPU build), scikit-learn for the digits set, pytest and ruff.
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(ONNX2TORCH)
 	touch $@ $(VENV)/.serve-installed
 
 serve: $(VENV)/.serve-installed

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engines.backends.registry import backend_names
+from engines.finetune import FinetuneConfig
+from engines.prune import PruneConfig
 from engines.quantize import QuantizeConfig
 from engines.recipe import AccuracyBudget, MeasureConfig, Recipe
 
@@ -94,6 +96,38 @@ class AccuracyBudgetIn(BaseModel):
         return AccuracyBudget(**self.model_dump())
 
 
+class PruneIn(BaseModel):
+    """Structured channel pruning (l1, slimming, taylor, fpgm, random) or unstructured magnitude."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["l1", "slimming", "taylor", "fpgm", "random", "magnitude"] = "l1"
+    ratio: float = Field(0.5, gt=0, lt=1, description="structured: fraction of channels removed")
+    scope: Literal["uniform", "global"] = "uniform"
+    round_to: int = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
+    ignore: list[str] = Field(default_factory=list, description="layer (node) names never pruned")
+    sparsity: float = Field(0.8, gt=0, lt=1, description="magnitude: fraction of weights set to zero")
+
+    def to_config(self) -> PruneConfig:
+        return PruneConfig(**{**self.model_dump(), "ignore": tuple(self.ignore)})
+
+
+class FinetuneIn(BaseModel):
+    """Recovery after pruning: knowledge distillation from the original (mixed with CE when labelled)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1, le=200)
+    lr: float = Field(3e-3, gt=0, le=1)
+    distill: bool = True
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of distillation vs cross-entropy")
+    batch_size: int = Field(32, ge=1, le=4096)
+
+    def to_config(self) -> FinetuneConfig:
+        return FinetuneConfig(**self.model_dump())
+
+
 class RecipeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,6 +136,8 @@ class RecipeIn(BaseModel):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, max_length=16)
     quantize: QuantizeIn = Field(default_factory=QuantizeIn)
     accuracy_budget: AccuracyBudgetIn | None = None
+    prune: PruneIn | None = None
+    finetune: FinetuneIn | None = None
     measure: MeasureIn = Field(default_factory=MeasureIn)
 
     @field_validator("targets")
@@ -126,6 +162,8 @@ class RecipeIn(BaseModel):
             batch_sizes=tuple(self.batch_sizes),
             quantize=self.quantize.to_config(),
             accuracy_budget=self.accuracy_budget.to_config() if self.accuracy_budget else None,
+            prune=self.prune.to_config() if self.prune else None,
+            finetune=self.finetune.to_config() if self.finetune else None,
             measure=self.measure.to_config(),
         )
 

@@ -10,7 +10,7 @@ check; the check may raise `engines.errors.Cancelled`, and is polled between tim
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from engines.backends.registry import get_backend
 from engines.datasets import Dataset
 from engines.errors import EngineError, InvalidRecipeError
 from engines.measure import accuracy_report, make_batch, measure_latency, memory_of, run_dataset
+from engines.prune_stage import run_prune_stage
 from engines.recipe import Recipe
 from engines.signature import TensorSpec
 from engines.variants import ModelVariant, build_variant
@@ -63,11 +64,23 @@ def validate_recipe(
     evaluation_samples: int | None = None,
     evaluation_has_labels: bool = False,
     calibration_samples: int | None = None,
+    calibration_has_labels: bool = False,
 ) -> None:
     """Raise InvalidRecipeError for a recipe that cannot run on this model and these datasets.
 
     The API calls it when a job is created, so such a job is a 422 at once, not a failure later.
     """
+    if recipe.finetune is not None and recipe.prune is None:
+        raise InvalidRecipeError("finetune recovers accuracy after pruning: give a prune stage too")
+    if recipe.prune is not None:
+        if recipe.prune.method == "taylor" and calibration_samples is None:
+            raise InvalidRecipeError("the taylor criterion needs a calibration dataset to take gradients on")
+        if recipe.finetune is not None and calibration_samples is None:
+            raise InvalidRecipeError(
+                "fine-tuning needs a calibration (training) dataset: give calibration_dataset_id"
+            )
+        if recipe.finetune is not None and not recipe.finetune.distill and not calibration_has_labels:
+            raise InvalidRecipeError("fine-tuning without distillation needs labels in the calibration set")
     if recipe.precision == "int8" and calibration_samples is None:
         raise InvalidRecipeError("int8 needs a calibration dataset: give calibration_dataset_id")
     budget = recipe.accuracy_budget
@@ -173,6 +186,7 @@ def run_recipe(
         evaluation_samples=None if evaluation is None else evaluation.samples,
         evaluation_has_labels=evaluation is not None and evaluation.labels is not None,
         calibration_samples=None if calibration is None else calibration.samples,
+        calibration_has_labels=calibration is not None and calibration.labels is not None,
     )
     eval_batch = _evaluation_batch(inputs, recipe.batch_sizes)
     if (
@@ -186,52 +200,73 @@ def run_recipe(
         messages.append("no evaluation dataset: latency only, no accuracy or fidelity")
     elif evaluation.labels is None:
         messages.append("evaluation dataset has no labels: accuracy is reported as fidelity to the original")
-    if calibration is not None and recipe.precision != "int8":
+    if calibration is not None and recipe.precision != "int8" and recipe.prune is None:
         messages.append(
             f"the calibration dataset is not used by {recipe.precision} engines (it calibrates int8)"
         )
 
     artifacts: dict[str, EngineArtifact] = {}
     hardware = {BASELINE: baseline_backend.hardware(threads)}
-    variants: dict[str, ModelVariant] = {}  # by quantization profile: targets that share one, share it
-    for index, target in enumerate(recipe.targets):
+    source, stage_metadata = model_path, {}
+    if recipe.prune is not None:
+        progress(0.0, f"pruning ({recipe.prune.method})")
+        stage = run_prune_stage(
+            model_path,
+            recipe.prune,
+            recipe.finetune,
+            workdir,
+            inputs=inputs,
+            output_names=[spec.name for spec in runners[BASELINE].output_metadata()],
+            calibration=calibration,
+            evaluation=evaluation,
+            progress=progress,
+            check_cancelled=check_cancelled,
+        )
+        messages += stage.messages
+        source, stage_metadata = stage.path, {"prune": stage.metadata}
+    # With pruning, the pruned fp32 model is a stage of its own: the report shows a row per stage.
+    precisions = (
+        ["fp32", recipe.precision]
+        if source != model_path and recipe.precision != "fp32"
+        else [recipe.precision]
+    )
+    variants: dict[
+        tuple[str, str], ModelVariant
+    ] = {}  # by (precision, profile): targets that share one, share it
+    plan = [(precision, target) for precision in precisions for target in recipe.targets]
+    for index, (precision, target) in enumerate(plan):
         backend = get_backend(target)
-        profile = backend.quantization_profile
-        if profile not in variants:
-            progress(
-                0.6 * index / len(recipe.targets),
-                f"preparing the {recipe.precision} model ({profile} profile)",
-            )
-            variants[profile] = build_variant(
-                model_path,
-                recipe,
-                profile,
+        key, name = (precision, backend.quantization_profile), f"{target}/{precision}"
+        if key not in variants:
+            progress(0.3 + 0.3 * index / len(plan), f"preparing the {precision} model ({key[1]} profile)")
+            variants[key] = build_variant(
+                source,
+                replace(recipe, precision=precision),
+                key[1],
                 workdir,
                 calibration=calibration,
                 evaluation=evaluation,
                 batch_size=_calibration_batch(inputs),
                 check_cancelled=check_cancelled,
             )
-            messages += variants[profile].messages
-        variant = variants[profile]
-        progress(0.6 * (index + 0.5) / len(recipe.targets), f"building {target} {recipe.precision}")
-        options = CompileOptions(precision=recipe.precision, batch_sizes=recipe.batch_sizes, threads=threads)
+            messages += variants[key].messages
+        variant = variants[key]
+        progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
+        options = CompileOptions(precision=precision, batch_sizes=recipe.batch_sizes, threads=threads)
         try:
-            artifact = backend.compile(variant.path, workdir / target, options)
-            runners[target], memory[target] = memory_of(
+            artifact = backend.compile(variant.path, workdir / target / precision, options)
+            runners[name], memory[name] = memory_of(
                 partial(backend.load, artifact.path, threads), largest_batch
             )
         except EngineError as exc:
-            if recipe.precision == "fp32":
+            if precision == "fp32":
                 raise
-            messages.append(
-                f"{target} cannot run this {recipe.precision} model, so it has no engine: {exc.detail}"
-            )
+            messages.append(f"{target} cannot run this {precision} model, so it has no engine: {exc.detail}")
             continue
-        artifact.metadata.update(variant.metadata)
+        artifact.metadata.update({**variant.metadata, **stage_metadata})
         variant.write_layer_errors(artifact.path.parent)
-        artifacts[target] = artifact
-        hardware[target] = backend.hardware(threads)
+        artifacts[name] = artifact
+        hardware[name] = backend.hardware(threads)
         check_cancelled()
     if not artifacts:
         raise EngineError("no target could run the model: " + "; ".join(messages), code="no_engine_built")
@@ -254,14 +289,14 @@ def run_recipe(
 
     baseline = measurement(BASELINE, BASELINE_BACKEND, "fp32")
     result = PipelineResult(baseline=baseline, messages=messages)
-    for target, artifact in artifacts.items():
-        built = measurement(target, target, artifact.precision)
+    for name, artifact in artifacts.items():
+        built = measurement(name, artifact.backend, artifact.precision)
         comparison = compare(baseline, built)
         if comparison["verdict"] != "faster":
             ratios = ", ".join(f"b={size}: {ratio:.2f}×" for size, ratio in comparison["speedup"].items())
             result.messages.append(
-                f"the {artifact.precision} {target} engine is not faster than the original everywhere "
-                f"({ratios}); where it is slower, serve the original"
+                f"the {artifact.precision} {artifact.backend} engine is not faster than the original "
+                f"everywhere ({ratios}); where it is slower, serve the original"
             )
         result.engines.append(BuiltEngine(artifact, built, comparison))
     progress(1.0, "done")

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from engines.finetune import FinetuneConfig
+from engines.prune import PruneConfig
 from engines.quantize import QuantizeConfig
 
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -45,6 +47,8 @@ class Recipe:
     batch_sizes: tuple[int, ...] = (1, 8)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     accuracy_budget: AccuracyBudget | None = None
+    prune: PruneConfig | None = None
+    finetune: FinetuneConfig | None = None
     measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,11 +59,16 @@ class Recipe:
         quantize = dict(data.get("quantize") or {})
         quantize["nodes_to_exclude"] = tuple(quantize.get("nodes_to_exclude", ()))
         budget = data.get("accuracy_budget")
+        prune = dict(data["prune"]) if data.get("prune") else None
+        if prune is not None:
+            prune["ignore"] = tuple(prune.get("ignore", ()))
         return cls(
             targets=tuple(data.get("targets", cls.targets)),
             precision=data.get("precision", cls.precision),
             batch_sizes=tuple(data.get("batch_sizes", cls.batch_sizes)),
             quantize=QuantizeConfig(**quantize),
             accuracy_budget=AccuracyBudget(**budget) if budget else None,
+            prune=PruneConfig(**prune) if prune is not None else None,
+            finetune=FinetuneConfig(**data["finetune"]) if data.get("finetune") else None,
             measure=MeasureConfig(**data.get("measure", {})),
         )

@@ -532,3 +532,24 @@ def test_inference_the_model_cannot_do_is_422(local_api: LocalApi) -> None:
     assert ok.status_code == 200 and np.asarray(ok.json()["outputs"]["y"]).shape == (4, 3)
     bad = local_api.client.post(infer, json={"inputs": {"x": np.ones((1, 4)).tolist()}})
     expect_error(bad, 422, "inference_failed")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "status", "code", "fragment"),
+    [
+        ({"prune": {"ratio": 1.0}}, 422, "validation_error", "ratio"),
+        ({"prune": {"method": "obd"}}, 422, "validation_error", "method"),
+        ({"prune": {"method": "slimming"}}, 422, "invalid_recipe", "no BatchNormalization"),
+        ({"finetune": {"epochs": 1}}, 422, "invalid_recipe", "give a prune stage"),
+        ({"prune": {"method": "l1"}, "finetune": {"epochs": 1}}, 422, "invalid_recipe", "calibration"),
+        ({"prune": {"method": "taylor"}}, 422, "invalid_recipe", "taylor"),
+    ],
+)
+def test_bad_pruning_recipes_are_refused(
+    local_api: LocalApi, digits_model_id: str, recipe: dict, status: int, code: str, fragment: str
+) -> None:
+    body = expect_error(
+        local_api.client.post("/v1/jobs", json={"model_id": digits_model_id, "recipe": recipe}), status, code
+    )
+    assert fragment in body["detail"], body
+    assert_nothing_stored(local_api, models=1)

@@ -223,3 +223,42 @@ def test_int8_job_over_http(live_stack: LiveStack, digits: DigitsArtifacts, meth
         )
         report = client.get(f"/v1/jobs/{job['id']}/report", params={"format": "md"}).text
         assert "| int8 | onnxruntime-cpu |" in report
+
+
+def test_prune_finetune_int8_pipeline_over_http(
+    live_stack: LiveStack, digits: DigitsArtifacts, tmp_path
+) -> None:
+    np.savez(tmp_path / "train.npz", input=digits.split.train_x, labels=digits.split.train_y)
+    with live_stack.client() as client:
+        model = _upload(client, digits.onnx_path, "models", "digits-cnn")
+        evaluation = _upload(client, digits.eval_npz, "datasets", "digits-test")
+        train = _upload(client, tmp_path / "train.npz", "datasets", "digits-train")
+        recipe = {
+            "precision": "int8",
+            "prune": {"method": "l1", "ratio": 0.3},
+            "finetune": {"epochs": 2},
+            "batch_sizes": [8],
+            "measure": FAST_MEASURE,
+        }
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "model_id": model["id"],
+                "evaluation_dataset_id": evaluation["id"],
+                "calibration_dataset_id": train["id"],
+                "recipe": recipe,
+            },
+        )
+        job = wait_for_job(client, response.json()["id"])
+        assert job["status"] == "succeeded", job
+        engines = [client.get(f"/v1/engines/{engine_id}").json() for engine_id in job["engine_ids"]]
+        assert [engine["precision"] for engine in engines] == ["fp32", "int8"]
+        prune = engines[0]["build_info"]["prune"]
+        assert prune["macs_after"] * 2 <= prune["macs_before"] and prune["top1_after_finetune"] > 0.8
+        report = client.get(f"/v1/jobs/{job['id']}/report").json()
+        assert [row["precision"] for row in report["rows"]] == ["fp32", "fp32", "int8"]
+
+        folded = client.post(
+            "/v1/jobs", json={"model_id": model["id"], "recipe": {"prune": {"method": "slimming"}}}
+        )
+        assert folded.status_code == 422 and "TrainingMode.PRESERVE" in folded.json()["detail"]

@@ -22,6 +22,7 @@ from app.store import ArtifactStore
 from engines.datasets import DatasetInfo, check_fits_model
 from engines.errors import EngineError
 from engines.pipeline import validate_recipe
+from engines.prune import check_prune_config
 from engines.report import render_markdown, report_row
 from engines.signature import TensorSpec, specs_from_dicts
 
@@ -105,7 +106,10 @@ def create_job(
             evaluation_samples=evaluation and evaluation.samples,
             evaluation_has_labels=bool(evaluation and evaluation.has_labels),
             calibration_samples=calibration and calibration.samples,
+            calibration_has_labels=bool(calibration and calibration.has_labels),
         )
+        if recipe.prune is not None:
+            check_prune_config(recipe.prune, model.info.get("op_types", {}))
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     job = JobRecord(

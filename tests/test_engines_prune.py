@@ -1,0 +1,190 @@
+"""Pruning on the digits CNN through the library: every criterion, recovery, magnitude, pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from engines.datasets import Dataset
+from engines.errors import InvalidRecipeError
+from engines.finetune import FinetuneConfig
+from engines.pipeline import run_recipe
+from engines.prune import PruneConfig, check_prune_config
+from engines.recipe import MeasureConfig, Recipe
+from engines.torch_bridge import _inline_identity_initializers, onnx_to_torch
+from tests.conftest import DigitsArtifacts
+
+FAST = MeasureConfig(warmup_runs=1, timed_runs=3, min_seconds=0)
+
+
+@pytest.fixture(scope="module")
+def labelled_train(digits: DigitsArtifacts) -> Dataset:
+    return Dataset({"input": digits.split.train_x}, digits.split.train_y)
+
+
+@pytest.fixture(scope="module")
+def evaluation(digits: DigitsArtifacts) -> Dataset:
+    return Dataset({"input": digits.split.test_x}, digits.split.test_y)
+
+
+@pytest.fixture(scope="module")
+def bn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits CNN exported with BatchNorm kept, as Network Slimming needs."""
+    import torch
+
+    from examples.digits import load_digits_split, train_cnn
+
+    module = train_cnn(load_digits_split(), epochs=2)
+    path = tmp_path_factory.mktemp("bn") / "digits_bn.onnx"
+    torch.onnx.export(
+        module,
+        (torch.zeros(1, 1, 32, 32),),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        do_constant_folding=False,
+    )
+    return path
+
+
+@pytest.mark.parametrize("method", ["l1", "taylor", "fpgm", "random"])
+def test_structured_pruning_shrinks_and_keeps_the_signature(
+    digits: DigitsArtifacts, labelled_train: Dataset, evaluation: Dataset, tmp_path: Path, method: str
+) -> None:
+    recipe = Recipe(prune=PruneConfig(method=method, ratio=0.3), batch_sizes=(8,), measure=FAST)
+    result = run_recipe(digits.onnx_path, recipe, tmp_path, evaluation=evaluation, calibration=labelled_train)
+    (engine,) = result.engines
+    prune = engine.artifact.metadata["prune"]
+    assert prune["method"] == method and prune["macs_after"] * 2 <= prune["macs_before"]
+    assert prune["params_after"] < prune["params_before"] and prune["kept_whole"] == ["13/Gemm"]
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    assert [o.name for o in pruned.graph.output] == ["logits"] and pruned.graph.input[0].name == "input"
+    conv_widths = [i.dims[0] for i in pruned.graph.initializer if len(i.dims) == 4]
+    assert all(width % 8 == 0 for width in conv_widths), conv_widths
+
+
+def test_distillation_recovers_accuracy(
+    digits: DigitsArtifacts, labelled_train: Dataset, evaluation: Dataset, tmp_path: Path
+) -> None:
+    recipe = Recipe(
+        prune=PruneConfig("l1", 0.3), finetune=FinetuneConfig(epochs=4), batch_sizes=(8,), measure=FAST
+    )
+    result = run_recipe(digits.onnx_path, recipe, tmp_path, evaluation=evaluation, calibration=labelled_train)
+    prune = result.engines[0].artifact.metadata["prune"]
+    assert prune["top1_after_finetune"] > prune["top1_after_pruning"] + 0.3
+    assert len(prune["finetune"]["history"]) == 4
+    assert result.engines[0].measurement.accuracy["top1"] == pytest.approx(
+        prune["top1_after_finetune"], abs=0.01
+    )
+
+
+def test_pipeline_prune_then_int8_reports_a_row_per_stage(
+    digits: DigitsArtifacts, labelled_train: Dataset, evaluation: Dataset, tmp_path: Path
+) -> None:
+    recipe = Recipe(
+        precision="int8",
+        prune=PruneConfig("l1", 0.3),
+        finetune=FinetuneConfig(epochs=2),
+        batch_sizes=(8,),
+        measure=FAST,
+    )
+    result = run_recipe(digits.onnx_path, recipe, tmp_path, evaluation=evaluation, calibration=labelled_train)
+    assert [engine.artifact.precision for engine in result.engines] == ["fp32", "int8"]
+    assert all(engine.artifact.metadata["prune"]["macs"] < 2_507_392 for engine in result.engines)
+
+
+def test_magnitude_pruning_reports_sparsity_and_says_it_is_not_faster(
+    digits: DigitsArtifacts, evaluation: Dataset, tmp_path: Path
+) -> None:
+    recipe = Recipe(prune=PruneConfig("magnitude", sparsity=0.5), batch_sizes=(8,), measure=FAST)
+    result = run_recipe(digits.onnx_path, recipe, tmp_path, evaluation=evaluation)
+    prune = result.engines[0].artifact.metadata["prune"]
+    assert prune["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert prune["compressed_bytes"] < prune["compressed_bytes_original"]
+    assert any("not speed" in message for message in result.messages)
+
+
+def test_slimming_needs_batchnorm(
+    digits: DigitsArtifacts, bn_model: Path, labelled_train: Dataset, tmp_path: Path
+) -> None:
+    folded = {node.op_type: 1 for node in onnx.load(str(digits.onnx_path)).graph.node}
+    with pytest.raises(InvalidRecipeError, match=r"TrainingMode\.PRESERVE"):
+        check_prune_config(PruneConfig("slimming"), folded)
+    kept = {node.op_type: 1 for node in onnx.load(str(bn_model)).graph.node}
+    check_prune_config(PruneConfig("slimming"), kept)
+    recipe = Recipe(prune=PruneConfig("slimming", 0.3), batch_sizes=(8,), measure=FAST)
+    result = run_recipe(bn_model, recipe, tmp_path, calibration=labelled_train)
+    assert result.engines[0].artifact.metadata["prune"]["macs_reduction"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        (PruneConfig(ratio=1.0), "ratio"),
+        (PruneConfig(ratio=0.0), "ratio"),
+        (PruneConfig("magnitude", sparsity=1.5), "sparsity"),
+        (PruneConfig("obd"), "unknown pruning method"),
+    ],
+)
+def test_bad_prune_configs(config: PruneConfig, fragment: str) -> None:
+    with pytest.raises(InvalidRecipeError, match=fragment):
+        check_prune_config(config, {"BatchNormalization": 1})
+
+
+def test_identity_initializers_are_inlined_and_unconvertible_ops_named(
+    digits: DigitsArtifacts, tmp_path: Path
+) -> None:
+    from onnx import helper
+
+    model = onnx.load(str(digits.onnx_path))
+    weight = model.graph.node[0].input[1]
+    model.graph.node.insert(0, helper.make_node("Identity", [weight], ["shared_weight"]))
+    model.graph.node[1].input[1] = "shared_weight"
+    _inline_identity_initializers(model)
+    assert "Identity" not in {node.op_type for node in model.graph.node}
+    onnx.save(model, tmp_path / "identity.onnx")
+    assert onnx_to_torch(tmp_path / "identity.onnx") is not None
+
+    custom = onnx.load(str(digits.onnx_path))
+    custom.graph.node.append(helper.make_node("Frobnicate", ["logits"], ["z"], domain="com.example"))
+    custom.graph.output[0].name = "z"
+    custom.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.save(custom, tmp_path / "custom.onnx")
+    from engines.errors import EngineError
+
+    with pytest.raises(EngineError, match="Frobnicate"):
+        onnx_to_torch(tmp_path / "custom.onnx")
+
+
+def test_a_model_that_cannot_be_converted_skips_pruning_with_the_reason(
+    digits: DigitsArtifacts, tmp_path: Path
+) -> None:
+    from onnx import helper
+
+    from engines.prune_stage import run_prune_stage
+
+    custom = onnx.load(str(digits.onnx_path))
+    custom.graph.node.append(helper.make_node("Frobnicate", ["logits"], ["z"], domain="com.example"))
+    custom.graph.output[0].name = "z"
+    custom.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.save(custom, tmp_path / "custom.onnx")
+    stage = run_prune_stage(
+        tmp_path / "custom.onnx",
+        PruneConfig(),
+        None,
+        tmp_path,
+        inputs=[],
+        output_names=["z"],
+        calibration=None,
+        evaluation=None,
+        progress=lambda fraction, stage: None,
+        check_cancelled=lambda: None,
+    )
+    assert not stage.pruned and stage.path == tmp_path / "custom.onnx"
+    assert stage.messages[0].startswith("pruning skipped") and "Frobnicate" in stage.messages[0]
