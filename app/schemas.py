@@ -107,6 +107,8 @@ class PruneIn(BaseModel):
     round_to: int = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
     ignore: list[str] = Field(default_factory=list, description="layer (node) names never pruned")
     sparsity: float = Field(0.8, gt=0, lt=1, description="magnitude: fraction of weights set to zero")
+    sparsity_epochs: int = Field(0, ge=0, le=200, description="slimming: epochs of L1 on BatchNorm γ first")
+    sparsity_lambda: float = Field(1e-4, ge=0, le=1, description="slimming: weight of that L1 penalty")
 
     def to_config(self) -> PruneConfig:
         return PruneConfig(**{**self.model_dump(), "ignore": tuple(self.ignore)})

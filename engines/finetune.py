@@ -51,8 +51,13 @@ def finetune(
     *,
     on_epoch: EpochCallback = lambda epoch, stats: None,
     seed: int = 0,
+    bn_l1: float = 0.0,
 ) -> list[dict[str, float]]:
-    """Train `student` in place; returns per-epoch mean loss. `on_epoch` may raise to stop."""
+    """Train `student` in place; returns per-epoch mean loss. `on_epoch` may raise to stop.
+
+    `bn_l1` adds λ·Σ|γ| over BatchNorm scales: Network Slimming's sparsity training, which drives
+    the γ of unneeded channels towards zero before they are pruned.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -65,6 +70,7 @@ def finetune(
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
     teacher.eval()
+    norms = [layer for layer in student.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)]
     history = []
     temperature = config.temperature
     for epoch in range(1, config.epochs + 1):
@@ -91,6 +97,8 @@ def finetune(
                 )
             elif labels is not None:
                 loss = F.cross_entropy(logits, labels)
+            if bn_l1:
+                loss = loss + bn_l1 * sum(layer.weight.abs().sum() for layer in norms)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -73,6 +73,8 @@ def validate_recipe(
     if recipe.finetune is not None and recipe.prune is None:
         raise InvalidRecipeError("finetune recovers accuracy after pruning: give a prune stage too")
     if recipe.prune is not None:
+        if recipe.prune.sparsity_epochs and calibration_samples is None:
+            raise InvalidRecipeError("sparsity training needs a calibration (training) dataset")
         if recipe.prune.method == "taylor" and calibration_samples is None:
             raise InvalidRecipeError("the taylor criterion needs a calibration dataset to take gradients on")
         if recipe.finetune is not None and calibration_samples is None:

@@ -39,6 +39,8 @@ class PruneConfig:
     round_to: int = 8
     ignore: tuple[str, ...] = ()  # layer (node) names never pruned
     sparsity: float = 0.8  # magnitude: fraction of weights set to zero
+    sparsity_epochs: int = 0  # slimming: epochs of training with an L1 penalty on BN γ before pruning
+    sparsity_lambda: float = 1e-4  # slimming: weight of that penalty (Liu et al. use 1e-4 to 1e-5)
 
 
 @dataclass
@@ -57,6 +59,8 @@ def check_prune_config(config: PruneConfig, op_types: dict[str, int]) -> None:
             raise InvalidRecipeError(f"sparsity must be in (0, 1), got {config.sparsity}")
     elif not 0 < config.ratio < 1:
         raise InvalidRecipeError(f"ratio must be in (0, 1), got {config.ratio}")
+    if config.sparsity_epochs and config.method != "slimming":
+        raise InvalidRecipeError("sparsity_epochs (L1 on BatchNorm γ) belongs to the slimming method")
     if config.method == "slimming" and "BatchNormalization" not in op_types:
         raise InvalidRecipeError(
             "slimming ranks channels by BatchNorm γ, and this model has no BatchNormalization (the legacy "

@@ -93,6 +93,25 @@ def run_prune_stage(
     if prune.method == "magnitude":
         result = prune_magnitude(module, prune.sparsity)
     else:
+        if prune.sparsity_epochs:
+            if calibration is None:
+                raise InvalidRecipeError("sparsity training needs a calibration (training) dataset")
+            teacher = onnx_to_torch(model_path)
+            metadata["sparsity_training"] = {
+                "epochs": prune.sparsity_epochs,
+                "lambda": prune.sparsity_lambda,
+                "history": finetune(
+                    module,
+                    teacher,
+                    calibration,
+                    FinetuneConfig(epochs=prune.sparsity_epochs),
+                    bn_l1=prune.sparsity_lambda,
+                    on_epoch=lambda epoch, stats: (
+                        progress(0.1 * epoch / prune.sparsity_epochs, f"sparsity training: epoch {epoch}"),
+                        check_cancelled(),
+                    ),
+                ),
+            }
         if prune.method == "taylor" and calibration is None:
             raise InvalidRecipeError("the taylor criterion needs a calibration dataset to take gradients on")
         example = example_batch(inputs, None if data is None else data.inputs)

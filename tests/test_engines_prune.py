@@ -188,3 +188,16 @@ def test_a_model_that_cannot_be_converted_skips_pruning_with_the_reason(
     )
     assert not stage.pruned and stage.path == tmp_path / "custom.onnx"
     assert stage.messages[0].startswith("pruning skipped") and "Frobnicate" in stage.messages[0]
+
+
+def test_network_slimming_sparsity_training(
+    bn_model: Path, labelled_train: Dataset, evaluation: Dataset, tmp_path: Path
+) -> None:
+    config = PruneConfig("slimming", 0.3, sparsity_epochs=2, sparsity_lambda=1e-3)
+    recipe = Recipe(prune=config, finetune=FinetuneConfig(epochs=2), batch_sizes=(8,), measure=FAST)
+    result = run_recipe(bn_model, recipe, tmp_path, evaluation=evaluation, calibration=labelled_train)
+    prune = result.engines[0].artifact.metadata["prune"]
+    assert len(prune["sparsity_training"]["history"]) == 2 and prune["sparsity_training"]["lambda"] == 1e-3
+    assert prune["top1_after_finetune"] > 0.8
+    with pytest.raises(InvalidRecipeError, match="slimming"):
+        check_prune_config(PruneConfig("l1", sparsity_epochs=2), {})
