@@ -96,6 +96,30 @@ class AccuracyBudgetIn(BaseModel):
         return AccuracyBudget(**self.model_dump())
 
 
+class RatiosFromSensitivityIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(description="a succeeded sensitivity job of the same model")
+    max_drop: float = Field(0.01, ge=0, le=1)
+
+
+class SensitivityCreate(BaseModel):
+    """Prune each layer alone at a few ratios and measure the drop (top-1 with labels, else fidelity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str
+    method: Literal["l1", "slimming", "taylor", "fpgm", "random"] = "l1"
+    ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7], min_length=1, max_length=10)
+
+    @field_validator("ratios")
+    @classmethod
+    def _in_range(cls, ratios: list[float]) -> list[float]:
+        if any(not 0 < ratio < 1 for ratio in ratios):
+            raise ValueError("ratios must be in (0, 1)")
+        return sorted(set(ratios))
+
+
 class PruneIn(BaseModel):
     """Structured channel pruning (l1, slimming, taylor, fpgm, random) or unstructured magnitude."""
 
@@ -109,9 +133,13 @@ class PruneIn(BaseModel):
     sparsity: float = Field(0.8, gt=0, lt=1, description="magnitude: fraction of weights set to zero")
     sparsity_epochs: int = Field(0, ge=0, le=200, description="slimming: epochs of L1 on BatchNorm γ first")
     sparsity_lambda: float = Field(1e-4, ge=0, le=1, description="slimming: weight of that L1 penalty")
+    ratios_from_sensitivity: RatiosFromSensitivityIn | None = Field(
+        None, description="per-layer ratios: the largest each layer took within max_drop in that analysis"
+    )
 
     def to_config(self) -> PruneConfig:
-        return PruneConfig(**{**self.model_dump(), "ignore": tuple(self.ignore)})
+        fields = self.model_dump(exclude={"ratios_from_sensitivity"})
+        return PruneConfig(**{**fields, "ignore": tuple(self.ignore)})
 
 
 class FinetuneIn(BaseModel):

@@ -41,6 +41,7 @@ class PruneConfig:
     sparsity: float = 0.8  # magnitude: fraction of weights set to zero
     sparsity_epochs: int = 0  # slimming: epochs of training with an L1 penalty on BN γ before pruning
     sparsity_lambda: float = 1e-4  # slimming: weight of that penalty (Liu et al. use 1e-4 to 1e-5)
+    layer_ratios: dict[str, float] | None = None  # per-layer ratios (from a sensitivity analysis)
 
 
 @dataclass
@@ -101,6 +102,18 @@ def count_params_and_macs(module: Any, example: Any) -> tuple[int, int]:
     return int(params), int(macs)
 
 
+def _importance(config: PruneConfig) -> Any:
+    import torch_pruning as tp
+
+    return {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "slimming": tp.importance.BNScaleImportance,
+        "taylor": tp.importance.GroupTaylorImportance,
+        "fpgm": tp.importance.FPGMImportance,
+        "random": tp.importance.RandomImportance,
+    }[config.method]()
+
+
 def prune_structured(
     module: Any, example: Any, config: PruneConfig, *, taylor_batches: list[tuple[Any, Any]] | None = None
 ) -> PruneResult:
@@ -108,22 +121,22 @@ def prune_structured(
     import torch
     import torch_pruning as tp
 
-    importance = {
-        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-        "slimming": tp.importance.BNScaleImportance,
-        "taylor": tp.importance.GroupTaylorImportance,
-        "fpgm": tp.importance.FPGMImportance,
-        "random": tp.importance.RandomImportance,
-    }[config.method]()
     wanted = {_module_name(name) for name in config.ignore}
     ignored = output_layers(module) + [layer for name, layer in module.named_modules() if name in wanted]
+    ratio_dict = None
+    if config.layer_ratios is not None:
+        ratio_dict = {
+            module.get_submodule(name): ratio for name, ratio in config.layer_ratios.items() if ratio > 0
+        }
+        ignored += [module.get_submodule(name) for name, ratio in config.layer_ratios.items() if ratio <= 0]
     unknown = wanted - {name for name, _ in module.named_modules()}
     before_params, before_macs = count_params_and_macs(module, example)
     pruner = tp.pruner.MetaPruner(
         module,
         example,
-        importance=importance,
+        importance=_importance(config),
         pruning_ratio=config.ratio,
+        pruning_ratio_dict=ratio_dict,
         global_pruning=config.scope == "global",
         round_to=config.round_to or None,
         ignored_layers=ignored,

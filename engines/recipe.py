@@ -62,6 +62,7 @@ class Recipe:
         prune = dict(data["prune"]) if data.get("prune") else None
         if prune is not None:
             prune["ignore"] = tuple(prune.get("ignore", ()))
+            prune.pop("ratios_from_sensitivity", None)  # resolved into layer_ratios when the job was made
         return cls(
             targets=tuple(data.get("targets", cls.targets)),
             precision=data.get("precision", cls.precision),

@@ -307,3 +307,33 @@ def test_int8_and_fp16_jobs_and_their_guards(local_api: LocalApi, uploaded: dict
     expect_error(
         local_api.client.get(f"/v1/engines/{fp16_engine}/layer-errors"), 404, "layer_errors_not_available"
     )
+
+
+def test_sensitivity_analysis_and_ratios_from_it(local_api: LocalApi, uploaded: dict[str, str]) -> None:
+    model_id, dataset_id = uploaded["model_id"], uploaded["evaluation_dataset_id"]
+    response = local_api.client.post(
+        f"/v1/models/{model_id}/sensitivity", json={"dataset_id": dataset_id, "ratios": [0.25, 0.75]}
+    )
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    expect_error(local_api.client.get(f"/v1/jobs/{job_id}/sensitivity"), 409, "sensitivity_not_available")
+    run_job_by_id(local_api.settings, job_id)
+    assert local_api.client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    report = local_api.client.get(f"/v1/jobs/{job_id}/sensitivity").json()
+    assert report["metric"] == "top1" and set(report["layers"]) == {"0/Conv", "4/Conv", "8/Conv"}
+    assert all(set(drops) == {"0.25", "0.75"} for drops in report["layers"].values())
+    png = local_api.client.get(f"/v1/jobs/{job_id}/sensitivity", params={"format": "png"})
+    assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+
+    prune = {"method": "l1", "ratios_from_sensitivity": {"job_id": job_id, "max_drop": 0.02}}
+    optimize = create_job(local_api, uploaded, {**FAST, "prune": prune})
+    layer_ratios = local_api.client.get(f"/v1/jobs/{optimize}").json()["recipe"]["prune"]["layer_ratios"]
+    assert set(layer_ratios) == set(report["layers"])
+    for layer, ratio in layer_ratios.items():
+        assert ratio == 0 or report["layers"][layer][str(ratio)] <= 0.02
+    run_job_by_id(local_api.settings, optimize)
+    assert local_api.client.get(f"/v1/jobs/{optimize}").json()["status"] == "succeeded"
+    other = local_api.client.post(
+        "/v1/jobs", json={**uploaded, "recipe": {"prune": {"ratios_from_sensitivity": {"job_id": optimize}}}}
+    )
+    expect_error(other, 409, "sensitivity_not_available")

@@ -16,6 +16,7 @@ sometimes while the first delivery is still running. So the row, not the message
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -46,6 +47,8 @@ from engines.errors import Cancelled, EngineError
 from engines.ingest import MODEL_FILENAME
 from engines.pipeline import PipelineResult, run_recipe
 from engines.recipe import Recipe
+from engines.sensitivity import SENSITIVITY_JSON, SENSITIVITY_KEY, SENSITIVITY_PNG, SensitivityConfig, analyse
+from engines.sensitivity import plot as plot_sensitivity
 from engines.signature import TensorSpec, specs_from_dicts
 
 logger = logging.getLogger(__name__)
@@ -277,27 +280,42 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
         evaluation = (
             session.get(DatasetRecord, job.evaluation_dataset_id) if job.evaluation_dataset_id else None
         )
-        recipe, messages = Recipe.from_dict(job.recipe), list(job.messages or [])
+        messages = list(job.messages or [])
+        raw_recipe = dict(job.recipe)
     written: list[str] = []
     with Attempt(db_url, job_id, number, heartbeat_s=max(1.0, settings.job_lease_s / 4)) as attempt:
         try:
             assert model is not None, "a model with active jobs cannot be deleted"
             inputs = specs_from_dicts(model.info["inputs"])
+            model_path = store.local_path(f"{model.artifact_prefix}/{MODEL_FILENAME}")
             with tempfile.TemporaryDirectory(prefix=f"optiforge-{job_id}-") as workdir:
-                result = run_recipe(
-                    store.local_path(f"{model.artifact_prefix}/{MODEL_FILENAME}"),
-                    recipe,
-                    Path(workdir),
-                    evaluation=_load(settings, store, evaluation, inputs),
-                    calibration=_load(settings, store, calibration, inputs),
-                    progress=attempt.progress,
-                    check_cancelled=attempt.check_cancelled,
-                )
+                if SENSITIVITY_KEY in raw_recipe:
+                    data = _load(settings, store, evaluation or calibration, inputs)
+                    assert data is not None, "a sensitivity job is created with a dataset"
+                    outcome: dict[str, Any] = {}
+                    written.append(
+                        _sensitivity(
+                            store, job_id, model_path, inputs, data, raw_recipe, Path(workdir), attempt
+                        )
+                    )
+                else:
+                    result = run_recipe(
+                        model_path,
+                        Recipe.from_dict(raw_recipe),
+                        Path(workdir),
+                        evaluation=_load(settings, store, evaluation, inputs),
+                        calibration=_load(settings, store, calibration, inputs),
+                        progress=attempt.progress,
+                        check_cancelled=attempt.check_cancelled,
+                    )
+                    outcome = {"baseline": result.baseline.to_dict()}
+                    messages += result.messages
                 attempt.check_cancelled(force=True)
                 with session_scope(db_url) as session:
                     job = session.get(JobRecord, job_id)
                     assert job is not None
-                    _store_engines(session, store, job, result, written)
+                    if SENSITIVITY_KEY not in raw_recipe:
+                        _store_engines(session, store, job, result, written)
                     succeeded = session.execute(
                         update(JobRecord)
                         .where(_owned(job_id, number) & JobRecord.cancel_requested.is_(False))
@@ -306,8 +324,8 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
                             finished_at=utcnow(),
                             stage="done",
                             progress=1.0,
-                            baseline=result.baseline.to_dict(),
-                            messages=[*messages, *result.messages],
+                            messages=messages,
+                            **outcome,
                         )
                     ).rowcount
                     if not succeeded:  # cancelled or superseded at the last moment: roll back
@@ -327,6 +345,33 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
             attempt.finish(
                 JobStatus.FAILED, error={"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
             )
+
+
+def _sensitivity(
+    store: ArtifactStore,
+    job_id: str,
+    model_path: Path,
+    inputs: list[TensorSpec],
+    data: Dataset,
+    recipe: dict[str, Any],
+    workdir: Path,
+    attempt: Attempt,
+) -> str:
+    """Run a sensitivity analysis; its table and plot go under jobs/<id>/sensitivity/."""
+    options = recipe[SENSITIVITY_KEY]
+    config = SensitivityConfig(method=options["method"], ratios=tuple(options["ratios"]))
+
+    def progress(fraction: float, stage: str) -> None:
+        attempt.progress(fraction, stage)
+
+    report = analyse(model_path, inputs, data, config, progress=progress)
+    out = workdir / "sensitivity"
+    out.mkdir()
+    (out / SENSITIVITY_JSON).write_text(json.dumps(report))
+    plot_sensitivity(report, out / SENSITIVITY_PNG)
+    prefix = f"jobs/{job_id}/sensitivity"
+    store.put_dir(prefix, out)
+    return prefix
 
 
 def _remove(store: ArtifactStore, prefixes: list[str]) -> None:

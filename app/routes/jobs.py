@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -23,7 +25,9 @@ from engines.datasets import DatasetInfo, check_fits_model
 from engines.errors import EngineError
 from engines.pipeline import validate_recipe
 from engines.prune import check_prune_config
+from engines.recipe import Recipe
 from engines.report import render_markdown, report_row
+from engines.sensitivity import SENSITIVITY_JSON, SENSITIVITY_KEY, SENSITIVITY_PNG, ratios_within
 from engines.signature import TensorSpec, specs_from_dicts
 
 logger = logging.getLogger(__name__)
@@ -88,7 +92,10 @@ def _dataset_fitting(
 
 @router.post("", status_code=202, response_model=JobOut, summary="Start an optimization job")
 def create_job(
-    body: JobCreate, session: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep)
+    body: JobCreate,
+    session: Session = Depends(get_db),
+    settings: Settings = Depends(get_settings_dep),
+    store: ArtifactStore = Depends(get_store_dep),
 ) -> JobOut:
     """Check that the recipe and datasets fit the model, store the job, then queue it.
 
@@ -97,6 +104,12 @@ def create_job(
     model = get_model_record(session, body.model_id)
     inputs = specs_from_dicts(model.info["inputs"])
     recipe = body.recipe.to_config()
+    source = body.recipe.prune.ratios_from_sensitivity if body.recipe.prune else None
+    if source is not None and recipe.prune is not None:
+        report = sensitivity_report(session, store, source.job_id, model_id=model.id)
+        recipe = replace(
+            recipe, prune=replace(recipe.prune, layer_ratios=ratios_within(report, source.max_drop))
+        )
     try:
         calibration = _dataset_fitting(session, body.calibration_dataset_id, inputs)
         evaluation = _dataset_fitting(session, body.evaluation_dataset_id, inputs)
@@ -119,6 +132,12 @@ def create_job(
         recipe=recipe.to_dict(),
         messages=[],
     )
+    queue_job(session, settings, job, recipe)
+    return job_out(session, job)
+
+
+def queue_job(session: Session, settings: Settings, job: JobRecord, recipe: Recipe) -> None:
+    """Commit the job, then send its id to the workers; a broker that is down fails the job (503)."""
     session.add(job)
     session.commit()  # enqueue only after the row is committed: the worker re-reads it
     try:
@@ -131,7 +150,6 @@ def create_job(
         raise ApiError(
             503, "broker_unavailable", f"the job queue is unreachable: {exc}", job_id=job.id
         ) from exc
-    return job_out(session, job)
 
 
 @router.get("", response_model=list[JobOut], summary="List jobs")
@@ -236,3 +254,37 @@ def job_report(
             "rows": rows,
         }
     )
+
+
+def sensitivity_report(
+    session: Session, store: ArtifactStore, job_id: str, *, model_id: str | None = None
+) -> dict:
+    """The stored table of a succeeded sensitivity job (of `model_id`, when given)."""
+    job = get_job_record(session, job_id)
+    if SENSITIVITY_KEY not in job.recipe or job.status != JobStatus.SUCCEEDED:
+        raise ApiError(
+            409, "sensitivity_not_available", f"job '{job_id}' is not a succeeded sensitivity analysis"
+        )
+    if model_id is not None and job.model_id != model_id:
+        raise ApiError(
+            422, "invalid_recipe", f"sensitivity job '{job_id}' analysed another model ({job.model_id})"
+        )
+    return json.loads((store.local_path(f"jobs/{job_id}/sensitivity") / SENSITIVITY_JSON).read_text())
+
+
+@router.get(
+    "/{job_id}/sensitivity",
+    summary="A sensitivity analysis: drop per layer and ratio (JSON), or its plot (?format=png)",
+    responses={200: {"content": {"application/json": {}, "image/png": {}}}},
+)
+def get_sensitivity(
+    job_id: str,
+    format: Literal["json", "png"] = Query("json"),
+    session: Session = Depends(get_db),
+    store: ArtifactStore = Depends(get_store_dep),
+) -> Response:
+    report = sensitivity_report(session, store, job_id)
+    if format == "png":
+        png = store.local_path(f"jobs/{job_id}/sensitivity") / SENSITIVITY_PNG
+        return Response(png.read_bytes(), media_type="image/png")
+    return JSONResponse(report)

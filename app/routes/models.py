@@ -17,12 +17,18 @@ from starlette.background import BackgroundTask
 from app.deps import get_db, get_settings_dep, get_store_dep
 from app.errors import ApiError, from_engine_error, not_found
 from app.orm import EngineRecord, JobRecord, JobStatus, ModelRecord, new_id
-from app.schemas import ModelOut
+from app.routes.datasets import get_dataset_record
+from app.schemas import JobOut, ModelOut, SensitivityCreate
 from app.settings import Settings
 from app.store import ArtifactStore
 from app.uploads import commit_upload, receive_upload
-from engines.errors import InvalidModelError
+from engines.datasets import DatasetInfo, check_fits_model
+from engines.errors import EngineError, InvalidModelError
 from engines.ingest import inspect_model, unpack_upload, write_normalized
+from engines.prune import PruneConfig, check_prune_config
+from engines.recipe import Recipe
+from engines.sensitivity import SENSITIVITY_KEY
+from engines.signature import specs_from_dicts
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -150,3 +156,39 @@ def delete_model(
     for prefix in prefixes:
         store.delete(prefix)
     return Response(status_code=204)
+
+
+@router.post(
+    "/{model_id}/sensitivity",
+    status_code=202,
+    response_model=JobOut,
+    summary="Start a pruning sensitivity analysis",
+)
+def start_sensitivity(
+    model_id: str,
+    body: SensitivityCreate,
+    session: Session = Depends(get_db),
+    settings: Settings = Depends(get_settings_dep),
+) -> JobOut:
+    """Prune each Conv/Linear layer alone at each ratio and measure the drop; a job like any other.
+
+    The result: `GET /v1/jobs/{id}/sensitivity` (JSON, or `?format=png` for the plot); a prune recipe
+    can take its per-layer ratios with `{"ratios_from_sensitivity": {"job_id": …, "max_drop": 0.01}}`.
+    """
+    from app.routes.jobs import job_out, queue_job
+
+    model = get_model_record(session, model_id)
+    dataset = get_dataset_record(session, body.dataset_id)
+    try:
+        check_fits_model(DatasetInfo.from_dict(dataset.info), specs_from_dicts(model.info["inputs"]))
+        check_prune_config(PruneConfig(method=body.method, ratio=0.5), model.info.get("op_types", {}))
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    job = JobRecord(
+        model_id=model.id,
+        evaluation_dataset_id=dataset.id,
+        recipe={SENSITIVITY_KEY: {"method": body.method, "ratios": body.ratios}},
+        messages=[],
+    )
+    queue_job(session, settings, job, Recipe())
+    return job_out(session, job)

@@ -1,0 +1,149 @@
+"""Pruning sensitivity analysis (as in Distiller): prune each layer alone at a few ratios and
+measure what it costs, so per-layer ratios can be chosen instead of one ratio for all.
+
+The drop is in top-1 against labels when the data has them, else in top-1 agreement with the
+original model (fidelity). Layers that produce the model's outputs are not analysed: they are
+never pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.datasets import Dataset
+from engines.errors import InvalidRecipeError
+from engines.prune import PruneConfig, example_batch, output_layers
+from engines.signature import TensorSpec
+from engines.torch_bridge import onnx_to_torch
+
+DEFAULT_RATIOS = (0.1, 0.3, 0.5, 0.7)
+SENSITIVITY_KEY = "sensitivity"  # a job whose recipe has this key is a sensitivity analysis
+SENSITIVITY_JSON = "sensitivity.json"
+SENSITIVITY_PNG = "sensitivity.png"
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    method: str = "l1"
+    ratios: tuple[float, ...] = DEFAULT_RATIOS
+    max_samples: int = 500
+
+
+def _outputs(module: Any, data: Dataset, batch_size: int = 64) -> np.ndarray:
+    import torch
+
+    module.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, data.samples, batch_size):
+            inputs = tuple(
+                torch.from_numpy(array[start : start + batch_size]) for array in data.inputs.values()
+            )
+            chunks.append(module(*inputs).numpy())
+    return np.concatenate(chunks)
+
+
+def _score(outputs: np.ndarray, data: Dataset, reference: np.ndarray) -> float:
+    predicted = outputs.reshape(len(outputs), -1).argmax(1)
+    if data.labels is not None:
+        return float((predicted == data.labels).mean())
+    return float((predicted == reference.reshape(len(reference), -1).argmax(1)).mean())
+
+
+def analyse(
+    model_path: Path,
+    inputs: list[TensorSpec],
+    data: Dataset,
+    config: SensitivityConfig,
+    *,
+    progress: Callable[[float, str], None] = lambda fraction, stage: None,
+) -> dict[str, Any]:
+    """{"metric", "baseline", "layers": {layer: {ratio: drop}}}: drops as fractions (0.01 = 1 point)."""
+    import torch
+    import torch_pruning as tp
+
+    from engines.prune import _importance
+
+    data = data.take(min(config.max_samples, data.samples))
+    module = onnx_to_torch(model_path)
+    reference = _outputs(module, data)
+    baseline = _score(reference, data, reference)
+    protected = set(map(id, output_layers(module)))
+    layers = [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Linear)
+        and id(layer) not in protected
+    ]
+    if not layers:
+        raise InvalidRecipeError("the model has no prunable Conv/Linear layers besides its output layers")
+    example = example_batch(inputs, data.inputs)
+    table: dict[str, dict[str, float]] = {}
+    for index, name in enumerate(layers):
+        progress(index / len(layers), f"sensitivity of {name}")
+        table[name] = {}
+        for ratio in config.ratios:
+            candidate = copy.deepcopy(module)
+            target = candidate.get_submodule(name)
+            others = [
+                layer
+                for layer in candidate.modules()
+                if isinstance(layer, torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Linear)
+                and layer is not target
+            ]
+            pruner = tp.pruner.MetaPruner(
+                candidate,
+                example,
+                importance=_importance(PruneConfig(method=config.method)),
+                pruning_ratio=ratio,
+                ignored_layers=others,
+                round_to=None,
+            )
+            pruner.step()
+            table[name][str(ratio)] = baseline - _score(_outputs(candidate, data), data, reference)
+    return {
+        "metric": "top1" if data.labels is not None else "fidelity",
+        "method": config.method,
+        "baseline": baseline,
+        "samples": data.samples,
+        "ratios": list(config.ratios),
+        "layers": table,
+    }
+
+
+def ratios_within(report: dict[str, Any], max_drop: float) -> dict[str, float]:
+    """Per layer, the largest analysed ratio whose drop stays within `max_drop` (0 when none does)."""
+    chosen = {}
+    for layer, drops in report["layers"].items():
+        fitting = [float(ratio) for ratio, drop in drops.items() if drop <= max_drop]
+        chosen[layer] = max(fitting, default=0.0)
+    return chosen
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(8, 5))
+    for layer, drops in report["layers"].items():
+        ratios = sorted(drops, key=float)
+        axis.plot([float(r) for r in ratios], [drops[r] * 100 for r in ratios], marker="o", label=layer)
+    axis.set(
+        xlabel=f"fraction of channels pruned ({report['method']})",
+        ylabel=f"{report['metric']} drop (points)",
+        title="pruning sensitivity, one layer at a time",
+    )
+    axis.axhline(0, color="grey", linewidth=0.8)
+    axis.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
