@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench bench-prune clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: lint
 # The benchmark table of the README (about 10 minutes on 2 cores); ARGS="--quick" for a smoke run.
 bench: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.run $(ARGS)
+
+# The pruning table of the README (prune -> distil -> int8, side by side with the original).
+bench-prune: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.prune $(ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

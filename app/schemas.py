@@ -99,7 +99,9 @@ class AccuracyBudgetIn(BaseModel):
 class RatiosFromSensitivityIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    job_id: str = Field(description="a succeeded sensitivity job of the same model")
+    job_id: str | None = Field(
+        None, description="a succeeded sensitivity job of this model; null: the latest"
+    )
     max_drop: float = Field(0.01, ge=0, le=1)
 
 

@@ -12,6 +12,8 @@ def report_row(
     measurement: dict[str, Any],
     comparison: dict[str, Any] | None,
     size_bytes: int | None = None,
+    params: int | None = None,
+    macs: int | None = None,
 ) -> dict[str, Any]:
     """One row: a measured runner (the baseline when `comparison` is None) against the baseline."""
     accuracy = measurement.get("accuracy") or {}
@@ -29,6 +31,8 @@ def report_row(
         "top5": accuracy.get("top5"),
         "top1_agreement": fidelity.get("top1_agreement"),
         "size_mb": None if size_bytes is None else size_bytes / 1e6,
+        "params": params,
+        "macs": macs,
         "speedup": (comparison or {}).get("speedup"),
         "top1_delta": (comparison or {}).get("top1_delta"),
     }
@@ -41,13 +45,17 @@ def _cell(value: float | None, fmt: str) -> str:
 def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | None = None) -> str:
     """A markdown table: latency per batch size (p50, p99, speedup of p50s), top-1, deltas vs baseline."""
     sizes = sorted({size for row in rows for size in row["latency"]}, key=int)
-    header = ["Network", "Engine", "Precision", "Backend"]
+    header = ["Network", "Engine", "Precision", "Backend", "Params (M)", "MACs (M)"]
     for size in sizes:
         header += [f"p50 (b={size}) ms", f"p99 (b={size}) ms", f"Speedup (b={size})"]
     header += ["Top-1", "Δ top-1 vs baseline", "Agreement", "Size (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["network"], row["engine"], row["precision"], row["backend"]]
+        cells += [
+            _cell(row["params"] and row["params"] / 1e6, ".3f"),
+            _cell(row["macs"] and row["macs"] / 1e6, ".1f"),
+        ]
         for size in sizes:
             stats = row["latency"].get(size)
             speedup = (row["speedup"] or {}).get(size)

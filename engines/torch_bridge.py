@@ -40,6 +40,73 @@ def _torchvision_stand_in() -> None:
     sys.modules["torchvision"], sys.modules["torchvision.ops"] = torchvision, ops
 
 
+_OPSET18_REDUCTIONS = (
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSumSquare",
+)
+
+
+def _register_opset18_reductions() -> None:
+    """Opset 18 moved `axes` of these reductions from an attribute to an input (dynamo exports use it);
+    onnx2torch 1.5.15 converts them up to opset 13. Registered through its own extension point,
+    for constant axes (what exporters write)."""
+    from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, add_converter
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_const_value
+
+    def convert(node: Any, graph: Any) -> Any:
+        axes = None
+        if len(node.input_values) > 1 and node.input_values[1]:
+            try:
+                axes = get_const_value(node.input_values[1], graph).tolist()
+            except KeyError as exc:
+                raise NotImplementedError(f"{node.operation_type} with non-constant axes") from exc
+        module = OnnxReduceStaticAxes(
+            operation_type=node.operation_type, axes=axes, keepdims=node.attributes.get("keepdims", 1)
+        )
+        mapping = OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values)
+        return OperationConverterResult(torch_module=module, onnx_mapping=mapping)
+
+    for op_type in _OPSET18_REDUCTIONS:
+        if OperationDescription("", op_type, 18) not in _CONVERTER_REGISTRY:
+            add_converter(operation_type=op_type, version=18)(convert)
+
+
+def unconvertible_ops(op_types: list[str], opset: int) -> list[str]:
+    """Ops of the default domain that onnx2torch has no converter for at this opset (cheap: no conversion)."""
+    _load_onnx2torch()
+    from onnx2torch.node_converters.registry import get_converter
+
+    missing = []
+    for op_type in op_types:
+        try:
+            get_converter(op_type, opset)
+        except NotImplementedError:
+            missing.append(op_type)
+    return missing
+
+
+def _load_onnx2torch() -> Any:
+    _torchvision_stand_in()
+    try:
+        from onnx2torch import convert
+    except ImportError as exc:
+        raise EngineError(
+            f"pruning needs torch, torch-pruning and onnx2torch on the worker ({exc}); install them with "
+            "`make serve` / `make test`, or pip install '.[prune]' and then onnx2torch --no-deps",
+            code="pruning_unavailable",
+        ) from exc
+    _register_opset18_reductions()
+    return convert
+
+
 def _inline_identity_initializers(model: Any) -> None:
     """Legacy exports route shared weights through Identity nodes; onnx2torch's Conv converter needs
     the weight as an initializer, so such Identities are replaced by renamed initializer copies."""
@@ -62,16 +129,7 @@ def onnx_to_torch(onnx_path: Path) -> Any:
     """The model as a torch.fx.GraphModule, or EngineError(`unsupported_op`) naming what cannot convert."""
     import onnx
 
-    _torchvision_stand_in()
-    try:
-        from onnx2torch import convert
-    except ImportError as exc:
-        raise EngineError(
-            f"pruning needs torch, torch-pruning and onnx2torch on the worker ({exc}); install them with "
-            "`make serve` / `make test`, or pip install '.[prune]' and then onnx2torch --no-deps",
-            code="pruning_unavailable",
-        ) from exc
-
+    convert = _load_onnx2torch()
     model = onnx.load(str(onnx_path))
     _inline_identity_initializers(model)
     try:

@@ -553,3 +553,21 @@ def test_bad_pruning_recipes_are_refused(
     )
     assert fragment in body["detail"], body
     assert_nothing_stored(local_api, models=1)
+
+
+def test_pruning_a_model_the_converter_cannot_map_names_the_op(local_api: LocalApi) -> None:
+    model = linear_model()
+    model.graph.node.append(helper.make_node("Frobnicate", ["y"], ["z"], domain="com.example"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    model_id = post_file(local_api, "models", "custom.onnx", model.SerializeToString()).json()["id"]
+    response = local_api.client.post(
+        "/v1/jobs", json={"model_id": model_id, "recipe": {"prune": {"method": "l1"}}}
+    )
+    assert "Frobnicate" in expect_error(response, 422, "invalid_recipe")["detail"]
+    no_analysis = local_api.client.post(
+        "/v1/jobs",
+        json={"model_id": model_id, "recipe": {"prune": {"ratios_from_sensitivity": {"max_drop": 0.01}}}},
+    )
+    expect_error(no_analysis, 409, "sensitivity_not_available")
+    assert_nothing_stored(local_api, models=1)

@@ -23,3 +23,13 @@ def test_bench_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert results["hardware"]["cpu_model"] and results["hardware"]["threads"] >= 1
     assert "| digits | onnxruntime int8 (entropy) |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "latency_vs_accuracy.png").stat().st_size > 10_000
+
+
+def test_prune_bench_quick_run(tmp_path: Path) -> None:
+    from bench.prune import main as prune_main
+
+    assert prune_main(["--quick", "--models", "digits", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "prune_results.json").read_text())["rows"]
+    assert [row["stage"] for row in rows] == ["original fp32", "original int8", "pruned fp32", "pruned int8"]
+    assert rows[2]["macs"] * 2 <= rows[0]["macs"] and rows[2]["top1"] > 0.8
+    assert "| digits | pruned int8 |" in (tmp_path / "prune_results.md").read_text()

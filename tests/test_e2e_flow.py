@@ -89,7 +89,7 @@ def test_upload_job_engine_infer_report(live_stack: LiveStack, digits: DigitsArt
         assert report["rows"][0]["top1"] == pytest.approx(metrics["accuracy"]["top1"])
         markdown = client.get(f"/v1/jobs/{job['id']}/report", params={"format": "md"})
         assert markdown.headers["content-type"].startswith("text/markdown")
-        assert "| digits-cnn | original | fp32 | onnxruntime-cpu |" in markdown.text
+        assert "| digits-cnn | original | fp32 | onnxruntime-cpu | 0.024 | 2.5 |" in markdown.text
         print(f"\n[{live_stack.name}] report for job {job['id']}:\n{markdown.text}")
 
 
@@ -257,6 +257,7 @@ def test_prune_finetune_int8_pipeline_over_http(
         assert prune["macs_after"] * 2 <= prune["macs_before"] and prune["top1_after_finetune"] > 0.8
         report = client.get(f"/v1/jobs/{job['id']}/report").json()
         assert [row["precision"] for row in report["rows"]] == ["fp32", "fp32", "int8"]
+        assert report["rows"][1]["macs"] * 2 <= report["rows"][0]["macs"] == 2_507_392
 
         folded = client.post(
             "/v1/jobs", json={"model_id": model["id"], "recipe": {"prune": {"method": "slimming"}}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -201,3 +202,25 @@ def test_network_slimming_sparsity_training(
     assert prune["top1_after_finetune"] > 0.8
     with pytest.raises(InvalidRecipeError, match="slimming"):
         check_prune_config(PruneConfig("l1", sparsity_epochs=2), {})
+
+
+def test_opset18_reductions_convert(tmp_path: Path) -> None:
+    """Dynamo exports (opset 18) give ReduceMean its axes as an input: registered through onnx2torch."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engines.torch_bridge import unconvertible_ops
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)],
+        "mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "mean.onnx")
+    assert unconvertible_ops(["ReduceMean", "Conv"], 18) == []
+    assert unconvertible_ops(["Frobnicate"], 18) == ["Frobnicate"]
+    module = onnx_to_torch(tmp_path / "mean.onnx")
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    torch.testing.assert_close(module(x), x.mean(dim=2))

@@ -325,7 +325,7 @@ def test_sensitivity_analysis_and_ratios_from_it(local_api: LocalApi, uploaded: 
     png = local_api.client.get(f"/v1/jobs/{job_id}/sensitivity", params={"format": "png"})
     assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
 
-    prune = {"method": "l1", "ratios_from_sensitivity": {"job_id": job_id, "max_drop": 0.02}}
+    prune = {"method": "l1", "ratios_from_sensitivity": {"max_drop": 0.02}}  # the latest analysis
     optimize = create_job(local_api, uploaded, {**FAST, "prune": prune})
     layer_ratios = local_api.client.get(f"/v1/jobs/{optimize}").json()["recipe"]["prune"]["layer_ratios"]
     assert set(layer_ratios) == set(report["layers"])

@@ -15,20 +15,21 @@ from sqlalchemy.orm import Session
 from app.deps import get_db, get_settings_dep, get_store_dep
 from app.errors import ApiError, from_engine_error, not_found
 from app.job_queue import enqueue_job
-from app.orm import EngineRecord, JobRecord, JobStatus, lease_cutoff, utcnow
+from app.orm import EngineRecord, JobRecord, JobStatus, ModelRecord, lease_cutoff, utcnow
 from app.routes.datasets import get_dataset_record
 from app.routes.models import get_model_record
 from app.schemas import JobCreate, JobOut
 from app.settings import Settings
 from app.store import ArtifactStore
 from engines.datasets import DatasetInfo, check_fits_model
-from engines.errors import EngineError
+from engines.errors import EngineError, InvalidRecipeError
 from engines.pipeline import validate_recipe
 from engines.prune import check_prune_config
 from engines.recipe import Recipe
 from engines.report import render_markdown, report_row
 from engines.sensitivity import SENSITIVITY_JSON, SENSITIVITY_KEY, SENSITIVITY_PNG, ratios_within
 from engines.signature import TensorSpec, specs_from_dicts
+from engines.torch_bridge import unconvertible_ops
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -79,6 +80,19 @@ def get_job_record(session: Session, job_id: str) -> JobRecord:
     return job
 
 
+def _check_convertible(model: ModelRecord, recipe: Recipe) -> None:
+    """A prune-only job on a model with ops the converter lacks is refused now, naming them. With a
+    precision stage to fall back on, the job goes ahead and reports `pruning skipped` instead."""
+    try:
+        missing = unconvertible_ops(list(model.info.get("op_types", {})), model.info["opset"])
+    except EngineError:  # this API node has no torch/onnx2torch: the worker will say
+        return
+    if missing and recipe.precision == "fp32":
+        raise InvalidRecipeError(
+            f"the model cannot be converted to PyTorch for pruning: no converter for {missing}"
+        )
+
+
 def _dataset_fitting(
     session: Session, dataset_id: str | None, inputs: list[TensorSpec]
 ) -> DatasetInfo | None:
@@ -106,7 +120,9 @@ def create_job(
     recipe = body.recipe.to_config()
     source = body.recipe.prune.ratios_from_sensitivity if body.recipe.prune else None
     if source is not None and recipe.prune is not None:
-        report = sensitivity_report(session, store, source.job_id, model_id=model.id)
+        report = sensitivity_report(
+            session, store, source.job_id or _latest_sensitivity(session, model.id), model_id=model.id
+        )
         recipe = replace(
             recipe, prune=replace(recipe.prune, layer_ratios=ratios_within(report, source.max_drop))
         )
@@ -123,6 +139,7 @@ def create_job(
         )
         if recipe.prune is not None:
             check_prune_config(recipe.prune, model.info.get("op_types", {}))
+            _check_convertible(model, recipe)
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     job = JobRecord(
@@ -233,12 +250,20 @@ def job_report(
     engines = session.scalars(
         select(EngineRecord).where(EngineRecord.job_id == job_id).order_by(EngineRecord.created_at)
     ).all()
-    rows = [report_row(model.name, "original", job.baseline, None, model.size_bytes)]
+    params, macs = model.info.get("parameters"), model.info.get("macs")
+    rows = [report_row(model.name, "original", job.baseline, None, model.size_bytes, params, macs)]
     for engine in engines:
         measurement = {"backend": engine.backend, "precision": engine.precision, **engine.metrics}
+        pruned = engine.build_info.get("prune", {})
         rows.append(
             report_row(
-                model.name, engine.id, measurement, engine.metrics.get("vs_baseline"), engine.size_bytes
+                model.name,
+                engine.id,
+                measurement,
+                engine.metrics.get("vs_baseline"),
+                engine.size_bytes,
+                pruned.get("params", params),
+                pruned.get("macs", macs),
             )
         )
     hardware = job.baseline.get("hardware", {})
@@ -254,6 +279,23 @@ def job_report(
             "rows": rows,
         }
     )
+
+
+def _latest_sensitivity(session: Session, model_id: str) -> str:
+    jobs = session.scalars(
+        select(JobRecord)
+        .where(JobRecord.model_id == model_id, JobRecord.status == JobStatus.SUCCEEDED)
+        .order_by(JobRecord.finished_at.desc())
+    )
+    latest = next((job.id for job in jobs if SENSITIVITY_KEY in job.recipe), None)
+    if latest is None:
+        raise ApiError(
+            409,
+            "sensitivity_not_available",
+            f"model '{model_id}' has no sensitivity analysis yet; "
+            f"POST /v1/models/{model_id}/sensitivity first",
+        )
+    return latest
 
 
 def sensitivity_report(
