@@ -337,3 +337,60 @@ def test_sensitivity_analysis_and_ratios_from_it(local_api: LocalApi, uploaded: 
         "/v1/jobs", json={**uploaded, "recipe": {"prune": {"ratios_from_sensitivity": {"job_id": optimize}}}}
     )
     expect_error(other, 409, "sensitivity_not_available")
+
+
+@pytest.mark.parametrize("method", ["l1", "taylor", "fpgm", "random", "slimming", "magnitude"])
+def test_every_pruning_method_through_the_api(
+    local_api: LocalApi, digits: DigitsArtifacts, tmp_path, method: str
+) -> None:
+    """Each method as a user runs it: upload, job, engine; accuracy before and after recovery recorded."""
+    import torch
+
+    from examples.digits import train_cnn
+
+    path = digits.onnx_path
+    if method == "slimming":  # Network Slimming needs BatchNorm kept in the export
+        path = tmp_path / "bn.onnx"
+        torch.onnx.export(
+            train_cnn(digits.split, epochs=3),
+            (torch.zeros(1, 1, 32, 32),),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+        )
+    model_id = post_file(local_api, "models", "m.onnx", path.read_bytes()).json()["id"]
+    train = io_npz(
+        input=digits.split.train_x[:800], labels=digits.split.train_y[:800]
+    )  # under the 4 MiB test limit
+    train_id = post_file(local_api, "datasets", "train.npz", train).json()["id"]
+    eval_id = post_file(local_api, "datasets", "eval.npz", digits.eval_npz.read_bytes()).json()["id"]
+    prune = {"method": method, "ratio": 0.3} if method != "magnitude" else {"method": method, "sparsity": 0.3}
+    recipe = {**FAST, "prune": prune, **({"finetune": {"epochs": 2}} if method != "magnitude" else {})}
+    job_id = create_job(
+        local_api,
+        {"model_id": model_id, "calibration_dataset_id": train_id, "evaluation_dataset_id": eval_id},
+        recipe,
+    )
+    run_job_by_id(local_api.settings, job_id)
+    job = local_api.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    prune_info = local_api.client.get(f"/v1/engines/{job['engine_ids'][0]}").json()["build_info"]["prune"]
+    assert prune_info["method"] == method and prune_info["top1_after_pruning"] is not None
+    if method == "magnitude":
+        assert prune_info["sparsity"] == pytest.approx(0.3, abs=0.01)
+    else:
+        assert prune_info["macs_after"] < prune_info["macs_before"]
+        assert prune_info["top1_after_finetune"] >= prune_info["top1_after_pruning"]
+
+
+def io_npz(**arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
