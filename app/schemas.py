@@ -111,7 +111,7 @@ class SensitivityCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset_id: str
-    method: Literal["l1", "slimming", "taylor", "fpgm", "random"] = "l1"
+    method: Literal["l1", "slimming", "fpgm", "random"] = "l1"  # taylor needs gradients per candidate
     ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7], min_length=1, max_length=10)
 
     @field_validator("ratios")

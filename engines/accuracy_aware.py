@@ -59,7 +59,7 @@ def quantize_within_budget(
     result = quantize(config, workdir / "int8-all.onnx")
     drop = float_score - _score(result.path, evaluation, batch_size, budget.metric, reference)
     steps: list[dict[str, Any]] = [{"kept_float": 0, "drop": drop}]
-    best, best_drop = result, drop
+    best, best_drop, ranked = result, drop, []
     if drop > budget.max_drop:
         ranked = most_harmful_nodes(
             layer_errors(float_path, result.path, calibration, batch_size=batch_size, workdir=workdir)
@@ -68,8 +68,9 @@ def quantize_within_budget(
         while best_drop > budget.max_drop and ranked:
             check_cancelled()
             keep = tuple(ranked[: min(count, len(ranked))])
+            excluded = tuple(dict.fromkeys((*config.nodes_to_exclude, *keep)))  # the recipe's own stay float
             candidate = quantize(
-                replace(config, nodes_to_exclude=keep), workdir / f"int8-keep{len(keep)}.onnx"
+                replace(config, nodes_to_exclude=excluded), workdir / f"int8-keep{len(keep)}.onnx"
             )
             drop = float_score - _score(candidate.path, evaluation, batch_size, budget.metric, reference)
             steps.append({"kept_float": len(keep), "drop": drop})
@@ -89,6 +90,11 @@ def quantize_within_budget(
         "why_float": "their quantization adds the most error on calibration samples (engines.quant_debug)",
     }
     kept = len(best.metadata["nodes_kept_float"])
+    if ranked and set(ranked) <= set(best.metadata["nodes_kept_float"]):
+        best.messages.append(
+            "every ranked node had to stay in float to meet the budget: this 'int8' model computes in float; "
+            "the float engine is the honest choice"
+        )
     if not met:
         best.messages.append(
             f"accuracy budget missed: the best INT8 model drops {best_drop * 100:.2f} pt of {budget.metric} "

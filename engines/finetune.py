@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from engines.datasets import Dataset
+from engines.torch_bridge import first_output
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,11 @@ def finetune(
         student.train()
         losses = []
         for inputs, labels in _batches(train, batch_size, generator):
-            logits = student(*inputs)
+            logits = first_output(student(*inputs))
             loss = torch.zeros(())
             if config.distill:
                 with torch.no_grad():
-                    target = teacher(*inputs)
+                    target = first_output(teacher(*inputs))
                 kd = (
                     F.kl_div(
                         F.log_softmax(logits / temperature, dim=1),
@@ -116,7 +117,8 @@ def reestimate_batchnorm(module: Any, data: Dataset, batch_size: int) -> bool:
     import torch
 
     norms = [layer for layer in module.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
+    batch_size = min(batch_size, data.samples)
+    if not norms or batch_size < 2:
         return False
     for layer in norms:
         layer.reset_running_stats()

@@ -127,9 +127,11 @@ def validate_recipe(
             )
 
 
-def _calibration_batch(inputs: list[TensorSpec]) -> int:
+def _calibration_batch(inputs: list[TensorSpec], calibration: Dataset | None) -> int:
     static = [spec.batch_dim for spec in inputs if isinstance(spec.batch_dim, int)]
-    return int(static[0]) if static else 16
+    if static:
+        return int(static[0])
+    return max(1, min(16, calibration.samples if calibration is not None else 16))
 
 
 def _evaluation_batch(inputs: list[TensorSpec], batch_sizes: tuple[int, ...]) -> int:
@@ -248,7 +250,7 @@ def run_recipe(
                 workdir,
                 calibration=calibration,
                 evaluation=evaluation,
-                batch_size=_calibration_batch(inputs),
+                batch_size=_calibration_batch(inputs, calibration),
                 check_cancelled=check_cancelled,
             )
             messages += variants[key].messages

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engines.errors import InvalidRecipeError
+from engines.torch_bridge import first_output
 
 STRUCTURED_METHODS = ("l1", "slimming", "taylor", "fpgm", "random")
 METHODS = (*STRUCTURED_METHODS, "magnitude")
@@ -74,9 +73,15 @@ def _module_name(name: str) -> str:
     return name.lstrip("/")
 
 
+def weight_layers() -> tuple[type, ...]:
+    """Layers whose output channels pruning removes: any convolution (transposed too) and Linear."""
+    import torch
+
+    return (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+
+
 def output_layers(module: Any) -> list[Any]:
     """The Conv/Linear layers nearest to the graph outputs: pruning them would change the outputs."""
-    import torch
 
     found, seen = [], set()
     nodes = [node for node in module.graph.nodes if node.op == "output"]
@@ -88,7 +93,7 @@ def output_layers(module: Any) -> list[Any]:
         seen.add(node)
         if node.op == "call_module":
             layer = module.get_submodule(node.target)
-            if isinstance(layer, torch.nn.Conv2d | torch.nn.Conv1d | torch.nn.Linear):
+            if isinstance(layer, weight_layers()):
                 found.append(layer)
                 continue
         stack.extend(node.all_input_nodes)
@@ -146,15 +151,8 @@ def prune_structured(
             raise InvalidRecipeError("the taylor criterion needs a calibration dataset to take gradients on")
         module.zero_grad()
         for inputs, targets in taylor_batches:
-            loss = (
-                torch.nn.functional.kl_div(
-                    torch.log_softmax(module(inputs), dim=1),
-                    torch.softmax(targets, dim=1),
-                    reduction="batchmean",
-                )
-                if targets.dtype.is_floating_point
-                else torch.nn.functional.cross_entropy(module(inputs), targets)
-            )
+            logits = first_output(module(*inputs)).reshape(len(targets), -1)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
             loss.backward()
     pruner.step()
     after_params, after_macs = count_params_and_macs(module, example)
@@ -212,14 +210,3 @@ def prune_magnitude(module: Any, sparsity: float) -> PruneResult:
 def compressed_size(path: Path) -> int:
     """Bytes of the file deflated: what sparsity buys in storage and transfer."""
     return len(zlib.compress(path.read_bytes(), 6))
-
-
-def example_batch(inputs: list[Any], data: dict[str, np.ndarray] | None, size: int = 2) -> Any:
-    import torch
-
-    if data is not None:
-        return tuple(torch.from_numpy(np.ascontiguousarray(data[spec.name][:size])) for spec in inputs)
-    return tuple(
-        torch.zeros([size, *[dim if isinstance(dim, int) else 1 for dim in spec.shape[1:]]])
-        for spec in inputs
-    )

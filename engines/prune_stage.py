@@ -14,18 +14,19 @@ from typing import Any
 import numpy as np
 
 from engines.datasets import Dataset
-from engines.errors import EngineError, InvalidRecipeError
+from engines.errors import Cancelled, EngineError, InvalidRecipeError
 from engines.finetune import FinetuneConfig, finetune, reestimate_batchnorm
 from engines.ingest import inspect_model
-from engines.prune import (
-    PruneConfig,
-    compressed_size,
-    example_batch,
-    prune_magnitude,
-    prune_structured,
-)
+from engines.prune import PruneConfig, compressed_size, prune_magnitude, prune_structured
 from engines.signature import TensorSpec
-from engines.torch_bridge import onnx_to_torch, torch_to_onnx
+from engines.torch_bridge import (
+    check_same_signature,
+    example_batch,
+    first_output,
+    onnx_to_torch,
+    torch_outputs,
+    torch_to_onnx,
+)
 
 Progress = Callable[[float, str], None]
 
@@ -38,34 +39,25 @@ class PruneStageResult:
     messages: list[str] = field(default_factory=list)
 
 
-def _torch_top1(module: Any, data: Dataset, batch_size: int = 64) -> float | None:
-    import torch
-
+def _torch_top1(module: Any, data: Dataset) -> float | None:
     if data.labels is None:
         return None
-    module.eval()
-    hits = 0
-    with torch.no_grad():
-        for start in range(0, data.samples, batch_size):
-            inputs = tuple(
-                torch.from_numpy(array[start : start + batch_size]) for array in data.inputs.values()
-            )
-            hits += int((module(*inputs).argmax(1).numpy() == data.labels[start : start + batch_size]).sum())
-    return hits / data.samples
+    return float((torch_outputs(module, data).reshape(data.samples, -1).argmax(1) == data.labels).mean())
 
 
 def _taylor_batches(module: Any, data: Dataset, batches: int = 4, size: int = 32) -> list[tuple[Any, Any]]:
-    """(inputs, targets): labels when there are any, else the model's own outputs to distil from."""
+    """(inputs, class targets) for the Taylor criterion: labels, or else the model's own predictions
+    (pseudo-labels; distilling the model from itself would give zero loss and zero gradients)."""
     import torch
 
     found = []
     for start in range(0, min(data.samples, batches * size), size):
-        inputs = torch.from_numpy(next(iter(data.inputs.values()))[start : start + size])
+        inputs = tuple(torch.from_numpy(array[start : start + size]) for array in data.inputs.values())
         if data.labels is not None:
             targets = torch.from_numpy(data.labels[start : start + size].astype(np.int64))
         else:
             with torch.no_grad():
-                targets = module(inputs)
+                targets = first_output(module(*inputs)).reshape(len(inputs[0]), -1).argmax(1)
         found.append((inputs, targets))
     return found
 
@@ -83,10 +75,42 @@ def run_prune_stage(
     progress: Progress,
     check_cancelled: Callable[[], None],
 ) -> PruneStageResult:
+    """Prune the model; any failure of the conversion, pruning or export skips the stage with the
+    reason (the recipe's other stages still run on the original), except cancellation."""
     try:
-        module = onnx_to_torch(model_path)
-    except EngineError as exc:
-        return PruneStageResult(model_path, False, {"error": exc.detail}, [f"pruning skipped: {exc.detail}"])
+        return _prune(
+            model_path,
+            prune,
+            recovery,
+            workdir,
+            inputs=inputs,
+            output_names=output_names,
+            calibration=calibration,
+            evaluation=evaluation,
+            progress=progress,
+            check_cancelled=check_cancelled,
+        )
+    except (Cancelled, InvalidRecipeError):
+        raise
+    except Exception as exc:
+        detail = exc.detail if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+        return PruneStageResult(model_path, False, {"error": detail}, [f"pruning skipped: {detail}"])
+
+
+def _prune(
+    model_path: Path,
+    prune: PruneConfig,
+    recovery: FinetuneConfig | None,
+    workdir: Path,
+    *,
+    inputs: list[TensorSpec],
+    output_names: list[str],
+    calibration: Dataset | None,
+    evaluation: Dataset | None,
+    progress: Progress,
+    check_cancelled: Callable[[], None],
+) -> PruneStageResult:
+    module = onnx_to_torch(model_path)
     data = calibration or evaluation
     metadata: dict[str, Any] = {}
     messages: list[str] = []
@@ -96,13 +120,12 @@ def run_prune_stage(
         if prune.sparsity_epochs:
             if calibration is None:
                 raise InvalidRecipeError("sparsity training needs a calibration (training) dataset")
-            teacher = onnx_to_torch(model_path)
             metadata["sparsity_training"] = {
                 "epochs": prune.sparsity_epochs,
                 "lambda": prune.sparsity_lambda,
                 "history": finetune(
                     module,
-                    teacher,
+                    onnx_to_torch(model_path),
                     calibration,
                     FinetuneConfig(epochs=prune.sparsity_epochs),
                     bn_l1=prune.sparsity_lambda,
@@ -117,6 +140,10 @@ def run_prune_stage(
         example = example_batch(inputs, None if data is None else data.inputs)
         taylor = _taylor_batches(module, calibration) if prune.method == "taylor" and calibration else None
         result = prune_structured(module, example, prune, taylor_batches=taylor)
+        if result.metadata["macs_after"] >= result.metadata["macs_before"]:
+            messages.append(
+                "pruning removed no channels (every layer was protected, ignored or given ratio 0)"
+            )
     metadata.update(result.metadata)
     messages += result.messages
     check_cancelled()
@@ -125,15 +152,13 @@ def run_prune_stage(
     if recovery is not None and prune.method != "magnitude":
         if calibration is None:
             raise InvalidRecipeError("fine-tuning needs a calibration (training) dataset")
-        teacher = onnx_to_torch(model_path)
 
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
             progress(0.3 * epoch / recovery.epochs, f"fine-tuning: epoch {epoch}/{recovery.epochs}")
             check_cancelled()
 
-        metadata["finetune"] = {
-            "history": finetune(module, teacher, calibration, recovery, on_epoch=on_epoch)
-        }
+        history = finetune(module, onnx_to_torch(model_path), calibration, recovery, on_epoch=on_epoch)
+        metadata["finetune"] = {"history": history}
         if evaluation is not None:
             metadata["top1_after_finetune"] = _torch_top1(module, evaluation)
     elif recovery is not None:
@@ -142,6 +167,9 @@ def run_prune_stage(
         metadata["batchnorm_reestimated"] = True
     pruned_path = torch_to_onnx(module, workdir / "pruned.onnx", inputs, output_names)
     info = inspect_model(pruned_path)  # validated like an upload
+    original = inspect_model(model_path)
+    check_same_signature(list(original.inputs), list(info.inputs), "input signature")
+    check_same_signature(list(original.outputs), list(info.outputs), "output signature")
     metadata.update({"params": info.parameters, "macs": info.macs})
     if prune.method == "magnitude":
         metadata["compressed_bytes"] = compressed_size(pruned_path)

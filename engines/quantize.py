@@ -150,6 +150,7 @@ def quantize_int8(
         )
     samples = calibration.samples if config.calibration_samples is None else config.calibration_samples
     samples = min(samples, calibration.samples)
+    samples -= samples % batch_size if samples >= batch_size else 0  # calibration runs whole batches
     if samples < batch_size:
         raise InvalidRecipeError(
             f"calibration needs at least one batch of {batch_size} samples; the set has {calibration.samples}"

@@ -18,9 +18,9 @@ import numpy as np
 
 from engines.datasets import Dataset
 from engines.errors import InvalidRecipeError
-from engines.prune import PruneConfig, example_batch, output_layers
+from engines.prune import PruneConfig, output_layers
 from engines.signature import TensorSpec
-from engines.torch_bridge import onnx_to_torch
+from engines.torch_bridge import example_batch, onnx_to_torch, torch_outputs
 
 DEFAULT_RATIOS = (0.1, 0.3, 0.5, 0.7)
 SENSITIVITY_KEY = "sensitivity"  # a job whose recipe has this key is a sensitivity analysis
@@ -33,20 +33,6 @@ class SensitivityConfig:
     method: str = "l1"
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     max_samples: int = 500
-
-
-def _outputs(module: Any, data: Dataset, batch_size: int = 64) -> np.ndarray:
-    import torch
-
-    module.eval()
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, data.samples, batch_size):
-            inputs = tuple(
-                torch.from_numpy(array[start : start + batch_size]) for array in data.inputs.values()
-            )
-            chunks.append(module(*inputs).numpy())
-    return np.concatenate(chunks)
 
 
 def _score(outputs: np.ndarray, data: Dataset, reference: np.ndarray) -> float:
@@ -64,7 +50,8 @@ def analyse(
     *,
     progress: Callable[[float, str], None] = lambda fraction, stage: None,
 ) -> dict[str, Any]:
-    """{"metric", "baseline", "layers": {layer: {ratio: drop}}}: drops as fractions (0.01 = 1 point)."""
+    """{"metric", "baseline", "layers": {layer: {ratio: drop}}}: drops as fractions (0.01 = 1 point),
+    null where the layer cannot be pruned alone (its channels are coupled to other layers')."""
     import torch
     import torch_pruning as tp
 
@@ -72,7 +59,7 @@ def analyse(
 
     data = data.take(min(config.max_samples, data.samples))
     module = onnx_to_torch(model_path)
-    reference = _outputs(module, data)
+    reference = torch_outputs(module, data)
     baseline = _score(reference, data, reference)
     protected = set(map(id, output_layers(module)))
     layers = [
@@ -84,7 +71,7 @@ def analyse(
     if not layers:
         raise InvalidRecipeError("the model has no prunable Conv/Linear layers besides its output layers")
     example = example_batch(inputs, data.inputs)
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, float | None]] = {}
     for index, name in enumerate(layers):
         progress(index / len(layers), f"sensitivity of {name}")
         table[name] = {}
@@ -105,8 +92,13 @@ def analyse(
                 ignored_layers=others,
                 round_to=None,
             )
+            before = sum(parameter.numel() for parameter in candidate.parameters())
             pruner.step()
-            table[name][str(ratio)] = baseline - _score(_outputs(candidate, data), data, reference)
+            if sum(parameter.numel() for parameter in candidate.parameters()) == before:
+                # coupled with other layers (a residual add, a depthwise conv): cannot be pruned alone
+                table[name][str(ratio)] = None
+                continue
+            table[name][str(ratio)] = baseline - _score(torch_outputs(candidate, data), data, reference)
     return {
         "metric": "top1" if data.labels is not None else "fidelity",
         "method": config.method,
@@ -118,11 +110,17 @@ def analyse(
 
 
 def ratios_within(report: dict[str, Any], max_drop: float) -> dict[str, float]:
-    """Per layer, the largest analysed ratio whose drop stays within `max_drop` (0 when none does)."""
+    """Per layer, the largest ratio r such that every analysed ratio up to r stays within `max_drop`
+    (0 when the smallest already does not, or when the layer cannot be pruned alone: `null` drops)."""
     chosen = {}
     for layer, drops in report["layers"].items():
-        fitting = [float(ratio) for ratio, drop in drops.items() if drop <= max_drop]
-        chosen[layer] = max(fitting, default=0.0)
+        ratio_ok = 0.0
+        for ratio in sorted(drops, key=float):
+            drop = drops[ratio]
+            if drop is None or drop > max_drop:
+                break
+            ratio_ok = float(ratio)
+        chosen[layer] = ratio_ok
     return chosen
 
 
@@ -135,7 +133,11 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     fig, axis = plt.subplots(figsize=(8, 5))
     for layer, drops in report["layers"].items():
         ratios = sorted(drops, key=float)
-        axis.plot([float(r) for r in ratios], [drops[r] * 100 for r in ratios], marker="o", label=layer)
+        measured = [r for r in ratios if drops[r] is not None]
+        if measured:
+            axis.plot(
+                [float(r) for r in measured], [drops[r] * 100 for r in measured], marker="o", label=layer
+            )
     axis.set(
         xlabel=f"fraction of channels pruned ({report['method']})",
         ylabel=f"{report['metric']} drop (points)",

@@ -147,28 +147,45 @@ def onnx_to_torch(onnx_path: Path) -> Any:
         ) from exc
 
 
-def torch_to_onnx(module: Any, path: Path, inputs: list[TensorSpec], output_names: list[str]) -> Path:
-    """Export with the original input/output names and a dynamic batch dim (legacy exporter, opset 17)."""
+def example_batch(
+    inputs: list[TensorSpec], data: dict[str, Any] | None = None, size: int = 2
+) -> tuple[Any, ...]:
+    """Example inputs for tracing: real samples when given, else zeros of each input's dtype and shape.
+    A static batch dim wins over `size`."""
     import numpy as np
     import torch
 
-    examples = tuple(
-        torch.zeros(
-            [1, *[dim if isinstance(dim, int) else 1 for dim in spec.shape[1:]]],
-            dtype=getattr(torch, spec.dtype),
-        )
-        if np.dtype(spec.dtype).kind == "f"
-        else torch.zeros(
-            [1, *[dim if isinstance(dim, int) else 1 for dim in spec.shape[1:]]], dtype=torch.int64
-        )
-        for spec in inputs
-    )
-    dynamic = {spec.name: {0: "batch"} for spec in inputs if not isinstance(spec.batch_dim, int)}
-    dynamic.update({name: {0: "batch"} for name in output_names} if dynamic else {})
+    examples = []
+    for spec in inputs:
+        batch = spec.batch_dim if isinstance(spec.batch_dim, int) else size
+        if data is not None:
+            examples.append(torch.from_numpy(np.ascontiguousarray(data[spec.name][:batch])))
+        else:
+            dims = [batch, *[dim if isinstance(dim, int) else 1 for dim in spec.shape[1:]]]
+            examples.append(torch.zeros(dims, dtype=getattr(torch, np.dtype(spec.dtype).name)))
+    return tuple(examples)
+
+
+def first_output(result: Any) -> Any:
+    """onnx2torch modules return a tensor for one output and a sequence for several: the first."""
+    return result[0] if isinstance(result, list | tuple) else result
+
+
+def torch_to_onnx(module: Any, path: Path, inputs: list[TensorSpec], output_names: list[str]) -> Path:
+    """Export with the original input/output names, dtypes and batch dims (legacy exporter, opset 17)."""
+    import torch
+
+    dynamic: dict[str, dict[int, str]] = {}
+    for spec in inputs:
+        if not isinstance(spec.batch_dim, int):
+            dynamic[spec.name] = {0: spec.batch_dim or "batch"}
+    if dynamic:
+        batch_name = next(iter(dynamic.values()))[0]
+        dynamic.update({name: {0: batch_name} for name in output_names})
     module.eval()
     torch.onnx.export(
         module,
-        examples,
+        example_batch(inputs, None, size=1),
         str(path),
         input_names=[spec.name for spec in inputs],
         output_names=output_names,
@@ -177,3 +194,33 @@ def torch_to_onnx(module: Any, path: Path, inputs: list[TensorSpec], output_name
         dynamo=False,
     )
     return path
+
+
+def check_same_signature(before: list[TensorSpec], after: list[TensorSpec], what: str) -> None:
+    """Names, dtypes and static non-batch dims must survive a transformation; EngineError otherwise."""
+    described = [
+        (spec.name, spec.dtype, spec.rank, [d for d in spec.shape[1:] if isinstance(d, int)])
+        for spec in before
+    ]
+    now = [
+        (spec.name, spec.dtype, spec.rank, [d for d in spec.shape[1:] if isinstance(d, int)])
+        for spec in after
+    ]
+    if described != now:
+        raise EngineError(f"the {what} changed: {described} became {now}", code="signature_changed")
+
+
+def torch_outputs(module: Any, data: Any, batch_size: int = 64) -> Any:
+    """The module's first output over a whole engines.datasets.Dataset, as one numpy array."""
+    import numpy as np
+    import torch
+
+    module.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, data.samples, batch_size):
+            inputs = tuple(
+                torch.from_numpy(array[start : start + batch_size]) for array in data.inputs.values()
+            )
+            chunks.append(first_output(module(*inputs)).numpy())
+    return np.concatenate(chunks)

@@ -53,7 +53,15 @@ def build_variant(
     variant_dir.mkdir(parents=True, exist_ok=True)
     if recipe.precision == "fp16":
         path = convert_fp16(model_path, variant_dir / "model-fp16.onnx")
-        return ModelVariant(path, "fp16", {"fp16": "float16 weights and compute, float32 inputs and outputs"})
+        return ModelVariant(
+            path,
+            "fp16",
+            {"fp16": "float16 weights and activations in the graph, float32 inputs and outputs"},
+            [
+                "fp16: ONNX Runtime on CPU has float16 kernels for few ops and casts the rest back to "
+                "float32; fp16 is meant for GPU targets"
+            ],
+        )
     if calibration is None:
         raise InvalidRecipeError("int8 needs a calibration dataset (calibration_dataset_id)")
     started = time.perf_counter()

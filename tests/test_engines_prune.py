@@ -224,3 +224,65 @@ def test_opset18_reductions_convert(tmp_path: Path) -> None:
     module = onnx_to_torch(tmp_path / "mean.onnx")
     x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
     torch.testing.assert_close(module(x), x.mean(dim=2))
+
+
+def test_static_batch_survives_pruning(
+    digits: DigitsArtifacts, labelled_train: Dataset, tmp_path: Path
+) -> None:
+    recipe = Recipe(prune=PruneConfig("l1", 0.3), batch_sizes=(1,), measure=FAST)
+    result = run_recipe(digits.static_batch_onnx_path, recipe, tmp_path, calibration=labelled_train)
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    assert pruned.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert result.engines[0].artifact.metadata["prune"]["macs"] < 2_507_392
+
+
+def test_taylor_without_labels_uses_pseudo_labels(digits: DigitsArtifacts, tmp_path: Path) -> None:
+    unlabelled = Dataset({"input": digits.split.train_x[:256]}, None)
+    recipe = Recipe(prune=PruneConfig("taylor", 0.3), batch_sizes=(8,), measure=FAST)
+    result = run_recipe(digits.onnx_path, recipe, tmp_path, calibration=unlabelled)
+    assert result.engines[0].artifact.metadata["prune"]["macs_after"] < 2_507_392
+
+
+def test_a_two_input_model_skips_pruning_but_keeps_its_engines(tmp_path: Path) -> None:
+    import torch
+
+    class TwoBranch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, x, y):
+            features = torch.cat([self.a(x), self.b(y)], dim=1).mean(dim=(2, 3))
+            return self.head(features)
+
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(
+        TwoBranch().eval(),
+        (torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)),
+        str(path),
+        input_names=["x", "y"],
+        output_names=["out"],
+        dynamic_axes={"x": {0: "b"}, "y": {0: "b"}, "out": {0: "b"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    data = Dataset({"x": np.ones((16, 1, 8, 8), np.float32), "y": np.ones((16, 1, 8, 8), np.float32)}, None)
+    recipe = Recipe(precision="int8", prune=PruneConfig("taylor", 0.5), batch_sizes=(4,), measure=FAST)
+    result = run_recipe(path, recipe, tmp_path / "run", calibration=data)
+    assert result.engines, result.messages
+    pruned_or_skipped = [m for m in result.messages if m.startswith("pruning skipped")]
+    assert pruned_or_skipped or "prune" in result.engines[0].artifact.metadata
+
+
+def test_sensitivity_ratios_stop_at_the_first_ratio_over_budget() -> None:
+    from engines.sensitivity import ratios_within
+
+    report = {
+        "layers": {
+            "a": {"0.1": 0.0, "0.3": 0.05, "0.5": 0.0},
+            "b": {"0.1": None, "0.3": None},
+            "c": {"0.1": 0.0, "0.3": 0.005},
+        }
+    }
+    assert ratios_within(report, 0.01) == {"a": 0.1, "b": 0.0, "c": 0.3}

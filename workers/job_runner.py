@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 _CANCEL_POLL_SECONDS = 0.5
 
 
-class Superseded(Exception):
+class Superseded(Cancelled):
     """This attempt no longer owns the job (another attempt took over, or it was cancelled as lost)."""
 
 
@@ -230,6 +230,13 @@ def _load(
     )
 
 
+def engine_size(engine_path: Path) -> int:
+    """The engine file and its external data, not the reports stored beside it."""
+    return sum(
+        path.stat().st_size for path in engine_path.parent.glob(engine_path.name + "*") if path.is_file()
+    )
+
+
 def _store_engines(
     session: Session, store: ArtifactStore, job: JobRecord, result: PipelineResult, written: list[str]
 ) -> None:
@@ -249,7 +256,7 @@ def _store_engines(
                 precision=built.artifact.precision,
                 artifact_prefix=prefix,
                 engine_file=built.artifact.path.name,
-                size_bytes=store.size(prefix),
+                size_bytes=engine_size(built.artifact.path),
                 build_seconds=built.artifact.build_seconds,
                 hardware=measurement.hardware,
                 metrics={

@@ -80,7 +80,7 @@ def get_job_record(session: Session, job_id: str) -> JobRecord:
     return job
 
 
-def _check_convertible(model: ModelRecord, recipe: Recipe) -> None:
+def check_convertible(model: ModelRecord, recipe: Recipe) -> None:
     """A prune-only job on a model with ops the converter lacks is refused now, naming them. With a
     precision stage to fall back on, the job goes ahead and reports `pruning skipped` instead."""
     try:
@@ -139,7 +139,7 @@ def create_job(
         )
         if recipe.prune is not None:
             check_prune_config(recipe.prune, model.info.get("op_types", {}))
-            _check_convertible(model, recipe)
+            check_convertible(model, recipe)
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     job = JobRecord(
@@ -242,6 +242,10 @@ def job_report(
     session: Session = Depends(get_db),
 ) -> Response:
     job = get_job_record(session, job_id)
+    if SENSITIVITY_KEY in job.recipe:
+        raise ApiError(
+            409, "not_an_optimization_job", f"job '{job_id}' is a sensitivity analysis: GET its /sensitivity"
+        )
     if job.status != JobStatus.SUCCEEDED or job.baseline is None:
         raise ApiError(
             409, "job_not_succeeded", f"job '{job_id}' is {job.status}; reports exist for succeeded jobs"

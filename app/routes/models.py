@@ -175,13 +175,14 @@ def start_sensitivity(
     The result: `GET /v1/jobs/{id}/sensitivity` (JSON, or `?format=png` for the plot); a prune recipe
     can take its per-layer ratios with `{"ratios_from_sensitivity": {"job_id": …, "max_drop": 0.01}}`.
     """
-    from app.routes.jobs import job_out, queue_job
+    from app.routes.jobs import check_convertible, job_out, queue_job
 
     model = get_model_record(session, model_id)
     dataset = get_dataset_record(session, body.dataset_id)
     try:
         check_fits_model(DatasetInfo.from_dict(dataset.info), specs_from_dicts(model.info["inputs"]))
         check_prune_config(PruneConfig(method=body.method, ratio=0.5), model.info.get("op_types", {}))
+        check_convertible(model, Recipe())
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     job = JobRecord(
