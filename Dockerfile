@@ -12,7 +12,10 @@ COPY app ./app
 COPY workers ./workers
 COPY engines ./engines
 COPY migrations ./migrations
-RUN pip install . \
+# The prune extra brings torch (CPU build pinned in pyproject.toml) and torch-pruning; onnx2torch
+# goes in without its torchvision requirement (see engines/torch_bridge.py).
+RUN pip install '.[prune]' \
+    && pip install --no-deps onnx2torch==1.5.15 \
     && useradd --create-home --uid 1000 optiforge \
     && mkdir -p /data && chown optiforge /data
 
