@@ -127,11 +127,12 @@ def validate_recipe(
             )
 
 
-def _calibration_batch(inputs: list[TensorSpec], calibration: Dataset | None) -> int:
+def _calibration_batch(inputs: list[TensorSpec], calibration: Dataset | None, recipe: Recipe) -> int:
     static = [spec.batch_dim for spec in inputs if isinstance(spec.batch_dim, int)]
     if static:
         return int(static[0])
-    return max(1, min(16, calibration.samples if calibration is not None else 16))
+    available = calibration.samples if calibration is not None else 16
+    return max(1, min(16, available, recipe.quantize.calibration_samples or available))
 
 
 def _evaluation_batch(inputs: list[TensorSpec], batch_sizes: tuple[int, ...]) -> int:
@@ -250,7 +251,7 @@ def run_recipe(
                 workdir,
                 calibration=calibration,
                 evaluation=evaluation,
-                batch_size=_calibration_batch(inputs, calibration),
+                batch_size=_calibration_batch(inputs, calibration, recipe),
                 check_cancelled=check_cancelled,
             )
             messages += variants[key].messages

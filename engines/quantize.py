@@ -153,7 +153,9 @@ def quantize_int8(
     samples -= samples % batch_size if samples >= batch_size else 0  # calibration runs whole batches
     if samples < batch_size:
         raise InvalidRecipeError(
-            f"calibration needs at least one batch of {batch_size} samples; the set has {calibration.samples}"
+            f"calibration needs at least one batch of {batch_size} samples (the model's batch); "
+            f"{samples} are available (calibration set {calibration.samples}, "
+            f"calibration_samples {config.calibration_samples})"
         )
     result = QuantizeResult(path=out_path)
     if samples < RECOMMENDED_CALIBRATION_SAMPLES:

@@ -182,3 +182,14 @@ def test_a_budget_that_cannot_be_met_is_reported_with_numbers(
         message.startswith("accuracy budget missed") and "pt of fidelity" in message
         for message in result.messages
     )
+
+
+def test_a_few_calibration_samples_still_calibrate(
+    digits: DigitsArtifacts, calibration: Dataset, tmp_path: Path
+) -> None:
+    recipe = Recipe(
+        precision="int8", quantize=QuantizeConfig(calibration_samples=4), batch_sizes=(8,), measure=FAST
+    )
+    result = run_recipe(digits.onnx_path, recipe, tmp_path, calibration=calibration)
+    assert result.engines[0].artifact.metadata["calibration_samples"] == 4
+    assert any("calibrated on 4 samples" in message for message in result.messages)
