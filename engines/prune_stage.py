@@ -6,6 +6,7 @@ returns the original model with the reason in its messages, and the job reports 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,42 +63,25 @@ def _taylor_batches(module: Any, data: Dataset, batches: int = 4, size: int = 32
     return found
 
 
+def _skip_on_failure(stage: Callable[..., PruneStageResult]) -> Callable[..., PruneStageResult]:
+    """Any failure of conversion, pruning or export skips the stage with the reason, so the recipe's
+    other stages still run on the original; recipe errors and cancellation propagate."""
+
+    @functools.wraps(stage)
+    def guarded(model_path: Path, *args: Any, **kwargs: Any) -> PruneStageResult:
+        try:
+            return stage(model_path, *args, **kwargs)
+        except (Cancelled, InvalidRecipeError):
+            raise
+        except Exception as exc:
+            detail = exc.detail if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            return PruneStageResult(model_path, False, {"error": detail}, [f"pruning skipped: {detail}"])
+
+    return guarded
+
+
+@_skip_on_failure
 def run_prune_stage(
-    model_path: Path,
-    prune: PruneConfig,
-    recovery: FinetuneConfig | None,
-    workdir: Path,
-    *,
-    inputs: list[TensorSpec],
-    output_names: list[str],
-    calibration: Dataset | None,
-    evaluation: Dataset | None,
-    progress: Progress,
-    check_cancelled: Callable[[], None],
-) -> PruneStageResult:
-    """Prune the model; any failure of the conversion, pruning or export skips the stage with the
-    reason (the recipe's other stages still run on the original), except cancellation."""
-    try:
-        return _prune(
-            model_path,
-            prune,
-            recovery,
-            workdir,
-            inputs=inputs,
-            output_names=output_names,
-            calibration=calibration,
-            evaluation=evaluation,
-            progress=progress,
-            check_cancelled=check_cancelled,
-        )
-    except (Cancelled, InvalidRecipeError):
-        raise
-    except Exception as exc:
-        detail = exc.detail if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
-        return PruneStageResult(model_path, False, {"error": detail}, [f"pruning skipped: {detail}"])
-
-
-def _prune(
     model_path: Path,
     prune: PruneConfig,
     recovery: FinetuneConfig | None,
