@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from bench.run import export
 from engines.backends.base import CompileOptions
 from engines.backends.registry import get_backend
 from engines.datasets import Dataset
@@ -31,6 +30,7 @@ from engines.prune import PruneConfig
 from engines.prune_stage import run_prune_stage
 from engines.quantize import QuantizeConfig, prepare_float_model, quantize_int8
 from engines.recipe import MeasureConfig
+from examples.digits import export_onnx
 
 ORT = "onnxruntime-cpu"
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir()
             if name == "digits":
                 split = load_digits_split()
-                onnx_path = export(train_cnn(split), workdir / "digits.onnx", (1, 32, 32))
+                onnx_path = export_onnx(train_cnn(split), workdir / "digits.onnx")
                 rows += bench_network(
                     name,
                     onnx_path,
@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 torch.manual_seed(0)
-                onnx_path = export(ARCHITECTURES[name]().eval(), workdir / f"{name}.onnx", (3, 224, 224))
+                onnx_path = export_onnx(
+                    ARCHITECTURES[name]().eval(), workdir / f"{name}.onnx", shape=(3, 224, 224)
+                )
                 samples = 16 if args.quick else 64
                 calibration = Dataset(
                     {

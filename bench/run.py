@@ -31,6 +31,7 @@ from engines.measure import classification_accuracy, fidelity, measure_latency, 
 from engines.quantize import QuantizeConfig, prepare_float_model, quantize_int8
 from engines.recipe import MeasureConfig
 from engines.signature import TensorSpec
+from examples.digits import export_onnx
 
 ORT = "onnxruntime-cpu"
 
@@ -67,22 +68,6 @@ class Candidate:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def export(module: Any, path: Path, shape: tuple[int, ...]) -> Path:
-    import torch
-
-    torch.onnx.export(
-        module,
-        (torch.zeros(1, *shape),),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    return path
-
-
 def candidates_for(
     module: Any,
     name: str,
@@ -93,7 +78,7 @@ def candidates_for(
     threads: int,
 ) -> list[Candidate]:
     backend = get_backend(ORT)
-    onnx_path = export(module, workdir / f"{name}.onnx", shape)
+    onnx_path = export_onnx(module, workdir / f"{name}.onnx", shape=shape)
     fp32 = backend.compile(onnx_path, workdir / "fp32", _options(threads))
     ort_fp32 = backend.load(fp32.path, threads)
     eager = TorchEagerRunner(module, ort_fp32.input_metadata(), ort_fp32.output_metadata())

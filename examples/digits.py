@@ -81,20 +81,33 @@ def train_cnn(split: DigitsSplit, epochs: int = 10, batch_size: int = 32, seed: 
     return model.eval()
 
 
-def export_onnx(model, path: Path, *, dynamic_batch: bool = True) -> Path:
-    """Legacy (TorchScript) export: one self-contained file, opset 17, BN folded into Conv."""
+def export_onnx(
+    model,
+    path: Path,
+    *,
+    shape: tuple[int, ...] = (1, 32, 32),
+    dynamic_batch: bool = True,
+    keep_batchnorm: bool = False,
+) -> Path:
+    """Legacy (TorchScript) export: one self-contained file, opset 17, input `input`, output `logits`.
+
+    BatchNorm is folded into Conv unless `keep_batchnorm` (what Network Slimming needs).
+    """
     import torch
 
-    dummy = torch.zeros(1, 1, 32, 32)
+    options = (
+        {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False} if keep_batchnorm else {}
+    )
     torch.onnx.export(
         model,
-        (dummy,),
+        (torch.zeros(1, *shape),),
         str(path),
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
         dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
         opset_version=17,
         dynamo=False,
+        **options,
     )
     return path
 

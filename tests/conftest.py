@@ -43,6 +43,7 @@ JOB_LEASE_S = 5
 class DigitsArtifacts:
     onnx_path: Path
     static_batch_onnx_path: Path
+    bn_onnx_path: Path  # BatchNorm kept, as Network Slimming needs
     split: digits_model.DigitsSplit
     torch_test_logits: np.ndarray
     eval_npz: Path  # test split with labels
@@ -63,6 +64,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsArtifacts:
     return DigitsArtifacts(
         onnx_path=digits_model.export_onnx(model, root / "digits.onnx"),
         static_batch_onnx_path=digits_model.export_onnx(model, root / "digits_b1.onnx", dynamic_batch=False),
+        bn_onnx_path=digits_model.export_onnx(model, root / "digits_bn.onnx", keep_batchnorm=True),
         split=split,
         torch_test_logits=digits_model.predict(model, split.test_x),
         eval_npz=eval_npz,

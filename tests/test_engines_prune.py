@@ -31,27 +31,8 @@ def evaluation(digits: DigitsArtifacts) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def bn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits CNN exported with BatchNorm kept, as Network Slimming needs."""
-    import torch
-
-    from examples.digits import load_digits_split, train_cnn
-
-    module = train_cnn(load_digits_split(), epochs=2)
-    path = tmp_path_factory.mktemp("bn") / "digits_bn.onnx"
-    torch.onnx.export(
-        module,
-        (torch.zeros(1, 1, 32, 32),),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-        training=torch.onnx.TrainingMode.PRESERVE,
-        do_constant_folding=False,
-    )
-    return path
+def bn_model(digits: DigitsArtifacts) -> Path:
+    return digits.bn_onnx_path
 
 
 @pytest.mark.parametrize("method", ["l1", "taylor", "fpgm", "random"])

@@ -344,25 +344,8 @@ def test_every_pruning_method_through_the_api(
     local_api: LocalApi, digits: DigitsArtifacts, tmp_path, method: str
 ) -> None:
     """Each method as a user runs it: upload, job, engine; accuracy before and after recovery recorded."""
-    import torch
-
-    from examples.digits import train_cnn
-
-    path = digits.onnx_path
-    if method == "slimming":  # Network Slimming needs BatchNorm kept in the export
-        path = tmp_path / "bn.onnx"
-        torch.onnx.export(
-            train_cnn(digits.split, epochs=3),
-            (torch.zeros(1, 1, 32, 32),),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-        )
+    # Network Slimming needs BatchNorm kept in the export
+    path = digits.bn_onnx_path if method == "slimming" else digits.onnx_path
     model_id = post_file(local_api, "models", "m.onnx", path.read_bytes()).json()["id"]
     train = io_npz(
         input=digits.split.train_x[:800], labels=digits.split.train_y[:800]
