@@ -12,9 +12,10 @@ COPY app ./app
 COPY workers ./workers
 COPY engines ./engines
 COPY migrations ./migrations
-# The prune extra brings torch (CPU build pinned in pyproject.toml) and torch-pruning; onnx2torch
+COPY sdk ./sdk
+# The SDK is installed from sdk/ (the server shares its tensor codec). The prune extra brings torch (CPU build pinned in pyproject.toml) and torch-pruning; onnx2torch
 # goes in without its torchvision requirement (see engines/torch_bridge.py).
-RUN pip install '.[prune]' \
+RUN pip install ./sdk '.[prune]' \
     && pip install --no-deps onnx2torch==1.5.15 \
     && useradd --create-home --uid 1000 optiforge \
     && mkdir -p /data && chown optiforge /data

@@ -11,6 +11,8 @@ import contextlib
 import json
 from typing import Any
 
+from app.errors import error_body
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -20,18 +22,25 @@ class _BodyTooLarge(Exception):
 
 
 class BodySizeLimitMiddleware:
-    def __init__(self, app: Any, max_body_bytes: int):
+    """`max_body_bytes` for every request, `upload_bytes` for POSTs to the `upload_paths`."""
+
+    def __init__(self, app: Any, max_body_bytes: int, upload_bytes: int, upload_paths: tuple[str, ...]):
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.upload_bytes, self.upload_paths = max_body_bytes, upload_bytes, upload_paths
+
+    def limit_for(self, scope: Scope) -> int:
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") in self.upload_paths
+        return self.upload_bytes if is_upload else self.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._refuse(send)
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, scope["path"], limit)
             return
         received = 0
         response_started = refused = False
@@ -41,12 +50,12 @@ class BodySizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     # Answer now: the framework would turn any error raised while it parses the
                     # body into a generic 400, and its own response is dropped below.
                     if not response_started and not refused:
                         refused = True
-                        await self._refuse(send)
+                        await self._refuse(send, scope["path"], limit)
                     raise _BodyTooLarge
             return message
 
@@ -60,13 +69,9 @@ class BodySizeLimitMiddleware:
         with contextlib.suppress(_BodyTooLarge):  # already answered with 413
             await self.app(scope, counting_receive, tracking_send)
 
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps(
-            {
-                "code": "upload_too_large",
-                "detail": f"the request body is over the limit of {self.max_body_bytes} bytes",
-            }
-        ).encode()
+    async def _refuse(self, send: Any, path: str, limit: int) -> None:
+        detail = f"the request body is over the limit of {limit} bytes"
+        body = json.dumps(error_body(path, "upload_too_large", detail)).encode()
         await send(
             {
                 "type": "http.response.start",

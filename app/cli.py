@@ -1,4 +1,4 @@
-"""The `optiforge` command: serve, worker, migrate.
+"""The `optiforge` command: serve, worker, migrate, and the client commands of the SDK.
 
 `optiforge serve` on the embedded defaults (no broker configured) runs the schema upgrade, a
 Celery worker process beside the API, and the API itself: one command, one machine, no Redis.
@@ -7,12 +7,14 @@ Celery worker process beside the API, and the API itself: one command, one machi
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 
+from optiforge_client.cli import add_client_commands, run_client_command
+
+from app.request_log import configure_logging
 from app.settings import get_settings
 
 
@@ -74,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             log_level=args.loglevel.lower(),
+            log_config=None,  # keep the structured logging set up in main()
+            access_log=False,  # app.request_log writes one line per request, with its request id
         )
     finally:
         if supervisor is not None:
@@ -106,12 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     migrate.set_defaults(func=cmd_migrate)
+
+    add_client_commands(sub)  # models, datasets, jobs, engines, optimize, infer: the SDK's CLI
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "client_command", None):
+        return run_client_command(args)
+    configure_logging(args.loglevel if "loglevel" in args else "INFO", get_settings().log_format)
     return args.func(args)
 
 

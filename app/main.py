@@ -8,8 +8,10 @@ from app import __version__
 from app.body_limit import BodySizeLimitMiddleware
 from app.engine_pool import EnginePool
 from app.errors import install_error_handlers
-from app.routes import datasets, engines, health, jobs, models
-from app.settings import Settings, get_settings
+from app.metrics import Metrics
+from app.request_log import RequestLogMiddleware
+from app.routes import datasets, engines, health, inference_v2, jobs, models
+from app.settings import MIB, Settings, get_settings
 from app.store import get_store
 from app.uploads import MULTIPART_SLACK_BYTES
 
@@ -18,7 +20,9 @@ Upload a trained model (ONNX) and a dataset, start a job, get engines that are m
 side with the original: latency per batch size (mean, p50, p90, p99, throughput) and accuracy
 (top-1 against labels, or fidelity to the original without labels).
 
-Errors are JSON: `{"code": "machine_readable", "detail": "for a person"}`.
+Errors are JSON: `{"code": "machine_readable", "detail": "for a person"}`; under `/v2` (the Open
+Inference Protocol, which tritonclient and other KServe/Triton clients speak) they are
+`{"error": "for a person", "code": "machine_readable"}`.
 """
 
 
@@ -28,11 +32,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="optiforge", version=__version__, description=DESCRIPTION)
     app.state.settings = settings
     app.state.store = get_store(settings.resolved_artifact_dir)
-    app.state.engine_pool = EnginePool(settings.engine_pool_size, settings.inference_threads)
+    max_pool_bytes = settings.engine_pool_max_mb * MIB if settings.engine_pool_max_mb else None
+    app.state.engine_pool = EnginePool(settings.engine_pool_size, max_pool_bytes, settings.inference_threads)
+    app.state.metrics = Metrics(app.state.engine_pool, settings.resolved_database_url)
     install_error_handlers(app)
     app.add_middleware(
-        BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES
+        BodySizeLimitMiddleware,
+        max_body_bytes=settings.max_request_bytes,
+        upload_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
+        upload_paths=(models.router.prefix, datasets.router.prefix),
     )
-    for module in (health, models, datasets, jobs, engines):
+    app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)  # outermost: sees every response
+    for module in (health, models, datasets, jobs, engines, inference_v2):
         app.include_router(module.router)
+    app.router.add_event_handler("shutdown", app.state.engine_pool.close)
     return app

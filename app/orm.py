@@ -6,7 +6,17 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -110,6 +120,7 @@ class JobRecord(Base):
 
 class EngineRecord(Base):
     __tablename__ = "engines"
+    __table_args__ = (UniqueConstraint("alias", name="uq_engines_alias"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("eng"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -124,3 +135,8 @@ class EngineRecord(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     build_info: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: A name clients infer with instead of the id; moving it switches them to another engine.
+    alias: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: Dynamic batching, off while null.
+    max_batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queue_delay_ms: Mapped[float | None] = mapped_column(Float, nullable=True)

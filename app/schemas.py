@@ -248,7 +248,40 @@ class EngineOut(BaseModel):
         description="latency per batch size, accuracy, and ratios vs the baseline"
     )
     build_info: dict[str, Any]
+    alias: str | None = Field(description="a name to infer with instead of the id (/v2/models/{alias})")
+    batching: BatchingIn | None = Field(description="dynamic batching of concurrent requests; null: off")
     created_at: datetime
+
+
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class AliasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field(
+        pattern=ALIAS_PATTERN,
+        description="letters, digits, '.', '_', '-'; not starting with eng_ or mdl_ (those are ids)",
+        examples=["digits-prod"],
+    )
+
+    @field_validator("alias")
+    @classmethod
+    def _not_an_id(cls, alias: str) -> str:
+        if alias.startswith(("eng_", "mdl_")):
+            raise ValueError("aliases must not start with eng_ or mdl_: names like that are ids")
+        return alias
+
+
+class BatchingIn(BaseModel):
+    """Group concurrent requests into one engine call, as Triton's dynamic batcher does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, ge=1, le=4096, description="samples per engine call, at most")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, le=10_000, description="how long the first request of a batch waits for company"
+    )
 
 
 class InferRequest(BaseModel):
@@ -258,4 +291,6 @@ class InferRequest(BaseModel):
 class InferResponse(BaseModel):
     engine_id: str
     outputs: dict[str, Any]
-    compute_ms: float = Field(description="time spent in the engine, server side")
+    compute_ms: float = Field(description="time of the engine call, server side")
+    queue_ms: float = Field(0.0, description="time waiting for that call (dynamic batching)")
+    batch_size: int = Field(description="samples in that call (more than sent when batched with others)")

@@ -27,7 +27,8 @@ class Settings(BaseSettings):
         description="Celery broker; default: a filesystem broker in data_dir (no Redis needed)",
     )
     artifact_dir: Path | None = Field(default=None, description="default: data_dir/artifacts")
-    max_upload_bytes: int = 1024 * MIB
+    max_upload_bytes: int = 1024 * MIB  # model and dataset uploads
+    max_request_bytes: int = 64 * MIB  # every other request body, inference included
     #: An archive (.zip bundle or .npz) may unpack to at most this many times the upload limit.
     max_unpack_ratio: int = 4
     queue_prefix: str = Field(default="", description="prepended to queue names, to share one broker")
@@ -36,8 +37,10 @@ class Settings(BaseSettings):
     job_lease_s: int = 60  # a running job whose heartbeat is older than this lost its worker
     job_sweep_interval_s: int = 15  # how often each worker looks for such jobs to re-queue
     job_visibility_timeout_s: int = 6 * 3600  # Redis re-delivers unacked jobs after this long
-    engine_pool_size: int = 8  # loaded engines kept in the API process
+    engine_pool_size: int = 8  # loaded engines kept in the API process, at most
+    engine_pool_max_mb: int | None = 4096  # and at most this many MiB of engine files; None: no limit
     inference_threads: int | None = None  # None: all cores
+    log_format: str = Field(default="json", pattern="^(json|text)$", description="json: one object per line")
 
     @property
     def resolved_database_url(self) -> str:

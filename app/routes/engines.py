@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import inference
 from app.deps import get_db, get_store_dep
 from app.errors import ApiError, from_engine_error, not_found
-from app.orm import EngineRecord
-from app.schemas import EngineOut, InferRequest, InferResponse
+from app.orm import EngineRecord, ModelRecord
+from app.schemas import AliasIn, BatchingIn, EngineOut, InferRequest, InferResponse
 from app.store import ArtifactStore
 from engines.errors import EngineError
-from engines.signature import validate_feeds
+from engines.signature import specs_from_dicts
 from engines.variants import LAYER_ERRORS_FILENAME
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
 
 def engine_out(record: EngineRecord) -> EngineOut:
-    return EngineOut.model_validate(record, from_attributes=True)
+    batching = (
+        BatchingIn(max_batch_size=record.max_batch_size, max_queue_delay_ms=record.max_queue_delay_ms or 0.0)
+        if record.max_batch_size
+        else None
+    )
+    fields = {column.key: getattr(record, column.key) for column in EngineRecord.__table__.columns}
+    return EngineOut.model_validate({**fields, "batching": batching})
 
 
 def get_engine_record(session: Session, engine_id: str) -> EngineRecord:
@@ -84,6 +90,61 @@ def get_layer_errors(
     return Response(path.read_bytes(), media_type="application/json")
 
 
+@router.put("/{engine_id}/alias", response_model=EngineOut, summary="Name an engine (moves the name here)")
+def set_alias(engine_id: str, body: AliasIn, session: Session = Depends(get_db)) -> EngineOut:
+    """Clients that infer with `/v2/models/{alias}` switch to this engine on their next request,
+    without a change on their side. An alias names one engine: setting it here takes it from the
+    engine that had it."""
+    record = get_engine_record(session, engine_id)
+    session.execute(
+        update(EngineRecord)
+        .where(EngineRecord.alias == body.alias, EngineRecord.id != engine_id)
+        .values(alias=None)
+    )
+    record.alias = body.alias
+    try:
+        session.commit()
+    except IntegrityError as exc:  # another request took the alias between our two statements
+        session.rollback()
+        raise ApiError(409, "alias_conflict", f"alias '{body.alias}' was just set on another engine") from exc
+    return engine_out(record)
+
+
+@router.delete("/{engine_id}/alias", response_model=EngineOut, summary="Remove an engine's alias")
+def delete_alias(engine_id: str, session: Session = Depends(get_db)) -> EngineOut:
+    record = get_engine_record(session, engine_id)
+    record.alias = None
+    session.commit()
+    return engine_out(record)
+
+
+@router.put("/{engine_id}/batching", response_model=EngineOut, summary="Turn on dynamic batching")
+def set_batching(engine_id: str, body: BatchingIn, session: Session = Depends(get_db)) -> EngineOut:
+    """Concurrent requests (of any batch size, with matching shapes) are stacked into one engine
+    call of up to `max_batch_size` samples; the first waits at most `max_queue_delay_ms`. Higher
+    throughput under concurrency, at the cost of that delay; no gain for one client at a time."""
+    record = get_engine_record(session, engine_id)
+    model = session.get(ModelRecord, record.model_id)
+    static = [spec.name for spec in specs_from_dicts(model.info["inputs"]) if spec.has_static_batch()]
+    if static:
+        raise ApiError(
+            422,
+            "not_batchable",
+            f"input(s) {static} have a static batch dimension; export with a dynamic batch dim to batch",
+        )
+    record.max_batch_size, record.max_queue_delay_ms = body.max_batch_size, body.max_queue_delay_ms
+    session.commit()
+    return engine_out(record)
+
+
+@router.delete("/{engine_id}/batching", response_model=EngineOut, summary="Turn off dynamic batching")
+def delete_batching(engine_id: str, session: Session = Depends(get_db)) -> EngineOut:
+    record = get_engine_record(session, engine_id)
+    record.max_batch_size = record.max_queue_delay_ms = None
+    session.commit()
+    return engine_out(record)
+
+
 def _to_arrays(inputs: dict[str, object], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
     feeds = {}
     for name, value in inputs.items():
@@ -105,25 +166,22 @@ def infer(
     store: ArtifactStore = Depends(get_store_dep),
 ) -> InferResponse:
     """Inputs are nested lists, batch first; outputs come back the same way with the compute time.
+    For speed, and for tools that speak it, use the Open Inference Protocol: `/v2/models/{id}/infer`.
 
     A plain `def` route: FastAPI runs it in its thread pool, so inference never blocks the event loop.
     """
-    record = get_engine_record(session, engine_id)
+    engine = inference.ServedEngine.of(get_engine_record(session, engine_id), store)
     session.close()  # nothing more to read; don't hold a connection while computing
     try:
-        runner = request.app.state.engine_pool.get(
-            record.id, record.backend, store.local_path(f"{record.artifact_prefix}/{record.engine_file}")
-        )
-        specs = runner.input_metadata()
+        specs = inference.load(request.app.state, engine).runner.input_metadata()
         feeds = _to_arrays(body.inputs, {spec.name: spec.dtype for spec in specs})
-        validate_feeds(feeds, specs)
-        started = time.perf_counter()
-        outputs = runner.infer(feeds)
-        compute_ms = (time.perf_counter() - started) * 1000.0
+        result = inference.infer(request.app.state, engine, feeds, protocol="v1")
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     return InferResponse(
         engine_id=engine_id,
-        outputs={name: array.tolist() for name, array in outputs.items()},
-        compute_ms=compute_ms,
+        outputs={name: array.tolist() for name, array in result.outputs.items()},
+        compute_ms=result.compute_ms,
+        queue_ms=result.queue_ms,
+        batch_size=result.batch_size,
     )

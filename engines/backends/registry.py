@@ -14,6 +14,13 @@ _BACKENDS: dict[str, str] = {
 }
 
 
+#: What each backend needs, for messages on nodes that lack it (TensorRT engines come from GPU workers).
+_REQUIREMENTS: dict[str, str] = {
+    "onnxruntime-cpu": "onnxruntime with its CPU execution provider",
+    "tensorrt": "an NVIDIA GPU with TensorRT",
+}
+
+
 def backend_names() -> list[str]:
     return list(_BACKENDS)
 
@@ -26,12 +33,19 @@ def _backend_class(name: str) -> type[Backend]:
 
 def get_backend(name: str) -> Backend:
     """An instance of the named backend, or BackendUnavailableError if this node cannot run it."""
-    if name not in _BACKENDS:
-        raise BackendUnavailableError(f"unknown backend '{name}'; known: {backend_names()}")
-    backend_class = _backend_class(name)
-    if not backend_class.available():
-        raise BackendUnavailableError(f"backend '{name}' is not available on this node")
-    return backend_class()
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+    return _backend_class(name)()
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why this node cannot run backend `name`, or None when it can."""
+    if name in _BACKENDS and _backend_class(name).available():
+        return None
+    needs = f" ({_REQUIREMENTS[name]})" if name in _REQUIREMENTS else ""
+    runnable = [known for known in _BACKENDS if _backend_class(known).available()]
+    return f"backend '{name}'{needs} is not available on this node; this node runs {runnable}"
 
 
 def backend_queue(name: str) -> str:

@@ -1,0 +1,40 @@
+"""optiforge's Python client: manage models, datasets, jobs and engines, and run inference.
+
+Installs without torch or any server dependency (httpx, pydantic, numpy).
+"""
+
+from optiforge_client.client import AsyncClient, Client
+from optiforge_client.errors import (
+    BadRequest,
+    Conflict,
+    JobFailed,
+    JobTimeout,
+    NotFound,
+    OptiforgeError,
+    PayloadTooLarge,
+    ServerError,
+    Unavailable,
+    ValidationFailed,
+)
+from optiforge_client.models import Dataset, Engine, InferResult, Job, Model
+
+__version__ = "0.1.0"
+__all__ = [
+    "AsyncClient",
+    "BadRequest",
+    "Client",
+    "Conflict",
+    "Dataset",
+    "Engine",
+    "InferResult",
+    "Job",
+    "JobFailed",
+    "JobTimeout",
+    "Model",
+    "NotFound",
+    "OptiforgeError",
+    "PayloadTooLarge",
+    "ServerError",
+    "Unavailable",
+    "ValidationFailed",
+]

@@ -1,0 +1,206 @@
+"""Every API call once, as data: what to send and how to read the answer.
+
+The sync and the async client only differ in how they send, so each call is written here once
+and both clients execute it (see `client.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Generic, Literal, TypeVar
+
+import httpx
+import numpy as np
+
+from optiforge_client import tensors
+from optiforge_client.errors import error_from_response
+from optiforge_client.models import Dataset, Engine, InferResult, Job, Model
+
+T = TypeVar("T")
+
+
+@dataclass
+class Call(Generic[T]):
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: dict[str, Any] | None = None
+    json: Any = None
+    content: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    data: dict[str, str] | None = None
+    files: dict[str, tuple[str, IO[bytes]]] | None = None
+
+    def request_args(self) -> dict[str, Any]:
+        args = {"method": self.method, "url": self.path, "params": self.params, "headers": self.headers}
+        for name in ("json", "content", "data", "files"):
+            if getattr(self, name) is not None:
+                args[name] = getattr(self, name)
+        return args
+
+    def close(self) -> None:
+        """Close the files opened for an upload."""
+        for _name, handle in (self.files or {}).values():
+            handle.close()
+
+    def finish(self, response: httpx.Response) -> T:
+        """Close uploaded files, raise the typed error of an error answer, else parse it."""
+        self.close()
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            raise error_from_response(response.status_code, body, response.text)
+        return self.parse(response)
+
+
+def _as(model: type[T]) -> Callable[[httpx.Response], T]:
+    return lambda response: model.model_validate(response.json())  # type: ignore[attr-defined]
+
+
+def _list_of(model: type[T]) -> Callable[[httpx.Response], list[T]]:
+    return lambda response: [model.model_validate(item) for item in response.json()]  # type: ignore[attr-defined]
+
+
+def _nothing(_response: httpx.Response) -> None:
+    return None
+
+
+def _upload(path: str, file: str | Path, name: str | None, model: type[T]) -> Call[T]:
+    file = Path(file)
+    return Call(
+        "POST",
+        path,
+        _as(model),
+        data={"name": name} if name else None,
+        files={"file": (file.name, file.open("rb"))},
+    )
+
+
+def upload_model(path: str | Path, name: str | None = None) -> Call[Model]:
+    """Upload an .onnx file (or a .zip of one .onnx and its external data)."""
+    return _upload("/v1/models", path, name, Model)
+
+
+def list_models() -> Call[list[Model]]:
+    return Call("GET", "/v1/models", _list_of(Model))
+
+
+def get_model(model_id: str) -> Call[Model]:
+    return Call("GET", f"/v1/models/{model_id}", _as(Model))
+
+
+def delete_model(model_id: str) -> Call[None]:
+    """Delete a model with its jobs and engines."""
+    return Call("DELETE", f"/v1/models/{model_id}", _nothing)
+
+
+def upload_dataset(path: str | Path, name: str | None = None) -> Call[Dataset]:
+    """Upload a .npz of the model's inputs by name (and optional `labels`); never pickled."""
+    return _upload("/v1/datasets", path, name, Dataset)
+
+
+def list_datasets() -> Call[list[Dataset]]:
+    return Call("GET", "/v1/datasets", _list_of(Dataset))
+
+
+def create_job(
+    model_id: str,
+    recipe: Mapping[str, Any] | None = None,
+    calibration_dataset_id: str | None = None,
+    evaluation_dataset_id: str | None = None,
+) -> Call[Job]:
+    """Start an optimization job; `recipe` is the JSON recipe of the API (precision, prune, …)."""
+    body = {
+        "model_id": model_id,
+        "recipe": dict(recipe or {}),
+        "calibration_dataset_id": calibration_dataset_id,
+        "evaluation_dataset_id": evaluation_dataset_id,
+    }
+    return Call("POST", "/v1/jobs", _as(Job), json=body)
+
+
+def get_job(job_id: str) -> Call[Job]:
+    return Call("GET", f"/v1/jobs/{job_id}", _as(Job))
+
+
+def list_jobs(status: str | None = None) -> Call[list[Job]]:
+    return Call("GET", "/v1/jobs", _list_of(Job), params={"status": status} if status else None)
+
+
+def cancel_job(job_id: str) -> Call[Job]:
+    return Call("POST", f"/v1/jobs/{job_id}/cancel", _as(Job))
+
+
+def job_report(job_id: str, format: Literal["json", "md"] = "json") -> Call[Any]:
+    """The job's report: rows per engine vs the baseline (JSON), or the markdown table (`md`)."""
+    parse = (lambda r: r.text) if format == "md" else (lambda r: r.json())
+    return Call("GET", f"/v1/jobs/{job_id}/report", parse, params={"format": format})
+
+
+def list_engines(model_id: str | None = None, job_id: str | None = None) -> Call[list[Engine]]:
+    params = {key: value for key, value in (("model_id", model_id), ("job_id", job_id)) if value}
+    return Call("GET", "/v1/engines", _list_of(Engine), params=params or None)
+
+
+def get_engine(engine_id: str) -> Call[Engine]:
+    return Call("GET", f"/v1/engines/{engine_id}", _as(Engine))
+
+
+def set_alias(engine_id: str, alias: str) -> Call[Engine]:
+    """Point `alias` at this engine: clients inferring with the alias switch to it."""
+    return Call("PUT", f"/v1/engines/{engine_id}/alias", _as(Engine), json={"alias": alias})
+
+
+def set_batching(engine_id: str, max_batch_size: int = 16, max_queue_delay_ms: float = 2.0) -> Call[Engine]:
+    """Turn on dynamic batching of concurrent requests for this engine."""
+    body = {"max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms}
+    return Call("PUT", f"/v1/engines/{engine_id}/batching", _as(Engine), json=body)
+
+
+def model_metadata(name: str) -> Call[dict[str, Any]]:
+    """Open Inference Protocol metadata: inputs and outputs with datatype and shape."""
+    return Call("GET", f"/v2/models/{name}", lambda r: r.json())
+
+
+def infer(
+    name: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str] | None = None,
+    binary: bool = True,
+    version: str | None = None,
+) -> Call[InferResult]:
+    """Run inference on an engine id, alias or model id, over the Open Inference Protocol.
+
+    Binary tensors (raw bytes after a JSON header) by default; `binary=False` sends JSON.
+    """
+    header: dict[str, Any] = {"parameters": {"binary_data_output": binary}}
+    if outputs is not None:
+        header["outputs"] = [{"name": output, "parameters": {"binary_data": binary}} for output in outputs]
+    body, json_length = tensors.encode(header, "inputs", inputs, binary=binary)
+    headers = {"Content-Type": "application/json"}
+    if json_length is not None:
+        headers = {"Content-Type": tensors.BINARY_CONTENT_TYPE, tensors.HEADER_LENGTH: str(json_length)}
+    path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/infer"
+    return Call("POST", path, _infer_result, content=body, headers=headers)
+
+
+def _infer_result(response: httpx.Response) -> InferResult:
+    message, tail = tensors.split(response.content, response.headers.get(tensors.HEADER_LENGTH))
+    parameters = message.get("parameters") or {}
+    return InferResult(
+        outputs=tensors.decode(message.get("outputs", []), tail, what="output"),
+        model_name=message.get("model_name", ""),
+        model_version=message.get("model_version", ""),
+        compute_ms=parameters.get("compute_ms"),
+        queue_ms=parameters.get("queue_ms"),
+        batch_size=parameters.get("batch_size"),
+    )
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,271 @@
+"""Client subcommands: `optiforge models upload …`, `optiforge optimize …`, `optiforge infer …`.
+
+They are part of the server's `optiforge` command and, on a machine with only this SDK,
+`optiforge-client`. `--url` (or $OPTIFORGE_URL) says which server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from optiforge_client.client import Client, default_url
+from optiforge_client.errors import OptiforgeError
+from optiforge_client.models import Job
+
+
+def _print_json(value: Any) -> None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, list):
+        value = [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in value]
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
+    print("  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True)))
+    for line in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, redrawn on every poll of the job."""
+
+    def __init__(self, width: int = 30, stream: Any = None):
+        self.width, self.stream, self.seen_messages = width, stream or sys.stderr, 0
+
+    def __call__(self, job: Job) -> None:
+        for message in job.messages[self.seen_messages :]:
+            self.stream.write(f"\r\033[K  · {message}\n")
+        self.seen_messages = len(job.messages)
+        filled = round(job.progress * self.width)
+        bar = "█" * filled + "·" * (self.width - filled)
+        self.stream.write(f"\r\033[K{job.id} [{bar}] {job.progress * 100:5.1f}% {job.status}: {job.stage}")
+        if job.finished:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _recipe(args: argparse.Namespace) -> dict[str, Any]:
+    recipe: dict[str, Any] = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
+    if args.precision:
+        recipe["precision"] = args.precision
+    if args.target:
+        recipe["targets"] = args.target
+    if args.batch_sizes:
+        recipe["batch_sizes"] = [int(size) for size in args.batch_sizes.split(",")]
+    if args.prune:
+        recipe["prune"] = {**recipe.get("prune", {}), "method": args.prune, "ratio": args.prune_ratio}
+    if args.finetune_epochs:
+        recipe["finetune"] = {**recipe.get("finetune", {}), "epochs": args.finetune_epochs}
+    return recipe
+
+
+def _wait_and_report(client: Client, job: Job, quiet: bool) -> int:
+    job = client.wait_for_job(job.id, on_progress=None if quiet else ProgressBar())
+    print(client.job_report(job.id, format="md"))
+    return 0
+
+
+def cmd_optimize(client: Client, args: argparse.Namespace) -> int:
+    model = client.upload_model(args.model, name=args.name)
+    print(f"model {model.id}: {model.name}, {model.parameters:,} parameters", file=sys.stderr)
+    calibration = client.upload_dataset(args.calib) if args.calib else None
+    evaluation = client.upload_dataset(args.eval) if args.eval else None
+    job = client.create_job(
+        model.id,
+        _recipe(args),
+        calibration_dataset_id=calibration.id if calibration else None,
+        evaluation_dataset_id=evaluation.id if evaluation else (calibration.id if calibration else None),
+    )
+    if not args.wait:
+        print(job.id)
+        return 0
+    return _wait_and_report(client, job, args.quiet)
+
+
+def cmd_infer(client: Client, args: argparse.Namespace) -> int:
+    inputs: dict[str, np.ndarray] = {}
+    for item in args.input:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--input takes NAME=FILE.npy, got {item!r}")
+        inputs[name] = np.load(path, allow_pickle=False)
+    result = client.infer(args.name, inputs, binary=not args.json_tensors)
+    if args.out:
+        np.savez(args.out, **result.outputs)
+    summary = {
+        "model_version": result.model_version,
+        "compute_ms": result.compute_ms,
+        "queue_ms": result.queue_ms,
+        "batch_size": result.batch_size,
+        "outputs": {
+            name: {"shape": list(array.shape), "dtype": array.dtype.name, "argmax": array.argmax(-1).tolist()}
+            if array.ndim == 2
+            else {"shape": list(array.shape), "dtype": array.dtype.name}
+            for name, array in result.outputs.items()
+        },
+    }
+    _print_json(summary)
+    return 0
+
+
+def _list(rows: list[BaseModel], columns: Sequence[str]) -> int:
+    _print_table([row.model_dump(mode="json") for row in rows], columns)
+    return 0
+
+
+def _commands() -> dict[str, Any]:
+    """command path -> function(client, args)."""
+    return {
+        "models upload": lambda c, a: _print_json(c.upload_model(a.file, name=a.name)),
+        "models list": lambda c, a: _list(
+            c.list_models(), ["id", "name", "parameters", "macs", "size_bytes"]
+        ),
+        "models get": lambda c, a: _print_json(c.get_model(a.id)),
+        "models delete": lambda c, a: c.delete_model(a.id),
+        "datasets upload": lambda c, a: _print_json(c.upload_dataset(a.file, name=a.name)),
+        "datasets list": lambda c, a: _list(c.list_datasets(), ["id", "name", "samples", "has_labels"]),
+        "jobs create": lambda c, a: _print_json(
+            c.create_job(a.model_id, _recipe(a), calibration_dataset_id=a.calib, evaluation_dataset_id=a.eval)
+        ),
+        "jobs list": lambda c, a: _list(
+            c.list_jobs(a.status), ["id", "model_id", "status", "stage", "progress"]
+        ),
+        "jobs get": lambda c, a: _print_json(c.get_job(a.id)),
+        "jobs wait": lambda c, a: _wait_and_report(c, c.get_job(a.id), a.quiet),
+        "jobs cancel": lambda c, a: _print_json(c.cancel_job(a.id)),
+        "jobs report": lambda c, a: print(
+            c.job_report(a.id, format="md") if a.format == "md" else json.dumps(c.job_report(a.id), indent=2)
+        ),
+        "engines list": lambda c, a: _list(
+            c.list_engines(model_id=a.model_id, job_id=a.job_id),
+            ["id", "backend", "precision", "alias", "size_bytes"],
+        ),
+        "engines get": lambda c, a: _print_json(c.get_engine(a.id)),
+        "engines alias": lambda c, a: _print_json(c.set_alias(a.id, a.alias)),
+        "engines batching": lambda c, a: _print_json(
+            c.set_batching(a.id, a.max_batch_size, a.max_queue_delay_ms)
+        ),
+        "optimize": cmd_optimize,
+        "infer": cmd_infer,
+    }
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", help="a JSON recipe file; the options below override it")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--target", action="append", help="backend, e.g. onnxruntime-cpu (repeatable)")
+    parser.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8")
+    parser.add_argument("--prune", choices=["l1", "slimming", "taylor", "fpgm", "random", "magnitude"])
+    parser.add_argument("--prune-ratio", type=float, default=0.5)
+    parser.add_argument("--finetune-epochs", type=int)
+
+
+def add_client_commands(sub: Any) -> None:
+    """Add the client subcommands to an argparse subparsers object."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url", default=None, help="the server (default: $OPTIFORGE_URL or http://127.0.0.1:8000)"
+    )
+
+    def group(name: str, help: str) -> Any:
+        return sub.add_parser(name, help=help).add_subparsers(dest="action", required=True)
+
+    def leaf(parent: Any, path: str, help: str) -> argparse.ArgumentParser:
+        parser = parent.add_parser(path.split()[-1], help=help, parents=[common])
+        parser.set_defaults(client_command=path)
+        return parser
+
+    models = group("models", "upload, list, get, delete models")
+    upload = leaf(models, "models upload", "upload an .onnx (or .zip with external data)")
+    upload.add_argument("file")
+    upload.add_argument("--name")
+    leaf(models, "models list", "list models")
+    leaf(models, "models get", "describe a model").add_argument("id")
+    leaf(models, "models delete", "delete a model, its jobs and engines").add_argument("id")
+
+    datasets = group("datasets", "upload and list datasets")
+    upload = leaf(datasets, "datasets upload", "upload a .npz (inputs by name, optional labels)")
+    upload.add_argument("file")
+    upload.add_argument("--name")
+    leaf(datasets, "datasets list", "list datasets")
+
+    jobs = group("jobs", "create, follow and read jobs")
+    create = leaf(jobs, "jobs create", "start a job from a recipe")
+    create.add_argument("model_id")
+    create.add_argument("--calib", help="calibration dataset id")
+    create.add_argument("--eval", help="evaluation dataset id")
+    _add_recipe_options(create)
+    leaf(jobs, "jobs list", "list jobs").add_argument("--status")
+    leaf(jobs, "jobs get", "a job's state").add_argument("id")
+    wait = leaf(jobs, "jobs wait", "wait with a progress bar, then print the report")
+    wait.add_argument("id")
+    wait.add_argument("--quiet", action="store_true")
+    leaf(jobs, "jobs cancel", "cancel a job").add_argument("id")
+    report = leaf(jobs, "jobs report", "the comparison table")
+    report.add_argument("id")
+    report.add_argument("--format", choices=["md", "json"], default="md")
+
+    engines = group("engines", "list engines, name them, batch them")
+    listing = leaf(engines, "engines list", "list engines")
+    listing.add_argument("--model-id")
+    listing.add_argument("--job-id")
+    leaf(engines, "engines get", "an engine with its metrics").add_argument("id")
+    alias = leaf(engines, "engines alias", "point an alias at an engine")
+    alias.add_argument("id")
+    alias.add_argument("alias")
+    batching = leaf(engines, "engines batching", "turn on dynamic batching")
+    batching.add_argument("id")
+    batching.add_argument("--max-batch-size", type=int, default=16)
+    batching.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+
+    optimize = sub.add_parser(
+        "optimize", help="upload a model (and data), optimize it, wait, print the report", parents=[common]
+    )
+    optimize.set_defaults(client_command="optimize")
+    optimize.add_argument("model", help=".onnx file")
+    optimize.add_argument("--calib", help="calibration .npz (needed for int8)")
+    optimize.add_argument("--eval", help="evaluation .npz (default: the calibration set)")
+    optimize.add_argument("--name")
+    optimize.add_argument("--wait", action="store_true", help="follow the job and print the report")
+    optimize.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_recipe_options(optimize)
+
+    infer = sub.add_parser("infer", help="run inference on an engine id or alias", parents=[common])
+    infer.set_defaults(client_command="infer")
+    infer.add_argument("name", help="engine id, alias, or model id")
+    infer.add_argument("--input", action="append", required=True, help="NAME=FILE.npy (repeatable)")
+    infer.add_argument("--out", help="write the outputs to this .npz")
+    infer.add_argument("--json-tensors", action="store_true", help="JSON instead of binary tensors")
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run a parsed client subcommand; server errors print their code and detail, exit status 1."""
+    command = _commands()[args.client_command]
+    try:
+        with Client(default_url(args.url)) as client:
+            status = command(client, args)
+    except OptiforgeError as exc:
+        print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    return status if isinstance(status, int) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="optiforge-client", description=__doc__.splitlines()[0])
+    add_client_commands(parser.add_subparsers(dest="command", required=True))
+    return run_client_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The clients: `Client` (blocking) and `AsyncClient` (asyncio), with the same methods.
+
+    from optiforge_client import Client
+    with Client("http://127.0.0.1:8000") as client:
+        model = client.upload_model("model.onnx")
+        calib = client.upload_dataset("calib.npz")
+        job = client.create_job(model.id, {"precision": "int8"}, calibration_dataset_id=calib.id)
+        job = client.wait_for_job(job.id)
+        result = client.infer(job.engine_ids[0], {"input": batch})
+
+Each method is a call of `optiforge_client.calls` sent by this client's transport; errors are
+the typed exceptions of `optiforge_client.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import httpx
+
+from optiforge_client import calls
+from optiforge_client.errors import JobFailed, JobTimeout
+from optiforge_client.models import Job
+
+P = ParamSpec("P")
+T = TypeVar("T")
+DEFAULT_URL = "http://127.0.0.1:8000"
+ProgressCallback = Callable[[Job], None]
+
+
+def default_url(url: str | None = None) -> str:
+    """`url`, else $OPTIFORGE_URL, else the local default."""
+    return (url or os.environ.get("OPTIFORGE_URL") or DEFAULT_URL).rstrip("/")
+
+
+def _sync(build: Callable[P, calls.Call[T]]) -> Callable[Concatenate[Client, P], T]:
+    @functools.wraps(build)
+    def method(self: Client, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.send(build(*args, **kwargs))
+
+    return method
+
+
+def _async(build: Callable[P, calls.Call[T]]) -> Callable[Concatenate[AsyncClient, P], Awaitable[T]]:
+    @functools.wraps(build)
+    async def method(self: AsyncClient, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.send(build(*args, **kwargs))
+
+    return method
+
+
+def _finished(job: Job, started: float, timeout: float | None) -> bool:
+    """True once the job succeeded; raises if it failed, was cancelled, or the wait is over."""
+    if job.status == "succeeded":
+        return True
+    if job.finished:
+        raise JobFailed(job)
+    if timeout is not None and time.monotonic() - started > timeout:
+        raise JobTimeout(job, timeout)
+    return False
+
+
+class Client:
+    """Blocking client. `url` defaults to $OPTIFORGE_URL; `transport` lets tests pass an ASGI app."""
+
+    def __init__(self, url: str | None = None, timeout: float = 300.0, **httpx_options: Any):
+        self.url = default_url(url)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, **httpx_options)
+
+    def send(self, call: calls.Call[T]) -> T:
+        try:
+            response = self._http.request(**call.request_args())
+        except BaseException:
+            call.close()
+            raise
+        return call.finish(response)
+
+    upload_model = _sync(calls.upload_model)
+    list_models = _sync(calls.list_models)
+    get_model = _sync(calls.get_model)
+    delete_model = _sync(calls.delete_model)
+    upload_dataset = _sync(calls.upload_dataset)
+    list_datasets = _sync(calls.list_datasets)
+    create_job = _sync(calls.create_job)
+    get_job = _sync(calls.get_job)
+    list_jobs = _sync(calls.list_jobs)
+    cancel_job = _sync(calls.cancel_job)
+    job_report = _sync(calls.job_report)
+    list_engines = _sync(calls.list_engines)
+    get_engine = _sync(calls.get_engine)
+    set_alias = _sync(calls.set_alias)
+    set_batching = _sync(calls.set_batching)
+    model_metadata = _sync(calls.model_metadata)
+    infer = _sync(calls.infer)
+
+    def wait_for_job(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_progress: ProgressCallback | None = None,
+    ) -> Job:
+        """Poll until the job succeeds (returned), fails or is cancelled (JobFailed) or times out."""
+        started = time.monotonic()
+        while True:
+            job = self.get_job(job_id)
+            if on_progress:
+                on_progress(job)
+            if _finished(job, started, timeout):
+                return job
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The same methods as `Client`, awaitable."""
+
+    def __init__(self, url: str | None = None, timeout: float = 300.0, **httpx_options: Any):
+        self.url = default_url(url)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, **httpx_options)
+
+    async def send(self, call: calls.Call[T]) -> T:
+        try:
+            response = await self._http.request(**call.request_args())
+        except BaseException:
+            call.close()
+            raise
+        return call.finish(response)
+
+    upload_model = _async(calls.upload_model)
+    list_models = _async(calls.list_models)
+    get_model = _async(calls.get_model)
+    delete_model = _async(calls.delete_model)
+    upload_dataset = _async(calls.upload_dataset)
+    list_datasets = _async(calls.list_datasets)
+    create_job = _async(calls.create_job)
+    get_job = _async(calls.get_job)
+    list_jobs = _async(calls.list_jobs)
+    cancel_job = _async(calls.cancel_job)
+    job_report = _async(calls.job_report)
+    list_engines = _async(calls.list_engines)
+    get_engine = _async(calls.get_engine)
+    set_alias = _async(calls.set_alias)
+    set_batching = _async(calls.set_batching)
+    model_metadata = _async(calls.model_metadata)
+    infer = _async(calls.infer)
+
+    async def wait_for_job(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_progress: ProgressCallback | None = None,
+    ) -> Job:
+        """Poll until the job succeeds (returned), fails or is cancelled (JobFailed) or times out."""
+        started = time.monotonic()
+        while True:
+            job = await self.get_job(job_id)
+            if on_progress:
+                on_progress(job)
+            if _finished(job, started, timeout):
+                return job
+            await asyncio.sleep(poll_s)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,81 @@
+"""Typed errors that carry the server's machine-readable `code` and its `detail`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OptiforgeError(Exception):
+    """An error answer: `status` (HTTP), `code` (stable, for programs), `detail` (for people)."""
+
+    def __init__(self, status: int, code: str, detail: str, body: Any = None):
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail, self.body = status, code, detail, body
+
+
+class BadRequest(OptiforgeError):
+    """400: tensors or a message the server cannot take."""
+
+
+class NotFound(OptiforgeError):
+    """404: no such model, dataset, job, engine or alias."""
+
+
+class Conflict(OptiforgeError):
+    """409: e.g. the engine's backend is not on that server, or an alias race."""
+
+
+class PayloadTooLarge(OptiforgeError):
+    """413: the body is over the server's limit."""
+
+
+class ValidationFailed(OptiforgeError):
+    """422: a request that does not fit (a dataset that does not match the model, a bad recipe)."""
+
+
+class Unavailable(OptiforgeError):
+    """503: the server cannot do it now (broker down, engine this node cannot run)."""
+
+
+class ServerError(OptiforgeError):
+    """5xx: a fault on the server's side."""
+
+
+class JobFailed(OptiforgeError):
+    """The job ended failed or cancelled; `job` is its last state, `code`/`detail` its error."""
+
+    def __init__(self, job: Any):
+        error = job.error or {}
+        super().__init__(
+            0, error.get("code", job.status), error.get("detail", f"job {job.id} {job.status}"), job
+        )
+        self.job = job
+
+
+class JobTimeout(OptiforgeError):
+    """The job was still running when the wait gave up; `job` is its last state."""
+
+    def __init__(self, job: Any, seconds: float):
+        super().__init__(0, "timeout", f"job {job.id} still {job.status} after {seconds:.0f} s", job)
+        self.job = job
+
+
+_BY_STATUS = {
+    400: BadRequest,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: ValidationFailed,
+    503: Unavailable,
+}
+
+
+def error_from_response(status: int, body: Any, text: str) -> OptiforgeError:
+    """The typed error for an error response: `{"code", "detail"}` (/v1) or `{"error", "code"}` (/v2)."""
+    if isinstance(body, dict):
+        code = str(body.get("code") or "error")
+        detail = str(body.get("detail") or body.get("error") or text)
+    else:
+        code, detail = "http_error", text or f"HTTP {status}"
+    error_class = _BY_STATUS.get(status, ServerError if status >= 500 else OptiforgeError)
+    return error_class(status, code, detail, body)

@@ -1,0 +1,81 @@
+"""What the server returns, as pydantic models. Unknown fields are kept, so a newer server works."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class _Resource(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class TensorSpec(_Resource):
+    name: str
+    dtype: str
+    shape: list[int | str | None]
+
+
+class Model(_Resource):
+    id: str
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parameters: int
+    macs: int | None = None
+    size_bytes: int
+    created_at: datetime
+
+
+class Dataset(_Resource):
+    id: str
+    name: str
+    samples: int
+    has_labels: bool
+    classes: int | None = None
+    created_at: datetime
+
+
+class Job(_Resource):
+    id: str
+    model_id: str
+    status: str
+    stage: str
+    progress: float
+    messages: list[str] = []
+    error: dict[str, Any] | None = None
+    engine_ids: list[str] = []
+    created_at: datetime
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
+class Engine(_Resource):
+    id: str
+    job_id: str
+    model_id: str
+    backend: str
+    precision: str
+    size_bytes: int
+    metrics: dict[str, Any]
+    alias: str | None = None
+    batching: dict[str, Any] | None = None
+    created_at: datetime
+
+
+class InferResult(BaseModel):
+    """Outputs by name, with where the time went on the server."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    outputs: dict[str, np.ndarray]
+    model_name: str
+    model_version: str
+    compute_ms: float | None = None
+    queue_ms: float | None = None
+    batch_size: int | None = None
