@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench bench-prune clean
+.PHONY: serve test lint bench bench-prune bench-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(VENV)/.dev-installed
 # The pruning table of the README (prune -> distil -> int8, side by side with the original).
 bench-prune: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.prune $(ARGS)
+
+# The serving table of the README: /v2 overhead, dynamic batching under load, a 10 000-request soak.
+bench-serve: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.serve $(ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

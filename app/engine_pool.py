@@ -45,10 +45,16 @@ class LoadedEngine:
 
 
 class EnginePool:
-    def __init__(self, max_engines: int, max_bytes: int | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        max_engines: int,
+        max_bytes: int | None = None,
+        threads: int | None = None,
+        spin_wait: bool = False,
+    ):
         self.max_engines = max(1, max_engines)
         self.max_bytes = max_bytes
-        self.threads = threads
+        self.threads, self.spin_wait = threads, spin_wait
         self.loads = self.evictions = 0
         self._engines: OrderedDict[str, LoadedEngine] = OrderedDict()
         self._loading: dict[str, threading.Lock] = {}
@@ -77,8 +83,14 @@ class EnginePool:
             self._rebatch(engine, batching)
         return engine
 
+    def ready(self, engine_id: str, batching: BatchingConfig | None) -> LoadedEngine | None:
+        """The engine if it is loaded with this batching config: the fast path that never blocks."""
+        with self._lock:
+            engine = self._cached(engine_id)
+        return engine if engine is not None and engine.batching == batching else None
+
     def _load(self, engine_id: str, backend_name: str, engine_path: Path) -> LoadedEngine:
-        runner = get_backend(backend_name).load(engine_path, self.threads)
+        runner = get_backend(backend_name).load(engine_path, self.threads, self.spin_wait)
         engine = LoadedEngine(engine_id, runner, engine_footprint(engine_path))
         with self._lock:
             self._engines[engine_id] = engine

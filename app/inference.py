@@ -6,20 +6,24 @@ inputs against its signature, runs it (batched or not) and records the metrics.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import get_sessionmaker
 from app.engine_pool import LoadedEngine
 from app.errors import ApiError
 from app.orm import EngineRecord, ModelRecord
 from app.store import ArtifactStore
-from engines.batching import BatchingConfig, InferResult
+from engines.batching import BatchingConfig, InferResult, run_unbatched
 from engines.errors import EngineError
 from engines.signature import validate_feeds
 
@@ -79,6 +83,36 @@ def model_engines(session: Session, model_id: str) -> list[EngineRecord]:
     return list(session.scalars(query))
 
 
+class EngineDirectory:
+    """Names to engines, remembered for `ttl_s` so a request to a hot engine needs no database query.
+
+    Changes made through this process (alias, batching, delete) clear it at once; changes made
+    through another replica reach this one within `ttl_s`.
+    """
+
+    def __init__(self, database_url: str, store: ArtifactStore, ttl_s: float):
+        self.database_url, self.store, self.ttl_s = database_url, store, ttl_s
+        self._entries: dict[tuple[str, str | None], tuple[float, ServedEngine]] = {}
+
+    def cached(self, name: str, version: str | None) -> ServedEngine | None:
+        entry = self._entries.get((name, version))
+        if entry is None or time.monotonic() - entry[0] > self.ttl_s:
+            return None
+        return entry[1]
+
+    def lookup(self, name: str, version: str | None) -> ServedEngine:
+        """The engine `name` means now (ApiError 404 if none); queries the database on a miss."""
+        engine = self.cached(name, version)
+        if engine is None:
+            with get_sessionmaker(self.database_url)() as session:
+                engine = ServedEngine.of(find_engine(session, name, version), self.store)
+            self._entries[(name, version)] = (time.monotonic(), engine)
+        return engine
+
+    def invalidate(self) -> None:
+        self._entries.clear()
+
+
 def load(state: Any, engine: ServedEngine) -> LoadedEngine:
     """The engine loaded in this process (BackendUnavailableError on a node that cannot run it)."""
     try:
@@ -88,14 +122,51 @@ def load(state: Any, engine: ServedEngine) -> LoadedEngine:
         raise
 
 
-def infer(state: Any, engine: ServedEngine, feeds: Mapping[str, np.ndarray], protocol: str) -> InferResult:
-    """Validate `feeds` against the engine's inputs and run them; errors are EngineErrors with a code."""
-    loaded = load(state, engine)
+def _checked(state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray]) -> None:
     try:
         validate_feeds(dict(feeds), loaded.runner.input_metadata())
-        result = loaded.infer(feeds)
+    except EngineError as exc:
+        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
+        raise
+
+
+def _recorded(state: Any, engine: ServedEngine, protocol: str, run: Callable[[], InferResult]) -> InferResult:
+    try:
+        result = run()
     except EngineError as exc:
         state.metrics.inference_errors.labels(engine.id, exc.code).inc()
         raise
     state.metrics.observe_inference(engine.id, protocol, result)
     return result
+
+
+def infer(state: Any, engine: ServedEngine, feeds: Mapping[str, np.ndarray], protocol: str) -> InferResult:
+    """Validate `feeds` against the engine's inputs and run them; errors are EngineErrors with a code.
+
+    Blocking: call it from a worker thread."""
+    loaded = load(state, engine)
+    _checked(state, engine, loaded, feeds)
+    return _recorded(state, engine, protocol, lambda: loaded.infer(feeds))
+
+
+async def infer_async(
+    state: Any, engine: ServedEngine, feeds: Mapping[str, np.ndarray], protocol: str
+) -> InferResult:
+    """`infer` for the event loop: a loaded engine is used without leaving the loop except for the
+    engine call itself (a worker thread, or the batcher's thread when batching)."""
+    loaded = state.engine_pool.ready(engine.id, engine.batching)
+    if loaded is None:  # first use, or batching changed: loading blocks, so not on the loop
+        loaded = await run_in_threadpool(load, state, engine)
+    _checked(state, engine, loaded, feeds)
+    if loaded.batcher is not None:
+        future = loaded.batcher.submit(feeds)
+        try:
+            result = await asyncio.wrap_future(future)
+        except EngineError as exc:
+            state.metrics.inference_errors.labels(engine.id, exc.code).inc()
+            raise
+        state.metrics.observe_inference(engine.id, protocol, result)
+        return result
+    return await run_in_threadpool(
+        _recorded, state, engine, protocol, lambda: run_unbatched(loaded.runner, feeds)
+    )

@@ -8,6 +8,7 @@ from app import __version__
 from app.body_limit import BodySizeLimitMiddleware
 from app.engine_pool import EnginePool
 from app.errors import install_error_handlers
+from app.inference import EngineDirectory
 from app.metrics import Metrics
 from app.request_log import RequestLogMiddleware
 from app.routes import datasets, engines, health, inference_v2, jobs, models
@@ -33,7 +34,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = get_store(settings.resolved_artifact_dir)
     max_pool_bytes = settings.engine_pool_max_mb * MIB if settings.engine_pool_max_mb else None
-    app.state.engine_pool = EnginePool(settings.engine_pool_size, max_pool_bytes, settings.inference_threads)
+    app.state.engine_pool = EnginePool(
+        settings.engine_pool_size, max_pool_bytes, settings.inference_threads, settings.inference_spin_wait
+    )
+    app.state.engine_directory = EngineDirectory(
+        settings.resolved_database_url, app.state.store, settings.engine_cache_ttl_s
+    )
     app.state.metrics = Metrics(app.state.engine_pool, settings.resolved_database_url)
     install_error_handlers(app)
     app.add_middleware(

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     engine_pool_size: int = 8  # loaded engines kept in the API process, at most
     engine_pool_max_mb: int | None = 4096  # and at most this many MiB of engine files; None: no limit
     inference_threads: int | None = None  # None: all cores
+    #: Spinning idle inference threads cut latency a little but take the cores the server's own
+    #: threads need (HTTP parsing, the event loop); worth turning on for a dedicated many-core box.
+    inference_spin_wait: bool = False
+    #: How long an API process trusts what it looked up for an engine name (alias changes made on
+    #: another replica reach this one within this time).
+    engine_cache_ttl_s: float = 2.0
     log_format: str = Field(default="json", pattern="^(json|text)$", description="json: one object per line")
 
     @property

@@ -123,4 +123,18 @@ def mobilenet_v2() -> nn.Module:
     return MobileNetV2()
 
 
+def wide_mlp(classes: int = 1000) -> nn.Module:
+    """A 25 M-parameter MLP on 32×32 inputs: at batch 1 each call streams ~100 MB of weights for
+    little arithmetic (memory-bound, like the dense layers of recommenders and transformers), the
+    case where batching requests pays most on a CPU."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(32 * 32, 4096),
+        nn.ReLU(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
+        nn.Linear(4096, classes),
+    )
+
+
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "mobilenet_v2": mobilenet_v2}

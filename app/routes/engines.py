@@ -66,6 +66,7 @@ def delete_engine(
     session.delete(record)
     session.commit()
     request.app.state.engine_pool.evict(engine_id)
+    request.app.state.engine_directory.invalidate()
     store.delete(record.artifact_prefix)
     return Response(status_code=204)
 
@@ -91,7 +92,9 @@ def get_layer_errors(
 
 
 @router.put("/{engine_id}/alias", response_model=EngineOut, summary="Name an engine (moves the name here)")
-def set_alias(engine_id: str, body: AliasIn, session: Session = Depends(get_db)) -> EngineOut:
+def set_alias(
+    engine_id: str, body: AliasIn, request: Request, session: Session = Depends(get_db)
+) -> EngineOut:
     """Clients that infer with `/v2/models/{alias}` switch to this engine on their next request,
     without a change on their side. An alias names one engine: setting it here takes it from the
     engine that had it."""
@@ -107,19 +110,23 @@ def set_alias(engine_id: str, body: AliasIn, session: Session = Depends(get_db))
     except IntegrityError as exc:  # another request took the alias between our two statements
         session.rollback()
         raise ApiError(409, "alias_conflict", f"alias '{body.alias}' was just set on another engine") from exc
+    request.app.state.engine_directory.invalidate()
     return engine_out(record)
 
 
 @router.delete("/{engine_id}/alias", response_model=EngineOut, summary="Remove an engine's alias")
-def delete_alias(engine_id: str, session: Session = Depends(get_db)) -> EngineOut:
+def delete_alias(engine_id: str, request: Request, session: Session = Depends(get_db)) -> EngineOut:
     record = get_engine_record(session, engine_id)
     record.alias = None
     session.commit()
+    request.app.state.engine_directory.invalidate()
     return engine_out(record)
 
 
 @router.put("/{engine_id}/batching", response_model=EngineOut, summary="Turn on dynamic batching")
-def set_batching(engine_id: str, body: BatchingIn, session: Session = Depends(get_db)) -> EngineOut:
+def set_batching(
+    engine_id: str, body: BatchingIn, request: Request, session: Session = Depends(get_db)
+) -> EngineOut:
     """Concurrent requests (of any batch size, with matching shapes) are stacked into one engine
     call of up to `max_batch_size` samples; the first waits at most `max_queue_delay_ms`. Higher
     throughput under concurrency, at the cost of that delay; no gain for one client at a time."""
@@ -134,14 +141,16 @@ def set_batching(engine_id: str, body: BatchingIn, session: Session = Depends(ge
         )
     record.max_batch_size, record.max_queue_delay_ms = body.max_batch_size, body.max_queue_delay_ms
     session.commit()
+    request.app.state.engine_directory.invalidate()
     return engine_out(record)
 
 
 @router.delete("/{engine_id}/batching", response_model=EngineOut, summary="Turn off dynamic batching")
-def delete_batching(engine_id: str, session: Session = Depends(get_db)) -> EngineOut:
+def delete_batching(engine_id: str, request: Request, session: Session = Depends(get_db)) -> EngineOut:
     record = get_engine_record(session, engine_id)
     record.max_batch_size = record.max_queue_delay_ms = None
     session.commit()
+    request.app.state.engine_directory.invalidate()
     return engine_out(record)
 
 

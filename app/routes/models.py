@@ -153,6 +153,7 @@ def delete_model(
     session.delete(record)
     session.commit()
     request.app.state.engine_pool.evict(*engine_ids)
+    request.app.state.engine_directory.invalidate()
     for prefix in prefixes:
         store.delete(prefix)
     return Response(status_code=204)

@@ -63,8 +63,13 @@ class Backend(abc.ABC):
         """Turn an ONNX file into an engine file inside `out_dir`."""
 
     @abc.abstractmethod
-    def load(self, engine_path: Path, threads: int | None = None) -> Runner:
-        """Load an engine file written by `compile`."""
+    def load(self, engine_path: Path, threads: int | None = None, spin_wait: bool = True) -> Runner:
+        """Load an engine file written by `compile`.
+
+        `spin_wait` keeps idle compute threads spinning between calls: the lowest latency for
+        back-to-back calls (what a benchmark does), but the spinning takes cores that a server's
+        own threads need, so serving turns it off.
+        """
 
     @abc.abstractmethod
     def hardware(self, threads: int | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def _session(path: Path, options: Any) -> Any:
         ) from exc
 
 
-def _session_options(threads: int | None, level_name: str) -> Any:
+def _session_options(threads: int | None, level_name: str, spin_wait: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -43,6 +43,8 @@ def _session_options(threads: int | None, level_name: str) -> Any:
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin_wait:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -111,9 +113,11 @@ class OnnxRuntimeCpuBackend(Backend):
             metadata={"onnxruntime": ort.__version__, "saved_optimization_level": "extended"},
         )
 
-    def load(self, engine_path: Path, threads: int | None = None) -> OnnxRuntimeRunner:
-
-        return OnnxRuntimeRunner(_session(engine_path, _session_options(threads, "ORT_ENABLE_ALL")))
+    def load(
+        self, engine_path: Path, threads: int | None = None, spin_wait: bool = True
+    ) -> OnnxRuntimeRunner:
+        options = _session_options(threads, "ORT_ENABLE_ALL", spin_wait)
+        return OnnxRuntimeRunner(_session(engine_path, options))
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         import onnxruntime as ort

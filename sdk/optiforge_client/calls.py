@@ -162,6 +162,15 @@ def set_batching(engine_id: str, max_batch_size: int = 16, max_queue_delay_ms: f
     return Call("PUT", f"/v1/engines/{engine_id}/batching", _as(Engine), json=body)
 
 
+def clear_batching(engine_id: str) -> Call[Engine]:
+    """Turn dynamic batching off: one engine call per request."""
+    return Call("DELETE", f"/v1/engines/{engine_id}/batching", _as(Engine))
+
+
+def delete_alias(engine_id: str) -> Call[Engine]:
+    return Call("DELETE", f"/v1/engines/{engine_id}/alias", _as(Engine))
+
+
 def model_metadata(name: str) -> Call[dict[str, Any]]:
     """Open Inference Protocol metadata: inputs and outputs with datatype and shape."""
     return Call("GET", f"/v2/models/{name}", lambda r: r.json())

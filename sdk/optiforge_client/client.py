@@ -95,6 +95,8 @@ class Client:
     get_engine = _sync(calls.get_engine)
     set_alias = _sync(calls.set_alias)
     set_batching = _sync(calls.set_batching)
+    clear_batching = _sync(calls.clear_batching)
+    delete_alias = _sync(calls.delete_alias)
     model_metadata = _sync(calls.model_metadata)
     infer = _sync(calls.infer)
 
@@ -155,6 +157,8 @@ class AsyncClient:
     get_engine = _async(calls.get_engine)
     set_alias = _async(calls.set_alias)
     set_batching = _async(calls.set_batching)
+    clear_batching = _async(calls.clear_batching)
+    delete_alias = _async(calls.delete_alias)
     model_metadata = _async(calls.model_metadata)
     infer = _async(calls.infer)
 
