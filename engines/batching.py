@@ -70,18 +70,28 @@ class DynamicBatcher:
         self.runner, self.config = runner, config
         self._queue: queue.Queue[_Pending | object] = queue.Queue()
         self._carry: _Pending | None = None
+        self._closed = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, feeds: Mapping[str, np.ndarray]) -> Future[InferResult]:
         samples = {len(array) for array in feeds.values() if array.ndim > 0}
         pending = _Pending(feeds, samples.pop() if len(samples) == 1 else 1)
-        self._queue.put(pending)
+        with self._lock:
+            if not self._closed:
+                self._queue.put(pending)
+                return pending.future
+        # Closed under us (the engine was evicted or its batching changed after the caller got
+        # this batcher): still answer, alone, on a thread of its own.
+        threading.Thread(target=self._run, args=([pending],), daemon=True).start()
         return pending.future
 
     def close(self) -> None:
-        """Finish what is queued, then stop the thread."""
-        self._queue.put(self._STOP)
+        """Finish what is queued, then stop the thread; later submissions run unbatched."""
+        with self._lock:
+            self._closed = True
+            self._queue.put(self._STOP)
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:

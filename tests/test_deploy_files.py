@@ -37,5 +37,5 @@ def test_compose_file_is_valid(profile: list[str]) -> None:
 
 def test_dockerfile_copies_every_package() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for package in ("app", "workers", "engines", "migrations"):
+    for package in ("app", "workers", "engines", "migrations", "sdk"):
         assert f"COPY {package} ./{package}" in dockerfile

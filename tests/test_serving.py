@@ -406,3 +406,14 @@ def test_concurrent_requests_to_one_engine_are_correct(served: Served, digits: D
         for i, logits in zip(range(0, 60, 4), pool.map(one, range(0, 60, 4)), strict=True):
             np.testing.assert_allclose(logits, expected[i : i + 4], rtol=1e-5, atol=1e-5)
     assert threading.active_count() < 100
+
+
+def test_a_closed_batcher_still_answers(digits: DigitsArtifacts) -> None:
+    """A request that got the batcher just before its engine was evicted is answered, not stranded."""
+    from engines.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
+
+    runner = OnnxRuntimeCpuBackend().load(digits.onnx_path, threads=1)
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_ms=1))
+    batcher.close()
+    result = batcher.submit({"input": digits.split.test_x[:2]}).result(timeout=30)
+    assert result.batch_size == 2 and result.outputs["logits"].shape == (2, 10)
