@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engines.errors import EngineError
 
 #: HTTP status for engine errors raised at request time.
-_ENGINE_ERROR_STATUS = {"upload_too_large": 413, "backend_unavailable": 409}
+_ENGINE_ERROR_STATUS = {"upload_too_large": 413, "backend_unavailable": 409, "engine_file_missing": 503}
 
 
 class ApiError(Exception):

@@ -10,7 +10,6 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +22,9 @@ from app.engine_pool import LoadedEngine
 from app.errors import ApiError
 from app.orm import EngineRecord, ModelRecord
 from app.store import ArtifactStore
+from engines.backends.registry import unavailable_reason
 from engines.batching import BatchingConfig, InferResult, run_unbatched
-from engines.errors import EngineError
+from engines.errors import BackendUnavailableError, EngineError
 from engines.signature import validate_feeds
 
 
@@ -35,7 +35,7 @@ class ServedEngine:
     id: str
     model_id: str
     backend: str
-    path: Path
+    artifact_key: str  # the engine file in the artifact store
     batching: BatchingConfig | None
 
     @classmethod
@@ -45,8 +45,8 @@ class ServedEngine:
             if record.max_batch_size
             else None
         )
-        path = store.local_path(f"{record.artifact_prefix}/{record.engine_file}")
-        return cls(record.id, record.model_id, record.backend, path, batching)
+        key = f"{record.artifact_prefix}/{record.engine_file}"
+        return cls(record.id, record.model_id, record.backend, key, batching)
 
 
 def find_engine(session: Session, name: str, version: str | None = None) -> EngineRecord:
@@ -114,9 +114,20 @@ class EngineDirectory:
 
 
 def load(state: Any, engine: ServedEngine) -> LoadedEngine:
-    """The engine loaded in this process (BackendUnavailableError on a node that cannot run it)."""
+    """The engine loaded in this process; BackendUnavailableError on a node that cannot run it,
+    `engine_file_missing` when the artifact store lost its file."""
     try:
-        return state.engine_pool.get(engine.id, engine.backend, engine.path, engine.batching)
+        reason = unavailable_reason(engine.backend)
+        if reason is not None:
+            raise BackendUnavailableError(f"engine '{engine.id}' cannot run here: {reason}")
+        try:
+            path = state.store.local_path(engine.artifact_key)
+        except FileNotFoundError:
+            raise EngineError(
+                f"engine '{engine.id}': its file '{engine.artifact_key}' is not in the artifact store",
+                code="engine_file_missing",
+            ) from None
+        return state.engine_pool.get(engine.id, engine.backend, path, engine.batching)
     except EngineError as exc:
         state.metrics.inference_errors.labels(engine.id, exc.code).inc()
         raise

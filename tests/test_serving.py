@@ -250,9 +250,15 @@ def test_an_engine_this_node_cannot_run_says_why(served: Served) -> None:
     with session_scope(served.settings.resolved_database_url) as session:
         source = session.get(EngineRecord, served.engine_ids[0])
         columns = {c.key: getattr(source, c.key) for c in EngineRecord.__table__.columns}
+        fake = {
+            "id": "eng_tensorrt0001",
+            "backend": "tensorrt",
+            "alias": None,
+            "artifact_prefix": "elsewhere/trt",
+        }
         session.add(
-            EngineRecord(**{**columns, "id": "eng_tensorrt0001", "backend": "tensorrt", "alias": None})
-        )
+            EngineRecord(**{**columns, **fake})
+        )  # its own prefix: deleting it must not touch the real one
     ready = served.client.get("/v2/models/eng_tensorrt0001/ready")
     assert ready.status_code == 503 and ready.json()["ready"] is False
     assert "NVIDIA" in ready.json()["error"] and "onnxruntime-cpu" in ready.json()["error"]
@@ -264,6 +270,14 @@ def test_an_engine_this_node_cannot_run_says_why(served: Served) -> None:
     assert "tensorrt" in body["error"]
     assert served.client.get("/v2/models/eng_tensorrt0001").json()["platform"] == "tensorrt_plan"
     served.client.delete("/v1/engines/eng_tensorrt0001")
+
+    with session_scope(served.settings.resolved_database_url) as session:  # a file the store lost
+        session.add(
+            EngineRecord(**{**columns, "id": "eng_lostfile0001", "alias": None, "artifact_prefix": "gone"})
+        )
+    lost = served.client.post("/v2/models/eng_lostfile0001/infer", json={"inputs": []})
+    assert "not in the artifact store" in expect_protocol_error(lost, 503, "engine_file_missing")["error"]
+    served.client.delete("/v1/engines/eng_lostfile0001")
 
 
 # ---------------------------------------------------------------- dynamic batching
