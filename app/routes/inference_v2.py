@@ -106,8 +106,33 @@ def model_ready(name: str, request: Request, version: str | None = None) -> JSON
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
-@router.post("/models/{name}/infer", summary="Inference: JSON tensors, or binary tensors after a JSON header")
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version")
+#: The request body as Swagger shows it (the route reads raw bytes, so FastAPI cannot infer it).
+_INFER_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {
+                "example": {
+                    "id": "1",
+                    "inputs": [
+                        {"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [0.1, 0.2, 0.3]}
+                    ],
+                    "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
+                }
+            },
+            BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        }
+    }
+}
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference: JSON tensors, or binary tensors after a JSON header",
+    openapi_extra=_INFER_BODY,
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_BODY
+)
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """Send `Inference-Header-Content-Length: N` with binary tensors: the body is N bytes of JSON,
     then each input's raw little-endian bytes in order (`"parameters": {"binary_data_size": n}`).
