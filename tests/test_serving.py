@@ -234,6 +234,7 @@ def test_bad_requests_get_protocol_errors_and_the_server_keeps_serving(
     assert "binary_data_size" in expect_protocol_error(response, 400, "invalid_request")["error"]
 
     expect_protocol_error(client.post("/v2/models/nope/infer", json=json_request()), 404, "model_not_found")
+    expect_protocol_error(client.post("/v2/models/nope/infer", content=b"{}"), 404, "model_not_found")
     expect_protocol_error(client.get("/v2/models/nope"), 404, "model_not_found")
     huge = client.post(url, content=b"\0" * (MAX_REQUEST_BYTES + 1), headers={tensors.HEADER_LENGTH: "2"})
     expect_protocol_error(huge, 413, "upload_too_large")
@@ -376,10 +377,12 @@ def test_metrics_and_request_ids(served: Served, digits: DigitsArtifacts) -> Non
         f"/v2/models/{name}/infer",
         json={"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1], "data": [0]}]},
     )
+    client.post(f"/v2/models/{name}/infer", content=b"{")
     text = client.get("/metrics").text
     assert f'optiforge_inference_requests_total{{engine="{name}",protocol="v2"}}' in text
     assert f'optiforge_inference_compute_seconds_bucket{{engine="{name}",le="0.005"}}' in text
     assert f'optiforge_inference_errors_total{{code="invalid_input",engine="{name}"}}' in text
+    assert f'optiforge_inference_errors_total{{code="invalid_request",engine="{name}"}}' in text
     assert 'optiforge_jobs{state="succeeded"} 3.0' in text
     assert re.search(r"^optiforge_engine_pool_engines [1-9]", text, re.M)
     assert 'optiforge_http_requests_total{method="POST",route="/v2/models/{name}/infer",status="200"}' in text

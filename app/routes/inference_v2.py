@@ -144,6 +144,9 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     JSON tensors, which can be large), so the protocol adds little to the engine's own time.
     """
     state = request.app.state
+    engine = state.engine_directory.cached(name, version) or await run_in_threadpool(
+        state.engine_directory.lookup, name, version
+    )  # an unknown name is a 404 whatever the body
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
     try:
@@ -152,10 +155,8 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
         else:
             message, feeds = _parse(body, header_length)
     except ProtocolError as exc:
+        state.metrics.inference_errors.labels(engine.id, "invalid_request").inc()
         raise ApiError(400, "invalid_request", str(exc)) from exc
-    engine = state.engine_directory.cached(name, version) or await run_in_threadpool(
-        state.engine_directory.lookup, name, version
-    )
     try:
         result = await inference.infer_async(state, engine, feeds, protocol="v2")
         outputs = requested_outputs(message, list(result.outputs), default_binary=False)
