@@ -31,14 +31,24 @@ class LiveEngine:
     model_id: str
 
 
-@pytest.fixture(scope="module")
-def live_engine(embedded_stack: LiveStack, digits: DigitsArtifacts) -> LiveEngine:
-    """An fp32 engine of the digits CNN on the live server, made through the SDK."""
-    with Client(embedded_stack.base_url) as client:
+def _engine_on(stack: LiveStack, digits: DigitsArtifacts) -> LiveEngine:
+    """An fp32 engine of the digits CNN on a live server, made through the SDK."""
+    with Client(stack.base_url) as client:
         model = client.upload_model(digits.onnx_path, name="digits")
         job = client.create_job(model.id, {"batch_sizes": [1], "measure": QUICK_MEASURE})
         job = client.wait_for_job(job.id, timeout=180)
-    return LiveEngine(embedded_stack, job.engine_ids[0], model.id)
+    return LiveEngine(stack, job.engine_ids[0], model.id)
+
+
+@pytest.fixture(scope="module")
+def live_engine(embedded_stack: LiveStack, digits: DigitsArtifacts) -> LiveEngine:
+    return _engine_on(embedded_stack, digits)
+
+
+@pytest.fixture(scope="module")
+def engine_on_each_stack(live_stack: LiveStack, digits: DigitsArtifacts) -> LiveEngine:
+    """The same, on the embedded stack and on PostgreSQL + Redis."""
+    return _engine_on(live_stack, digits)
 
 
 def reference(digits: DigitsArtifacts, x: np.ndarray) -> np.ndarray:
@@ -46,9 +56,12 @@ def reference(digits: DigitsArtifacts, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"input": x})[0]
 
 
-def test_tritonclient_metadata_and_inference(live_engine: LiveEngine, digits: DigitsArtifacts) -> None:
+def test_tritonclient_metadata_and_inference(
+    engine_on_each_stack: LiveEngine, digits: DigitsArtifacts
+) -> None:
     import tritonclient.http as triton
 
+    live_engine = engine_on_each_stack
     client = triton.InferenceServerClient(url=live_engine.stack.base_url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(live_engine.engine_id)
