@@ -201,6 +201,7 @@ def test_bad_requests_get_protocol_errors_and_the_server_keeps_serving(
         "unknown datatype": client.post(url, json=json_request(datatype="COMPLEX")),
         "not json": client.post(url, content=b"{not json"),
         "no inputs": client.post(url, json={}),
+        "nested too deep": client.post(url, content=b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
     }
     codes = {
         "wrong name": "invalid_input",
@@ -210,6 +211,7 @@ def test_bad_requests_get_protocol_errors_and_the_server_keeps_serving(
         "unknown datatype": "invalid_request",
         "not json": "invalid_request",
         "no inputs": "invalid_request",
+        "nested too deep": "invalid_request",
     }
     for case, response in cases.items():
         body = expect_protocol_error(response, 400, codes[case])

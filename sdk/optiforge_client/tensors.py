@@ -105,7 +105,7 @@ def split(body: bytes, header_length: int | str | None) -> tuple[dict[str, Any],
         json_part, tail = view[:length], view[length:]
     try:
         message = json.loads(bytes(json_part))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise ProtocolError(f"the JSON header does not parse: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("the JSON header must be an object")
