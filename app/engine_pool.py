@@ -39,8 +39,9 @@ class LoadedEngine:
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> InferResult:
         """Run one request, through the dynamic batcher when the engine has one."""
-        if self.batcher is not None:
-            return self.batcher.submit(feeds).result()
+        batcher = self.batcher  # read once: batching may be turned off meanwhile
+        if batcher is not None:
+            return batcher.submit(feeds).result()
         return run_unbatched(self.runner, feeds)
 
 
@@ -103,8 +104,8 @@ class EnginePool:
 
     def _rebatch(self, engine: LoadedEngine, batching: BatchingConfig | None) -> None:
         with self._lock:
-            if engine.batching == batching:
-                return
+            if engine.batching == batching or self._engines.get(engine.engine_id) is not engine:
+                return  # nothing to change, or evicted meanwhile: no batcher nobody would close
             old = engine.batcher
             engine.batcher = DynamicBatcher(engine.runner, batching, engine.engine_id) if batching else None
         if old is not None:
@@ -114,7 +115,7 @@ class EnginePool:
         evicted = []
         while len(self._engines) > 1 and (
             len(self._engines) > self.max_engines
-            or (self.max_bytes is not None and self.footprint_bytes > self.max_bytes)
+            or (self.max_bytes is not None and self._footprint() > self.max_bytes)
         ):
             oldest = next(iter(self._engines))
             if oldest == keep:  # the engine just loaded stays, even when it alone is over the limit
@@ -140,6 +141,10 @@ class EnginePool:
 
     @property
     def footprint_bytes(self) -> int:
+        with self._lock:
+            return self._footprint()
+
+    def _footprint(self) -> int:  # with the lock held
         return sum(engine.footprint_bytes for engine in self._engines.values())
 
     def loaded_ids(self) -> list[str]:
@@ -147,7 +152,8 @@ class EnginePool:
             return list(self._engines)
 
     def __len__(self) -> int:
-        return len(self._engines)
+        with self._lock:
+            return len(self._engines)
 
 
 def _close(engine: LoadedEngine) -> None:

@@ -7,8 +7,10 @@ inputs against its signature, runs it (batched or not) and records the metrics.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,24 +162,52 @@ def infer(state: Any, engine: ServedEngine, feeds: Mapping[str, np.ndarray], pro
     return _recorded(state, engine, protocol, lambda: loaded.infer(feeds))
 
 
-async def infer_async(
-    state: Any, engine: ServedEngine, feeds: Mapping[str, np.ndarray], protocol: str
-) -> InferResult:
-    """`infer` for the event loop: a loaded engine is used without leaving the loop except for the
-    engine call itself (a worker thread, or the batcher's thread when batching)."""
+async def load_async(state: Any, engine: ServedEngine) -> LoadedEngine:
+    """`load` for the event loop: a loaded engine without leaving the loop, else on a worker thread."""
     loaded = state.engine_pool.ready(engine.id, engine.batching)
     if loaded is None:  # first use, or batching changed: loading blocks, so not on the loop
         loaded = await run_in_threadpool(load, state, engine)
+    return loaded
+
+
+async def run_async(
+    state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
+) -> InferResult:
+    """Validate and run on the event loop's terms: only the engine call leaves the loop (a worker
+    thread, or the batcher's thread when batching)."""
     _checked(state, engine, loaded, feeds)
-    if loaded.batcher is not None:
-        future = loaded.batcher.submit(feeds)
+    batcher = loaded.batcher  # read once: batching may be turned off meanwhile
+    if batcher is None:
+        return await run_in_threadpool(
+            _recorded, state, engine, protocol, lambda: run_unbatched(loaded.runner, feeds)
+        )
+    try:
+        result = await asyncio.wrap_future(batcher.submit(feeds))
+    except EngineError as exc:
+        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
+        raise
+    state.metrics.observe_inference(engine.id, protocol, result)
+    return result
+
+
+class InflightLimit:
+    """At most `limit` inference requests in this process at once; the rest get a 503 at once.
+
+    Each request holds its tensors in memory (JSON ones many times their size), so this bounds
+    the memory a burst can take, as Triton's max_queue_size does.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise ApiError(
+                503, "server_busy", f"{self.limit} inference requests are in progress; retry shortly"
+            )
         try:
-            result = await asyncio.wrap_future(future)
-        except EngineError as exc:
-            state.metrics.inference_errors.labels(engine.id, exc.code).inc()
-            raise
-        state.metrics.observe_inference(engine.id, protocol, result)
-        return result
-    return await run_in_threadpool(
-        _recorded, state, engine, protocol, lambda: run_unbatched(loaded.runner, feeds)
-    )
+            yield
+        finally:
+            self._slots.release()

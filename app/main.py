@@ -8,7 +8,7 @@ from app import __version__
 from app.body_limit import BodySizeLimitMiddleware
 from app.engine_pool import EnginePool
 from app.errors import install_error_handlers
-from app.inference import EngineDirectory
+from app.inference import EngineDirectory, InflightLimit
 from app.metrics import Metrics
 from app.request_log import RequestLogMiddleware
 from app.routes import datasets, engines, health, inference_v2, jobs, models
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine_directory = EngineDirectory(
         settings.resolved_database_url, app.state.store, settings.engine_cache_ttl_s
     )
+    app.state.inflight = InflightLimit(settings.max_inflight_requests)
     app.state.metrics = Metrics(app.state.engine_pool, settings.resolved_database_url)
     install_error_handlers(app)
     app.add_middleware(

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(default=None, description="default: data_dir/artifacts")
     max_upload_bytes: int = 1024 * MIB  # model and dataset uploads
     max_request_bytes: int = 64 * MIB  # every other request body, inference included
+    #: JSON tensors take about 11× their text in memory once parsed: binary tensors are for big inputs.
+    max_json_tensor_bytes: int = 16 * MIB
+    max_inflight_requests: int = 64  # inference requests in progress per API process; more get 503
     #: An archive (.zip bundle or .npz) may unpack to at most this many times the upload limit.
     max_unpack_ratio: int = 4
     queue_prefix: str = Field(default="", description="prepended to queue names, to share one broker")

@@ -8,6 +8,7 @@ runs the batches, so the engine sees one call at a time and its own threads stay
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,8 @@ import numpy as np
 
 from engines.backends.base import Runner
 from engines.errors import EngineError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,10 @@ class DynamicBatcher:
                 return
             assert isinstance(first, _Pending)
             batch, stop = self._gather(first)
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception:  # never let the thread die: later submissions would wait forever
+                log.exception("dynamic batcher: a batch failed outside the engine call")
             if stop:
                 return
 
@@ -127,6 +133,10 @@ class DynamicBatcher:
         return batch, False
 
     def _run(self, batch: list[_Pending]) -> None:
+        # Requests whose caller gave up (a cancelled future) are dropped before the engine call.
+        batch = [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         started = time.perf_counter()
         try:
             if len(batch) == 1:
@@ -145,7 +155,12 @@ class DynamicBatcher:
 
     def _run_stacked(self, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
         names = list(batch[0].feeds)
-        stacked = {name: np.concatenate([pending.feeds[name] for pending in batch]) for name in names}
+        try:
+            stacked = {name: np.concatenate([pending.feeds[name] for pending in batch]) for name in names}
+        except ValueError as exc:  # e.g. a scalar input, which has no batch dimension to stack
+            raise EngineError(
+                f"these inputs cannot be stacked into one batch: {exc}", code="not_batchable"
+            ) from exc
         outputs = self.runner.infer(stacked)
         total = sum(pending.samples for pending in batch)
         bounds = np.cumsum([0] + [pending.samples for pending in batch])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from workers.job_runner import run_job_by_id
 
 QUICK_MEASURE = {"warmup_runs": 1, "timed_runs": 1, "min_seconds": 0}
 MAX_REQUEST_BYTES = 1024 * 1024
+MAX_JSON_BYTES = 256 * 1024
 
 
 @dataclass
@@ -57,7 +59,11 @@ def _engine_of(client: TestClient, settings: Settings, model_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(digits: DigitsArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    settings = make_settings(tmp_path_factory.mktemp("serving") / "data", max_request_bytes=MAX_REQUEST_BYTES)
+    settings = make_settings(
+        tmp_path_factory.mktemp("serving") / "data",
+        max_request_bytes=MAX_REQUEST_BYTES,
+        max_json_tensor_bytes=MAX_JSON_BYTES,
+    )
     settings.data_dir.mkdir(parents=True)
     upgrade(settings.resolved_database_url)
     with TestClient(create_app(settings)) as client:
@@ -111,7 +117,8 @@ def test_health_and_metadata(served: Served) -> None:
     assert meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 32, 32]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
-    assert meta["versions"] == served.engine_ids
+    assert meta["versions"] == [served.engine_ids[0]]  # an engine's one version is itself
+    assert client.get(f"/v2/models/{served.model_id}").json()["versions"] == served.engine_ids
     assert client.get(f"/v2/models/{served.engine_ids[0]}/ready").json() == {
         "name": served.engine_ids[0],
         "ready": True,
@@ -242,6 +249,39 @@ def test_bad_requests_get_protocol_errors_and_the_server_keeps_serving(
     expect_protocol_error(huge, 413, "upload_too_large")
     unknown_output = client.post(url, json={**json_request(), "outputs": [{"name": "nope"}]})
     expect_protocol_error(unknown_output, 400, "invalid_request")
+    for hostile in (
+        {"shape": [2**62] * 10_000},  # big-integer math on a huge rank: refused before any of it
+        {"shape": [2**62, 2**62]},
+        {"shape": [0] * 70, "data": []},
+        {"shape": [0, 2**39, 2**39], "data": []},
+        {"shape": [2, True, 32, 32]},
+        {"parameters": [1]},
+    ):
+        started = time.monotonic()
+        expect_protocol_error(client.post(url, json=json_request(**hostile)), 400, "invalid_request")
+        assert time.monotonic() - started < 2
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2**62] * 40_000}]}).encode()
+    started = time.monotonic()  # the same through the binary path, which parses on the event loop
+    response = client.post(url, content=head, headers={tensors.HEADER_LENGTH: str(len(head))})
+    expect_protocol_error(response, 400, "invalid_request")
+    assert time.monotonic() - started < 2
+    for outputs in (
+        [{"name": "logits", "parameters": [1]}],
+        [{"name": "logits", "parameters": {"binary_data": "no"}}],
+    ):
+        expect_protocol_error(
+            client.post(url, json={**json_request(), "outputs": outputs}), 400, "invalid_request"
+        )
+    flag = client.post(url, json={**json_request(), "parameters": {"binary_data_output": "false"}})
+    expect_protocol_error(flag, 400, "invalid_request")
+    big_json = client.post(
+        url, content=b" " * (MAX_JSON_BYTES + 1), headers={"content-type": "application/json"}
+    )
+    assert "binary" in expect_protocol_error(big_json, 413, "json_tensors_too_large")["error"]
+    every_output = client.post(url, json={**json_request(), "outputs": []})
+    assert [o["name"] for o in every_output.json()["outputs"]] == ["logits"]
+    overflow = client.post(f"/v1/engines/{name}/infer", json={"inputs": {"input": [[[[10**400]]]]}})
+    assert overflow.status_code == 422 and overflow.json()["code"] == "invalid_input"
 
     response, length = infer_binary(client, name, x)  # still serving, still right
     np.testing.assert_allclose(
@@ -436,3 +476,34 @@ def test_a_closed_batcher_still_answers(digits: DigitsArtifacts) -> None:
     batcher.close()
     result = batcher.submit({"input": digits.split.test_x[:2]}).result(timeout=30)
     assert result.batch_size == 2 and result.outputs["logits"].shape == (2, 10)
+
+
+def test_a_cancelled_request_does_not_stop_the_batcher(digits: DigitsArtifacts) -> None:
+    """A caller that gives up (its future cancelled, as asyncio does on disconnect or shutdown)
+    is skipped; the batcher keeps serving everyone else."""
+    from engines.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
+
+    runner = OnnxRuntimeCpuBackend().load(digits.onnx_path, threads=1)
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_ms=100))
+    try:
+        abandoned = batcher.submit({"input": digits.split.test_x[:1]})
+        kept = batcher.submit({"input": digits.split.test_x[1:2]})
+        assert abandoned.cancel()
+        assert kept.result(timeout=30).outputs["logits"].shape == (1, 10)
+        later = batcher.submit({"input": digits.split.test_x[:3]}).result(timeout=30)
+        assert later.outputs["logits"].shape == (3, 10)
+    finally:
+        batcher.close()
+
+
+def test_inflight_limit_answers_503_when_full() -> None:
+    from app.errors import ApiError
+    from app.inference import InflightLimit
+
+    limit = InflightLimit(2)
+    with limit.slot(), limit.slot():
+        with pytest.raises(ApiError) as busy, limit.slot():
+            pass
+        assert busy.value.status == 503 and busy.value.code == "server_busy"
+    with limit.slot():  # slots come back
+        pass

@@ -132,12 +132,15 @@ def set_batching(
     throughput under concurrency, at the cost of that delay; no gain for one client at a time."""
     record = get_engine_record(session, engine_id)
     model = session.get(ModelRecord, record.model_id)
-    static = [spec.name for spec in specs_from_dicts(model.info["inputs"]) if spec.has_static_batch()]
-    if static:
+    specs = specs_from_dicts(model.info["inputs"])
+    static = [spec.name for spec in specs if spec.has_static_batch()]
+    scalars = [spec.name for spec in specs if spec.rank == 0]
+    if static or scalars:
         raise ApiError(
             422,
             "not_batchable",
-            f"input(s) {static} have a static batch dimension; export with a dynamic batch dim to batch",
+            f"input(s) {static + scalars} have a static batch dimension or none; "
+            "export with a dynamic batch dim to batch",
         )
     record.max_batch_size, record.max_queue_delay_ms = body.max_batch_size, body.max_queue_delay_ms
     session.commit()
@@ -159,7 +162,7 @@ def _to_arrays(inputs: dict[str, object], dtypes: dict[str, str]) -> dict[str, n
     for name, value in inputs.items():
         try:
             feeds[name] = np.asarray(value, dtype=dtypes.get(name))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise ApiError(
                 422, "invalid_input", f"input '{name}' is not a rectangular array of numbers: {exc}"
             ) from exc
@@ -182,9 +185,10 @@ def infer(
     engine = inference.ServedEngine.of(get_engine_record(session, engine_id), store)
     session.close()  # nothing more to read; don't hold a connection while computing
     try:
-        specs = inference.load(request.app.state, engine).runner.input_metadata()
-        feeds = _to_arrays(body.inputs, {spec.name: spec.dtype for spec in specs})
-        result = inference.infer(request.app.state, engine, feeds, protocol="v1")
+        with request.app.state.inflight.slot():
+            specs = inference.load(request.app.state, engine).runner.input_metadata()
+            feeds = _to_arrays(body.inputs, {spec.name: spec.dtype for spec in specs})
+            result = inference.infer(request.app.state, engine, feeds, protocol="v1")
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     return InferResponse(

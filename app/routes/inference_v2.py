@@ -20,9 +20,9 @@ from optiforge_client.tensors import (
     BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
     ProtocolError,
-    datatype_of,
     decode,
     encode,
+    metadata_datatype,
     requested_outputs,
     split,
 )
@@ -65,7 +65,10 @@ def _engine_row(request: Request, name: str, version: str | None) -> tuple[Engin
     """The named engine, its model's engine ids (the versions) and the model's signature."""
     with get_sessionmaker(request.app.state.settings.resolved_database_url)() as session:
         record = inference.find_engine(session, name, version)
-        versions = [engine.id for engine in inference.model_engines(session, record.model_id)]
+        if name in (record.id, record.alias):  # an engine's one version is itself
+            versions = [record.id]
+        else:  # a model's versions are its engines
+            versions = [engine.id for engine in inference.model_engines(session, record.model_id)]
         model = session.get(ModelRecord, record.model_id)
         session.expunge(record)
         return record, versions, model.info if model else {"inputs": [], "outputs": []}
@@ -75,7 +78,7 @@ def _tensor_metadata(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
             "name": spec.name,
-            "datatype": datatype_of(spec.dtype),
+            "datatype": metadata_datatype(spec.dtype),
             "shape": [dim if isinstance(dim, int) else -1 for dim in spec.shape],
         }
         for spec in specs_from_dicts(items)
@@ -147,20 +150,32 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     engine = state.engine_directory.cached(name, version) or await run_in_threadpool(
         state.engine_directory.lookup, name, version
     )  # an unknown name is a 404 whatever the body
+    with state.inflight.slot():
+        return await _infer(request, name, engine)
+
+
+async def _infer(request: Request, name: str, engine: inference.ServedEngine) -> Response:
+    state = request.app.state
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is None and len(body) > state.settings.max_json_tensor_bytes:
+        raise ApiError(
+            413,
+            "json_tensors_too_large",
+            f"JSON tensors over {state.settings.max_json_tensor_bytes} bytes: send binary tensors "
+            f"({HEADER_LENGTH}) for inputs this large",
+        )
     try:
         if header_length is None:
             message, feeds = await run_in_threadpool(_parse, body, header_length)
         else:
             message, feeds = _parse(body, header_length)
+        loaded = await inference.load_async(state, engine)
+        available = [spec.name for spec in loaded.runner.output_metadata()]
+        outputs = requested_outputs(message, available, default_binary=False)
+        result = await inference.run_async(state, engine, loaded, feeds, protocol="v2")
     except ProtocolError as exc:
         state.metrics.inference_errors.labels(engine.id, "invalid_request").inc()
-        raise ApiError(400, "invalid_request", str(exc)) from exc
-    try:
-        result = await inference.infer_async(state, engine, feeds, protocol="v2")
-        outputs = requested_outputs(message, list(result.outputs), default_binary=False)
-    except ProtocolError as exc:
         raise ApiError(400, "invalid_request", str(exc)) from exc
     except EngineError as exc:
         status = 400 if exc.code in _CLIENT_ERRORS else 503

@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from pydantic import BaseModel
 
 from optiforge_client.client import Client, default_url
 from optiforge_client.errors import OptiforgeError
 from optiforge_client.models import Job
+from optiforge_client.tensors import ProtocolError
 
 
 def _print_json(value: Any) -> None:
@@ -97,8 +99,8 @@ def cmd_infer(client: Client, args: argparse.Namespace) -> int:
     inputs: dict[str, np.ndarray] = {}
     for item in args.input:
         name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--input takes NAME=FILE.npy, got {item!r}")
+        if not path or not path.endswith(".npy"):
+            raise SystemExit(f"--input takes NAME=FILE.npy (one array per input), got {item!r}")
         inputs[name] = np.load(path, allow_pickle=False)
     result = client.infer(args.name, inputs, binary=not args.json_tensors)
     if args.out:
@@ -252,11 +254,18 @@ def add_client_commands(sub: Any) -> None:
 def run_client_command(args: argparse.Namespace) -> int:
     """Run a parsed client subcommand; server errors print their code and detail, exit status 1."""
     command = _commands()[args.client_command]
+    url = default_url(args.url)
     try:
-        with Client(default_url(args.url)) as client:
+        with Client(url) as client:
             status = command(client, args)
     except OptiforgeError as exc:
         print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach optiforge at {url} ({exc}); set --url or OPTIFORGE_URL", file=sys.stderr)
+        return 1
+    except ProtocolError as exc:
+        print(f"error: the server's answer does not follow the protocol: {exc}", file=sys.stderr)
         return 1
     return status if isinstance(status, int) else 0
 

@@ -18,6 +18,10 @@ from typing import Any
 import numpy as np
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: Bounds on a declared shape, checked before any arithmetic on it: a shape of thousands of huge
+#: dims would otherwise cost seconds of big-integer math (ONNX tensors have far fewer dims).
+MAX_RANK = 32
+MAX_ELEMENTS = 2**40
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
 #: OIP datatype name -> numpy dtype (little-endian). BYTES (strings) is not supported.
@@ -128,7 +132,9 @@ def decode(entries: Any, tail: memoryview, *, what: str = "input") -> dict[str, 
             raise ProtocolError(f"{what} '{name}' is given twice")
         count = math.prod(shape)
         parameters = entry.get("parameters") or {}
-        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if not isinstance(parameters, dict):
+            raise ProtocolError(f"{what} '{name}': 'parameters' must be an object")
+        size = parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0:
                 raise ProtocolError(f"{what} '{name}': binary_data_size must be a non-negative integer")
@@ -142,7 +148,10 @@ def decode(entries: Any, tail: memoryview, *, what: str = "input") -> dict[str, 
                     f"{what} '{name}': binary data ends at byte {offset + size} of the binary part, "
                     f"which has only {len(tail)}"
                 )
-            array = np.frombuffer(tail[offset : offset + size], dtype=dtype).reshape(shape)
+            try:
+                array = np.frombuffer(tail[offset : offset + size], dtype=dtype).reshape(shape)
+            except ValueError as exc:
+                raise ProtocolError(f"{what} '{name}': cannot take shape {shape}: {exc}") from None
             offset += size
         elif "data" in entry:
             array = _from_json_data(entry["data"], dtype, shape, name, what)
@@ -162,8 +171,17 @@ def _entry_fields(entry: Any, what: str) -> tuple[str, np.dtype, list[int]]:
         raise ProtocolError(f"an {what} has no 'name'")
     if not isinstance(datatype, str):
         raise ProtocolError(f"{what} '{name}' has no 'datatype'")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError(f"{what} '{name}': 'shape' must be a list of non-negative integers")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise ProtocolError(f"{what} '{name}': 'shape' must be a list of at most {MAX_RANK} dims")
+    count = 1
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 <= dim <= MAX_ELEMENTS:
+            raise ProtocolError(
+                f"{what} '{name}': each dim of 'shape' must be an integer in [0, {MAX_ELEMENTS}]"
+            )
+        count *= dim
+        if count > MAX_ELEMENTS:
+            raise ProtocolError(f"{what} '{name}': shape {shape[:8]}… has more than {MAX_ELEMENTS} elements")
     return name, dtype_of(datatype), shape
 
 
@@ -176,7 +194,10 @@ def _from_json_data(data: Any, dtype: np.dtype, shape: list[int], name: str, wha
         raise ProtocolError(
             f"{what} '{name}': {array.size} values in 'data', but shape {shape} needs {math.prod(shape)}"
         )
-    return array.reshape(shape)
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:  # e.g. an empty array with a dim numpy cannot index
+        raise ProtocolError(f"{what} '{name}': cannot take shape {shape}: {exc}") from None
 
 
 def requested_outputs(message: dict[str, Any], available: list[str], default_binary: bool) -> dict[str, bool]:
@@ -186,12 +207,9 @@ def requested_outputs(message: dict[str, Any], available: list[str], default_bin
     `parameters.binary_data`, else the request's `parameters.binary_data_output`, else the default
     (JSON for JSON requests, as Triton does).
     """
-    parameters = message.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ProtocolError("'parameters' must be an object")
-    fallback = bool(parameters.get("binary_data_output", default_binary))
+    fallback = _flag(_parameters(message, "the request"), "binary_data_output", default_binary)
     wanted = message.get("outputs")
-    if wanted is None:
+    if wanted is None or wanted == []:
         return dict.fromkeys(available, fallback)
     if not isinstance(wanted, list):
         raise ProtocolError("'outputs' must be a list")
@@ -200,6 +218,27 @@ def requested_outputs(message: dict[str, Any], available: list[str], default_bin
         name = entry.get("name") if isinstance(entry, dict) else None
         if name not in available:
             raise ProtocolError(f"unknown output {name!r}; outputs: {available}")
-        entry_parameters = entry.get("parameters") or {}
-        chosen[name] = bool(entry_parameters.get("binary_data", fallback))
+        chosen[name] = _flag(_parameters(entry, f"output '{name}'"), "binary_data", fallback)
     return chosen
+
+
+def _parameters(holder: dict[str, Any], what: str) -> dict[str, Any]:
+    parameters = holder.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError(f"'parameters' of {what} must be an object")
+    return parameters
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"parameter '{key}' must be true or false, not {value!r}")
+    return value
+
+
+def metadata_datatype(dtype: str) -> str:
+    """The datatype to show in model metadata, also for dtypes the tensor codec does not carry."""
+    try:
+        return datatype_of(dtype)
+    except (ProtocolError, TypeError):
+        return {"object": "BYTES", "str": "BYTES", "bfloat16": "BF16"}.get(dtype, dtype.upper())
