@@ -166,3 +166,15 @@ def test_cli_optimize_wait_report_alias_infer(
     assert np.load(tmp_path / "y.npz")["logits"].shape == (3, 10)
     missing = optiforge(stack, "models", "get", "mdl_missing")
     assert missing.returncode == 1 and "error: model_not_found" in missing.stderr
+
+
+def test_sdk_imports_no_server_or_torch() -> None:
+    """The SDK is for other services: importing it (and its CLI) pulls in no server or ML stack."""
+    code = (
+        "import sys, optiforge_client, optiforge_client.cli; "
+        "heavy = {'torch', 'fastapi', 'sqlalchemy', 'onnx', 'onnxruntime', 'celery', 'app', 'engines'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
