@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -115,10 +115,23 @@ class EngineDirectory:
         self._entries.clear()
 
 
+@contextmanager
+def _counting_errors(state: Any, engine: ServedEngine) -> Iterator[None]:
+    """Count an EngineError against the engine (by its code) on its way out."""
+    try:
+        yield
+    except EngineError as exc:
+        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
+        raise
+
+
 def load(state: Any, engine: ServedEngine) -> LoadedEngine:
     """The engine loaded in this process; BackendUnavailableError on a node that cannot run it,
-    `engine_file_missing` when the artifact store lost its file."""
-    try:
+    `engine_file_missing` when the artifact store lost its file. Blocking on first use."""
+    loaded = state.engine_pool.ready(engine.id, engine.batching)
+    if loaded is not None:
+        return loaded
+    with _counting_errors(state, engine):
         reason = unavailable_reason(engine.backend)
         if reason is not None:
             raise BackendUnavailableError(f"engine '{engine.id}' cannot run here: {reason}")
@@ -130,62 +143,38 @@ def load(state: Any, engine: ServedEngine) -> LoadedEngine:
                 code="engine_file_missing",
             ) from None
         return state.engine_pool.get(engine.id, engine.backend, path, engine.batching)
-    except EngineError as exc:
-        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
-        raise
-
-
-def _checked(state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray]) -> None:
-    try:
-        validate_feeds(dict(feeds), loaded.runner.input_metadata())
-    except EngineError as exc:
-        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
-        raise
-
-
-def _recorded(state: Any, engine: ServedEngine, protocol: str, run: Callable[[], InferResult]) -> InferResult:
-    try:
-        result = run()
-    except EngineError as exc:
-        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
-        raise
-    state.metrics.observe_inference(engine.id, protocol, result)
-    return result
-
-
-def infer(state: Any, engine: ServedEngine, feeds: Mapping[str, np.ndarray], protocol: str) -> InferResult:
-    """Validate `feeds` against the engine's inputs and run them; errors are EngineErrors with a code.
-
-    Blocking: call it from a worker thread."""
-    loaded = load(state, engine)
-    _checked(state, engine, loaded, feeds)
-    return _recorded(state, engine, protocol, lambda: loaded.infer(feeds))
 
 
 async def load_async(state: Any, engine: ServedEngine) -> LoadedEngine:
     """`load` for the event loop: a loaded engine without leaving the loop, else on a worker thread."""
     loaded = state.engine_pool.ready(engine.id, engine.batching)
-    if loaded is None:  # first use, or batching changed: loading blocks, so not on the loop
-        loaded = await run_in_threadpool(load, state, engine)
-    return loaded
+    return loaded or await run_in_threadpool(load, state, engine)
+
+
+def run(
+    state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
+) -> InferResult:
+    """Validate `feeds` against the engine's inputs and run them (batched when the engine batches);
+    errors are EngineErrors with a code. Blocking: call it from a worker thread."""
+    with _counting_errors(state, engine):
+        validate_feeds(feeds, loaded.runner.input_metadata())
+        result = loaded.infer(feeds)
+    state.metrics.observe_inference(engine.id, protocol, result)
+    return result
 
 
 async def run_async(
     state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
 ) -> InferResult:
-    """Validate and run on the event loop's terms: only the engine call leaves the loop (a worker
-    thread, or the batcher's thread when batching)."""
-    _checked(state, engine, loaded, feeds)
-    batcher = loaded.batcher  # read once: batching may be turned off meanwhile
-    if batcher is None:
-        return await run_in_threadpool(
-            _recorded, state, engine, protocol, lambda: run_unbatched(loaded.runner, feeds)
-        )
-    try:
-        result = await asyncio.wrap_future(batcher.submit(feeds))
-    except EngineError as exc:
-        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
-        raise
+    """`run` on the event loop's terms: only the engine call leaves the loop (a worker thread, or
+    the batcher's thread when batching)."""
+    with _counting_errors(state, engine):
+        validate_feeds(feeds, loaded.runner.input_metadata())
+        batcher = loaded.batcher  # read once: batching may be turned off meanwhile
+        if batcher is None:
+            result = await run_in_threadpool(run_unbatched, loaded.runner, feeds)
+        else:
+            result = await asyncio.wrap_future(batcher.submit(feeds))
     state.metrics.observe_inference(engine.id, protocol, result)
     return result
 

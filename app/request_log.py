@@ -93,18 +93,23 @@ class RequestLogMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.http_requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.http_seconds.labels(scope["method"], route).observe(seconds)
-            access_log.info(
-                "%s %s %s",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(seconds * 1000.0, 3),
-                    "client": (scope.get("client") or [None])[0],
-                },
-            )
+            if access_log.isEnabledFor(logging.INFO):  # no line to build when nobody reads it
+                self._log(scope, route, status, seconds)
             REQUEST_ID.reset(token)
+
+    @staticmethod
+    def _log(scope: dict[str, Any], route: str, status: int, seconds: float) -> None:
+        access_log.info(
+            "%s %s %s",
+            scope["method"],
+            scope["path"],
+            status,
+            extra={
+                "method": scope["method"],
+                "path": scope["path"],
+                "route": route,
+                "status": status,
+                "duration_ms": round(seconds * 1000.0, 3),
+                "client": (scope.get("client") or [None])[0],
+            },
+        )

@@ -6,7 +6,7 @@ exactly as ONNX records them, so users see the signature they exported.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -97,7 +97,7 @@ def check_array_against_spec(array: np.ndarray, spec: TensorSpec, *, what: str) 
     return problems
 
 
-def validate_feeds(feeds: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
+def validate_feeds(feeds: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
     """Raise InvalidInputError unless `feeds` has exactly the inputs of `specs`, shaped and typed to fit."""
     from engines.errors import InvalidInputError
 

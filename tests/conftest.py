@@ -28,6 +28,7 @@ from app.main import create_app
 from app.migrate import upgrade
 from app.settings import Settings
 from app.store import LocalArtifactStore
+from engines.datasets import Dataset
 from examples import digits as digits_model
 
 POSTGRES_URL = os.environ.get(
@@ -37,6 +38,8 @@ REDIS_URL = os.environ.get("OPTIFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/1
 REQUIRE_SERVICES = os.environ.get("OPTIFORGE_REQUIRE_SERVICES") == "1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOB_LEASE_S = 5
+#: A measurement that only proves the path works (timings are the benchmarks' business).
+QUICK_MEASURE = {"warmup_runs": 1, "timed_runs": 3, "min_seconds": 0}
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsArtifacts:
         eval_unlabeled_npz=unlabeled,
         calib_npz=calib,
     )
+
+
+@pytest.fixture(scope="session")
+def evaluation(digits: DigitsArtifacts) -> Dataset:
+    """The digits test split with labels, as the engines library takes it."""
+    return Dataset({"input": digits.split.test_x}, digits.split.test_y)
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:

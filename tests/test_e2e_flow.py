@@ -19,6 +19,20 @@ def _upload(client, path, kind: str, name: str) -> dict:
     return response.json()
 
 
+def _run_job(
+    client, model: dict, recipe: dict, evaluation: dict | None = None, calibration: dict | None = None
+) -> dict:
+    """Start a job on the uploaded model and datasets and wait for it to finish."""
+    body = {"model_id": model["id"], "recipe": recipe}
+    if evaluation:
+        body["evaluation_dataset_id"] = evaluation["id"]
+    if calibration:
+        body["calibration_dataset_id"] = calibration["id"]
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return wait_for_job(client, response.json()["id"])
+
+
 def test_upload_job_engine_infer_report(live_stack: LiveStack, digits: DigitsArtifacts) -> None:
     with live_stack.client() as client:
         model = _upload(client, digits.onnx_path, "models", "digits-cnn")
@@ -97,15 +111,7 @@ def test_unlabeled_evaluation_reports_fidelity(live_stack: LiveStack, digits: Di
     with live_stack.client() as client:
         model = _upload(client, digits.onnx_path, "models", "digits-cnn")
         unlabeled = _upload(client, digits.eval_unlabeled_npz, "datasets", "digits-unlabeled")
-        response = client.post(
-            "/v1/jobs",
-            json={
-                "model_id": model["id"],
-                "evaluation_dataset_id": unlabeled["id"],
-                "recipe": {"batch_sizes": [4], "measure": FAST_MEASURE},
-            },
-        )
-        job = wait_for_job(client, response.json()["id"])
+        job = _run_job(client, model, {"batch_sizes": [4], "measure": FAST_MEASURE}, evaluation=unlabeled)
         assert job["status"] == "succeeded", job
         assert any("no labels" in message for message in job["messages"])
         accuracy = client.get(f"/v1/engines/{job['engine_ids'][0]}").json()["metrics"]["accuracy"]
@@ -154,15 +160,7 @@ def test_non_finite_outputs_are_reported_not_stored_as_nan(live_stack: LiveStack
     with live_stack.client() as client:
         model = _upload(client, tmp_path / "div0.onnx", "models", "div0")
         dataset = _upload(client, tmp_path / "ones.npz", "datasets", "ones")
-        response = client.post(
-            "/v1/jobs",
-            json={
-                "model_id": model["id"],
-                "evaluation_dataset_id": dataset["id"],
-                "recipe": {"batch_sizes": [4], "measure": FAST_MEASURE},
-            },
-        )
-        job = wait_for_job(client, response.json()["id"])
+        job = _run_job(client, model, {"batch_sizes": [4], "measure": FAST_MEASURE}, evaluation=dataset)
         assert job["status"] == "succeeded", job
         accuracy = client.get(f"/v1/engines/{job['engine_ids'][0]}").json()["metrics"]["accuracy"]
         assert accuracy["non_finite_outputs"] == 64
@@ -202,16 +200,7 @@ def test_int8_job_over_http(live_stack: LiveStack, digits: DigitsArtifacts, meth
             "batch_sizes": [1, 8],
             "measure": FAST_MEASURE,
         }
-        response = client.post(
-            "/v1/jobs",
-            json={
-                "model_id": model["id"],
-                "evaluation_dataset_id": evaluation["id"],
-                "calibration_dataset_id": calibration["id"],
-                "recipe": recipe,
-            },
-        )
-        job = wait_for_job(client, response.json()["id"])
+        job = _run_job(client, model, recipe, evaluation, calibration)
         assert job["status"] == "succeeded", job
         assert any("calibrated on 256 samples" in message for message in job["messages"])
         engine = client.get(f"/v1/engines/{job['engine_ids'][0]}").json()
@@ -240,16 +229,7 @@ def test_prune_finetune_int8_pipeline_over_http(
             "batch_sizes": [8],
             "measure": FAST_MEASURE,
         }
-        response = client.post(
-            "/v1/jobs",
-            json={
-                "model_id": model["id"],
-                "evaluation_dataset_id": evaluation["id"],
-                "calibration_dataset_id": train["id"],
-                "recipe": recipe,
-            },
-        )
-        job = wait_for_job(client, response.json()["id"])
+        job = _run_job(client, model, recipe, evaluation, calibration=train)
         assert job["status"] == "succeeded", job
         engines = [client.get(f"/v1/engines/{engine_id}").json() for engine_id in job["engine_ids"]]
         assert [engine["precision"] for engine in engines] == ["fp32", "int8"]

@@ -15,19 +15,14 @@ from engines.pipeline import run_recipe
 from engines.prune import PruneConfig, check_prune_config
 from engines.recipe import MeasureConfig, Recipe
 from engines.torch_bridge import _inline_identity_initializers, onnx_to_torch
-from tests.conftest import DigitsArtifacts
+from tests.conftest import QUICK_MEASURE, DigitsArtifacts
 
-FAST = MeasureConfig(warmup_runs=1, timed_runs=3, min_seconds=0)
+FAST = MeasureConfig(**QUICK_MEASURE)
 
 
 @pytest.fixture(scope="module")
 def labelled_train(digits: DigitsArtifacts) -> Dataset:
     return Dataset({"input": digits.split.train_x}, digits.split.train_y)
-
-
-@pytest.fixture(scope="module")
-def evaluation(digits: DigitsArtifacts) -> Dataset:
-    return Dataset({"input": digits.split.test_x}, digits.split.test_y)
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,9 @@ from engines.quantize import (
     reduce_range_for,
 )
 from engines.recipe import AccuracyBudget, MeasureConfig, Recipe
-from tests.conftest import DigitsArtifacts
+from tests.conftest import QUICK_MEASURE, DigitsArtifacts
 
-FAST = MeasureConfig(warmup_runs=1, timed_runs=3, min_seconds=0)
-
-
-@pytest.fixture(scope="module")
-def evaluation(digits: DigitsArtifacts) -> Dataset:
-    return Dataset({"input": digits.split.test_x}, digits.split.test_y)
+FAST = MeasureConfig(**QUICK_MEASURE)
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,7 @@ import onnxruntime as ort
 import pytest
 from optiforge_client import AsyncClient, Client, JobFailed, NotFound, ValidationFailed
 
-from tests.conftest import REPO_ROOT, DigitsArtifacts, LiveStack
-
-QUICK_MEASURE = {"warmup_runs": 1, "timed_runs": 3, "min_seconds": 0}
+from tests.conftest import QUICK_MEASURE, REPO_ROOT, DigitsArtifacts, LiveStack
 
 
 @dataclass(frozen=True)

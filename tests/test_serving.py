@@ -28,10 +28,9 @@ from app.migrate import upgrade
 from app.orm import EngineRecord
 from app.settings import Settings
 from engines.batching import BatchingConfig, DynamicBatcher
-from tests.conftest import DigitsArtifacts, make_settings
+from tests.conftest import QUICK_MEASURE, DigitsArtifacts, make_settings
 from workers.job_runner import run_job_by_id
 
-QUICK_MEASURE = {"warmup_runs": 1, "timed_runs": 1, "min_seconds": 0}
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_JSON_BYTES = 256 * 1024
 

@@ -186,9 +186,10 @@ def infer(
     session.close()  # nothing more to read; don't hold a connection while computing
     try:
         with request.app.state.inflight.slot():
-            specs = inference.load(request.app.state, engine).runner.input_metadata()
+            loaded = inference.load(request.app.state, engine)
+            specs = loaded.runner.input_metadata()
             feeds = _to_arrays(body.inputs, {spec.name: spec.dtype for spec in specs})
-            result = inference.infer(request.app.state, engine, feeds, protocol="v1")
+            result = inference.run(request.app.state, engine, loaded, feeds, protocol="v1")
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     return InferResponse(

@@ -6,7 +6,6 @@ and both clients execute it (see `client.py`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,7 +208,3 @@ def _infer_result(response: httpx.Response) -> InferResult:
         queue_ms=parameters.get("queue_ms"),
         batch_size=parameters.get("batch_size"),
     )
-
-
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
