@@ -17,7 +17,14 @@ from engines.recipe import AccuracyBudget, MeasureConfig, Recipe
 class TensorSpecOut(BaseModel):
     name: str
     dtype: str
-    shape: list[int | str | None] = Field(description="ints are static dims, strings symbolic, null unknown")
+    shape: list[int | str | None] = Field(
+        description="ints are static dims, strings symbolic, null dynamic (also for -1 or 0 in the file)"
+    )
+    batch_axis: int | None = Field(
+        0,
+        description="the dim samples stack along (recurrent state: often 1); null: none (a scalar, or a "
+        "tensor every sample shares). A dataset holds one row per sample: the shape without this dim",
+    )
 
 
 class ModelOut(BaseModel):
@@ -85,7 +92,10 @@ class QuantizeIn(BaseModel):
 
 
 class AccuracyBudgetIn(BaseModel):
-    """Keep the most error-prone nodes in float until the drop is within `max_drop` (0.01 = 1 point)."""
+    """Keep the most error-prone nodes in float until the drop is within `max_drop` (0.01 = 1 point).
+
+    `top1` needs labels. `fidelity` needs none: the cosine similarity to the original's outputs (and,
+    for class scores, the top-1 agreement) must stay at or above 1 - max_drop."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -3,7 +3,8 @@
 Nodes are ranked by the error their own Q/DQ adds (engines.quant_debug), then kept in float
 1, 2, 4, … at a time, re-quantizing and re-evaluating each time, until the drop against the
 float model is within the budget. When no split meets it, the best one found is returned, and
-the result says plainly that the budget was missed, with the numbers.
+the result says plainly that the budget was missed, with the numbers. A candidate that cannot be
+quantized or run is a step with its reason, not the end of the search.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 
 from engines.backends.registry import get_backend
 from engines.datasets import Dataset
-from engines.errors import InvalidRecipeError
-from engines.measure import classification_accuracy, fidelity, run_dataset
+from engines.errors import EngineError, InvalidRecipeError
+from engines.measure import classification_accuracy, fidelity, fidelity_score, run_dataset
 from engines.quant_debug import layer_errors, most_harmful_nodes
 from engines.quantize import QuantizeConfig, QuantizeResult
 from engines.recipe import AccuracyBudget
@@ -28,12 +29,13 @@ Quantizer = Callable[[QuantizeConfig, Path], QuantizeResult]
 
 
 def _score(path: Path, evaluation: Dataset, batch_size: int, metric: str, reference: np.ndarray) -> float:
-    """Top-1 against labels, or top-1 agreement with the float model's outputs."""
+    """Top-1 against labels, or fidelity to the float model's outputs (engines.measure.fidelity_score)."""
     outputs = run_dataset(get_backend("onnxruntime-cpu").load(path), evaluation, batch_size)
     if metric == "top1":
         assert evaluation.labels is not None
         return classification_accuracy(outputs, evaluation.labels)["top1"]
-    return fidelity(outputs, reference)["top1_agreement"]
+    with np.errstate(all="ignore"):
+        return fidelity_score(fidelity(outputs, reference))
 
 
 def quantize_within_budget(
@@ -59,23 +61,29 @@ def quantize_within_budget(
     result = quantize(config, workdir / "int8-all.onnx")
     drop = float_score - _score(result.path, evaluation, batch_size, budget.metric, reference)
     steps: list[dict[str, Any]] = [{"kept_float": 0, "drop": drop}]
-    best, best_drop, ranked = result, drop, []
+    best, best_drop, ranked, unranked = result, drop, [], []
     if drop > budget.max_drop:
-        ranked = most_harmful_nodes(
-            layer_errors(float_path, result.path, calibration, batch_size=batch_size, workdir=workdir)
-        )
+        report = layer_errors(float_path, result.path, calibration, batch_size=batch_size, workdir=workdir)
+        ranked = most_harmful_nodes(report)
+        unranked = [f"{item['part']}: {item['reason']}" for item in report["unavailable"]]
         count = 1
         while best_drop > budget.max_drop and ranked:
             check_cancelled()
             keep = tuple(ranked[: min(count, len(ranked))])
             excluded = tuple(dict.fromkeys((*config.nodes_to_exclude, *keep)))  # the recipe's own stay float
-            candidate = quantize(
-                replace(config, nodes_to_exclude=excluded), workdir / f"int8-keep{len(keep)}.onnx"
-            )
-            drop = float_score - _score(candidate.path, evaluation, batch_size, budget.metric, reference)
-            steps.append({"kept_float": len(keep), "drop": drop})
-            if drop < best_drop:
-                best, best_drop = candidate, drop
+            try:
+                candidate = quantize(
+                    replace(config, nodes_to_exclude=excluded), workdir / f"int8-keep{len(keep)}.onnx"
+                )
+                drop = float_score - _score(candidate.path, evaluation, batch_size, budget.metric, reference)
+            except InvalidRecipeError:
+                raise
+            except EngineError as exc:
+                steps.append({"kept_float": len(keep), "drop": None, "error": exc.detail[:300]})
+            else:
+                steps.append({"kept_float": len(keep), "drop": drop})
+                if drop < best_drop:
+                    best, best_drop = candidate, drop
             if len(keep) == len(ranked):
                 break
             count *= 2
@@ -94,6 +102,11 @@ def quantize_within_budget(
         best.messages.append(
             "every ranked node had to stay in float to meet the budget: this 'int8' model computes in float; "
             "the float engine is the honest choice"
+        )
+    if not met and not ranked:
+        best.messages.append(
+            "accuracy budget not searched: no per-layer ranking could be computed"
+            + (f" ({'; '.join(unranked)})" if unranked else "")
         )
     if not met:
         best.messages.append(

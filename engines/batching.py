@@ -20,6 +20,7 @@ import numpy as np
 
 from engines.backends.base import Runner
 from engines.errors import EngineError
+from engines.signature import feed_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def run_unbatched(runner: Runner, feeds: Mapping[str, np.ndarray]) -> InferResul
     """One request, one engine call: the path without a batcher, timed the same way."""
     started = time.perf_counter()
     outputs = runner.infer(feeds)
-    samples = len(next(iter(feeds.values()))) if feeds else 0
+    samples = feed_batch_size(feeds, runner.input_metadata())
     return InferResult(outputs, (time.perf_counter() - started) * 1000.0, 0.0, samples)
 
 

@@ -1,5 +1,10 @@
 """Datasets: `.npz` archives with one array per model input and optional integer `labels`.
 
+Every array holds one row per sample, samples first: a row is the input's shape without its batch
+axis (engines.signature decides that axis), so recurrent state whose batch is dim 1 and a scalar
+sample rate are laid out like any other input. A batch stacks rows along each input's batch axis;
+an input without one takes the batch's first row, so its rows must agree within a batch.
+
 Arrays are read with `allow_pickle=False` and every member must be a real `.npy` array of a
 numeric dtype: an `.npz` is a zip that can carry pickles, and user data is never unpickled.
 """
@@ -8,7 +13,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,7 @@ import numpy as np
 
 from engines.archives import declared_unpacked_bytes, is_zip_archive
 from engines.errors import DatasetMismatchError, InvalidDatasetError
-from engines.signature import TensorSpec, check_array_against_spec
+from engines.signature import TensorSpec, ambiguous_batch_axes, check_rows_against_spec
 
 LABELS_KEY = "labels"
 _ALLOWED_KINDS = {"b", "i", "u", "f"}  # bool, signed, unsigned, float
@@ -37,6 +42,9 @@ class DatasetInfo:
     arrays: dict[str, ArraySpec]  # input arrays only; labels are described by has_labels/classes
     has_labels: bool
     classes: int | None  # distinct label values
+    #: Arrays whose rows are all equal (e.g. a sample rate): they can feed an input without a batch axis
+    #: at any batch size. Rows stored before this was recorded count as varying.
+    uniform_arrays: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +52,7 @@ class DatasetInfo:
             "arrays": {name: spec.to_dict() for name, spec in self.arrays.items()},
             "has_labels": self.has_labels,
             "classes": self.classes,
+            "uniform_arrays": list(self.uniform_arrays),
         }
 
     @classmethod
@@ -55,13 +64,21 @@ class DatasetInfo:
             },
             has_labels=data["has_labels"],
             classes=data["classes"],
+            uniform_arrays=tuple(data.get("uniform_arrays", ())),
         )
+
+
+def rows_uniform(rows: np.ndarray) -> bool:
+    """Whether every row (sample) of an array is the same."""
+    return len(rows) < 2 or bool((rows == rows[:1]).all())
 
 
 @dataclass(frozen=True)
 class Dataset:
-    inputs: dict[str, np.ndarray]  # keyed by model input name once bound
+    inputs: dict[str, np.ndarray]  # one row per sample, keyed by model input name once bound
     labels: np.ndarray | None
+    #: Each input's batch axis (engines.signature.assign_batch_axes); an input not named here: 0.
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -71,7 +88,36 @@ class Dataset:
         return Dataset(
             inputs={name: array[:count] for name, array in self.inputs.items()},
             labels=None if self.labels is None else self.labels[:count],
+            batch_axes=self.batch_axes,
         )
+
+    def feeds(self, index: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """Model inputs for the samples at `index`: rows stacked along each input's batch axis."""
+        feeds: dict[str, np.ndarray] = {}
+        for name, rows in self.inputs.items():
+            axis, picked = self.batch_axes.get(name, 0), rows[index]
+            if axis is None:
+                feeds[name] = np.asarray(picked[0])  # a 0-d array, not a numpy scalar
+            elif axis == 0:
+                feeds[name] = picked
+            else:
+                feeds[name] = np.ascontiguousarray(np.moveaxis(picked, 0, axis))
+        return feeds
+
+    def batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return self.feeds(slice(start, stop))
+
+    def varying_unbatched(self) -> list[str]:
+        """Inputs without a batch axis whose rows differ: batches of one sample only."""
+        return [
+            name
+            for name, rows in self.inputs.items()
+            if self.batch_axes.get(name, 0) is None and not rows_uniform(rows)
+        ]
+
+    def largest_batch(self) -> int | None:
+        """The largest batch these rows can form (None: any)."""
+        return 1 if self.varying_unbatched() else None
 
 
 def read_npz(path: Path, *, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
@@ -131,7 +177,11 @@ def inspect_arrays(arrays: dict[str, np.ndarray]) -> DatasetInfo:
             raise InvalidDatasetError(f"array '{key}' holds NaN or Inf values", code="non_finite_values")
     counts = {key: len(value) for key, value in inputs.items()}
     if len(set(counts.values())) != 1:
-        raise InvalidDatasetError(f"arrays disagree on the number of samples: {counts}")
+        raise InvalidDatasetError(
+            f"arrays disagree on the number of samples: {counts}; every array holds one row per sample, "
+            "samples first (for an input whose batch is not its dim 0, such as recurrent state "
+            "[layers, batch, hidden], move it first: np.moveaxis(array, 1, 0))"
+        )
     samples = next(iter(counts.values()))
     if samples == 0:
         raise InvalidDatasetError("the dataset has no samples")
@@ -152,6 +202,7 @@ def inspect_arrays(arrays: dict[str, np.ndarray]) -> DatasetInfo:
         if (labels < 0).any():
             raise InvalidDatasetError("labels must be class indices >= 0", code="invalid_labels")
         classes = len(np.unique(labels))
+    uniform = tuple(key for key, value in inputs.items() if rows_uniform(value))
     return DatasetInfo(
         samples=samples,
         arrays={
@@ -160,6 +211,7 @@ def inspect_arrays(arrays: dict[str, np.ndarray]) -> DatasetInfo:
         },
         has_labels=labels is not None,
         classes=classes,
+        uniform_arrays=uniform,
     )
 
 
@@ -178,17 +230,26 @@ def bind_arrays(array_names: Sequence[str], model_inputs: Sequence[TensorSpec]) 
     return {name: name for name in names}
 
 
-def check_fits_model(info: DatasetInfo, model_inputs: Sequence[TensorSpec]) -> None:
-    """Raise DatasetMismatchError listing every way the dataset does not fit the model's inputs."""
+def check_fits_model(info: DatasetInfo, model_inputs: Sequence[TensorSpec]) -> list[str]:
+    """Raise DatasetMismatchError listing every way the dataset does not fit the model's inputs.
+
+    Returns the inputs without a batch axis whose rows differ (they allow batches of one only).
+    """
     binding = bind_arrays(list(info.arrays), model_inputs)
     specs = {spec.name: spec for spec in model_inputs}
-    problems: list[str] = []
+    problems = ambiguous_batch_axes(model_inputs)
     for array_name, input_name in binding.items():
         array_spec = info.arrays[array_name]
-        probe = np.empty((0, *array_spec.shape[1:]), dtype=array_spec.dtype)
-        problems += check_array_against_spec(probe, specs[input_name], what="input")
+        problems += check_rows_against_spec(
+            array_spec.shape[1:], array_spec.dtype, specs[input_name], what="input"
+        )
     if problems:
         raise DatasetMismatchError(problems)
+    return [
+        input_name
+        for array_name, input_name in binding.items()
+        if specs[input_name].batch_axis is None and array_name not in info.uniform_arrays
+    ]
 
 
 def load_dataset(path: Path, model_inputs: Sequence[TensorSpec], *, max_unpacked_bytes: int) -> Dataset:
@@ -198,4 +259,5 @@ def load_dataset(path: Path, model_inputs: Sequence[TensorSpec], *, max_unpacked
     return Dataset(
         inputs={input_name: arrays[array_name] for array_name, input_name in binding.items()},
         labels=arrays.get(LABELS_KEY),
+        batch_axes={spec.name: spec.batch_axis for spec in model_inputs},
     )

@@ -21,7 +21,7 @@ from typing import Any
 
 from engines.archives import declared_unpacked_bytes, is_zip_archive
 from engines.errors import InvalidModelError
-from engines.signature import Dim, TensorSpec, onnx_value_to_spec
+from engines.signature import Dim, TensorSpec, assign_batch_axes, onnx_value_to_spec
 
 #: Protobuf cannot serialize a single message over 2 GiB; bigger models keep external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -238,8 +238,9 @@ def inspect_model(path: Path) -> ModelInfo:
             raise InvalidModelError(f"shape inference failed: {exc}", code="onnx_check_failed") from exc
     graph = inferred.graph
     initializer_names = {tensor.name for tensor in graph.initializer}
-    inputs = tuple(onnx_value_to_spec(value) for value in graph.input if value.name not in initializer_names)
-    outputs = tuple(onnx_value_to_spec(value) for value in graph.output)
+    raw_inputs = [onnx_value_to_spec(value) for value in graph.input if value.name not in initializer_names]
+    inputs = tuple(assign_batch_axes(raw_inputs))
+    outputs = tuple(assign_batch_axes(raw_inputs, [onnx_value_to_spec(value) for value in graph.output]))
     if not inputs or not outputs:
         raise InvalidModelError("the model has no inputs or no outputs", code="onnx_check_failed")
     opset = next((entry.version for entry in inferred.opset_import if entry.domain in ("", "ai.onnx")), 0)

@@ -66,17 +66,17 @@ def make_batch(
     specs: list[TensorSpec], batch_size: int, dataset: Dataset | None, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """A batch for timing: real samples when a dataset is given (repeated if it is small), else random."""
+    if dataset is not None:
+        return {
+            name: np.ascontiguousarray(array)
+            for name, array in dataset.feeds(np.arange(batch_size) % dataset.samples).items()
+        }
     feeds: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(seed)
     for spec in specs:
-        if dataset is not None:
-            source = dataset.inputs[spec.name]
-            index = np.arange(batch_size) % len(source)
-            feeds[spec.name] = np.ascontiguousarray(source[index])
-            continue
         dims = []
         for axis, dim in enumerate(spec.shape):
-            if axis == 0:
+            if axis == spec.batch_axis:
                 dims.append(batch_size)
             elif isinstance(dim, int):
                 dims.append(dim)
@@ -136,17 +136,28 @@ def measure_latency(
     return results
 
 
+def scored_output(outputs: list[TensorSpec]) -> TensorSpec:
+    """The output accuracy and fidelity are computed on: the first floating-point one.
+
+    Exporters of transformers and detectors often put integer outputs first (an echo of the
+    token ids, a count of boxes): comparing those says nothing about the engine.
+    """
+    return next((spec for spec in outputs if np.dtype(spec.dtype).kind == "f"), outputs[0])
+
+
 def run_dataset(
     runner: Runner, dataset: Dataset, batch_size: int, check_stop: StopCheck | None = None
 ) -> np.ndarray:
-    """The first output of the runner over the whole dataset, in order."""
-    first_output = runner.output_metadata()[0].name
+    """The scored output of the runner over the whole dataset, samples first, in order."""
+    output = scored_output(runner.output_metadata())
     chunks = []
     for start in range(0, dataset.samples, batch_size):
         if check_stop is not None:
             check_stop()
-        feeds = {name: array[start : start + batch_size] for name, array in dataset.inputs.items()}
-        chunks.append(runner.infer(feeds)[first_output])
+        result = np.asarray(runner.infer(dataset.batch(start, start + batch_size))[output.name])
+        axis = output.batch_axis
+        # the declared shape can differ from the real one (exporters get it wrong): trust the rank we got
+        chunks.append(result[None] if axis is None or axis >= result.ndim else np.moveaxis(result, axis, 0))
     return np.concatenate(chunks, axis=0)
 
 
@@ -160,22 +171,58 @@ def classification_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str,
     return result
 
 
-def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """How closely an engine reproduces the original model's outputs, for models without labels."""
+#: Below these an engine does not reproduce its original: its verdict is `unfaithful`.
+FAITHFUL_COSINE = 0.99
+FAITHFUL_AGREEMENT = 0.95
+
+
+def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float | None]:
+    """How closely an engine reproduces the original model's outputs, for models without labels.
+
+    `top1_agreement` is only meaningful for class scores (one vector per sample): for feature maps,
+    boxes or token embeddings the argmax of a flattened tensor says nothing, and it is None.
+    """
+    if candidate.shape != reference.shape:
+        raise ValueError(
+            f"output shapes differ: {list(candidate.shape)} vs the original's {list(reference.shape)}"
+        )
     cand = candidate.reshape(len(candidate), -1).astype(np.float64)
     ref = reference.reshape(len(reference), -1).astype(np.float64)
     norms = np.linalg.norm(cand, axis=1) * np.linalg.norm(ref, axis=1)
     cosine = np.where(norms > 0, (cand * ref).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+    class_scores = candidate.ndim == 2 and candidate.shape[1] > 1
     return {
-        "top1_agreement": float((cand.argmax(axis=1) == ref.argmax(axis=1)).mean()),
+        "top1_agreement": float((cand.argmax(axis=1) == ref.argmax(axis=1)).mean()) if class_scores else None,
         "cosine_similarity": float(cosine.mean()),
         "max_abs_error": float(np.abs(cand - ref).max()),
     }
 
 
-def _json_safe(values: dict[str, float]) -> dict[str, float | None]:
+def fidelity_score(values: dict[str, float | None]) -> float:
+    """One number for a fidelity budget: the cosine similarity, or the top-1 agreement where lower."""
+    scores = [values[key] for key in ("cosine_similarity", "top1_agreement") if values.get(key) is not None]
+    return float(min(scores)) if scores else 0.0
+
+
+def unfaithful_reason(values: dict[str, Any] | None) -> str | None:
+    """Why an engine's fidelity to the original is poor, or None when it is faithful (or unmeasured)."""
+    if not values:
+        return None
+    cosine, agreement = values.get("cosine_similarity"), values.get("top1_agreement")
+    if cosine is None and values.get("max_abs_error") is None:
+        return "its outputs are not finite"
+    if cosine is not None and cosine < FAITHFUL_COSINE:
+        return f"cosine similarity to the original {cosine:.4f} < {FAITHFUL_COSINE}"
+    if agreement is not None and agreement < FAITHFUL_AGREEMENT:
+        return f"top-1 agreement with the original {agreement:.4f} < {FAITHFUL_AGREEMENT}"
+    return None
+
+
+def _json_safe(values: dict[str, float | None]) -> dict[str, float | None]:
     """NaN and ±Inf (an engine that overflows) become None: JSON has no such numbers."""
-    return {key: (value if np.isfinite(value) else None) for key, value in values.items()}
+    return {
+        key: (value if value is not None and np.isfinite(value) else None) for key, value in values.items()
+    }
 
 
 def accuracy_report(
@@ -189,9 +236,12 @@ def accuracy_report(
     non_finite = int(outputs.size - np.isfinite(outputs).sum())
     if non_finite:
         report["non_finite_outputs"] = non_finite
-    if labels is not None:
-        report.update(classification_accuracy(outputs, labels))
-    if reference is not None:
-        with np.errstate(all="ignore"):
-            report["fidelity"] = _json_safe(fidelity(outputs, reference))
+    try:
+        if labels is not None:
+            report.update(classification_accuracy(outputs, labels))
+        if reference is not None:
+            with np.errstate(all="ignore"):
+                report["fidelity"] = _json_safe(fidelity(outputs, reference))
+    except (ValueError, IndexError) as exc:  # a metric that does not apply never fails the job
+        report["unavailable"] = f"{type(exc).__name__}: {exc}"
     return report

@@ -9,7 +9,8 @@ check; the check may raise `engines.errors.Cancelled`, and is polled between tim
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -19,10 +20,17 @@ from engines.backends.base import CompileOptions, EngineArtifact, Runner
 from engines.backends.registry import get_backend
 from engines.datasets import Dataset
 from engines.errors import EngineError, InvalidRecipeError
-from engines.measure import accuracy_report, make_batch, measure_latency, memory_of, run_dataset
+from engines.measure import (
+    accuracy_report,
+    make_batch,
+    measure_latency,
+    memory_of,
+    run_dataset,
+    unfaithful_reason,
+)
 from engines.prune_stage import run_prune_stage
 from engines.recipe import Recipe
-from engines.signature import TensorSpec
+from engines.signature import TensorSpec, ambiguous_batch_axes
 from engines.variants import ModelVariant, build_variant
 
 Progress = Callable[[float, str], None]
@@ -65,11 +73,24 @@ def validate_recipe(
     evaluation_has_labels: bool = False,
     calibration_samples: int | None = None,
     calibration_has_labels: bool = False,
+    varying_unbatched: Sequence[str] = (),
 ) -> None:
     """Raise InvalidRecipeError for a recipe that cannot run on this model and these datasets.
 
     The API calls it when a job is created, so such a job is a 422 at once, not a failure later.
+    `varying_unbatched` names inputs without a batch axis whose dataset rows differ.
     """
+    ambiguous = ambiguous_batch_axes(inputs)
+    if ambiguous:
+        raise InvalidRecipeError("; ".join(ambiguous))
+    wrong = [size for size in recipe.batch_sizes if size != 1]
+    if varying_unbatched and wrong:
+        names = ", ".join(f"'{name}'" for name in varying_unbatched)
+        raise InvalidRecipeError(
+            f"input {names} has no batch axis (every sample of a batch shares one value), and the "
+            f"dataset's rows for it differ, so only batch size 1 can run: ask for batch_sizes [1], or "
+            "give the same value in every row"
+        )
     if recipe.finetune is not None and recipe.prune is None:
         raise InvalidRecipeError("finetune recovers accuracy after pruning: give a prune stage too")
     if recipe.prune is not None:
@@ -119,7 +140,11 @@ def validate_recipe(
                     f"the evaluation set has {evaluation_samples} samples, fewer than the model's static "
                     f"batch of {spec.batch_dim}"
                 )
-        dynamic = [axis for axis, dim in enumerate(spec.shape) if axis > 0 and not isinstance(dim, int)]
+        dynamic = [
+            axis
+            for axis, dim in enumerate(spec.shape)
+            if axis != spec.batch_axis and not isinstance(dim, int)
+        ]
         if dynamic and evaluation_samples is None and calibration_samples is None:
             raise InvalidRecipeError(
                 f"input '{spec.name}' has dynamic dims {dynamic} besides the batch; give an evaluation or "
@@ -128,16 +153,20 @@ def validate_recipe(
 
 
 def _calibration_batch(inputs: list[TensorSpec], calibration: Dataset | None, recipe: Recipe) -> int:
-    static = [spec.batch_dim for spec in inputs if isinstance(spec.batch_dim, int)]
+    static = [spec.batch_dim for spec in inputs if spec.has_static_batch()]
     if static:
         return int(static[0])
-    available = calibration.samples if calibration is not None else 16
+    if calibration is None:
+        return 16
+    available = calibration.largest_batch() or calibration.samples
     return max(1, min(16, available, recipe.quantize.calibration_samples or available))
 
 
-def _evaluation_batch(inputs: list[TensorSpec], batch_sizes: tuple[int, ...]) -> int:
+def _evaluation_batch(inputs: list[TensorSpec], batch_sizes: tuple[int, ...], data: Dataset | None) -> int:
     static = [spec.batch_dim for spec in inputs if spec.has_static_batch()]
-    return int(static[0]) if static else max(batch_sizes)
+    if static:
+        return int(static[0])
+    return min(max(batch_sizes), (data and data.largest_batch()) or max(batch_sizes))
 
 
 def compare(baseline: Measurement, candidate: Measurement) -> dict[str, Any]:
@@ -152,13 +181,48 @@ def compare(baseline: Measurement, candidate: Measurement) -> dict[str, Any]:
         if size in baseline.latency
     }
     faster = [ratio > 1.0 for ratio in speedup.values()]
-    verdict = "faster" if all(faster) else "slower" if not any(faster) else "mixed"
-    result: dict[str, Any] = {"speedup": speedup, "verdict": verdict}
+    speed = "faster" if all(faster) else "slower" if not any(faster) else "mixed"
+    unfaithful = unfaithful_reason((candidate.accuracy or {}).get("fidelity"))
+    result: dict[str, Any] = {
+        "speedup": speedup,
+        # an engine that does not reproduce the original is `unfaithful` however fast it is
+        "verdict": "unfaithful" if unfaithful else speed,
+        "speed_verdict": speed,
+    }
+    if unfaithful:
+        result["unfaithful_reason"] = unfaithful
     if baseline.accuracy and candidate.accuracy:
         for metric in ("top1", "top5"):
             if metric in baseline.accuracy and metric in candidate.accuracy:
                 result[f"{metric}_delta"] = candidate.accuracy[metric] - baseline.accuracy[metric]
     return result
+
+
+def verdict_messages(
+    artifact: EngineArtifact, comparison: dict[str, Any], recipe: Recipe, evaluation: Dataset | None
+) -> list[str]:
+    """What a user must know about an engine: slower than the original somewhere, or unfaithful to
+    it (with the exact recipe that searches for a faithful INT8 engine, when one can be searched)."""
+    what = f"the {artifact.precision} {artifact.backend} engine"
+    messages = []
+    if comparison["speed_verdict"] != "faster":
+        ratios = ", ".join(f"b={size}: {ratio:.2f}×" for size, ratio in comparison["speedup"].items())
+        messages.append(
+            f"{what} is not faster than the original everywhere ({ratios}); "
+            "where it is slower, serve the original"
+        )
+    reason = comparison.get("unfaithful_reason")
+    if reason:
+        message = f"{what} is unfaithful to the original: {reason}"
+        if artifact.precision == "int8" and recipe.accuracy_budget is None and evaluation is not None:
+            metric = "top1" if evaluation.labels is not None else "fidelity"
+            budgeted = {**recipe.to_dict(), "accuracy_budget": {"metric": metric, "max_drop": 0.01}}
+            message += (
+                "; an accuracy budget keeps the layers that lose it in float: send the same job with this "
+                f"recipe: {json.dumps(budgeted, separators=(',', ':'))}"
+            )
+        messages.append(message)
+    return messages
 
 
 def run_recipe(
@@ -178,7 +242,8 @@ def run_recipe(
 
     def largest_batch(runner: Runner) -> dict[str, Any]:
         specs = runner.input_metadata()  # a static batch dim wins: the recipe is validated after loading
-        return make_batch(specs, _evaluation_batch(specs, recipe.batch_sizes), evaluation or calibration)
+        data = evaluation or calibration
+        return make_batch(specs, _evaluation_batch(specs, recipe.batch_sizes, data), data)
 
     runners: dict[str, Runner] = {}
     runners[BASELINE], memory[BASELINE] = memory_of(
@@ -192,8 +257,16 @@ def run_recipe(
         evaluation_has_labels=evaluation is not None and evaluation.labels is not None,
         calibration_samples=None if calibration is None else calibration.samples,
         calibration_has_labels=calibration is not None and calibration.labels is not None,
+        varying_unbatched=sorted(
+            {
+                name
+                for data in (evaluation, calibration)
+                if data is not None
+                for name in data.varying_unbatched()
+            }
+        ),
     )
-    eval_batch = _evaluation_batch(inputs, recipe.batch_sizes)
+    eval_batch = _evaluation_batch(inputs, recipe.batch_sizes, evaluation)
     if (
         evaluation is not None
         and evaluation.samples % eval_batch
@@ -242,27 +315,29 @@ def run_recipe(
     for index, (precision, target) in enumerate(plan):
         backend = get_backend(target)
         key, name = (precision, backend.quantization_profile), f"{target}/{precision}"
-        if key not in variants:
-            progress(0.3 + 0.3 * index / len(plan), f"preparing the {precision} model ({key[1]} profile)")
-            variants[key] = build_variant(
-                source,
-                replace(recipe, precision=precision),
-                key[1],
-                workdir,
-                calibration=calibration,
-                evaluation=evaluation,
-                batch_size=_calibration_batch(inputs, calibration, recipe),
-                check_cancelled=check_cancelled,
-            )
-            messages += variants[key].messages
-        variant = variants[key]
-        progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
-        options = CompileOptions(precision=precision, batch_sizes=recipe.batch_sizes, threads=threads)
         try:
+            if key not in variants:
+                progress(0.3 + 0.3 * index / len(plan), f"preparing the {precision} model ({key[1]} profile)")
+                variants[key] = build_variant(
+                    source,
+                    replace(recipe, precision=precision),
+                    key[1],
+                    workdir,
+                    calibration=calibration,
+                    evaluation=evaluation,
+                    batch_size=_calibration_batch(inputs, calibration, recipe),
+                    check_cancelled=check_cancelled,
+                )
+                messages += variants[key].messages
+            variant = variants[key]
+            progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
+            options = CompileOptions(precision=precision, batch_sizes=recipe.batch_sizes, threads=threads)
             artifact = backend.compile(variant.path, workdir / target / precision, options)
             runners[name], memory[name] = memory_of(
                 partial(backend.load, artifact.path, threads), largest_batch
             )
+        except InvalidRecipeError:
+            raise
         except EngineError as exc:
             if precision == "fp32":
                 raise
@@ -297,12 +372,7 @@ def run_recipe(
     for name, artifact in artifacts.items():
         built = measurement(name, artifact.backend, artifact.precision)
         comparison = compare(baseline, built)
-        if comparison["verdict"] != "faster":
-            ratios = ", ".join(f"b={size}: {ratio:.2f}×" for size, ratio in comparison["speedup"].items())
-            result.messages.append(
-                f"the {artifact.precision} {artifact.backend} engine is not faster than the original "
-                f"everywhere ({ratios}); where it is slower, serve the original"
-            )
+        result.messages += verdict_messages(artifact, comparison, recipe, evaluation)
         result.engines.append(BuiltEngine(artifact, built, comparison))
     progress(1.0, "done")
     return result

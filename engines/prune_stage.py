@@ -21,6 +21,7 @@ from engines.ingest import inspect_model
 from engines.prune import PruneConfig, compressed_size, prune_magnitude, prune_structured
 from engines.signature import TensorSpec
 from engines.torch_bridge import (
+    check_prunable_layout,
     check_same_signature,
     example_batch,
     first_output,
@@ -94,6 +95,7 @@ def run_prune_stage(
     progress: Progress,
     check_cancelled: Callable[[], None],
 ) -> PruneStageResult:
+    check_prunable_layout(inputs)
     module = onnx_to_torch(model_path)
     data = calibration or evaluation
     metadata: dict[str, Any] = {}

@@ -13,7 +13,10 @@ Two INT8 profiles, chosen by the target that will run the model:
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +33,8 @@ Profile = Literal["cpu", "tensorrt"]
 #: TensorRT's guidance is ~500-1000 representative samples; far fewer gives ranges that overfit.
 RECOMMENDED_CALIBRATION_SAMPLES = 500
 _INT8_DOT_PRODUCT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
-_TENSORRT_MIN_OPSET = 13
+#: Per-channel Q/DQ (the `axis` attribute) and TensorRT's explicit quantization need opset 13.
+PER_CHANNEL_MIN_OPSET = 13
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,11 @@ def reduce_range_for(cpu_features: list[str]) -> tuple[bool, str]:
 
 def calibration_batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     for start in range(0, dataset.samples - batch_size + 1, batch_size):
-        yield {name: array[start : start + batch_size] for name, array in dataset.inputs.items()}
+        yield dataset.batch(start, start + batch_size)
 
 
-def _reader(dataset: Dataset, batch_size: int) -> Any:
+def calibration_reader(dataset: Dataset, batch_size: int) -> Any:
+    """An ONNX Runtime CalibrationDataReader over whole batches of `dataset`."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class DatasetReader(CalibrationDataReader):
@@ -78,26 +83,47 @@ def _reader(dataset: Dataset, batch_size: int) -> Any:
     return DatasetReader()
 
 
+_CWD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    """Run in `path`: when symbolic shape inference fails, ONNX Runtime saves its partial model
+    (`sym_shape_infer_temp.onnx` and a multi-megabyte `.data` file) into the current directory,
+    which would fill a worker's directory job after job. In the job's directory it goes with the job."""
+    with _CWD_LOCK:
+        previous = os.getcwd()
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
 def preprocess(model_path: Path, out_path: Path) -> tuple[Path, list[str]]:
     """Shape inference and graph optimization before quantizing, as ONNX Runtime recommends.
 
-    Symbolic shape inference fails on many real exported models (detectors, OCR): then try
-    without it, then without pre-processing at all, and say so.
+    Symbolic shape inference fails on many real exported models: two inputs whose batch dims carry
+    different names (tf2onnx's `unk__330`, `unk__331`), broadcasts it cannot prove (`Min(512,
+    sequence_length)` in transformers). Then try again merging such dims (`auto_merge`), then without
+    symbolic inference, then without pre-processing at all, and say which one ran.
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    attempts = (
+        ({}, ""),
+        ({"auto_merge": True}, "pre-processed merging conflicting symbolic dims (auto_merge)"),
+        ({"skip_symbolic_shape": True}, "pre-processed without it"),
+    )
     failures: list[str] = []
-    for options in ({}, {"skip_symbolic_shape": True}):
+    for options, how in attempts:
         try:
-            quant_pre_process(str(model_path), str(out_path), **options)
-            notes = (
-                [f"symbolic shape inference failed ({failures[0]}); pre-processed without it"]
-                if failures
-                else []
-            )
-            return out_path, notes
+            with _working_directory(out_path.parent):
+                quant_pre_process(str(model_path.resolve()), str(out_path.resolve()), **options)
         except Exception as exc:
             failures.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        return out_path, [f"symbolic shape inference failed ({failures[0]}); {how}"] if failures else []
     return model_path, [f"pre-processing failed ({failures[-1]}); quantized the model as uploaded"]
 
 
@@ -113,22 +139,109 @@ def _name_nodes(model: Any) -> None:
             used.add(name)
 
 
+def _ranks(model: Any) -> dict[str, int]:
+    """Known ranks of the graph's tensors (inputs, outputs, inferred value_info, initializers)."""
+    graph = model.graph
+    ranks = {tensor.name: len(tensor.dims) for tensor in graph.initializer}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = value.type.tensor_type
+        if value.type.WhichOneof("value") == "tensor_type" and tensor_type.HasField("shape"):
+            ranks[value.name] = len(tensor_type.shape.dim)
+    return ranks
+
+
+def _squeeze_constant_addends(model: Any) -> int:
+    """Biases shaped [1, …, 1, N] (tf2onnx writes them so; quantization pre-processing fuses
+    MatMul+Add into a Gemm with such a C) become [N] where that is the same broadcast: Gemm's C
+    always, an Add's constant operand when the other operand's rank is known and not lower.
+
+    ONNX Runtime's quantizer gives such a bias per-channel scales along its axis 0, of size 1: the
+    QDQ model then fails in every session that runs that DequantizeLinear (the per-layer report's).
+    """
+    from onnx import numpy_helper
+
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    ranks = _ranks(model)
+    squeezed = 0
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and len(node.input) == 3:
+            candidates = [(2, None)]
+        elif node.op_type == "Add" and len(node.input) == 2:
+            candidates = [(0, node.input[1]), (1, node.input[0])]
+        else:
+            continue
+        for position, other in candidates:
+            tensor = constants.get(node.input[position])
+            if tensor is None or len(tensor.dims) < 2 or tensor.dims[0] != 1 or other in constants:
+                continue
+            if other is not None and ranks.get(other, 0) < len(tensor.dims):
+                continue  # the other operand's rank is unknown or lower: squeezing would change the output
+            array = numpy_helper.to_array(tensor)
+            leading = next(
+                index for index, dim in enumerate(array.shape) if dim != 1 or index == array.ndim - 1
+            )
+            copy = numpy_helper.from_array(np.ascontiguousarray(array.reshape(array.shape[leading:])))
+            copy.name = f"{tensor.name}_squeezed"
+            if copy.name not in constants:
+                model.graph.initializer.append(copy)
+                constants[copy.name] = copy
+            node.input[position] = copy.name
+            squeezed += 1
+    used = {name for node in model.graph.node for name in node.input}
+    unused = [tensor for tensor in model.graph.initializer if tensor.name not in used]
+    for tensor in unused if squeezed else []:
+        model.graph.initializer.remove(tensor)
+    return squeezed
+
+
+def _opset(model: Any) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+
+
 def prepare_float_model(model_path: Path, workdir: Path, profile: Profile) -> tuple[Path, list[str]]:
-    """The float model quantization starts from: pre-processed, nodes named, opset fit for the profile."""
+    """The float model quantization starts from: pre-processed, nodes named, opset ≥ 13.
+
+    Per-channel Q/DQ (an `axis` on QuantizeLinear/DequantizeLinear) exists from opset 13; on an
+    older model ONNX Runtime's quantizer writes it anyway, and the result does not load. So older
+    models are converted; one the converter cannot take is quantized per tensor (quantize_int8).
+    """
     import onnx
 
     prepared, messages = preprocess(model_path, workdir / "preprocessed.onnx")
-    model = onnx.load(str(prepared))
-    _name_nodes(model)
-    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
-    if profile == "tensorrt" and opset < _TENSORRT_MIN_OPSET:
-        from onnx import version_converter
+    try:
+        model = onnx.load(str(prepared))
+        _name_nodes(model)
+        if _squeeze_constant_addends(model):
+            messages.append("biases shaped [1, …, N] squeezed to [N] so that their Q/DQ scales are valid")
+        opset = _opset(model)
+        if opset < PER_CHANNEL_MIN_OPSET:
+            from onnx import version_converter
 
-        model = version_converter.convert_version(model, _TENSORRT_MIN_OPSET)
-        messages.append(f"opset {opset} converted to {_TENSORRT_MIN_OPSET} for per-channel Q/DQ in TensorRT")
-    target = workdir / f"float-{profile}.onnx"
-    onnx.save_model(model, str(target))
+            try:
+                model = version_converter.convert_version(model, PER_CHANNEL_MIN_OPSET)
+                messages.append(
+                    f"opset {opset} converted to {PER_CHANNEL_MIN_OPSET}: per-channel Q/DQ needs it"
+                    + (" (and TensorRT)" if profile == "tensorrt" else "")
+                )
+            except Exception as exc:
+                messages.append(
+                    f"opset {opset} could not be converted to {PER_CHANNEL_MIN_OPSET} "
+                    f"({type(exc).__name__}: {str(exc)[:200]}): weights are quantized per tensor"
+                )
+        target = workdir / f"float-{profile}.onnx"
+        onnx.save_model(model, str(target))
+    except Exception as exc:
+        raise EngineError(
+            f"the model could not be prepared for quantization: {type(exc).__name__}: {str(exc)[:300]}",
+            code="quantization_failed",
+        ) from exc
     return target, messages
+
+
+def _load_graph_only(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
 
 
 def quantize_int8(
@@ -158,6 +271,12 @@ def quantize_int8(
             f"calibration_samples {config.calibration_samples})"
         )
     result = QuantizeResult(path=out_path)
+    per_channel = config.per_channel
+    if per_channel and _opset(_load_graph_only(float_path)) < PER_CHANNEL_MIN_OPSET:
+        per_channel = False
+        result.messages.append(
+            f"per-channel weights need opset {PER_CHANNEL_MIN_OPSET}: this model is quantized per tensor"
+        )
     if samples < RECOMMENDED_CALIBRATION_SAMPLES:
         result.messages.append(
             f"calibrated on {samples} samples; about {RECOMMENDED_CALIBRATION_SAMPLES}-1000 representative "
@@ -176,29 +295,41 @@ def quantize_int8(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[config.calibration]
-    try:
-        quantize_static(
-            str(float_path),
-            str(out_path),
-            _reader(calibration.take(samples), batch_size),
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            reduce_range=reduce_range,
-            activation_type=activation_type,
-            weight_type=QuantType.QInt8,
-            calibrate_method=method,
-            nodes_to_exclude=list(config.nodes_to_exclude),
-            extra_options=extra,
-        )
-    except Exception as exc:
-        raise EngineError(
-            f"INT8 quantization failed: {type(exc).__name__}: {exc}", code="quantization_failed"
-        ) from exc
+    # ONNX Runtime's step that widens weight scales for tiny int32 bias scales breaks on some real
+    # graphs (a per-tensor weight scale meeting a per-channel bias, in tf2onnx/jax2tf exports):
+    # quantize again without that step rather than fail, and say so.
+    attempts = [(extra, ""), ({**extra, "QDQDisableWeightAdjustForInt32Bias": True}, "bias-scale adjustment")]
+    failures: list[str] = []
+    for options, skipped in attempts:
+        try:
+            quantize_static(
+                str(float_path),
+                str(out_path),
+                calibration_reader(calibration.take(samples), batch_size),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=activation_type,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                nodes_to_exclude=list(config.nodes_to_exclude),
+                extra_options=options,
+            )
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        if failures:
+            result.messages.append(
+                f"ONNX Runtime's quantizer failed ({failures[0]}); quantized again without its {skipped}"
+            )
+        break
+    else:
+        raise EngineError(f"INT8 quantization failed: {failures[0]}", code="quantization_failed")
     result.metadata = {
         "profile": profile,
         "calibration": config.calibration,
         "calibration_samples": samples,
-        "per_channel": config.per_channel,
+        "per_channel": per_channel,
         "reduce_range": reduce_range,
         "reduce_range_reason": reason,
         "activation_type": "int8" if profile == "tensorrt" else "uint8",

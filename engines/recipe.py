@@ -34,7 +34,8 @@ class MeasureConfig:
 @dataclass(frozen=True)
 class AccuracyBudget:
     """Keep the most error-prone nodes in float until the drop against the float model is at most
-    `max_drop` (a fraction: 0.01 is one point of top-1, or 1 % of predictions changed for fidelity)."""
+    `max_drop` (a fraction: 0.01 is one point of top-1; for `fidelity`, the cosine similarity to the
+    float model's outputs, and for class scores the top-1 agreement too, stay at or above 1 - max_drop)."""
 
     metric: str = "top1"
     max_drop: float = 0.01

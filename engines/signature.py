@@ -1,13 +1,19 @@
 """Tensor signatures: the names, dtypes and shapes a model takes and gives.
 
 Dims are ints when static, strings when symbolic (`"batch"`) and None when unknown,
-exactly as ONNX records them, so users see the signature they exported.
+as ONNX records them, so users see the signature they exported. One exception: a `dim_value`
+of -1 or 0 (Paddle and older exporters write -1 for "dynamic") is dynamic, as ONNX Runtime
+treats it, and becomes None.
+
+Each input has a **batch axis**, the dim along which samples stack, decided once here by
+`assign_batch_axes` for every layer (datasets, measurement, serving): recurrent state carries its
+batch in dim 1, and a scalar such as a sample rate has none.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +26,9 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name, e.g. "float32"
     shape: tuple[Dim, ...]
+    #: The dim samples stack along; None when the tensor has none (a scalar, shared state).
+    #: Set for a whole signature by `assign_batch_axes`; 0 until then.
+    batch_axis: int | None = 0
 
     @property
     def rank(self) -> int:
@@ -27,10 +36,18 @@ class TensorSpec:
 
     @property
     def batch_dim(self) -> Dim:
-        return self.shape[0] if self.shape else None
+        return (
+            None if self.batch_axis is None or self.batch_axis >= self.rank else self.shape[self.batch_axis]
+        )
 
     def has_static_batch(self) -> bool:
-        return bool(self.shape) and isinstance(self.shape[0], int)
+        return self.batch_axis is not None and isinstance(self.batch_dim, int)
+
+    def sample_shape(self) -> tuple[Dim, ...]:
+        """The shape of one sample: the tensor's shape without its batch axis (a dataset row)."""
+        if self.batch_axis is None:
+            return self.shape
+        return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1 :]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -39,11 +56,79 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+        shape = tuple(normalize_dim(dim) for dim in data["shape"])
+        return cls(name=data["name"], dtype=data["dtype"], shape=shape)
+
+
+def normalize_dim(dim: Any) -> Dim:
+    """A dim as this package keeps it: -1 and 0 (dynamic in ONNX Runtime) and unknowns are None."""
+    if isinstance(dim, bool):
+        return None
+    if isinstance(dim, int):
+        return dim if dim > 0 else None
+    return dim if isinstance(dim, str) and dim else None
 
 
 def specs_from_dicts(items: Sequence[dict[str, Any]]) -> list[TensorSpec]:
-    return [TensorSpec.from_dict(item) for item in items]
+    """Specs stored as JSON, with batch axes decided afresh (rows stored before they existed too)."""
+    return assign_batch_axes([TensorSpec.from_dict(item) for item in items])
+
+
+def _dynamic_axes(spec: TensorSpec) -> list[int]:
+    return [axis for axis, dim in enumerate(spec.shape) if not isinstance(dim, int)]
+
+
+def batch_symbol(inputs: Sequence[TensorSpec]) -> str | None:
+    """The symbolic name of the batch dim: the name most inputs open their dynamic dims with."""
+    counts: dict[str, int] = {}
+    for spec in inputs:
+        dynamic = _dynamic_axes(spec)
+        first = spec.shape[dynamic[0]] if dynamic else None
+        if isinstance(first, str):
+            counts[first] = counts.get(first, 0) + 1
+    return max(counts, key=lambda name: counts[name]) if counts else None  # ties: the first seen
+
+
+def _batch_axis(spec: TensorSpec, symbol: str | None, all_static: bool) -> int | None:
+    if symbol is not None and symbol in spec.shape:
+        return spec.shape.index(symbol)
+    dynamic = _dynamic_axes(spec)
+    if dynamic:
+        return dynamic[0]
+    return 0 if all_static and spec.rank > 0 else None
+
+
+def assign_batch_axes(
+    inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec] | None = None
+) -> list[TensorSpec]:
+    """Decide each tensor's batch axis (returns `inputs`, or `outputs` when given, with it set).
+
+    The rule: the dim named like the inputs' batch dim; else the tensor's first dynamic dim; else,
+    in a model whose inputs are all static, dim 0 (a fixed batch, e.g. 1); else none (a scalar
+    such as a sample rate, or state shared by every sample). Outputs follow the inputs' batch name.
+    """
+    symbol = batch_symbol(inputs)
+    all_static = not any(_dynamic_axes(spec) for spec in inputs)
+    targets = inputs if outputs is None else outputs
+    return [replace(spec, batch_axis=_batch_axis(spec, symbol, all_static)) for spec in targets]
+
+
+def ambiguous_batch_axes(inputs: Sequence[TensorSpec]) -> list[str]:
+    """Sentences for inputs whose batch axis cannot be told apart: several unnamed dynamic dims,
+    none named like the other inputs' batch dim."""
+    symbol = batch_symbol(inputs)
+    problems = []
+    for spec in inputs:
+        dynamic = _dynamic_axes(spec)
+        if symbol is not None and symbol not in spec.shape and len(dynamic) > 1:
+            problems.append(
+                f"input '{spec.name}' (shape {list(spec.shape)}) has dynamic dims {dynamic} and none is "
+                f"named '{symbol}' like the other inputs' batch dim, so its batch axis cannot be decided; "
+                f"export it with the batch dim named '{symbol}' (e.g. dynamic_axes={{'{spec.name}': "
+                f"{{AXIS: '{symbol}'}}}}); its dataset array then holds one row per sample, shaped like "
+                "the input without that axis"
+            )
+    return problems
 
 
 def onnx_value_to_spec(value: Any) -> TensorSpec:
@@ -64,7 +149,7 @@ def onnx_value_to_spec(value: Any) -> TensorSpec:
     if tensor_type.HasField("shape"):
         for dim in tensor_type.shape.dim:
             if dim.HasField("dim_value"):
-                shape.append(int(dim.dim_value))
+                shape.append(normalize_dim(int(dim.dim_value)))
             elif dim.HasField("dim_param"):
                 shape.append(dim.dim_param)
             else:
@@ -72,28 +157,53 @@ def onnx_value_to_spec(value: Any) -> TensorSpec:
     return TensorSpec(name=value.name, dtype=dtype, shape=tuple(shape))
 
 
+def _dtype_problem(dtype: str, spec: TensorSpec, what: str) -> list[str]:
+    if dtype == spec.dtype:
+        return []
+    return [
+        f"{what} '{spec.name}': dtype {dtype}, model expects {spec.dtype} "
+        f"(convert with .astype(np.{spec.dtype}))"
+    ]
+
+
+def _dims_problems(
+    got: tuple[int, ...], want: tuple[Dim, ...], spec: TensorSpec, what: str, skip: int | None, noun: str
+) -> list[str]:
+    if len(got) != len(want):
+        return [
+            f"{what} '{spec.name}': {noun}rank {len(got)} (shape {list(got)}), model expects rank "
+            f"{len(want)} (shape {list(want)})"
+        ]
+    return [
+        f"{what} '{spec.name}': {noun}dim {axis} is {size}, model expects {expected} "
+        f"(shape {list(got)} vs {list(want)})"
+        for axis, (size, expected) in enumerate(zip(got, want, strict=True))
+        if axis != skip and isinstance(expected, int) and size != expected
+    ]
+
+
 def check_array_against_spec(array: np.ndarray, spec: TensorSpec, *, what: str) -> list[str]:
-    """Problems that would stop `array` from feeding `spec` (dims after the first must match)."""
-    problems: list[str] = []
-    if array.dtype.name != spec.dtype:
-        problems.append(
-            f"{what} '{spec.name}': dtype {array.dtype.name}, model expects {spec.dtype}"
-            f" (convert with .astype(np.{spec.dtype}))"
+    """Problems that would stop `array` (a whole feed) from feeding `spec`; the batch axis may vary."""
+    return _dtype_problem(array.dtype.name, spec, what) + _dims_problems(
+        tuple(array.shape), spec.shape, spec, what, spec.batch_axis, ""
+    )
+
+
+def check_rows_against_spec(
+    row_shape: tuple[int, ...], dtype: str, spec: TensorSpec, *, what: str
+) -> list[str]:
+    """Problems that would stop dataset rows (one per sample) from feeding `spec`.
+
+    A row is one sample: the input's shape without its batch axis (a scalar input: a scalar row).
+    """
+    problems = _dtype_problem(dtype, spec, what)
+    want = spec.sample_shape()
+    problems += _dims_problems(row_shape, want, spec, what, None, "each row has ")
+    if len(row_shape) != len(want) and spec.batch_axis not in (None, 0):
+        problems[-1] += (
+            f"; its batch is dim {spec.batch_axis}, so the dataset gives one row per sample shaped "
+            f"{list(want)}, samples first"
         )
-    if array.ndim != spec.rank:
-        problems.append(
-            f"{what} '{spec.name}': rank {array.ndim} (shape {list(array.shape)}), model expects rank "
-            f"{spec.rank} (shape {list(spec.shape)})"
-        )
-        return problems
-    for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-        if axis == 0:
-            continue
-        if isinstance(want, int) and got != want:
-            problems.append(
-                f"{what} '{spec.name}': dim {axis} is {got}, model expects {want} "
-                f"(shape {list(array.shape)} vs {list(spec.shape)})"
-            )
     return problems
 
 
@@ -106,20 +216,29 @@ def validate_feeds(feeds: Mapping[str, np.ndarray], specs: Sequence[TensorSpec])
     problems += [
         f"unknown input '{name}' (inputs: {sorted(expected)})" for name in sorted(set(feeds) - expected)
     ]
+    batches: set[int] = set()
     for spec in specs:
-        if spec.name in feeds:
-            array = feeds[spec.name]
-            problems += check_array_against_spec(array, spec, what="input")
-            if (
-                array.ndim == spec.rank
-                and isinstance(spec.batch_dim, int)
-                and array.shape[0] != spec.batch_dim
-            ):
-                problems.append(
-                    f"input '{spec.name}': batch of {array.shape[0]}, engine takes {spec.batch_dim}"
-                )
-    batches = {len(array) for array in feeds.values() if array.ndim > 0}
+        if spec.name not in feeds:
+            continue
+        array = feeds[spec.name]
+        found = check_array_against_spec(array, spec, what="input")
+        problems += found
+        if found or spec.batch_axis is None:
+            continue
+        size = array.shape[spec.batch_axis]
+        batches.add(size)
+        if isinstance(spec.batch_dim, int) and size != spec.batch_dim:
+            problems.append(f"input '{spec.name}': batch of {size}, engine takes {spec.batch_dim}")
     if len(batches) > 1:
         problems.append(f"inputs disagree on the batch size: {sorted(batches)}")
     if problems:
         raise InvalidInputError("; ".join(problems), extra={"problems": problems})
+
+
+def feed_batch_size(feeds: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> int:
+    """Samples in validated feeds: the size of the first batched input's batch axis (1 if none)."""
+    for spec in specs:
+        array = feeds.get(spec.name)
+        if spec.batch_axis is not None and array is not None and array.ndim > spec.batch_axis:
+            return int(array.shape[spec.batch_axis])
+    return 1

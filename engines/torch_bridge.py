@@ -147,6 +147,16 @@ def onnx_to_torch(onnx_path: Path) -> Any:
         ) from exc
 
 
+def check_prunable_layout(inputs: list[TensorSpec]) -> None:
+    """The pruning path feeds and exports samples along dim 0: refuse other layouts, naming them."""
+    other = [f"'{spec.name}' (batch axis {spec.batch_axis})" for spec in inputs if spec.batch_axis != 0]
+    if other:
+        raise EngineError(
+            f"pruning needs every input's batch in dim 0; {', '.join(other)} differ",
+            code="unsupported_layout",
+        )
+
+
 def example_batch(
     inputs: list[TensorSpec], data: dict[str, Any] | None = None, size: int = 2
 ) -> tuple[Any, ...]:

@@ -37,7 +37,9 @@ def test_upload_job_engine_infer_report(live_stack: LiveStack, digits: DigitsArt
     with live_stack.client() as client:
         model = _upload(client, digits.onnx_path, "models", "digits-cnn")
         assert model["opset"] == 17 and model["parameters"] > 20_000 and len(model["sha256"]) == 64
-        assert model["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 32, 32]}]
+        assert model["inputs"] == [
+            {"name": "input", "dtype": "float32", "shape": ["batch", 1, 32, 32], "batch_axis": 0}
+        ]
         assert model["outputs"][0]["shape"] == ["batch", 10]
         evaluation = _upload(client, digits.eval_npz, "datasets", "digits-test")
         assert evaluation["samples"] == 500 and evaluation["has_labels"] and evaluation["classes"] == 10

@@ -15,7 +15,7 @@ from app.orm import EngineRecord, ModelRecord
 from app.schemas import AliasIn, BatchingIn, EngineOut, InferRequest, InferResponse
 from app.store import ArtifactStore
 from engines.errors import EngineError
-from engines.signature import specs_from_dicts
+from engines.signature import assign_batch_axes, specs_from_dicts
 from engines.variants import LAYER_ERRORS_FILENAME
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
@@ -132,15 +132,15 @@ def set_batching(
     throughput under concurrency, at the cost of that delay; no gain for one client at a time."""
     record = get_engine_record(session, engine_id)
     model = session.get(ModelRecord, record.model_id)
-    specs = specs_from_dicts(model.info["inputs"])
-    static = [spec.name for spec in specs if spec.has_static_batch()]
-    scalars = [spec.name for spec in specs if spec.rank == 0]
-    if static or scalars:
+    inputs = specs_from_dicts(model.info["inputs"])
+    tensors = inputs + assign_batch_axes(inputs, specs_from_dicts(model.info["outputs"]))
+    unbatchable = [spec.name for spec in tensors if spec.batch_axis != 0 or spec.has_static_batch()]
+    if unbatchable:
         raise ApiError(
             422,
             "not_batchable",
-            f"input(s) {static + scalars} have a static batch dimension or none; "
-            "export with a dynamic batch dim to batch",
+            f"tensor(s) {unbatchable} have a static batch dimension, none, or one that is not dim 0; "
+            "the batcher stacks samples along a dynamic dim 0",
         )
     record.max_batch_size, record.max_queue_delay_ms = body.max_batch_size, body.max_queue_delay_ms
     session.commit()

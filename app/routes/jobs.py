@@ -29,7 +29,7 @@ from engines.recipe import Recipe
 from engines.report import render_markdown, report_row
 from engines.sensitivity import SENSITIVITY_JSON, SENSITIVITY_KEY, SENSITIVITY_PNG, ratios_within
 from engines.signature import TensorSpec, specs_from_dicts
-from engines.torch_bridge import unconvertible_ops
+from engines.torch_bridge import check_prunable_layout, unconvertible_ops
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -83,6 +83,8 @@ def get_job_record(session: Session, job_id: str) -> JobRecord:
 def check_convertible(model: ModelRecord, recipe: Recipe) -> None:
     """A prune-only job on a model with ops the converter lacks is refused now, naming them. With a
     precision stage to fall back on, the job goes ahead and reports `pruning skipped` instead."""
+    if recipe.precision == "fp32":
+        check_prunable_layout(specs_from_dicts(model.info["inputs"]))
     try:
         missing = unconvertible_ops(list(model.info.get("op_types", {})), model.info["opset"])
     except EngineError:  # this API node has no torch/onnx2torch: the worker will say
@@ -94,13 +96,14 @@ def check_convertible(model: ModelRecord, recipe: Recipe) -> None:
 
 
 def _dataset_fitting(
-    session: Session, dataset_id: str | None, inputs: list[TensorSpec]
+    session: Session, dataset_id: str | None, inputs: list[TensorSpec], varying_unbatched: set[str]
 ) -> DatasetInfo | None:
-    """The dataset's description, after checking that its arrays fit the model's inputs."""
+    """The dataset's description, after checking that its arrays fit the model's inputs; adds to
+    `varying_unbatched` the inputs without a batch axis whose rows differ in it."""
     if dataset_id is None:
         return None
     info = DatasetInfo.from_dict(get_dataset_record(session, dataset_id).info)
-    check_fits_model(info, inputs)
+    varying_unbatched.update(check_fits_model(info, inputs))
     return info
 
 
@@ -127,8 +130,9 @@ def create_job(
             recipe, prune=replace(recipe.prune, layer_ratios=ratios_within(report, source.max_drop))
         )
     try:
-        calibration = _dataset_fitting(session, body.calibration_dataset_id, inputs)
-        evaluation = _dataset_fitting(session, body.evaluation_dataset_id, inputs)
+        varying: set[str] = set()
+        calibration = _dataset_fitting(session, body.calibration_dataset_id, inputs, varying)
+        evaluation = _dataset_fitting(session, body.evaluation_dataset_id, inputs, varying)
         validate_recipe(
             inputs,
             recipe,
@@ -136,6 +140,7 @@ def create_job(
             evaluation_has_labels=bool(evaluation and evaluation.has_labels),
             calibration_samples=calibration and calibration.samples,
             calibration_has_labels=bool(calibration and calibration.has_labels),
+            varying_unbatched=sorted(varying),
         )
         if recipe.prune is not None:
             check_prune_config(recipe.prune, model.info.get("op_types", {}))

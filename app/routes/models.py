@@ -28,12 +28,15 @@ from engines.ingest import inspect_model, unpack_upload, write_normalized
 from engines.prune import PruneConfig, check_prune_config
 from engines.recipe import Recipe
 from engines.sensitivity import SENSITIVITY_KEY
-from engines.signature import specs_from_dicts
+from engines.signature import assign_batch_axes, specs_from_dicts
+from engines.torch_bridge import check_prunable_layout
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def model_out(record: ModelRecord) -> ModelOut:
+    inputs = specs_from_dicts(record.info["inputs"])  # batch axes decided afresh, for older rows too
+    outputs = assign_batch_axes(inputs, specs_from_dicts(record.info["outputs"]))
     return ModelOut(
         id=record.id,
         name=record.name,
@@ -41,7 +44,11 @@ def model_out(record: ModelRecord) -> ModelOut:
         sha256=record.sha256,
         size_bytes=record.size_bytes,
         created_at=record.created_at,
-        **record.info,
+        **{
+            **record.info,
+            "inputs": [spec.to_dict() for spec in inputs],
+            "outputs": [spec.to_dict() for spec in outputs],
+        },
     )
 
 
@@ -181,7 +188,9 @@ def start_sensitivity(
     model = get_model_record(session, model_id)
     dataset = get_dataset_record(session, body.dataset_id)
     try:
-        check_fits_model(DatasetInfo.from_dict(dataset.info), specs_from_dicts(model.info["inputs"]))
+        inputs = specs_from_dicts(model.info["inputs"])
+        check_fits_model(DatasetInfo.from_dict(dataset.info), inputs)
+        check_prunable_layout(inputs)
         check_prune_config(PruneConfig(method=body.method, ratio=0.5), model.info.get("op_types", {}))
         check_convertible(model, Recipe())
     except EngineError as exc:

@@ -18,7 +18,7 @@ from engines.backends.base import Backend, CompileOptions, EngineArtifact
 from engines.errors import EngineError
 from engines.hardware import cpu_info
 from engines.ingest import PROTOBUF_LIMIT_BYTES
-from engines.signature import TensorSpec
+from engines.signature import TensorSpec, assign_batch_axes, normalize_dim
 
 ENGINE_FILENAME = "engine.onnx"
 
@@ -52,8 +52,7 @@ def _spec(node_arg: Any) -> TensorSpec:
     type_name = node_arg.type  # e.g. "tensor(float)"
     element = type_name[len("tensor(") : -1] if type_name.startswith("tensor(") else type_name
     dtype = {"float": "float32", "double": "float64", "float16": "float16"}.get(element, element)
-    shape = tuple(dim if isinstance(dim, int | str) else None for dim in node_arg.shape)
-    return TensorSpec(name=node_arg.name, dtype=dtype, shape=shape)
+    return TensorSpec(name=node_arg.name, dtype=dtype, shape=tuple(map(normalize_dim, node_arg.shape)))
 
 
 class OnnxRuntimeRunner:
@@ -61,8 +60,8 @@ class OnnxRuntimeRunner:
 
     def __init__(self, session: Any):
         self._session = session
-        self._inputs = [_spec(arg) for arg in session.get_inputs()]
-        self._outputs = [_spec(arg) for arg in session.get_outputs()]
+        self._inputs = assign_batch_axes([_spec(arg) for arg in session.get_inputs()])
+        self._outputs = assign_batch_axes(self._inputs, [_spec(arg) for arg in session.get_outputs()])
         self._output_names = [spec.name for spec in self._outputs]
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

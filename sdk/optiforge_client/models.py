@@ -17,6 +17,7 @@ class TensorSpec(_Resource):
     name: str
     dtype: str
     shape: list[int | str | None]
+    batch_axis: int | None = 0  # where samples stack; None: a scalar or a tensor every sample shares
 
 
 class Model(_Resource):

@@ -1,0 +1,377 @@
+"""Each quirk real exported models showed (bench/zoo.py), on a small graph that reproduces it.
+
+Library-level tests run the pipeline as a worker does; the API tests go through upload, dataset
+binding, job creation and serving in process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from optiforge_client import tensors
+
+from engines.datasets import Dataset, DatasetInfo, check_fits_model, inspect_arrays
+from engines.errors import DatasetMismatchError, InvalidDatasetError, InvalidInputError, InvalidRecipeError
+from engines.ingest import inspect_model
+from engines.pipeline import run_recipe, validate_recipe
+from engines.quant_debug import layer_errors
+from engines.quantize import QuantizeConfig, prepare_float_model, quantize_int8
+from engines.recipe import Recipe
+from engines.signature import TensorSpec, assign_batch_axes, validate_feeds
+from tests import quirk_graphs
+from tests.conftest import LocalApi
+from workers.job_runner import run_job_by_id
+
+QUICK = {"warmup_runs": 1, "timed_runs": 3, "min_seconds": 0.0}
+
+
+def _recipe(**fields: object) -> Recipe:
+    return Recipe.from_dict({"measure": QUICK, **fields})
+
+
+def _dataset(path: Path, samples: int = 16, seed: int = 0) -> Dataset:
+    """Random rows for every input of the model, laid out as the service lays datasets out."""
+    inputs = inspect_model(path).inputs
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in inputs:
+        row = [dim if isinstance(dim, int) else 8 for dim in spec.sample_shape()]
+        kind = np.dtype(spec.dtype).kind
+        arrays[spec.name] = (
+            rng.random((samples, *row)).astype(spec.dtype)
+            if kind == "f"
+            else np.full((samples, *row), 16000, dtype=spec.dtype)
+        )
+    return Dataset(arrays, None, {spec.name: spec.batch_axis for spec in inputs})
+
+
+# ---------------------------------------------------------------- the batch axis rule
+
+
+def test_minus_one_dims_are_dynamic(tmp_path: Path) -> None:
+    info = inspect_model(quirk_graphs.minus_one_batch(tmp_path / "m.onnx"))
+    assert info.inputs[0].shape == (None, 3, 8, 8)
+    assert info.inputs[0].batch_axis == 0 and not info.inputs[0].has_static_batch()
+    assert info.outputs[0].shape == (None, 5)
+    validate_recipe(list(info.inputs), _recipe(batch_sizes=[1, 4]))  # no "static batch dim of -1"
+
+
+def test_batch_axis_rule() -> None:
+    def axes(*shapes: tuple) -> list[int | None]:
+        specs = [TensorSpec(f"t{i}", "float32", shape) for i, shape in enumerate(shapes)]
+        return [spec.batch_axis for spec in assign_batch_axes(specs)]
+
+    assert axes(("batch", 4), (2, "batch", 8)) == [0, 1]  # recurrent state: named like the batch
+    assert axes((None, 4), (2, None, 8)) == [0, 1]  # unnamed: each input's first dynamic dim
+    assert axes(("batch", 16), ()) == [0, None]  # a scalar has none
+    assert axes(("batch", 16), (1,)) == [0, None]  # a static tensor beside a batched one: shared
+    assert axes(
+        (1, 3, 416, 416),
+    ) == [0]  # an all-static model: a fixed batch in dim 0
+    assert axes(("unk__330", 21), ("unk__331", 21)) == [0, 0]  # tf2onnx names each input's batch anew
+
+
+def test_ambiguous_batch_axis_is_refused_with_the_fix() -> None:
+    specs = assign_batch_axes(
+        [TensorSpec("x", "float32", ("batch", 4)), TensorSpec("h", "float32", (None, None, 8))]
+    )
+    with pytest.raises(InvalidRecipeError, match=r"input 'h'.*batch axis cannot be decided.*named 'batch'"):
+        validate_recipe(specs, _recipe(batch_sizes=[1]))
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_recurrent_state_with_batch_in_dim_1(tmp_path: Path, named: bool) -> None:
+    path = quirk_graphs.recurrent_state(tmp_path / "rnn.onnx", named=named)
+    info = inspect_model(path)
+    assert [spec.batch_axis for spec in info.inputs] == [0, 1]
+    assert [spec.batch_axis for spec in info.outputs] == [0, 1]
+    data = _dataset(path)
+    assert data.inputs["h"].shape == (16, 2, 8)  # one row per sample: the state without its batch axis
+    assert data.batch(0, 4)["h"].shape == (2, 4, 8)  # stacked along dim 1
+    check_fits_model(inspect_arrays(dict(data.inputs)), list(info.inputs))
+    result = run_recipe(
+        path, _recipe(precision="int8", batch_sizes=[1, 4]), tmp_path / "w", evaluation=data, calibration=data
+    )
+    assert [engine.artifact.precision for engine in result.engines] == ["int8"]
+    assert result.engines[0].measurement.accuracy["fidelity"]["cosine_similarity"] > 0.99
+
+
+def test_dataset_rows_in_model_layout_are_refused_with_the_layout(tmp_path: Path) -> None:
+    info = inspect_model(quirk_graphs.recurrent_state(tmp_path / "rnn.onnx"))
+    laid_out_as_model = {"x": np.zeros((16, 4), np.float32), "h": np.zeros((2, 16, 8), np.float32)}
+    with pytest.raises(InvalidDatasetError, match=r"samples first.*np.moveaxis"):
+        inspect_arrays(laid_out_as_model)
+    flattened = {"x": np.zeros((16, 4), np.float32), "h": np.zeros((16, 16), np.float32)}
+    with pytest.raises(DatasetMismatchError) as caught:
+        check_fits_model(inspect_arrays(flattened), list(info.inputs))
+    assert any("one row per sample shaped [2, 8]" in problem for problem in caught.value.mismatches)
+
+
+def test_feeds_are_validated_along_each_inputs_batch_axis(tmp_path: Path) -> None:
+    specs = list(inspect_model(quirk_graphs.recurrent_state(tmp_path / "rnn.onnx")).inputs)
+    validate_feeds({"x": np.zeros((3, 4), np.float32), "h": np.zeros((2, 3, 8), np.float32)}, specs)
+    with pytest.raises(InvalidInputError, match="disagree on the batch size"):
+        validate_feeds({"x": np.zeros((3, 4), np.float32), "h": np.zeros((2, 5, 8), np.float32)}, specs)
+    with pytest.raises(InvalidInputError, match=r"'h': dim 0 is 3, model expects 2"):
+        validate_feeds({"x": np.zeros((3, 4), np.float32), "h": np.zeros((3, 3, 8), np.float32)}, specs)
+
+
+def test_scalar_input_shares_one_value_per_batch(tmp_path: Path) -> None:
+    path = quirk_graphs.scalar_input(tmp_path / "audio.onnx")
+    info = inspect_model(path)
+    assert [spec.batch_axis for spec in info.inputs] == [0, None]
+    data = _dataset(path)  # sr: 16000 in every row
+    assert data.batch(0, 4)["sr"].shape == ()
+    assert check_fits_model(inspect_arrays(dict(data.inputs)), list(info.inputs)) == []
+    result = run_recipe(
+        path, _recipe(precision="int8", batch_sizes=[1, 4]), tmp_path / "w", evaluation=data, calibration=data
+    )
+    assert result.engines and result.engines[0].measurement.latency.keys() == {"1", "4"}
+
+    varying = {**data.inputs, "sr": np.arange(16, dtype=np.int64) + 8000}
+    varying_info = DatasetInfo.from_dict(inspect_arrays(varying).to_dict())
+    assert check_fits_model(varying_info, list(info.inputs)) == ["sr"]
+    with pytest.raises(InvalidRecipeError, match=r"'sr' has no batch axis.*only batch size 1"):
+        validate_recipe(list(info.inputs), _recipe(batch_sizes=[1, 4]), varying_unbatched=["sr"])
+    validate_recipe(list(info.inputs), _recipe(batch_sizes=[1]), varying_unbatched=["sr"])
+
+
+# ---------------------------------------------------------------- quantization and its report
+
+
+def test_scalar_weights_have_a_layer_report(tmp_path: Path) -> None:
+    path = quirk_graphs.scalar_weight(tmp_path / "scalar.onnx")
+    data = _dataset(path)
+    float_path, _ = prepare_float_model(path, tmp_path, "cpu")
+    quantized = quantize_int8(
+        float_path, tmp_path / "q.onnx", data, QuantizeConfig(), profile="cpu", batch_size=4, cpu_features=[]
+    )
+    report = layer_errors(float_path, quantized.path, data, batch_size=4, workdir=tmp_path)
+    assert report["unavailable"] == []
+    weights = {row["weight"]: row for row in report["weights"]}
+    assert {"scale", "offset"} <= set(weights)  # the 0-d ones included, not a TypeError
+    assert all(row["sqnr_db"] is None or row["sqnr_db"] > 0 for row in report["weights"])
+    assert report["activations"]
+
+
+def test_row_vector_bias_keeps_a_loadable_debug_model(tmp_path: Path) -> None:
+    path = quirk_graphs.row_vector_bias(tmp_path / "dense.onnx")
+    data = _dataset(path)
+    result = run_recipe(
+        path, _recipe(precision="int8", batch_sizes=[1, 4]), tmp_path / "w", evaluation=data, calibration=data
+    )
+    (engine,) = result.engines
+    report = json.loads((engine.artifact.path.parent / "layer_errors.json").read_text())
+    assert report["unavailable"] == [] and report["activations"], report
+
+
+def test_opset11_conv_batchnorm_gets_an_int8_engine_and_its_report(tmp_path: Path) -> None:
+    path = quirk_graphs.fused_batchnorm_opset11(tmp_path / "bn11.onnx")
+    data = _dataset(path)
+    result = run_recipe(
+        path, _recipe(precision="int8", batch_sizes=[1]), tmp_path / "w", evaluation=data, calibration=data
+    )
+    assert any("converted to 13" in message for message in result.messages), result.messages
+    (engine,) = result.engines
+    assert engine.artifact.metadata["per_channel"] is True
+    report = (engine.artifact.path.parent / "layer_errors.json").read_text()
+    assert '"unavailable": []' in report
+
+
+def test_budget_on_an_opset11_graph_ends_with_an_engine(tmp_path: Path) -> None:
+    path = quirk_graphs.fused_batchnorm_opset11(tmp_path / "bn11.onnx")
+    data = _dataset(path)
+    recipe = _recipe(
+        precision="int8", batch_sizes=[1], accuracy_budget={"metric": "fidelity", "max_drop": 0.0}
+    )
+    result = run_recipe(path, recipe, tmp_path / "w", evaluation=data, calibration=data)
+    (engine,) = result.engines
+    budget = engine.artifact.metadata["accuracy_budget"]
+    assert len(budget["steps"]) > 1  # the ranking worked, the search ran
+
+
+def test_layer_report_never_fails_the_job(tmp_path: Path) -> None:
+    """A QDQ model the debug tooling cannot load: the report says why, and returns."""
+    path = quirk_graphs.scalar_weight(tmp_path / "scalar.onnx")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    report = layer_errors(path, broken, _dataset(path), batch_size=4, workdir=tmp_path)
+    assert {item["part"] for item in report["unavailable"]} == {"activations", "weights"}
+    assert all(str(tmp_path) not in item["reason"] for item in report["unavailable"])
+
+
+def test_conflicting_batch_names_fail_symbolic_inference_but_not_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnx import TensorProto, helper, numpy_helper, save_model
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).random((8, 6), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "z"], ["s"]), helper.make_node("MatMul", ["s", "w"], ["y"])],
+        "tf2onnx_style",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["unk__1", 8]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["unk__2", 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["unk__3", 6])],
+        [weight],
+    )
+    path = tmp_path / "names.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    data = _dataset(path)
+    recipe = _recipe(
+        precision="int8", batch_sizes=[1, 4], accuracy_budget={"metric": "fidelity", "max_drop": 0.01}
+    )
+    result = run_recipe(path, recipe, tmp_path / "w", evaluation=data, calibration=data)
+    assert any("symbolic shape inference failed" in message for message in result.messages)
+    assert result.engines[0].comparison["verdict"] != "unfaithful"
+
+
+def test_unfaithful_int8_is_flagged_with_the_budgeted_recipe(tmp_path: Path) -> None:
+    """Outputs that sum to nearly zero make INT8 error dominate: the verdict says so, and the job
+    message carries the exact recipe to send with an accuracy budget."""
+    from onnx import TensorProto, helper, numpy_helper, save_model
+
+    rng = np.random.default_rng(0)
+    big = numpy_helper.from_array((rng.standard_normal((8, 64)) * 100).astype(np.float32), "big")
+    cancel = numpy_helper.from_array(-numpy_helper.to_array(big).copy(), "cancel")
+    small = numpy_helper.from_array((rng.standard_normal((8, 64)) * 0.01).astype(np.float32), "small")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "big"], ["a"]),
+            helper.make_node("MatMul", ["x", "cancel"], ["b"]),
+            helper.make_node("MatMul", ["x", "small"], ["c"]),
+            helper.make_node("Add", ["a", "b"], ["ab"]),
+            helper.make_node("Add", ["ab", "c"], ["y"]),
+        ],
+        "cancelling",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+        [big, cancel, small],
+    )
+    path = tmp_path / "cancel.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    data = _dataset(path, samples=32)
+    result = run_recipe(
+        path, _recipe(precision="int8", batch_sizes=[1]), tmp_path / "w", evaluation=data, calibration=data
+    )
+    (engine,) = result.engines
+    assert engine.comparison["verdict"] == "unfaithful", engine.measurement.accuracy
+    message = next(m for m in result.messages if "unfaithful" in m)
+    assert '"accuracy_budget":{"metric":"fidelity","max_drop":0.01}' in message
+
+
+# ---------------------------------------------------------------- through the API, as a user meets them
+
+
+@pytest.fixture
+def api(local_api: LocalApi) -> LocalApi:
+    return local_api
+
+
+def _upload(client: TestClient, kind: str, path: Path) -> dict:
+    with path.open("rb") as handle:
+        response = client.post(f"/v1/{kind}", files={"file": (path.name, handle)})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _job(api: LocalApi, body: dict) -> dict:
+    response = api.client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    run_job_by_id(api.settings, response.json()["id"])
+    return api.client.get(f"/v1/jobs/{response.json()['id']}").json()
+
+
+def test_recurrent_model_over_http(api: LocalApi, tmp_path: Path) -> None:
+    """-1 dims and state with its batch in dim 1: upload, rows-per-sample dataset, budgeted INT8,
+    /v2 metadata with -1, JSON and binary inference, and batching refused with the reason."""
+    model = _upload(api.client, "models", quirk_graphs.recurrent_state(tmp_path / "rnn.onnx", named=False))
+    assert [spec["shape"] for spec in model["inputs"]] == [[None, 4], [2, None, 8]]
+    assert [spec["batch_axis"] for spec in model["inputs"]] == [0, 1]
+    rng = np.random.default_rng(0)
+    rows = {"x": rng.random((32, 4), dtype=np.float32), "h": rng.random((32, 2, 8), dtype=np.float32)}
+    dataset = _upload(api.client, "datasets", _npz(tmp_path / "rows.npz", **rows))
+    job = _job(
+        api,
+        {
+            "model_id": model["id"],
+            "calibration_dataset_id": dataset["id"],
+            "evaluation_dataset_id": dataset["id"],
+            "recipe": {
+                "precision": "int8",
+                "batch_sizes": [1, 4],
+                "accuracy_budget": {"metric": "fidelity", "max_drop": 0.01},
+                "measure": QUICK,
+            },
+        },
+    )
+    assert job["status"] == "succeeded", job
+    engine_id = job["engine_ids"][0]
+    assert api.client.get(f"/v1/engines/{engine_id}/layer-errors").json()["unavailable"] == []
+    metadata = api.client.get(f"/v2/models/{engine_id}").json()
+    assert [tensor["shape"] for tensor in metadata["inputs"]] == [[-1, 4], [2, -1, 8]]
+
+    x, h = rows["x"][:3], np.ascontiguousarray(np.moveaxis(rows["h"][:3], 0, 1))
+    body, length = tensors.encode({"inputs": []}, "inputs", {"x": x, "h": h}, binary=True)
+    response = api.client.post(
+        f"/v2/models/{engine_id}/infer", content=body, headers={tensors.HEADER_LENGTH: str(length)}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["parameters"]["batch_size"] == 3
+    shapes = {output["name"]: output["shape"] for output in response.json()["outputs"]}
+    assert shapes == {"y": [3, 8], "h_out": [2, 3, 8]}
+    v1 = api.client.post(
+        f"/v1/engines/{engine_id}/infer", json={"inputs": {"x": x.tolist(), "h": h.tolist()}}
+    )
+    assert v1.status_code == 200 and v1.json()["batch_size"] == 3, v1.text
+    wrong = api.client.post(
+        f"/v1/engines/{engine_id}/infer", json={"inputs": {"x": x.tolist(), "h": h[:, :2].tolist()}}
+    )
+    assert wrong.status_code in (400, 422) and "disagree on the batch size" in wrong.text
+    batching = api.client.put(f"/v1/engines/{engine_id}/batching", json={"max_batch_size": 8})
+    assert batching.status_code == 422 and batching.json()["code"] == "not_batchable"
+
+
+def test_scalar_input_over_http(api: LocalApi, tmp_path: Path) -> None:
+    model = _upload(api.client, "models", quirk_graphs.scalar_input(tmp_path / "audio.onnx"))
+    audio = np.random.default_rng(0).random((16, 16), dtype=np.float32)
+    varying = _upload(
+        api.client, "datasets", _npz(tmp_path / "v.npz", audio=audio, sr=np.arange(16, dtype=np.int64) + 8000)
+    )
+    body = {
+        "model_id": model["id"],
+        "evaluation_dataset_id": varying["id"],
+        "recipe": {"batch_sizes": [1, 4]},
+    }
+    refused = api.client.post("/v1/jobs", json=body)
+    assert refused.status_code == 422 and "only batch size 1" in refused.json()["detail"], refused.text
+
+    constant = _upload(
+        api.client, "datasets", _npz(tmp_path / "c.npz", audio=audio, sr=np.full(16, 16000, dtype=np.int64))
+    )
+    job = _job(
+        api,
+        {
+            "model_id": model["id"],
+            "calibration_dataset_id": constant["id"],
+            "evaluation_dataset_id": constant["id"],
+            "recipe": {"precision": "int8", "batch_sizes": [1, 4], "measure": QUICK},
+        },
+    )
+    assert job["status"] == "succeeded", job
+    response = api.client.post(
+        f"/v1/engines/{job['engine_ids'][0]}/infer",
+        json={"inputs": {"audio": audio[:2].tolist(), "sr": 16000}},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["batch_size"] == 2
