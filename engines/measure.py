@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.backends.base import Runner
 from engines.datasets import Dataset
-from engines.errors import InvalidRecipeError
+from engines.errors import EngineError, InvalidRecipeError
 from engines.recipe import MeasureConfig
 from engines.signature import TensorSpec
 
@@ -142,7 +142,7 @@ def scored_output(outputs: list[TensorSpec]) -> TensorSpec:
     Exporters of transformers and detectors often put integer outputs first (an echo of the
     token ids, a count of boxes): comparing those says nothing about the engine.
     """
-    return next((spec for spec in outputs if np.dtype(spec.dtype).kind == "f"), outputs[0])
+    return next((spec for spec in outputs if spec.dtype.startswith(("float", "bfloat"))), outputs[0])
 
 
 def run_dataset(
@@ -155,9 +155,17 @@ def run_dataset(
         if check_stop is not None:
             check_stop()
         result = np.asarray(runner.infer(dataset.batch(start, start + batch_size))[output.name])
-        axis = output.batch_axis
-        # the declared shape can differ from the real one (exporters get it wrong): trust the rank we got
-        chunks.append(result[None] if axis is None or axis >= result.ndim else np.moveaxis(result, axis, 0))
+        # a declared shape can lie (exporters get it wrong): when its rank is not the real one, the
+        # batch is taken to lead, as in most exports
+        axis = output.batch_axis if output.rank == result.ndim else (0 if result.ndim else None)
+        chunks.append(result[None] if axis is None else np.moveaxis(result, axis, 0))
+    shapes = {chunk.shape[1:] for chunk in chunks}
+    if len(shapes) > 1:  # e.g. a detector whose box count depends on the image
+        raise EngineError(
+            f"output '{output.name}' has a different shape per batch ({sorted(map(list, shapes))[:3]}), "
+            "so its outputs cannot be compared sample by sample",
+            code="outputs_not_comparable",
+        )
     return np.concatenate(chunks, axis=0)
 
 
@@ -183,8 +191,9 @@ def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float | 
     boxes or token embeddings the argmax of a flattened tensor says nothing, and it is None.
     """
     if candidate.shape != reference.shape:
-        raise ValueError(
-            f"output shapes differ: {list(candidate.shape)} vs the original's {list(reference.shape)}"
+        raise EngineError(
+            f"output shapes differ: {list(candidate.shape)} vs the original's {list(reference.shape)}",
+            code="outputs_not_comparable",
         )
     cand = candidate.reshape(len(candidate), -1).astype(np.float64)
     ref = reference.reshape(len(reference), -1).astype(np.float64)
@@ -242,6 +251,8 @@ def accuracy_report(
         if reference is not None:
             with np.errstate(all="ignore"):
                 report["fidelity"] = _json_safe(fidelity(outputs, reference))
-    except (ValueError, IndexError) as exc:  # a metric that does not apply never fails the job
+    except EngineError as exc:  # a metric that does not apply never fails the job
+        report["unavailable"] = exc.detail
+    except (ValueError, IndexError) as exc:
         report["unavailable"] = f"{type(exc).__name__}: {exc}"
     return report

@@ -358,11 +358,17 @@ def run_recipe(
     accuracy: dict[str, dict[str, Any] | None] = dict.fromkeys(runners)
     if evaluation is not None:
         progress(0.85, "measuring accuracy")
-        reference = run_dataset(runners[BASELINE], evaluation, eval_batch, check_cancelled)
-        accuracy[BASELINE] = accuracy_report(reference, evaluation.labels, None)
-        for target in artifacts:
-            outputs = run_dataset(runners[target], evaluation, eval_batch, check_cancelled)
-            accuracy[target] = accuracy_report(outputs, evaluation.labels, reference)
+        try:
+            reference = run_dataset(runners[BASELINE], evaluation, eval_batch, check_cancelled)
+            accuracy[BASELINE] = accuracy_report(reference, evaluation.labels, None)
+            for target in artifacts:
+                outputs = run_dataset(runners[target], evaluation, eval_batch, check_cancelled)
+                accuracy[target] = accuracy_report(outputs, evaluation.labels, reference)
+        except EngineError as exc:
+            if exc.code != "outputs_not_comparable":
+                raise
+            messages.append(f"accuracy not measured: {exc.detail}")
+            accuracy = {name: {"samples": evaluation.samples, "unavailable": exc.detail} for name in runners}
 
     def measurement(name: str, backend: str, precision: str) -> Measurement:
         return Measurement(backend, precision, hardware[name], latency[name], accuracy[name], memory[name])

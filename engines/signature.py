@@ -78,14 +78,19 @@ def _dynamic_axes(spec: TensorSpec) -> list[int]:
     return [axis for axis, dim in enumerate(spec.shape) if not isinstance(dim, int)]
 
 
-def batch_symbol(inputs: Sequence[TensorSpec]) -> str | None:
-    """The symbolic name of the batch dim: the name most inputs open their dynamic dims with."""
+def _symbol_counts(inputs: Sequence[TensorSpec]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for spec in inputs:
         dynamic = _dynamic_axes(spec)
         first = spec.shape[dynamic[0]] if dynamic else None
         if isinstance(first, str):
             counts[first] = counts.get(first, 0) + 1
+    return counts
+
+
+def batch_symbol(inputs: Sequence[TensorSpec]) -> str | None:
+    """The symbolic name of the batch dim: the name most inputs open their dynamic dims with."""
+    counts = _symbol_counts(inputs)
     return max(counts, key=lambda name: counts[name]) if counts else None  # ties: the first seen
 
 
@@ -116,11 +121,14 @@ def assign_batch_axes(
 def ambiguous_batch_axes(inputs: Sequence[TensorSpec]) -> list[str]:
     """Sentences for inputs whose batch axis cannot be told apart: several unnamed dynamic dims,
     none named like the other inputs' batch dim."""
+    counts = _symbol_counts(inputs)
     symbol = batch_symbol(inputs)
+    if symbol is None or counts[symbol] < 2:
+        return []  # no name shared by inputs (tf2onnx names each input's dims anew): first dynamic dims
     problems = []
     for spec in inputs:
         dynamic = _dynamic_axes(spec)
-        if symbol is not None and symbol not in spec.shape and len(dynamic) > 1:
+        if symbol not in spec.shape and len(dynamic) > 1:
             problems.append(
                 f"input '{spec.name}' (shape {list(spec.shape)}) has dynamic dims {dynamic} and none is "
                 f"named '{symbol}' like the other inputs' batch dim, so its batch axis cannot be decided; "

@@ -194,3 +194,37 @@ def row_vector_bias(path: Path) -> Path:
     ]
     inputs, outputs = [_tensor("x", ["unk__214", 8])], [_tensor("y", ["unk__215", 3])]
     return _save(nodes, "row_bias", inputs, outputs, inits, path, 13)
+
+
+def data_dependent_output(path: Path) -> Path:
+    """A detector-like output whose size depends on the data (boxes above a threshold): each batch
+    gives another shape, so outputs cannot be compared sample by sample."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(_weights(8, 8), "w"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        numpy_helper.from_array(np.array(3.0, dtype=np.float32), "spread"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["scores"]),
+        helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0),
+        helper.make_node("Mul", ["peak", "spread"], ["count_f"]),
+        helper.make_node("Cast", ["count_f"], ["count"], to=TensorProto.INT64),
+        helper.make_node("Clip", ["count", "one"], ["count_clipped"]),  # at least one box
+        helper.make_node("Reshape", ["count_clipped", "one"], ["k"]),
+        helper.make_node("TopK", ["scores", "k"], ["boxes", "indices"], axis=1),
+    ]
+    outputs = [_tensor("boxes", ["batch", "boxes"])]
+    return _save(nodes, "detector", [_tensor("x", ["batch", 8])], outputs, inits, path, 13)
+
+
+def wrong_declared_output(path: Path) -> Path:
+    """An output declared [batch, 2, 3] that really comes out [batch, 4] (exporters get these wrong)."""
+    from onnx import helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    inits = [numpy_helper.from_array(_weights(8, 4), "w")]
+    return _save(
+        nodes, "wrong_shape", [_tensor("x", ["batch", 8])], [_tensor("y", ["batch", 2, 3])], inits, path, 13
+    )
