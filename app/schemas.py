@@ -63,6 +63,11 @@ class DatasetOut(BaseModel):
     arrays: dict[str, ArrayOut]
     has_labels: bool
     classes: int | None
+    uniform_arrays: list[str] = Field(
+        default_factory=list,
+        description="arrays whose rows are all equal: they can feed an input without a batch axis "
+        "at any batch size",
+    )
     created_at: datetime
 
 

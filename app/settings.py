@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     #: another replica reach this one within this time).
     engine_cache_ttl_s: float = 2.0
     log_format: str = Field(default="json", pattern="^(json|text)$", description="json: one object per line")
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Settings:
+        """Relative paths are resolved once, against the directory the process started in: nothing
+        that changes the working directory later (a library that writes scratch files there) moves them."""
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.artifact_dir is not None:
+            self.artifact_dir = self.artifact_dir.expanduser().resolve()
+        return self
 
     @property
     def resolved_database_url(self) -> str:

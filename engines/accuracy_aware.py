@@ -28,14 +28,23 @@ from engines.recipe import AccuracyBudget
 Quantizer = Callable[[QuantizeConfig, Path], QuantizeResult]
 
 
-def _score(path: Path, evaluation: Dataset, batch_size: int, metric: str, reference: np.ndarray) -> float:
+def _metric(outputs: np.ndarray, evaluation: Dataset, metric: str, reference: np.ndarray) -> float:
     """Top-1 against labels, or fidelity to the float model's outputs (engines.measure.fidelity_score)."""
+    try:
+        if metric == "top1":
+            assert evaluation.labels is not None
+            return classification_accuracy(outputs, evaluation.labels)["top1"]
+        with np.errstate(all="ignore"):
+            return fidelity_score(fidelity(outputs, reference))
+    except (ValueError, IndexError) as exc:  # outputs a metric cannot read (no class scores, empty)
+        raise EngineError(
+            f"{metric} cannot be computed on these outputs: {exc}", code="outputs_not_comparable"
+        ) from exc
+
+
+def _score(path: Path, evaluation: Dataset, batch_size: int, metric: str, reference: np.ndarray) -> float:
     outputs = run_dataset(get_backend("onnxruntime-cpu").load(path), evaluation, batch_size)
-    if metric == "top1":
-        assert evaluation.labels is not None
-        return classification_accuracy(outputs, evaluation.labels)["top1"]
-    with np.errstate(all="ignore"):
-        return fidelity_score(fidelity(outputs, reference))
+    return _metric(outputs, evaluation, metric, reference)
 
 
 def quantize_within_budget(
@@ -58,7 +67,7 @@ def quantize_within_budget(
     try:
         reference = run_dataset(get_backend("onnxruntime-cpu").load(float_path), evaluation, batch_size)
         float_score = (
-            classification_accuracy(reference, evaluation.labels)["top1"] if budget.metric == "top1" else 1.0
+            _metric(reference, evaluation, budget.metric, reference) if budget.metric == "top1" else 1.0
         )
         drop = float_score - _score(result.path, evaluation, batch_size, budget.metric, reference)
     except EngineError as exc:

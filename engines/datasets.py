@@ -255,9 +255,12 @@ def check_fits_model(info: DatasetInfo, model_inputs: Sequence[TensorSpec]) -> l
 def load_dataset(path: Path, model_inputs: Sequence[TensorSpec], *, max_unpacked_bytes: int) -> Dataset:
     """Load a stored dataset with its arrays keyed by the model's input names."""
     arrays = read_npz(path, max_unpacked_bytes=max_unpacked_bytes)
-    binding = bind_arrays(list(arrays), model_inputs)
+    array_for = {
+        input_name: array_name for array_name, input_name in bind_arrays(list(arrays), model_inputs).items()
+    }
     return Dataset(
-        inputs={input_name: arrays[array_name] for array_name, input_name in binding.items()},
+        # in the model's input order: the pruning path feeds them positionally
+        inputs={spec.name: arrays[array_for[spec.name]] for spec in model_inputs},
         labels=arrays.get(LABELS_KEY),
         batch_axes={spec.name: spec.batch_axis for spec in model_inputs},
     )

@@ -6,7 +6,18 @@ sees the same `code` whether the problem was caught at upload or inside a job.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+#: An absolute path of two components or more, as runtimes put them in their messages
+#: ("Load model from /tmp/ort.quant.x/augmented_model.onnx failed").
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"`:,;()\[\]{}<>]+/)+([^\s/'\"`:,;()\[\]{}<>]*)")
+
+
+def scrub_paths(text: str) -> str:
+    """The text with every absolute path cut to its file name: error texts never show where a
+    server keeps its files."""
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1) or "…", text)
 
 
 class EngineError(Exception):
@@ -15,6 +26,7 @@ class EngineError(Exception):
     code: str = "engine_error"
 
     def __init__(self, detail: str, *, code: str | None = None, extra: dict[str, Any] | None = None):
+        detail = scrub_paths(detail)
         super().__init__(detail)
         self.detail = detail
         if code is not None:

@@ -18,7 +18,7 @@ from engines.backends.base import Runner
 from engines.datasets import Dataset
 from engines.errors import EngineError, InvalidRecipeError
 from engines.recipe import MeasureConfig
-from engines.signature import TensorSpec
+from engines.signature import TensorSpec, feed_batch_size
 
 #: Called between runs; raises to stop (e.g. engines.errors.Cancelled). It must be cheap: throttle inside.
 StopCheck = Callable[[], None]
@@ -145,19 +145,27 @@ def scored_output(outputs: list[TensorSpec]) -> TensorSpec:
     return next((spec for spec in outputs if spec.dtype.startswith(("float", "bfloat"))), outputs[0])
 
 
+def _samples_axis(result: np.ndarray, declared: int | None, rows: int) -> int | None:
+    """Where the samples of one batch are in an output: the declared batch axis when its size is the
+    number of rows fed, else the first axis of that size (declared shapes can lie: an output declared
+    [1, 5] under a dynamic batch), else none (one value per batch)."""
+    if declared is not None and declared < result.ndim and result.shape[declared] == rows:
+        return declared
+    return next((axis for axis, size in enumerate(result.shape) if size == rows), None)
+
+
 def run_dataset(
     runner: Runner, dataset: Dataset, batch_size: int, check_stop: StopCheck | None = None
 ) -> np.ndarray:
     """The scored output of the runner over the whole dataset, samples first, in order."""
-    output = scored_output(runner.output_metadata())
+    output, specs = scored_output(runner.output_metadata()), runner.input_metadata()
     chunks = []
     for start in range(0, dataset.samples, batch_size):
         if check_stop is not None:
             check_stop()
-        result = np.asarray(runner.infer(dataset.batch(start, start + batch_size))[output.name])
-        # a declared shape can lie (exporters get it wrong): when its rank is not the real one, the
-        # batch is taken to lead, as in most exports
-        axis = output.batch_axis if output.rank == result.ndim else (0 if result.ndim else None)
+        feeds = dataset.batch(start, start + batch_size)
+        result = np.asarray(runner.infer(feeds)[output.name])
+        axis = _samples_axis(result, output.batch_axis, feed_batch_size(feeds, specs))
         chunks.append(result[None] if axis is None else np.moveaxis(result, axis, 0))
     shapes = {chunk.shape[1:] for chunk in chunks}
     if len(shapes) > 1:  # e.g. a detector whose box count depends on the image
@@ -195,10 +203,19 @@ def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float | 
             f"output shapes differ: {list(candidate.shape)} vs the original's {list(reference.shape)}",
             code="outputs_not_comparable",
         )
+    if candidate.size == 0:  # e.g. a detector that found nothing, in both
+        return {"top1_agreement": None, "cosine_similarity": 1.0, "max_abs_error": 0.0}
     cand = candidate.reshape(len(candidate), -1).astype(np.float64)
     ref = reference.reshape(len(reference), -1).astype(np.float64)
-    norms = np.linalg.norm(cand, axis=1) * np.linalg.norm(ref, axis=1)
-    cosine = np.where(norms > 0, (cand * ref).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+    cand_norm, ref_norm = np.linalg.norm(cand, axis=1), np.linalg.norm(ref, axis=1)
+    both_zero = (cand_norm == 0) & (ref_norm == 0)
+    # an engine that outputs zeros where the original does not is as far from it as can be: 0, not 1;
+    # non-finite norms give NaN, reported as null and judged unfaithful
+    cosine = np.where(
+        (cand_norm > 0) & (ref_norm > 0),
+        (cand * ref).sum(axis=1) / np.maximum(cand_norm * ref_norm, 1e-300),
+        np.where(both_zero, 1.0, np.where(np.isfinite(cand_norm) & np.isfinite(ref_norm), 0.0, np.nan)),
+    )
     class_scores = candidate.ndim == 2 and candidate.shape[1] > 1
     return {
         "top1_agreement": float((cand.argmax(axis=1) == ref.argmax(axis=1)).mean()) if class_scores else None,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from engines.datasets import Dataset
+from engines.errors import scrub_paths
 from engines.quantize import calibration_reader
 
 logger = logging.getLogger(__name__)
@@ -47,10 +48,10 @@ def _as_list(value: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
     return [np.asarray(value)] if isinstance(value, np.ndarray | np.generic) else list(value)
 
 
-def _reason(exc: BaseException, workdir: Path) -> str:
+def _reason(exc: BaseException) -> str:
     """A sentence for the report: the error without this server's paths."""
-    text = f"{type(exc).__name__}: {exc}".replace(str(workdir.resolve()), "").replace(str(workdir), "")
-    return text.splitlines()[0][:400] if text else type(exc).__name__
+    text = scrub_paths(f"{type(exc).__name__}: {exc}")
+    return text.splitlines()[0][:400]
 
 
 def _activation_rows(
@@ -123,22 +124,38 @@ def _dequantized_weights(float_path: Path, qdq_path: Path) -> dict[str, tuple[np
         name = node.input[0].removesuffix("_quantized")
         if name not in floats or node.input[1] not in constants:
             continue
-        quantized = numpy_helper.to_array(constants[node.input[0]]).astype(np.float64)
-        scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
-        zero = (
-            numpy_helper.to_array(constants[node.input[2]]).astype(np.float64)
-            if len(node.input) > 2 and node.input[2] in constants
-            else np.zeros_like(scale)
-        )
-        if scale.ndim == 1 and scale.size > 1:  # per channel: broadcast along the node's axis
-            axis = next((attr.i for attr in node.attribute if attr.name == "axis"), 1) % quantized.ndim
-            shape = [1] * quantized.ndim
-            shape[axis] = scale.size
-            scale, zero = scale.reshape(shape), zero.reshape(shape)
-        weight, dequantized = numpy_helper.to_array(floats[name]), np.asarray((quantized - zero) * scale)
-        if weight.shape == dequantized.shape:  # else not the same tensor (a renamed or reshaped copy)
+        inputs = [numpy_helper.to_array(constants[item]) for item in node.input[1:] if item in constants]
+        weight = numpy_helper.to_array(floats[name])
+        dequantized = _dequantize(numpy_helper.to_array(constants[node.input[0]]), inputs, node.attribute)
+        if dequantized is not None and weight.shape == dequantized.shape:  # else a renamed or reshaped copy
             pairs[name] = (weight, dequantized)
     return pairs
+
+
+def _dequantize(
+    quantized: np.ndarray, scale_and_zero: list[np.ndarray], attributes: Any
+) -> np.ndarray | None:
+    """DequantizeLinear in float64: per tensor, per channel (`axis`) or per block (`block_size`);
+    None for a layout it does not know."""
+    attrs = {attr.name: attr.i for attr in attributes}
+    values = quantized.astype(np.float64)
+    scale = scale_and_zero[0].astype(np.float64)
+    zero = scale_and_zero[1].astype(np.float64) if len(scale_and_zero) > 1 else np.zeros_like(scale)
+    if scale.size > 1 and values.ndim:
+        axis = attrs.get("axis", 1) % values.ndim
+        if attrs.get("block_size"):  # opset 21: scales of the weight's rank, one per block along `axis`
+            scale = np.repeat(scale, attrs["block_size"], axis=axis).take(
+                range(values.shape[axis]), axis=axis
+            )
+            zero = np.repeat(zero, attrs["block_size"], axis=axis).take(range(values.shape[axis]), axis=axis)
+        elif scale.ndim == 1:
+            shape = [1] * values.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+    try:
+        return np.asarray((values - zero) * scale)
+    except ValueError:
+        return None
 
 
 def _weight_rows(float_path: Path, qdq_path: Path) -> list[dict[str, Any]]:
@@ -174,7 +191,7 @@ def layer_errors(
             report[part] = compute()
         except Exception as exc:  # a diagnostic never fails the job it diagnoses
             logger.warning("per-layer report: %s could not be analysed", part, exc_info=True)
-            report["unavailable"].append({"part": part, "reason": _reason(exc, workdir)})
+            report["unavailable"].append({"part": part, "reason": _reason(exc)})
     return report
 
 

@@ -162,7 +162,7 @@ def _squeeze_constant_addends(model: Any) -> int:
 
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     ranks = _ranks(model)
-    squeezed = 0
+    squeezed, replaced = 0, set()
     for node in model.graph.node:
         if node.op_type == "Gemm" and len(node.input) == 3:
             candidates = [(2, None)]
@@ -185,13 +185,25 @@ def _squeeze_constant_addends(model: Any) -> int:
             if copy.name not in constants:
                 model.graph.initializer.append(copy)
                 constants[copy.name] = copy
+            replaced.add(node.input[position])
             node.input[position] = copy.name
             squeezed += 1
-    used = {name for node in model.graph.node for name in node.input}
-    unused = [tensor for tensor in model.graph.initializer if tensor.name not in used]
-    for tensor in unused if squeezed else []:
+    used = _referenced_names(model.graph)
+    for tensor in [tensor for tensor in model.graph.initializer if tensor.name in replaced - used]:
         model.graph.initializer.remove(tensor)
     return squeezed
+
+
+def _referenced_names(graph: Any) -> set[str]:
+    """Every tensor name a node reads, in this graph and its subgraphs (If/Loop/Scan bodies read
+    outer-scope initializers), and the graph's outputs."""
+    names = {output.name for output in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                names |= _referenced_names(subgraph)
+    return names
 
 
 def _opset(model: Any) -> int:

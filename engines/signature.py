@@ -78,29 +78,41 @@ def _dynamic_axes(spec: TensorSpec) -> list[int]:
     return [axis for axis, dim in enumerate(spec.shape) if not isinstance(dim, int)]
 
 
-def _symbol_counts(inputs: Sequence[TensorSpec]) -> dict[str, int]:
-    counts: dict[str, int] = {}
+def _symbol_counts(inputs: Sequence[TensorSpec]) -> dict[str, tuple[int, int]]:
+    """Per symbolic name: (inputs that open their dynamic dims with it, inputs that have it at all)."""
+    firsts: dict[str, int] = {}
     for spec in inputs:
         dynamic = _dynamic_axes(spec)
         first = spec.shape[dynamic[0]] if dynamic else None
         if isinstance(first, str):
-            counts[first] = counts.get(first, 0) + 1
-    return counts
+            firsts[first] = firsts.get(first, 0) + 1
+    return {name: (count, sum(name in spec.shape for spec in inputs)) for name, count in firsts.items()}
 
 
 def batch_symbol(inputs: Sequence[TensorSpec]) -> str | None:
-    """The symbolic name of the batch dim: the name most inputs open their dynamic dims with."""
+    """The symbolic name of the batch dim: the name most inputs open their dynamic dims with (ties:
+    the name more inputs have anywhere, then the first seen)."""
     counts = _symbol_counts(inputs)
-    return max(counts, key=lambda name: counts[name]) if counts else None  # ties: the first seen
+    return max(counts, key=lambda name: counts[name]) if counts else None
 
 
-def _batch_axis(spec: TensorSpec, symbol: str | None, all_static: bool) -> int | None:
+def _shared_symbol(inputs: Sequence[TensorSpec]) -> str | None:
+    """The batch name when at least two inputs carry it: then a dim named otherwise is not the batch."""
+    symbol = batch_symbol(inputs)
+    return symbol if symbol is not None and _symbol_counts(inputs)[symbol][1] >= 2 else None
+
+
+def _batch_axis(spec: TensorSpec, symbol: str | None, shared: bool, fixed_batch: int | None) -> int | None:
     if symbol is not None and symbol in spec.shape:
         return spec.shape.index(symbol)
     dynamic = _dynamic_axes(spec)
+    if shared:  # the batch has a name this tensor lacks: only an unnamed dynamic dim can be it
+        dynamic = [axis for axis in dynamic if spec.shape[axis] is None]
     if dynamic:
         return dynamic[0]
-    return 0 if all_static and spec.rank > 0 else None
+    if fixed_batch is not None and spec.rank > 0 and spec.shape[0] == fixed_batch:
+        return 0
+    return None
 
 
 def assign_batch_axes(
@@ -108,30 +120,33 @@ def assign_batch_axes(
 ) -> list[TensorSpec]:
     """Decide each tensor's batch axis (returns `inputs`, or `outputs` when given, with it set).
 
-    The rule: the dim named like the inputs' batch dim; else the tensor's first dynamic dim; else,
-    in a model whose inputs are all static, dim 0 (a fixed batch, e.g. 1); else none (a scalar
-    such as a sample rate, or state shared by every sample). Outputs follow the inputs' batch name.
+    The rule: the dim named like the inputs' batch dim; else the tensor's first dynamic dim (only an
+    unnamed one when two inputs or more share the batch's name: a dim named otherwise, such as a
+    sequence length, is not the batch); else, in a model whose inputs are all static, dim 0 when it
+    equals the first input's dim 0 (a fixed batch, e.g. 1); else none (a scalar such as a sample
+    rate, or a tensor every sample shares). Outputs follow the inputs' batch name.
     """
-    symbol = batch_symbol(inputs)
-    all_static = not any(_dynamic_axes(spec) for spec in inputs)
+    symbol, shared = batch_symbol(inputs), _shared_symbol(inputs) is not None
+    fixed_batch = None
+    if not any(_dynamic_axes(spec) for spec in inputs):
+        fixed_batch = next((spec.shape[0] for spec in inputs if spec.rank > 0), None)
     targets = inputs if outputs is None else outputs
-    return [replace(spec, batch_axis=_batch_axis(spec, symbol, all_static)) for spec in targets]
+    return [replace(spec, batch_axis=_batch_axis(spec, symbol, shared, fixed_batch)) for spec in targets]
 
 
 def ambiguous_batch_axes(inputs: Sequence[TensorSpec]) -> list[str]:
     """Sentences for inputs whose batch axis cannot be told apart: several unnamed dynamic dims,
-    none named like the other inputs' batch dim."""
-    counts = _symbol_counts(inputs)
-    symbol = batch_symbol(inputs)
-    if symbol is None or counts[symbol] < 2:
+    none named like the batch dim that other inputs share."""
+    symbol = _shared_symbol(inputs)
+    if symbol is None:
         return []  # no name shared by inputs (tf2onnx names each input's dims anew): first dynamic dims
     problems = []
     for spec in inputs:
-        dynamic = _dynamic_axes(spec)
-        if symbol not in spec.shape and len(dynamic) > 1:
+        unnamed = [axis for axis, dim in enumerate(spec.shape) if dim is None]
+        if symbol not in spec.shape and len(unnamed) > 1:
             problems.append(
-                f"input '{spec.name}' (shape {list(spec.shape)}) has dynamic dims {dynamic} and none is "
-                f"named '{symbol}' like the other inputs' batch dim, so its batch axis cannot be decided; "
+                f"input '{spec.name}' (shape {list(spec.shape)}) has unnamed dynamic dims {unnamed} and none "
+                f"is named '{symbol}' like the other inputs' batch dim, so its batch axis cannot be decided; "
                 f"export it with the batch dim named '{symbol}' (e.g. dynamic_axes={{'{spec.name}': "
                 f"{{AXIS: '{symbol}'}}}}); its dataset array then holds one row per sample, shaped like "
                 "the input without that axis"

@@ -15,7 +15,14 @@ from fastapi.testclient import TestClient
 from optiforge_client import tensors
 
 from engines.datasets import Dataset, DatasetInfo, check_fits_model, inspect_arrays
-from engines.errors import DatasetMismatchError, InvalidDatasetError, InvalidInputError, InvalidRecipeError
+from engines.errors import (
+    DatasetMismatchError,
+    EngineError,
+    InvalidDatasetError,
+    InvalidInputError,
+    InvalidRecipeError,
+    scrub_paths,
+)
 from engines.ingest import inspect_model
 from engines.pipeline import run_recipe, validate_recipe
 from engines.quant_debug import layer_errors
@@ -73,6 +80,9 @@ def test_batch_axis_rule() -> None:
         (1, 3, 416, 416),
     ) == [0]  # an all-static model: a fixed batch in dim 0
     assert axes(("unk__330", 21), ("unk__331", 21)) == [0, 0]  # tf2onnx names each input's batch anew
+    assert axes(("batch", "seq"), ("batch", "seq"), ("seq",)) == [0, 0, None]  # a length, not a batch
+    assert axes(("seq", "batch", 8), ("batch",)) == [1, 0]  # ties go to the name more inputs have
+    assert axes((1, 512), (2, 1, 128), ()) == [0, None, None]  # static: only dims equal to the batch
 
 
 def test_ambiguous_batch_axis_is_refused_with_the_fix() -> None:
@@ -230,6 +240,12 @@ def test_declared_output_shape_that_lies(tmp_path: Path) -> None:
     )
     (engine,) = result.engines
     assert engine.measurement.accuracy["fidelity"]["cosine_similarity"] > 0.99, engine.measurement.accuracy
+
+
+def test_error_texts_never_show_server_paths() -> None:
+    detail = EngineError("Load model from /srv/optiforge/jobs/job_1/int8/model.onnx failed: bad graph").detail
+    assert detail == "Load model from model.onnx failed: bad graph"
+    assert scrub_paths("ratio 1/2, b=1/8, http://host/x") == "ratio 1/2, b=1/8, http://host/x"
 
 
 def test_layer_report_never_fails_the_job(tmp_path: Path) -> None:
@@ -397,6 +413,7 @@ def test_scalar_input_over_http(api: LocalApi, tmp_path: Path) -> None:
     constant = _upload(
         api.client, "datasets", _npz(tmp_path / "c.npz", audio=audio, sr=np.full(16, 16000, dtype=np.int64))
     )
+    assert constant["uniform_arrays"] == ["sr"] and varying["uniform_arrays"] == []
     job = _job(
         api,
         {
@@ -413,3 +430,10 @@ def test_scalar_input_over_http(api: LocalApi, tmp_path: Path) -> None:
     )
     assert response.status_code == 200, response.text
     assert response.json()["batch_size"] == 2
+    feeds = {"audio": audio[:3], "sr": np.array(16000, dtype=np.int64)}
+    body, length = tensors.encode({"inputs": []}, "inputs", feeds, binary=True)
+    v2 = api.client.post(
+        f"/v2/models/{job['engine_ids'][0]}/infer", content=body, headers={tensors.HEADER_LENGTH: str(length)}
+    )
+    assert v2.status_code == 200, v2.text
+    assert v2.json()["outputs"][0]["shape"] == [3, 4] and v2.json()["parameters"]["batch_size"] == 3

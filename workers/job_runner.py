@@ -43,7 +43,7 @@ from app.orm import (
 from app.settings import Settings
 from app.store import ArtifactStore, get_store
 from engines.datasets import Dataset, load_dataset
-from engines.errors import Cancelled, EngineError
+from engines.errors import Cancelled, EngineError, scrub_paths
 from engines.ingest import MODEL_FILENAME
 from engines.pipeline import PipelineResult, run_recipe
 from engines.recipe import Recipe
@@ -331,7 +331,7 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
                             finished_at=utcnow(),
                             stage="done",
                             progress=1.0,
-                            messages=messages,
+                            messages=[scrub_paths(message) for message in messages],
                             **outcome,
                         )
                     ).rowcount
@@ -350,7 +350,8 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
             logger.exception("job %s failed", job_id)
             _remove(store, written)
             attempt.finish(
-                JobStatus.FAILED, error={"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
+                JobStatus.FAILED,
+                error={"code": "internal_error", "detail": scrub_paths(f"{type(exc).__name__}: {exc}")},
             )
 
 

@@ -28,6 +28,7 @@ class Model(_Resource):
     parameters: int
     macs: int | None = None
     size_bytes: int
+    warnings: list[str] = []
     created_at: datetime
 
 
@@ -37,6 +38,7 @@ class Dataset(_Resource):
     samples: int
     has_labels: bool
     classes: int | None = None
+    uniform_arrays: list[str] = []
     created_at: datetime
 
 
