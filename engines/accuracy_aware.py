@@ -42,6 +42,21 @@ def _metric(outputs: np.ndarray, evaluation: Dataset, metric: str, reference: np
         ) from exc
 
 
+#: The ops whose INT8 kernels carry the speed; everything else is cheap next to them.
+HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+def light_nodes(float_path: Path) -> tuple[str, ...]:
+    """Names of the nodes that are not heavy ops (engines.quantize names every node)."""
+    from onnx import load
+
+    return tuple(
+        node.name
+        for node in load(str(float_path), load_external_data=False).graph.node
+        if node.op_type not in HEAVY_OPS
+    )
+
+
 def _score(path: Path, evaluation: Dataset, batch_size: int, metric: str, reference: np.ndarray) -> float:
     outputs = run_dataset(get_backend("onnxruntime-cpu").load(path), evaluation, batch_size)
     return _metric(outputs, evaluation, metric, reference)
@@ -80,30 +95,51 @@ def quantize_within_budget(
         }
         result.messages.append(f"accuracy budget not searched: {exc.detail}; every node is quantized")
         return result
-    steps: list[dict[str, Any]] = [{"kept_float": 0, "drop": drop}]
-    best, best_drop, ranked, unranked = result, drop, [], []
+    steps: list[dict[str, Any]] = [{"kept_float": 0, "drop": drop, "strategy": "every node quantized"}]
+    best, best_drop, best_strategy = result, drop, steps[0]["strategy"]
+    ranked: list[str] = []
+    unranked: list[str] = []
+    base: tuple[str, ...] = ()
+
+    def attempt(extra: tuple[str, ...], name: str, strategy: str) -> tuple[str, ...] | None:
+        """Quantize with `extra` nodes kept in float (the recipe's own stay float too); keep the best."""
+        nonlocal best, best_drop, best_strategy
+        check_cancelled()
+        excluded = tuple(dict.fromkeys((*config.nodes_to_exclude, *extra)))
+        try:
+            candidate = quantize(replace(config, nodes_to_exclude=excluded), workdir / f"int8-{name}.onnx")
+            drop = float_score - _score(candidate.path, evaluation, batch_size, budget.metric, reference)
+        except InvalidRecipeError:
+            raise
+        except EngineError as exc:
+            steps.append(
+                {"kept_float": len(extra), "drop": None, "strategy": strategy, "error": exc.detail[:300]}
+            )
+            return None
+        steps.append({"kept_float": len(extra), "drop": drop, "strategy": strategy})
+        if drop < best_drop:
+            best, best_drop, best_strategy = candidate, drop, strategy
+            return extra
+        return None
+
     if drop > budget.max_drop:
+        # First the cheap, usually decisive split: only the heavy ops (Conv, MatMul, Gemm) in INT8,
+        # elementwise arithmetic in float. Decomposed LayerNorm and GELU (tf2onnx, jax2tf) lose most
+        # of their accuracy in quantized Add and Mul, and the heavy ops keep most of the speed.
+        light = light_nodes(float_path)
+        base = (attempt(light, "heavy-only", "only Conv/MatMul/Gemm quantized") if light else None) or ()
+    if best_drop > budget.max_drop:
         report = layer_errors(float_path, result.path, calibration, batch_size=batch_size, workdir=workdir)
-        ranked = most_harmful_nodes(report)
+        ranked = [node for node in most_harmful_nodes(report) if node not in base]
         unranked = [f"{item['part']}: {item['reason']}" for item in report["unavailable"]]
         count = 1
         while best_drop > budget.max_drop and ranked:
-            check_cancelled()
             keep = tuple(ranked[: min(count, len(ranked))])
-            excluded = tuple(dict.fromkeys((*config.nodes_to_exclude, *keep)))  # the recipe's own stay float
-            try:
-                candidate = quantize(
-                    replace(config, nodes_to_exclude=excluded), workdir / f"int8-keep{len(keep)}.onnx"
-                )
-                drop = float_score - _score(candidate.path, evaluation, batch_size, budget.metric, reference)
-            except InvalidRecipeError:
-                raise
-            except EngineError as exc:
-                steps.append({"kept_float": len(keep), "drop": None, "error": exc.detail[:300]})
-            else:
-                steps.append({"kept_float": len(keep), "drop": drop})
-                if drop < best_drop:
-                    best, best_drop = candidate, drop
+            attempt(
+                (*base, *keep),
+                f"keep{len(keep)}",
+                f"{len(keep)} most harmful nodes in float" + (" too" if base else ""),
+            )
             if len(keep) == len(ranked):
                 break
             count *= 2
@@ -115,7 +151,9 @@ def quantize_within_budget(
         "drop": best_drop,
         "met": met,
         "steps": steps,
-        "why_float": "their quantization adds the most error on calibration samples (engines.quant_debug)",
+        "strategy": best_strategy,
+        "why_float": "elementwise ops first, then the nodes whose quantization adds the most error on "
+        "calibration samples (engines.quant_debug)",
     }
     kept = len(best.metadata["nodes_kept_float"])
     if ranked and set(ranked) <= set(best.metadata["nodes_kept_float"]):
@@ -135,7 +173,7 @@ def quantize_within_budget(
         )
     elif len(steps) > 1:
         best.messages.append(
-            f"accuracy budget met with {kept} nodes kept in float "
+            f"accuracy budget met: {best_strategy}, {kept} nodes kept in float "
             f"(drop {best_drop * 100:.2f} pt of {budget.metric})"
         )
     return best

@@ -41,7 +41,10 @@ def sqnr_db(reference: Sequence[np.ndarray] | np.ndarray, noisy: Sequence[np.nda
     left = np.concatenate([np.ravel(part) for part in _as_list(reference)]).astype(np.float64)
     right = np.concatenate([np.ravel(part) for part in _as_list(noisy)]).astype(np.float64)
     epsilon = np.finfo(np.float64).eps
-    return 20 * math.log10(max(np.linalg.norm(left), epsilon) / max(np.linalg.norm(left - right), epsilon))
+    with np.errstate(all="ignore"):  # NaN in, NaN out: reported as null
+        return 20 * math.log10(
+            max(np.linalg.norm(left), epsilon) / max(np.linalg.norm(left - right), epsilon)
+        )
 
 
 def _as_list(value: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:

@@ -318,6 +318,12 @@ def test_unfaithful_int8_is_flagged_with_the_budgeted_recipe(tmp_path: Path) -> 
     message = next(m for m in result.messages if "unfaithful" in m)
     assert '"accuracy_budget":{"metric":"fidelity","max_drop":0.01}' in message
 
+    suggested = Recipe.from_dict(json.loads(message.split("recipe: ", 1)[1]))  # send what it says
+    budgeted = run_recipe(path, suggested, tmp_path / "w2", evaluation=data, calibration=data)
+    (engine,) = budgeted.engines
+    assert engine.comparison["verdict"] != "unfaithful", engine.measurement.accuracy
+    assert engine.artifact.metadata["accuracy_budget"]["met"]
+
 
 # ---------------------------------------------------------------- through the API, as a user meets them
 
