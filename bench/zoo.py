@@ -114,6 +114,8 @@ def _row(model: ZooModel, stage: str, job: dict[str, Any], client: Any) -> dict[
         row["error"] = job.get("error")
         row["messages"] = job.get("messages", [])
         return row
+    if any(message.startswith("pruning skipped") for message in job.get("messages", [])):
+        row["outcome"] = "pruning skipped"  # the job succeeded with engines of the unpruned model
     engine = client.get(f"/v1/engines/{job['engine_ids'][-1]}").json()
     metrics, largest = engine["metrics"], str(max(model.batch_sizes))
     latency, comparison = metrics["latency"], metrics["vs_baseline"]
@@ -186,7 +188,7 @@ def run_model(model: ZooModel, corpus: Corpus, settings: Settings, workdir: Path
 
 
 def _line(row: dict[str, Any]) -> str:
-    if row["outcome"] != "succeeded":
+    if row["outcome"] not in ("succeeded", "pruning skipped"):
         error = row.get("error") or {}
         return f"{row['model']:>20} | {row['stage']:<26} | {row['outcome']}: {error.get('code')}: " + str(
             error.get("detail")
@@ -214,7 +216,7 @@ def render_markdown(rows: list[dict[str, Any]], hardware: dict[str, Any]) -> str
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        if row["outcome"] != "succeeded":
+        if row["outcome"] not in ("succeeded", "pruning skipped"):
             error = row.get("error") or {}
             detail = str(error.get("detail", ""))[:160].replace("|", "\\|")
             lines.append(
@@ -228,16 +230,17 @@ def render_markdown(rows: list[dict[str, Any]], hardware: dict[str, Any]) -> str
             notes.append("budget not searched (see messages)")
         elif budget:
             notes.append(
-                f"budget {'met' if budget['met'] else 'missed'}: {row['nodes_kept_float']} nodes kept float, "
-                f"drop {budget['drop'] * 100:.2f} pt"
+                f"budget {'met' if budget['met'] else 'missed'} ({budget.get('strategy', '')}): "
+                f"{row['nodes_kept_float']} nodes kept float, drop {budget['drop'] * 100:.2f} pt"
             )
         if row.get("served_v2"):
             notes.append(f"/v2 binary: {row['served_v2']}")
         notes += [
             message[:140] for message in row.get("messages", []) if message.startswith("pruning skipped")
         ]
+        outcome = "ok" if row["outcome"] == "succeeded" else row["outcome"]
         lines.append(
-            f"| {row['model']} | {row['kind']} | {row['stage']} | ok | {row['p50_b1_ms']:.2f} | "
+            f"| {row['model']} | {row['kind']} | {row['stage']} | {outcome} | {row['p50_b1_ms']:.2f} | "
             f"{_ratio(row['speedup_b1'])} | {row['bmax']} | {row['p50_bmax_ms']:.2f} | "
             f"{_ratio(row['speedup_bmax'])} | {_num(row['cosine'], '.4f')} | "
             f"{_num(row['top1_agreement'], '.3f')} | {row['verdict']} | {row.get('layer_report', '')} | "

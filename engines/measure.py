@@ -196,7 +196,9 @@ def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float | 
     """How closely an engine reproduces the original model's outputs, for models without labels.
 
     `top1_agreement` is only meaningful for class scores (one vector per sample): for feature maps,
-    boxes or token embeddings the argmax of a flattened tensor says nothing, and it is None.
+    boxes or token embeddings the argmax of a flattened tensor says nothing, and it is None. The
+    cosine is taken per sample; with one value per sample (where it would only compare signs), over
+    the column of all samples.
     """
     if candidate.shape != reference.shape:
         raise EngineError(
@@ -207,6 +209,8 @@ def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float | 
         return {"top1_agreement": None, "cosine_similarity": 1.0, "max_abs_error": 0.0}
     cand = candidate.reshape(len(candidate), -1).astype(np.float64)
     ref = reference.reshape(len(reference), -1).astype(np.float64)
+    if cand.shape[1] == 1:  # one value per sample (a score, a probability): the cosine of the columns
+        cand, ref = cand.T, ref.T
     cand_norm, ref_norm = np.linalg.norm(cand, axis=1), np.linalg.norm(ref, axis=1)
     both_zero = (cand_norm == 0) & (ref_norm == 0)
     # an engine that outputs zeros where the original does not is as far from it as can be: 0, not 1;
