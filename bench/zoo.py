@@ -30,7 +30,7 @@ import numpy as np
 from bench.zoo_corpus import CORPUS, QUICK_SUBSET, Corpus, ZooModel, by_name
 from engines.hardware import cpu_info
 
-FULL_MEASURE = {"warmup_runs": 3, "timed_runs": 10, "min_seconds": 0.5}
+FULL_MEASURE = {"warmup_runs": 3, "timed_runs": 20, "min_seconds": 1.0}
 QUICK_MEASURE = {"warmup_runs": 1, "timed_runs": 3, "min_seconds": 0.0}
 BUDGET = {"metric": "fidelity", "max_drop": 0.01}
 
