@@ -133,6 +133,7 @@ def _row(model: ZooModel, stage: str, job: dict[str, Any], client: Any) -> dict[
         verdict=comparison["verdict"],
         messages=job.get("messages", []),
         nodes_kept_float=len(engine["build_info"].get("nodes_kept_float", [])),
+        quantize_nodes=engine["build_info"].get("quantize_nodes"),
         budget=engine["build_info"].get("accuracy_budget"),
     )
     if engine["precision"] == "int8":
@@ -238,6 +239,10 @@ def render_markdown(rows: list[dict[str, Any]], hardware: dict[str, Any]) -> str
         notes += [
             message[:140] for message in row.get("messages", []) if message.startswith("pruning skipped")
         ]
+        if row.get("quantize_nodes") == 0:
+            notes.append(
+                "nothing quantized: its compute sits in If subgraphs, which the quantizer does not enter"
+            )
         outcome = "ok" if row["outcome"] == "succeeded" else row["outcome"]
         lines.append(
             f"| {row['model']} | {row['kind']} | {row['stage']} | {outcome} | {row['p50_b1_ms']:.2f} | "

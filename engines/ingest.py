@@ -266,7 +266,8 @@ def inspect_model(path: Path) -> ModelInfo:
         producer=f"{inferred.producer_name} {inferred.producer_version}".strip(),
         inputs=inputs,
         outputs=outputs,
-        parameters=sum(math.prod(tensor.dims) for tensor in graph.initializer),
+        # weights inside If/Loop/Scan bodies and Constant nodes count too (Silero VAD keeps all of its there)
+        parameters=sum(math.prod(tensor.dims) for tensor in _all_tensors(inferred)),
         macs=count_macs(inferred),
         external_data=external,
         op_types=dict(sorted(op_types.items())),
@@ -294,6 +295,10 @@ def count_macs(model: Any) -> int | None:
     Returns None when a counted op has a shape that inference could not resolve.
     """
     graph = model.graph
+    if any(
+        attribute.HasField("g") or attribute.graphs for node in graph.node for attribute in node.attribute
+    ):
+        return None  # compute inside If/Loop/Scan bodies: not counted, so not claimed
     shapes: dict[str, tuple[int, ...] | None] = {}
     for value in [*graph.input, *graph.value_info, *graph.output]:
         if value.type.WhichOneof("value") == "tensor_type":

@@ -250,6 +250,17 @@ def prepare_float_model(model_path: Path, workdir: Path, profile: Profile) -> tu
     return target, messages
 
 
+def _count_quantize_nodes(graph: Any) -> int:
+    """QuantizeLinear nodes in a graph and its subgraphs: how much of the model is really INT8."""
+    count = 0
+    for node in graph.node:
+        count += node.op_type == "QuantizeLinear"
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                count += _count_quantize_nodes(subgraph)
+    return count
+
+
 def _load_graph_only(path: Path) -> Any:
     import onnx
 
@@ -337,7 +348,15 @@ def quantize_int8(
         break
     else:
         raise EngineError(f"INT8 quantization failed: {failures[0]}", code="quantization_failed")
+    quantized = _count_quantize_nodes(_load_graph_only(out_path).graph)
+    if quantized == 0:
+        result.messages.append(
+            "ONNX Runtime's quantizer quantized no node of this model (its compute sits inside If/Loop/Scan "
+            "subgraphs, which the quantizer does not enter, or in ops it has no INT8 form for): this 'int8' "
+            "engine computes in float"
+        )
     result.metadata = {
+        "quantize_nodes": quantized,
         "profile": profile,
         "calibration": config.calibration,
         "calibration_samples": samples,

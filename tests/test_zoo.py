@@ -46,5 +46,13 @@ def test_real_models_through_the_api(corpus: Corpus, tmp_path: Path) -> None:
             assert row["layer_report"] == "complete", row
         if row.get("budget") and row["budget"]["met"]:
             assert row["cosine"] >= 0.99 and row["verdict"] != "unfaithful", row
+    silero_int8 = next(row for row in rows if row["model"] == "silero-vad" and row["stage"] == "int8")
+    assert silero_int8["quantize_nodes"] == 0  # its compute sits in If subgraphs: said, not hidden
+    assert any("quantized no node" in message for message in silero_int8["messages"])
+    assert all(
+        row["quantize_nodes"] > 0
+        for row in rows
+        if row["model"] != "silero-vad" and row["precision"] == "int8"
+    )
     markdown = (tmp_path / "zoo.md").read_text()
     assert "| silero-vad |" in markdown and "logical cores" in markdown
