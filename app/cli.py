@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from optiforge_client.cli import add_client_commands, run_client_command
 
-from app.request_log import configure_logging
-from app.settings import get_settings
+from app.api.request_log import configure_logging
+from app.core.settings import get_settings
 
 
 def _worker_argv(queues: str, concurrency: int | None, loglevel: str) -> list[str]:
@@ -26,7 +26,7 @@ def _worker_argv(queues: str, concurrency: int | None, loglevel: str) -> list[st
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
-    from app.migrate import upgrade
+    from app.core.migrate import upgrade
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -36,11 +36,11 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.main import celery_app
+    from app.core.job_queue import get_celery  # the worker's tasks load by module name: no import of workers/
 
     settings = get_settings()
     queues = ",".join(settings.queue(name.strip()) for name in args.queues.split(","))
-    celery_app.worker_main(_worker_argv(queues, args.concurrency, args.loglevel))
+    get_celery(settings).worker_main(_worker_argv(queues, args.concurrency, args.loglevel))
     return 0
 
 

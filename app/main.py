@@ -5,16 +5,16 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app import __version__
-from app.body_limit import BodySizeLimitMiddleware
-from app.engine_pool import EnginePool
-from app.errors import install_error_handlers
-from app.inference import EngineDirectory, InflightLimit
-from app.metrics import Metrics
-from app.request_log import RequestLogMiddleware
-from app.routes import datasets, engines, health, inference_v2, jobs, models
-from app.settings import MIB, Settings, get_settings
-from app.store import get_store
-from app.uploads import MULTIPART_SLACK_BYTES
+from app.api.body_limit import BodySizeLimitMiddleware
+from app.api.errors import install_error_handlers
+from app.api.request_log import RequestLogMiddleware
+from app.api.routes import capabilities, datasets, engines, health, inference_v2, jobs, models
+from app.api.uploads import MULTIPART_SLACK_BYTES
+from app.core.metrics import Metrics
+from app.core.settings import MIB, Settings, get_settings
+from app.core.store import get_store
+from app.serving.inference import EngineDirectory, InflightLimit
+from app.serving.pool import EnginePool
 
 DESCRIPTION = """
 Upload a trained model (ONNX) and a dataset, start a job, get engines that are measured side by
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_paths=(models.router.prefix, datasets.router.prefix),
     )
     app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)  # outermost: sees every response
-    for module in (health, models, datasets, jobs, engines, inference_v2):
+    for module in (health, capabilities, models, datasets, jobs, engines, inference_v2):
         app.include_router(module.router)
     app.router.add_event_handler("shutdown", app.state.engine_pool.close)
     return app

@@ -21,15 +21,15 @@ import numpy as np
 
 from engines.backends.base import CompileOptions
 from engines.backends.registry import get_backend
-from engines.datasets import Dataset
-from engines.finetune import FinetuneConfig
 from engines.hardware import cpu_info
-from engines.ingest import inspect_model
-from engines.measure import classification_accuracy, measure_latency, run_dataset
-from engines.prune import PruneConfig
-from engines.prune_stage import run_prune_stage
-from engines.quantize import QuantizeConfig, prepare_float_model, quantize_int8
-from engines.recipe import MeasureConfig
+from engines.ingest.datasets import Dataset
+from engines.ingest.model import inspect_model
+from engines.measure.accuracy import classification_accuracy, run_dataset
+from engines.measure.latency import MeasureConfig, measure_latency
+from engines.prune.finetune import FinetuneConfig
+from engines.prune.methods import PruneConfig
+from engines.prune.stage import run_prune_stage
+from engines.quantize.int8 import QuantizeConfig, prepare_float_model, quantize_int8
 from examples.digits import export_onnx
 
 ORT = "onnxruntime-cpu"

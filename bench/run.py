@@ -2,7 +2,7 @@
 
     make bench                      # or: .venv/bin/python -m bench.run [--models ...] [--quick]
 
-Every runner of one model is timed side by side (interleaved rounds, engines.measure), so the
+Every runner of one model is timed side by side (interleaved rounds, engines.measure.latency), so the
 ratios hold on a noisy machine; latencies are medians (p50) with p99 beside them. ResNet-18,
 ResNet-50 and MobileNetV2 have random weights (latency only; calibrated on random inputs, their
 outputs are compared with the fp32 model's by cosine similarity: a random-weight network gives
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from engines.backends.registry import get_backend
-from engines.datasets import Dataset
 from engines.hardware import cpu_info
-from engines.measure import classification_accuracy, fidelity, measure_latency, run_dataset
-from engines.quantize import QuantizeConfig, prepare_float_model, quantize_int8
-from engines.recipe import MeasureConfig
-from engines.signature import TensorSpec
+from engines.ingest.datasets import Dataset
+from engines.ingest.signature import TensorSpec
+from engines.measure.accuracy import classification_accuracy, fidelity, run_dataset
+from engines.measure.latency import MeasureConfig, measure_latency
+from engines.quantize.int8 import QuantizeConfig, prepare_float_model, quantize_int8
 from examples.digits import export_onnx
 
 ORT = "onnxruntime-cpu"

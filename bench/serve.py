@@ -38,7 +38,7 @@ from optiforge_client.tensors import HEADER_LENGTH, encode
 
 from engines.backends.registry import get_backend
 from engines.hardware import cpu_info
-from engines.measure import latency_stats
+from engines.measure.latency import latency_stats
 from examples.digits import export_onnx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -48,9 +48,9 @@ def service(workdir: Path) -> Iterator[tuple[Any, Any]]:
     """The API in process on a fresh SQLite database and artifact store: (client, settings)."""
     from fastapi.testclient import TestClient
 
+    from app.core.migrate import upgrade
+    from app.core.settings import Settings as AppSettings
     from app.main import create_app
-    from app.migrate import upgrade
-    from app.settings import Settings as AppSettings
 
     settings = AppSettings(data_dir=workdir / "data", broker_url=None, database_url=None)
     settings.data_dir.mkdir(parents=True)
@@ -177,8 +177,8 @@ def run_model(model: ZooModel, corpus: Corpus, settings: Settings, workdir: Path
             row = _row(model, stage, _run_job(client, app_settings, {**base, "recipe": stage_recipe}), client)
             row["seconds"] = round(time.perf_counter() - started, 1)
             if stage == "fp32" and row["outcome"] == "succeeded":
-                from engines.datasets import Dataset
-                from engines.signature import specs_from_dicts
+                from engines.ingest.datasets import Dataset
+                from engines.ingest.signature import specs_from_dicts
 
                 specs = specs_from_dicts(uploaded["inputs"])
                 first = Dataset(evaluation, None, {spec.name: spec.batch_axis for spec in specs})

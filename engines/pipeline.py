@@ -18,19 +18,14 @@ from typing import Any
 
 from engines.backends.base import CompileOptions, EngineArtifact, Runner
 from engines.backends.registry import get_backend
-from engines.datasets import Dataset
 from engines.errors import EngineError, InvalidRecipeError
-from engines.measure import (
-    accuracy_report,
-    make_batch,
-    measure_latency,
-    memory_of,
-    run_dataset,
-    unfaithful_reason,
-)
-from engines.prune_stage import run_prune_stage
+from engines.ingest.datasets import Dataset
+from engines.ingest.signature import TensorSpec, ambiguous_batch_axes
+from engines.measure.accuracy import accuracy_report, run_dataset, unfaithful_reason
+from engines.measure.latency import make_batch, measure_latency, memory_of
+from engines.prune.criteria import criterion
+from engines.prune.stage import run_prune_stage
 from engines.recipe import Recipe
-from engines.signature import TensorSpec, ambiguous_batch_axes
 from engines.variants import ModelVariant, build_variant
 
 Progress = Callable[[float, str], None]
@@ -96,8 +91,7 @@ def validate_recipe(
     if recipe.prune is not None:
         if recipe.prune.sparsity_epochs and calibration_samples is None:
             raise InvalidRecipeError("sparsity training needs a calibration (training) dataset")
-        if recipe.prune.method == "taylor" and calibration_samples is None:
-            raise InvalidRecipeError("the taylor criterion needs a calibration dataset to take gradients on")
+        criterion(recipe.prune.method).check_data(calibration_samples is not None)
         if recipe.finetune is not None and calibration_samples is None:
             raise InvalidRecipeError(
                 "fine-tuning needs a calibration (training) dataset: give calibration_dataset_id"

@@ -8,37 +8,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engines.finetune import FinetuneConfig
-from engines.prune import PruneConfig
-from engines.quantize import QuantizeConfig
-
-PRECISIONS = ("fp32", "int8", "fp16")
-BUDGET_METRICS = ("top1", "fidelity")
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """How latency is measured: warm-up runs are discarded, timed runs give the percentiles.
-
-    Timing goes on until both `timed_runs` runs and `min_seconds` are reached (sub-millisecond
-    models need many runs for a stable p99), but never past `max_runs`.
-    """
-
-    warmup_runs: int = 10
-    timed_runs: int = 50
-    min_seconds: float = 1.0
-    max_runs: int = 100_000
-    threads: int | None = None  # None: all cores
-
-
-@dataclass(frozen=True)
-class AccuracyBudget:
-    """Keep the most error-prone nodes in float until the drop against the float model is at most
-    `max_drop` (a fraction: 0.01 is one point of top-1; for `fidelity`, the cosine similarity to the
-    float model's outputs, and for class scores the top-1 agreement too, stay at or above 1 - max_drop)."""
-
-    metric: str = "top1"
-    max_drop: float = 0.01
+from engines.measure.latency import MeasureConfig
+from engines.prune.finetune import FinetuneConfig
+from engines.prune.methods import PruneConfig
+from engines.quantize.budget import AccuracyBudget
+from engines.quantize.int8 import QuantizeConfig
 
 
 @dataclass(frozen=True)

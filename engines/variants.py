@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.accuracy_aware import quantize_within_budget
-from engines.datasets import Dataset
 from engines.errors import InvalidRecipeError
 from engines.hardware import cpu_info
-from engines.quant_debug import layer_errors
-from engines.quantize import QuantizeConfig, QuantizeResult, convert_fp16, prepare_float_model, quantize_int8
+from engines.ingest.datasets import Dataset
+from engines.quantize.budget import quantize_within_budget
+from engines.quantize.fp16 import convert_fp16
+from engines.quantize.int8 import QuantizeConfig, QuantizeResult, prepare_float_model, quantize_int8
+from engines.quantize.layer_errors import layer_errors
 from engines.recipe import Recipe
 
 LAYER_ERRORS_FILENAME = "layer_errors.json"
@@ -36,6 +37,35 @@ class ModelVariant:
             (engine_dir / LAYER_ERRORS_FILENAME).write_text(json.dumps(self.layer_errors))
 
 
+@dataclass(frozen=True)
+class VariantRequest:
+    """What every precision's builder gets: the model, the recipe, the target's INT8 profile, data."""
+
+    model_path: Path
+    recipe: Recipe
+    profile: str
+    workdir: Path
+    calibration: Dataset | None
+    evaluation: Dataset | None
+    batch_size: int
+    check_cancelled: Callable[[], None]
+
+
+#: A precision: the function that builds the model it compiles.
+VariantBuilder = Callable[[VariantRequest], ModelVariant]
+PRECISIONS: dict[str, VariantBuilder] = {}
+
+
+def register_precision(name: str) -> Callable[[VariantBuilder], VariantBuilder]:
+    """Register the builder of a precision; the recipe checks, API enums and capabilities read it."""
+
+    def add(builder: VariantBuilder) -> VariantBuilder:
+        PRECISIONS[name] = builder
+        return builder
+
+    return add
+
+
 def build_variant(
     model_path: Path,
     recipe: Recipe,
@@ -47,36 +77,63 @@ def build_variant(
     batch_size: int,
     check_cancelled: Callable[[], None] = lambda: None,
 ) -> ModelVariant:
-    if recipe.precision == "fp32":
-        return ModelVariant(model_path, "fp32")
-    variant_dir = workdir / f"{recipe.precision}-{profile}"
-    variant_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.precision == "fp16":
-        path = convert_fp16(model_path, variant_dir / "model-fp16.onnx")
-        return ModelVariant(
-            path,
-            "fp16",
-            {"fp16": "float16 weights and activations in the graph, float32 inputs and outputs"},
-            [
-                "fp16: ONNX Runtime on CPU has float16 kernels for few ops and casts the rest back to "
-                "float32; fp16 is meant for GPU targets"
-            ],
-        )
+    """The model the recipe's precision compiles, built by that precision's registered builder."""
+    if recipe.precision not in PRECISIONS:
+        raise InvalidRecipeError(f"unknown precision '{recipe.precision}'; use one of {tuple(PRECISIONS)}")
+    request = VariantRequest(
+        model_path, recipe, profile, workdir, calibration, evaluation, batch_size, check_cancelled
+    )
+    return PRECISIONS[recipe.precision](request)
+
+
+def _variant_dir(request: VariantRequest) -> Path:
+    path = request.workdir / f"{request.recipe.precision}-{request.profile}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@register_precision("fp32")
+def build_fp32(request: VariantRequest) -> ModelVariant:
+    """The model as it is: the backend's own graph optimizations are the whole engine."""
+    return ModelVariant(request.model_path, "fp32")
+
+
+@register_precision("fp16")
+def build_fp16(request: VariantRequest) -> ModelVariant:
+    """A float16 copy with float32 inputs and outputs."""
+    path = convert_fp16(request.model_path, _variant_dir(request) / "model-fp16.onnx")
+    return ModelVariant(
+        path,
+        "fp16",
+        {"fp16": "float16 weights and activations in the graph, float32 inputs and outputs"},
+        [
+            "fp16: ONNX Runtime on CPU has float16 kernels for few ops and casts the rest back to "
+            "float32; fp16 is meant for GPU targets"
+        ],
+    )
+
+
+@register_precision("int8")
+def build_int8(request: VariantRequest) -> ModelVariant:
+    """QDQ INT8 for the target's profile, within the recipe's accuracy budget when it has one, with
+    its per-layer error report."""
+    recipe, calibration, evaluation = request.recipe, request.calibration, request.evaluation
     if calibration is None:
         raise InvalidRecipeError("int8 needs a calibration dataset (calibration_dataset_id)")
+    variant_dir = _variant_dir(request)
     started = time.perf_counter()
-    float_path, messages = prepare_float_model(model_path, variant_dir, profile)  # type: ignore[arg-type]
+    float_path, messages = prepare_float_model(request.model_path, variant_dir, request.profile)  # type: ignore[arg-type]
     features = cpu_info()["cpu_features"]
 
     def quantize(config: QuantizeConfig, out_path: Path) -> QuantizeResult:
-        check_cancelled()
+        request.check_cancelled()
         return quantize_int8(
             float_path,
             out_path,
             calibration,
             config,
-            profile=profile,
-            batch_size=batch_size,
+            profile=request.profile,  # type: ignore[arg-type]
+            batch_size=request.batch_size,
             cpu_features=features,
         )
 
@@ -90,13 +147,15 @@ def build_variant(
             recipe.accuracy_budget,
             evaluation=evaluation,
             calibration=calibration,
-            batch_size=batch_size,
+            batch_size=request.batch_size,
             workdir=variant_dir,
-            check_cancelled=check_cancelled,
+            check_cancelled=request.check_cancelled,
         )
     else:
         result = quantize(recipe.quantize, variant_dir / "model-int8.onnx")
     result.metadata["quantize_seconds"] = time.perf_counter() - started
-    check_cancelled()
-    errors = layer_errors(float_path, result.path, calibration, batch_size=batch_size, workdir=variant_dir)
+    request.check_cancelled()
+    errors = layer_errors(
+        float_path, result.path, calibration, batch_size=request.batch_size, workdir=variant_dir
+    )
     return ModelVariant(result.path, "int8", result.metadata, messages + result.messages, errors)

@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.migrate import upgrade
+from app.core.settings import Settings
+from app.core.store import LocalArtifactStore
 from app.main import create_app
-from app.migrate import upgrade
-from app.settings import Settings
-from app.store import LocalArtifactStore
-from engines.datasets import Dataset
+from engines.ingest.datasets import Dataset
 from examples import digits as digits_model
 
 POSTGRES_URL = os.environ.get(

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from sqlalchemy import func, select
 
-from app.db import session_scope
-from app.orm import DatasetRecord, EngineRecord, JobRecord, ModelRecord
+from app.core.db import session_scope
+from app.core.orm import DatasetRecord, EngineRecord, JobRecord, ModelRecord
 from tests.conftest import DigitsArtifacts, LocalApi
 
 
@@ -477,7 +477,7 @@ def test_big_endian_arrays_are_read_in_native_order(local_api: LocalApi, digits_
         local_api, "datasets", "be.npz", npz_bytes(input=np.ones((2, 1, 32, 32), dtype=">f4"))
     )
     assert response.status_code == 201 and response.json()["arrays"]["input"]["dtype"] == "float32"
-    from engines.datasets import read_npz
+    from engines.ingest.datasets import read_npz
 
     stored = local_api.store.local_path(f"datasets/{response.json()['id']}/dataset.npz")
     array = read_npz(stored, max_unpacked_bytes=10**8)["input"]

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from engines.backends.registry import get_backend
-from engines.datasets import Dataset
 from engines.errors import BackendUnavailableError, InvalidRecipeError
-from engines.measure import classification_accuracy, fidelity, measure_latency
+from engines.ingest.datasets import Dataset
+from engines.measure.accuracy import classification_accuracy, fidelity
+from engines.measure.latency import MeasureConfig, measure_latency
+from engines.measure.report import render_markdown, report_row
 from engines.pipeline import run_recipe
-from engines.recipe import MeasureConfig, Recipe
-from engines.report import render_markdown, report_row
+from engines.recipe import Recipe
 from tests.conftest import DigitsArtifacts
 
 

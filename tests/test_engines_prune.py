@@ -8,13 +8,14 @@ import numpy as np
 import onnx
 import pytest
 
-from engines.datasets import Dataset
 from engines.errors import InvalidRecipeError
-from engines.finetune import FinetuneConfig
+from engines.ingest.datasets import Dataset
+from engines.measure.latency import MeasureConfig
 from engines.pipeline import run_recipe
-from engines.prune import PruneConfig, check_prune_config
-from engines.recipe import MeasureConfig, Recipe
-from engines.torch_bridge import _inline_identity_initializers, onnx_to_torch
+from engines.prune.finetune import FinetuneConfig
+from engines.prune.methods import PruneConfig, check_prune_config
+from engines.prune.torch_bridge import _inline_identity_initializers, onnx_to_torch
+from engines.recipe import Recipe
 from tests.conftest import QUICK_MEASURE, DigitsArtifacts
 
 FAST = MeasureConfig(**QUICK_MEASURE)
@@ -144,7 +145,7 @@ def test_a_model_that_cannot_be_converted_skips_pruning_with_the_reason(
 ) -> None:
     from onnx import helper
 
-    from engines.prune_stage import run_prune_stage
+    from engines.prune.stage import run_prune_stage
 
     custom = onnx.load(str(digits.onnx_path))
     custom.graph.node.append(helper.make_node("Frobnicate", ["logits"], ["z"], domain="com.example"))
@@ -185,7 +186,7 @@ def test_opset18_reductions_convert(tmp_path: Path) -> None:
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from engines.torch_bridge import unconvertible_ops
+    from engines.prune.torch_bridge import unconvertible_ops
 
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)],
@@ -252,7 +253,7 @@ def test_a_two_input_model_skips_pruning_but_keeps_its_engines(tmp_path: Path) -
 
 
 def test_sensitivity_ratios_stop_at_the_first_ratio_over_budget() -> None:
-    from engines.sensitivity import ratios_within
+    from engines.prune.sensitivity import ratios_within
 
     report = {
         "layers": {

@@ -10,19 +10,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from engines.accuracy_aware import quantize_within_budget
-from engines.datasets import Dataset
 from engines.errors import InvalidRecipeError
+from engines.ingest.datasets import Dataset
+from engines.measure.latency import MeasureConfig
 from engines.pipeline import run_recipe
-from engines.quant_debug import layer_errors, most_harmful_nodes
-from engines.quantize import (
-    QuantizeConfig,
-    convert_fp16,
-    prepare_float_model,
-    quantize_int8,
-    reduce_range_for,
-)
-from engines.recipe import AccuracyBudget, MeasureConfig, Recipe
+from engines.quantize.budget import AccuracyBudget, quantize_within_budget
+from engines.quantize.fp16 import convert_fp16
+from engines.quantize.int8 import QuantizeConfig, prepare_float_model, quantize_int8, reduce_range_for
+from engines.quantize.layer_errors import layer_errors, most_harmful_nodes
+from engines.recipe import Recipe
 from tests.conftest import QUICK_MEASURE, DigitsArtifacts
 
 FAST = MeasureConfig(**QUICK_MEASURE)

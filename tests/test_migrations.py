@@ -6,7 +6,7 @@ from pathlib import Path
 
 from alembic import command
 
-from app.migrate import alembic_config, upgrade
+from app.core.migrate import alembic_config, upgrade
 
 
 def test_migrations_match_the_orm(tmp_path: Path) -> None:
@@ -14,3 +14,43 @@ def test_migrations_match_the_orm(tmp_path: Path) -> None:
     upgrade(url)
     upgrade(url)  # a second run at head is a no-op
     command.check(alembic_config(url))  # raises if autogenerate finds a difference
+
+
+def test_job_kinds_migration_converts_legacy_sensitivity_jobs(tmp_path: Path) -> None:
+    """Before 0003 a sensitivity analysis was a job whose recipe held {"sensitivity": {...}}."""
+    import json
+
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    command.upgrade(alembic_config(url), "0002")
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO models (id, name, filename, sha256, size_bytes, artifact_prefix, info, "
+                "created_at) VALUES ('mdl_1', 'm', 'm.onnx', 'x', 1, 'models/mdl_1', '{}', '2026-01-01')"
+            )
+        )
+        for job_id, recipe in (
+            ("job_s", {"sensitivity": {"method": "l1", "ratios": [0.5]}}),
+            ("job_o", {"precision": "int8"}),
+        ):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, model_id, recipe, status, stage, progress, messages, "
+                    "cancel_requested, attempts, created_at) VALUES (:id, 'mdl_1', :recipe, 'succeeded', "
+                    "'done', 1, '[]', 0, 1, '2026-01-01')"
+                ),
+                {"id": job_id, "recipe": json.dumps(recipe)},
+            )
+    upgrade(url)
+    with engine.connect() as connection:
+        rows = {row.id: row for row in connection.execute(sa.text("SELECT id, kind, recipe FROM jobs"))}
+    assert rows["job_s"].kind == "sensitivity"
+    assert json.loads(rows["job_s"].recipe) == {"method": "l1", "ratios": [0.5]}
+    assert rows["job_o"].kind == "optimize" and json.loads(rows["job_o"].recipe) == {"precision": "int8"}
+    command.downgrade(alembic_config(url), "0002")
+    with engine.connect() as connection:
+        recipe = connection.execute(sa.text("SELECT recipe FROM jobs WHERE id = 'job_s'")).scalar_one()
+    assert json.loads(recipe) == {"sensitivity": {"method": "l1", "ratios": [0.5]}}

@@ -164,6 +164,13 @@ def test_cli_optimize_wait_report_alias_infer(
     assert np.load(tmp_path / "y.npz")["logits"].shape == (3, 10)
     missing = optiforge(stack, "models", "get", "mdl_missing")
     assert missing.returncode == 1 and "error: model_not_found" in missing.stderr
+    # choices come from the server's registries (GET /v1/capabilities), not from a copy in the SDK
+    capabilities = json.loads(optiforge(stack, "capabilities").stdout)
+    assert "int8" in capabilities["precisions"] and "taylor" in {
+        m["name"] for m in capabilities["prune_methods"]
+    }
+    unknown = optiforge(stack, "jobs", "create", "mdl_missing", "--precision", "int4")
+    assert unknown.returncode != 0 and "the server offers fp32, fp16, int8" in unknown.stderr
 
 
 def test_sdk_imports_no_server_or_torch() -> None:

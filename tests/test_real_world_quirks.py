@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from optiforge_client import tensors
 
-from engines.datasets import Dataset, DatasetInfo, check_fits_model, inspect_arrays
 from engines.errors import (
     DatasetMismatchError,
     EngineError,
@@ -23,12 +22,13 @@ from engines.errors import (
     InvalidRecipeError,
     scrub_paths,
 )
-from engines.ingest import inspect_model
+from engines.ingest.datasets import Dataset, DatasetInfo, check_fits_model, inspect_arrays
+from engines.ingest.model import inspect_model
+from engines.ingest.signature import TensorSpec, assign_batch_axes, validate_feeds
 from engines.pipeline import run_recipe, validate_recipe
-from engines.quant_debug import layer_errors
-from engines.quantize import QuantizeConfig, prepare_float_model, quantize_int8
+from engines.quantize.int8 import QuantizeConfig, prepare_float_model, quantize_int8
+from engines.quantize.layer_errors import layer_errors
 from engines.recipe import Recipe
-from engines.signature import TensorSpec, assign_batch_axes, validate_feeds
 from tests import quirk_graphs
 from tests.conftest import LocalApi
 from workers.job_runner import run_job_by_id

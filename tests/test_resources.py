@@ -12,8 +12,8 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from app.db import session_scope
-from app.orm import JobRecord, utcnow
+from app.core.db import session_scope
+from app.core.orm import JobRecord, utcnow
 from tests.conftest import DigitsArtifacts, LocalApi
 from tests.test_bad_input import assert_nothing_stored, expect_error, linear_model, post_file
 from workers.job_runner import Attempt, Superseded, run_job_by_id
@@ -251,9 +251,9 @@ def test_superseded_attempt_stops_without_writing(local_api: LocalApi, uploaded:
 def test_readyz_reports_an_unreachable_broker(tmp_path) -> None:
     from fastapi.testclient import TestClient
 
+    from app.core.migrate import upgrade
+    from app.core.settings import Settings
     from app.main import create_app
-    from app.migrate import upgrade
-    from app.settings import Settings
 
     settings = Settings(data_dir=tmp_path, database_url=None, broker_url="redis://127.0.0.1:1/0")
     upgrade(settings.resolved_database_url)

@@ -21,13 +21,13 @@ import pytest
 from fastapi.testclient import TestClient
 from optiforge_client import tensors
 
-from app.db import session_scope
-from app.engine_pool import EnginePool
+from app.core.db import session_scope
+from app.core.migrate import upgrade
+from app.core.orm import EngineRecord
+from app.core.settings import Settings
 from app.main import create_app
-from app.migrate import upgrade
-from app.orm import EngineRecord
-from app.settings import Settings
-from engines.batching import BatchingConfig, DynamicBatcher
+from app.serving.pool import EnginePool
+from engines.backends.batching import BatchingConfig, DynamicBatcher
 from tests.conftest import QUICK_MEASURE, DigitsArtifacts, make_settings
 from workers.job_runner import run_job_by_id
 
@@ -433,7 +433,7 @@ def test_structured_log_lines_carry_the_request_id(served: Served) -> None:
     import io
     import logging
 
-    from app.request_log import JsonFormatter, RequestIdFilter
+    from app.api.request_log import JsonFormatter, RequestIdFilter
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -496,8 +496,8 @@ def test_a_cancelled_request_does_not_stop_the_batcher(digits: DigitsArtifacts) 
 
 
 def test_inflight_limit_answers_503_when_full() -> None:
-    from app.errors import ApiError
-    from app.inference import InflightLimit
+    from app.api.errors import ApiError
+    from app.serving.inference import InflightLimit
 
     limit = InflightLimit(2)
     with limit.slot(), limit.slot():

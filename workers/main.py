@@ -1,7 +1,8 @@
-"""Entry point for the `celery` command and `optiforge worker`: `celery -A workers.main worker`."""
+"""Entry point for the `celery` command: `celery -A workers.main worker` (`optiforge worker` starts the
+same app from app.core.job_queue, which loads workers.tasks by name)."""
 
 from __future__ import annotations
 
-from workers.celery_app import get_celery
+from app.core.job_queue import get_celery
 
 celery_app = get_celery()

@@ -14,10 +14,10 @@ import threading
 
 from sqlalchemy import select, update
 
-from app.db import session_scope
-from app.job_queue import enqueue_job
-from app.orm import JobRecord, JobStatus, lease_cutoff
-from app.settings import Settings
+from app.core.db import session_scope
+from app.core.job_queue import enqueue_job
+from app.core.orm import JobRecord, JobStatus, lease_cutoff
+from app.core.settings import Settings
 from engines.recipe import Recipe
 
 logger = logging.getLogger(__name__)

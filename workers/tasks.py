@@ -7,8 +7,8 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
-from app.settings import get_settings
-from workers.celery_app import RUN_JOB_TASK
+from app.core.job_queue import RUN_JOB_TASK
+from app.core.settings import get_settings
 from workers.job_runner import run_job_by_id
 from workers.recovery import start_sweeper
 

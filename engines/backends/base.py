@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from engines.signature import TensorSpec
+from engines.ingest.signature import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: The Celery queue whose workers can build this backend's engines.
     queue: ClassVar[str] = "cpu"
-    #: Which INT8 flavour of QDQ ONNX it runs best (see engines.quantize).
+    #: Which INT8 flavour of QDQ ONNX it runs best (see engines.quantize.int8).
     quantization_profile: ClassVar[str] = "cpu"
 
     @classmethod

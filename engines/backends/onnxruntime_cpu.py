@@ -17,8 +17,8 @@ import numpy as np
 from engines.backends.base import Backend, CompileOptions, EngineArtifact
 from engines.errors import EngineError
 from engines.hardware import cpu_info
-from engines.ingest import PROTOBUF_LIMIT_BYTES
-from engines.signature import TensorSpec, assign_batch_axes, normalize_dim
+from engines.ingest.model import PROTOBUF_LIMIT_BYTES
+from engines.ingest.signature import TensorSpec, assign_batch_axes, normalize_dim
 
 ENGINE_FILENAME = "engine.onnx"
 

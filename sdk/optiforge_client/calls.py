@@ -80,6 +80,11 @@ def _upload(path: str, file: str | Path, name: str | None, model: type[T]) -> Ca
     )
 
 
+def capabilities() -> Call[dict[str, Any]]:
+    """What the server can do: precisions, calibration methods, pruning criteria, backends, job kinds."""
+    return Call("GET", "/v1/capabilities", lambda response: response.json())
+
+
 def upload_model(path: str | Path, name: str | None = None) -> Call[Model]:
     """Upload an .onnx file (or a .zip of one .onnx and its external data)."""
     return _upload("/v1/models", path, name, Model)

@@ -57,6 +57,21 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _check_choices(client: Client, args: argparse.Namespace) -> None:
+    """Precisions and criteria are the server's (GET /v1/capabilities), never a copy kept here."""
+    wanted = {"precision": getattr(args, "precision", None), "prune": getattr(args, "prune", None)}
+    if not any(wanted.values()):
+        return
+    offered = client.capabilities()
+    choices = {
+        "precision": offered["precisions"],
+        "prune": [criterion["name"] for criterion in offered["prune_methods"]],
+    }
+    for option, value in wanted.items():
+        if value and value not in choices[option]:
+            raise SystemExit(f"error: --{option} {value}: the server offers {', '.join(choices[option])}")
+
+
 def _recipe(args: argparse.Namespace) -> dict[str, Any]:
     recipe: dict[str, Any] = json.loads(Path(args.recipe).read_text()) if args.recipe else {}
     if args.precision:
@@ -79,6 +94,7 @@ def _wait_and_report(client: Client, job: Job, quiet: bool) -> int:
 
 
 def cmd_optimize(client: Client, args: argparse.Namespace) -> int:
+    _check_choices(client, args)
     model = client.upload_model(args.model, name=args.name)
     print(f"model {model.id}: {model.name}, {model.parameters:,} parameters", file=sys.stderr)
     calibration = client.upload_dataset(args.calib) if args.calib else None
@@ -93,6 +109,14 @@ def cmd_optimize(client: Client, args: argparse.Namespace) -> int:
         print(job.id)
         return 0
     return _wait_and_report(client, job, args.quiet)
+
+
+def cmd_create_job(client: Client, args: argparse.Namespace) -> None:
+    _check_choices(client, args)
+    job = client.create_job(
+        args.model_id, _recipe(args), calibration_dataset_id=args.calib, evaluation_dataset_id=args.eval
+    )
+    _print_json(job)
 
 
 def cmd_infer(client: Client, args: argparse.Namespace) -> int:
@@ -137,9 +161,15 @@ def _commands() -> dict[str, Any]:
         "models delete": lambda c, a: c.delete_model(a.id),
         "datasets upload": lambda c, a: _print_json(c.upload_dataset(a.file, name=a.name)),
         "datasets list": lambda c, a: _list(c.list_datasets(), ["id", "name", "samples", "has_labels"]),
-        "jobs create": lambda c, a: _print_json(
-            c.create_job(a.model_id, _recipe(a), calibration_dataset_id=a.calib, evaluation_dataset_id=a.eval)
-        ),
+        "jobs create": lambda c, a: (
+            _check_choices(c, a),
+            _print_json(
+                c.create_job(
+                    a.model_id, _recipe(a), calibration_dataset_id=a.calib, evaluation_dataset_id=a.eval
+                )
+            ),
+        )[-1],
+        "capabilities": lambda c, a: _print_json(c.capabilities()),
         "jobs list": lambda c, a: _list(
             c.list_jobs(a.status), ["id", "model_id", "status", "stage", "progress"]
         ),
@@ -165,10 +195,10 @@ def _commands() -> dict[str, Any]:
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help="a JSON recipe file; the options below override it")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--precision", help="one of the server's (optiforge capabilities)")
     parser.add_argument("--target", action="append", help="backend, e.g. onnxruntime-cpu (repeatable)")
     parser.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8")
-    parser.add_argument("--prune", choices=["l1", "slimming", "taylor", "fpgm", "random", "magnitude"])
+    parser.add_argument("--prune", help="a pruning criterion of the server's (optiforge capabilities)")
     parser.add_argument("--prune-ratio", type=float, default=0.5)
     parser.add_argument("--finetune-epochs", type=int)
 
@@ -242,6 +272,11 @@ def add_client_commands(sub: Any) -> None:
     optimize.add_argument("--wait", action="store_true", help="follow the job and print the report")
     optimize.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_recipe_options(optimize)
+
+    capabilities = sub.add_parser(
+        "capabilities", help="what the server offers: precisions, criteria, backends", parents=[common]
+    )
+    capabilities.set_defaults(client_command="capabilities")
 
     infer = sub.add_parser("infer", help="run inference on an engine id or alias", parents=[common])
     infer.set_defaults(client_command="infer")

@@ -81,6 +81,7 @@ class Client:
         return call.finish(response)
 
     upload_model = _sync(calls.upload_model)
+    capabilities = _sync(calls.capabilities)
     list_models = _sync(calls.list_models)
     get_model = _sync(calls.get_model)
     delete_model = _sync(calls.delete_model)
@@ -143,6 +144,7 @@ class AsyncClient:
         return call.finish(response)
 
     upload_model = _async(calls.upload_model)
+    capabilities = _async(calls.capabilities)
     list_models = _async(calls.list_models)
     get_model = _async(calls.get_model)
     delete_model = _async(calls.delete_model)

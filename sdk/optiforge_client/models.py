@@ -45,6 +45,7 @@ class Dataset(_Resource):
 class Job(_Resource):
     id: str
     model_id: str
+    kind: str = "optimize"
     status: str
     stage: str
     progress: float

@@ -1,0 +1,85 @@
+"""Refuse oversized request bodies before they are read into temp files.
+
+FastAPI parses a multipart upload completely before the route runs, so a size check in the
+route comes after the disk was already filled. This ASGI middleware answers 413 from the
+Content-Length header when there is one, and otherwise stops reading once the limit is passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from app.api.errors import error_body
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    """`max_body_bytes` for every request, `upload_bytes` for POSTs to the `upload_paths`."""
+
+    def __init__(self, app: Any, max_body_bytes: int, upload_bytes: int, upload_paths: tuple[str, ...]):
+        self.app = app
+        self.max_body_bytes, self.upload_bytes, self.upload_paths = max_body_bytes, upload_bytes, upload_paths
+
+    def limit_for(self, scope: Scope) -> int:
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") in self.upload_paths
+        return self.upload_bytes if is_upload else self.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, scope["path"], limit)
+            return
+        received = 0
+        response_started = refused = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Answer now: the framework would turn any error raised while it parses the
+                    # body into a generic 400, and its own response is dropped below.
+                    if not response_started and not refused:
+                        refused = True
+                        await self._refuse(send, scope["path"], limit)
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if refused:
+                return
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        with contextlib.suppress(_BodyTooLarge):  # already answered with 413
+            await self.app(scope, counting_receive, tracking_send)
+
+    async def _refuse(self, send: Any, path: str, limit: int) -> None:
+        detail = f"the request body is over the limit of {limit} bytes"
+        body = json.dumps(error_body(path, "upload_too_large", detail)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,117 @@
+"""/v1/jobs: optimization jobs run by Celery workers; their state lives in SQL (app.services.jobs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.api.deps import get_db, get_settings_dep, get_store_dep
+from app.api.schemas import JobCreate, JobOut
+from app.api.views import job_out
+from app.core.orm import JobRecord
+from app.core.settings import Settings
+from app.core.store import ArtifactStore
+from app.services import jobs as service
+from app.services.records import get_job_record
+from engines.measure.report import render_markdown
+from engines.prune.sensitivity import SENSITIVITY_PNG
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobOut, summary="Start an optimization job")
+def create_job(
+    body: JobCreate,
+    session: Session = Depends(get_db),
+    settings: Settings = Depends(get_settings_dep),
+    store: ArtifactStore = Depends(get_store_dep),
+) -> JobOut:
+    """Check that the recipe and datasets fit the model, store the job, then queue it.
+
+    The dataset/model match is checked here, so a mismatch is a 422 now, not a failed job later.
+    """
+    source = body.recipe.prune.ratios_from_sensitivity if body.recipe.prune else None
+    job = service.create_optimization_job(
+        session,
+        settings,
+        store,
+        model_id=body.model_id,
+        recipe=body.recipe.to_config(),
+        calibration_dataset_id=body.calibration_dataset_id,
+        evaluation_dataset_id=body.evaluation_dataset_id,
+        sensitivity=None if source is None else service.SensitivitySource(source.job_id, source.max_drop),
+    )
+    return job_out(session, job)
+
+
+@router.get("", response_model=list[JobOut], summary="List jobs")
+def list_jobs(
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    model_id: str | None = None,
+    session: Session = Depends(get_db),
+) -> list[JobOut]:
+    query = select(JobRecord).order_by(JobRecord.created_at.desc())
+    if status:
+        query = query.where(JobRecord.status == status)
+    if model_id:
+        query = query.where(JobRecord.model_id == model_id)
+    jobs = list(session.scalars(query))
+    engine_ids = service.engine_ids_by_job(session, [job.id for job in jobs])
+    return [job_out(session, job, engine_ids[job.id]) for job in jobs]
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Job status, progress and error")
+def get_job(job_id: str, session: Session = Depends(get_db)) -> JobOut:
+    return job_out(session, get_job_record(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
+def cancel_job(
+    job_id: str,
+    session: Session = Depends(get_db),
+    settings: Settings = Depends(get_settings_dep),
+    store: ArtifactStore = Depends(get_store_dep),
+) -> JobOut:
+    """A queued job, or a running one whose worker was lost, is cancelled at once; a running one
+    stops at its next checkpoint (timed runs are checked twice a second) and stores nothing."""
+    return job_out(session, service.cancel_job(session, settings, store, job_id))
+
+
+@router.get(
+    "/{job_id}/report",
+    summary="The comparison table: baseline and every engine",
+    responses={200: {"content": {"application/json": {}, "text/markdown": {}}}},
+)
+def job_report(
+    job_id: str,
+    format: Literal["json", "md"] = Query("json", description="json, or md for a markdown table"),
+    session: Session = Depends(get_db),
+) -> Response:
+    report = service.job_report(session, job_id)
+    if format == "md":
+        return PlainTextResponse(
+            render_markdown(report["rows"], report["hardware"]), media_type="text/markdown"
+        )
+    return JSONResponse(report)
+
+
+@router.get(
+    "/{job_id}/sensitivity",
+    summary="A sensitivity analysis: drop per layer and ratio (JSON), or its plot (?format=png)",
+    responses={200: {"content": {"application/json": {}, "image/png": {}}}},
+)
+def get_sensitivity(
+    job_id: str,
+    format: Literal["json", "png"] = Query("json"),
+    session: Session = Depends(get_db),
+    store: ArtifactStore = Depends(get_store_dep),
+) -> Response:
+    report = service.sensitivity_report(session, store, job_id)
+    if format == "png":
+        png = store.local_path(f"jobs/{job_id}/sensitivity") / SENSITIVITY_PNG
+        return Response(png.read_bytes(), media_type="image/png")
+    return JSONResponse(report)

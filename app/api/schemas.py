@@ -1,0 +1,331 @@
+"""Request and response bodies. Request models map 1:1 onto the frozen configs in engines/."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engines.backends.registry import backend_names
+from engines.measure.latency import MeasureConfig
+from engines.prune.criteria import CRITERIA
+from engines.prune.finetune import FinetuneConfig
+from engines.prune.methods import PruneConfig
+from engines.quantize.budget import BUDGET_METRICS, AccuracyBudget
+from engines.quantize.int8 import CALIBRATION_METHODS, QuantizeConfig
+from engines.recipe import Recipe
+from engines.variants import PRECISIONS
+
+# Enums read from the registries of engines/, so the OpenAPI document, validation messages and
+# GET /v1/capabilities (what the SDK's CLI checks against) can never disagree with what runs.
+CalibrationName = Literal[tuple(CALIBRATION_METHODS)]  # type: ignore[valid-type]
+BudgetMetric = Literal[BUDGET_METRICS]  # type: ignore[valid-type]
+PruneCriterion = Literal[tuple(CRITERIA)]  # type: ignore[valid-type]
+_SENSITIVITY_CRITERIA = tuple(name for name, item in CRITERIA.items() if item.in_sensitivity)
+SensitivityCriterion = Literal[_SENSITIVITY_CRITERIA]  # type: ignore[valid-type]
+Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
+
+
+class TensorSpecOut(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int | str | None] = Field(
+        description="ints are static dims, strings symbolic, null dynamic (also for -1 or 0 in the file)"
+    )
+    batch_axis: int | None = Field(
+        0,
+        description="the dim samples stack along (recurrent state: often 1); null: none (a scalar, or a "
+        "tensor every sample shares). A dataset holds one row per sample: the shape without this dim",
+    )
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    opset: int
+    ir_version: int
+    producer: str
+    inputs: list[TensorSpecOut]
+    outputs: list[TensorSpecOut]
+    parameters: int
+    macs: int | None = Field(description="multiply-accumulates per sample (Conv/Gemm/MatMul)")
+    external_data: bool
+    op_types: dict[str, int]
+    warnings: list[str] = Field(
+        default_factory=list, description="what is odd about the model but does not stop it running"
+    )
+    created_at: datetime
+
+
+class ArrayOut(BaseModel):
+    shape: list[int]
+    dtype: str
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    samples: int
+    arrays: dict[str, ArrayOut]
+    has_labels: bool
+    classes: int | None
+    uniform_arrays: list[str] = Field(
+        default_factory=list,
+        description="arrays whose rows are all equal: they can feed an input without a batch axis "
+        "at any batch size",
+    )
+    created_at: datetime
+
+
+class MeasureIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_runs: int = Field(10, ge=0, le=10_000)
+    timed_runs: int = Field(50, ge=1, le=100_000, description="at least this many timed runs per batch size")
+    min_seconds: float = Field(1.0, ge=0, le=600, description="and at least this long timing each batch size")
+    max_runs: int = Field(100_000, ge=1, le=1_000_000, description="but never more runs than this")
+    threads: int | None = Field(None, ge=1, le=1024, description="null: all cores")
+
+    def to_config(self) -> MeasureConfig:
+        return MeasureConfig(**self.model_dump())
+
+
+class QuantizeIn(BaseModel):
+    """INT8 calibration; used when `precision` is int8."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration: CalibrationName = "minmax"
+    per_channel: bool = True
+    calibration_samples: int | None = Field(None, ge=1, description="null: the whole calibration set")
+    reduce_range: bool | None = Field(None, description="7-bit weights; null: chosen from the CPU's features")
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="node names kept in float")
+
+    def to_config(self) -> QuantizeConfig:
+        return QuantizeConfig(**{**self.model_dump(), "nodes_to_exclude": tuple(self.nodes_to_exclude)})
+
+
+class AccuracyBudgetIn(BaseModel):
+    """Keep the most error-prone nodes in float until the drop is within `max_drop` (0.01 = 1 point).
+
+    `top1` needs labels. `fidelity` needs none: the cosine similarity to the original's outputs (and,
+    for class scores, the top-1 agreement) must stay at or above 1 - max_drop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: BudgetMetric = "top1"
+    max_drop: float = Field(0.01, ge=0, le=1)
+
+    def to_config(self) -> AccuracyBudget:
+        return AccuracyBudget(**self.model_dump())
+
+
+class RatiosFromSensitivityIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str | None = Field(
+        None, description="a succeeded sensitivity job of this model; null: the latest"
+    )
+    max_drop: float = Field(0.01, ge=0, le=1)
+
+
+class SensitivityCreate(BaseModel):
+    """Prune each layer alone at a few ratios and measure the drop (top-1 with labels, else fidelity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str
+    method: SensitivityCriterion = "l1"
+    ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7], min_length=1, max_length=10)
+
+    @field_validator("ratios")
+    @classmethod
+    def _in_range(cls, ratios: list[float]) -> list[float]:
+        if any(not 0 < ratio < 1 for ratio in ratios):
+            raise ValueError("ratios must be in (0, 1)")
+        return sorted(set(ratios))
+
+
+class PruneIn(BaseModel):
+    """Structured channel pruning (l1, slimming, taylor, fpgm, random) or unstructured magnitude."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: PruneCriterion = "l1"
+    ratio: float = Field(0.5, gt=0, lt=1, description="structured: fraction of channels removed")
+    scope: Literal["uniform", "global"] = "uniform"
+    round_to: int = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
+    ignore: list[str] = Field(default_factory=list, description="layer (node) names never pruned")
+    sparsity: float = Field(0.8, gt=0, lt=1, description="magnitude: fraction of weights set to zero")
+    sparsity_epochs: int = Field(0, ge=0, le=200, description="slimming: epochs of L1 on BatchNorm γ first")
+    sparsity_lambda: float = Field(1e-4, ge=0, le=1, description="slimming: weight of that L1 penalty")
+    ratios_from_sensitivity: RatiosFromSensitivityIn | None = Field(
+        None, description="per-layer ratios: the largest each layer took within max_drop in that analysis"
+    )
+
+    def to_config(self) -> PruneConfig:
+        fields = self.model_dump(exclude={"ratios_from_sensitivity"})
+        return PruneConfig(**{**fields, "ignore": tuple(self.ignore)})
+
+
+class FinetuneIn(BaseModel):
+    """Recovery after pruning: knowledge distillation from the original (mixed with CE when labelled)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1, le=200)
+    lr: float = Field(3e-3, gt=0, le=1)
+    distill: bool = True
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of distillation vs cross-entropy")
+    batch_size: int = Field(32, ge=1, le=4096)
+
+    def to_config(self) -> FinetuneConfig:
+        return FinetuneConfig(**self.model_dump())
+
+
+class RecipeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] = Field(default_factory=lambda: ["onnxruntime-cpu"], min_length=1)
+    precision: Precision = "fp32"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, max_length=16)
+    quantize: QuantizeIn = Field(default_factory=QuantizeIn)
+    accuracy_budget: AccuracyBudgetIn | None = None
+    prune: PruneIn | None = None
+    finetune: FinetuneIn | None = None
+    measure: MeasureIn = Field(default_factory=MeasureIn)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        unknown = [target for target in targets if target not in backend_names()]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; known targets: {backend_names()}")
+        return list(dict.fromkeys(targets))
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sane_batch_sizes(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 or size > 4096 for size in sizes):
+            raise ValueError("batch sizes must be between 1 and 4096")
+        return sorted(set(sizes))
+
+    def to_config(self) -> Recipe:
+        return Recipe(
+            targets=tuple(self.targets),
+            precision=self.precision,
+            batch_sizes=tuple(self.batch_sizes),
+            quantize=self.quantize.to_config(),
+            accuracy_budget=self.accuracy_budget.to_config() if self.accuracy_budget else None,
+            prune=self.prune.to_config() if self.prune else None,
+            finetune=self.finetune.to_config() if self.finetune else None,
+            measure=self.measure.to_config(),
+        )
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    calibration_dataset_id: str | None = None
+    evaluation_dataset_id: str | None = None
+    recipe: RecipeIn = Field(default_factory=RecipeIn)
+
+
+class JobError(BaseModel):
+    code: str
+    detail: str
+
+
+class JobOut(BaseModel):
+    id: str
+    model_id: str
+    kind: str = Field(
+        description="optimize (a recipe), sensitivity (a pruning sensitivity analysis); "
+        "convert and autotune to come"
+    )
+    calibration_dataset_id: str | None
+    evaluation_dataset_id: str | None
+    recipe: dict[str, Any]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    stage: str
+    progress: float
+    messages: list[str]
+    error: JobError | None
+    cancel_requested: bool
+    attempts: int
+    worker: str | None = Field(description="host:pid of the worker running the current attempt")
+    heartbeat_at: datetime | None
+    engine_ids: list[str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EngineOut(BaseModel):
+    id: str
+    job_id: str
+    model_id: str
+    backend: str
+    precision: str
+    size_bytes: int
+    build_seconds: float
+    hardware: dict[str, Any]
+    metrics: dict[str, Any] = Field(
+        description="latency per batch size, accuracy, and ratios vs the baseline"
+    )
+    build_info: dict[str, Any]
+    alias: str | None = Field(description="a name to infer with instead of the id (/v2/models/{alias})")
+    batching: BatchingIn | None = Field(description="dynamic batching of concurrent requests; null: off")
+    created_at: datetime
+
+
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class AliasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field(
+        pattern=ALIAS_PATTERN,
+        description="letters, digits, '.', '_', '-'; not starting with eng_ or mdl_ (those are ids)",
+        examples=["digits-prod"],
+    )
+
+    @field_validator("alias")
+    @classmethod
+    def _not_an_id(cls, alias: str) -> str:
+        if alias.startswith(("eng_", "mdl_")):
+            raise ValueError("aliases must not start with eng_ or mdl_: names like that are ids")
+        return alias
+
+
+class BatchingIn(BaseModel):
+    """Group concurrent requests into one engine call, as Triton's dynamic batcher does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, ge=1, le=4096, description="samples per engine call, at most")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, le=10_000, description="how long the first request of a batch waits for company"
+    )
+
+
+class InferRequest(BaseModel):
+    inputs: dict[str, Any] = Field(description="input name -> nested list of numbers, batch first")
+
+
+class InferResponse(BaseModel):
+    engine_id: str
+    outputs: dict[str, Any]
+    compute_ms: float = Field(description="time of the engine call, server side")
+    queue_ms: float = Field(0.0, description="time waiting for that call (dynamic batching)")
+    batch_size: int = Field(description="samples in that call (more than sent when batched with others)")

@@ -1,0 +1,155 @@
+"""SQL tables: models, datasets, jobs and engines. A job's state lives here, not in Celery."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    """Readable, unguessable ids: `mdl_3f9a…` tells a user what kind of thing an id names."""
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps come back timezone-aware on every database (SQLite drops the zone when storing)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        datetime: UTCDateTime,
+    }
+
+
+class ModelRecord(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("mdl"))
+    name: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    artifact_prefix: Mapped[str] = mapped_column(String(255))
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)  # engines.ingest.model.ModelInfo.to_dict()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DatasetRecord(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ds"))
+    name: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    artifact_key: Mapped[str] = mapped_column(String(255))
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)  # engines.ingest.datasets.DatasetInfo.to_dict()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def lease_cutoff(lease_seconds: float) -> datetime:
+    """Heartbeats older than this mean the job's worker is gone."""
+    return utcnow() - timedelta(seconds=lease_seconds)
+
+
+class JobStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ACTIVE = (QUEUED, RUNNING)
+    FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class JobKind:
+    """What a job does; the worker runs each kind with its own handler (workers.handlers)."""
+
+    OPTIMIZE = "optimize"  # a recipe: prune, quantize, compile, measure
+    SENSITIVITY = "sensitivity"  # each layer pruned alone at each ratio, the drop measured
+    CONVERT = "convert"  # to come: a framework program (TorchScript, torch.export) to ONNX
+    AUTOTUNE = "autotune"  # to come: the fastest engine within an accuracy budget
+    ALL = (OPTIMIZE, SENSITIVITY, CONVERT, AUTOTUNE)
+
+
+class JobRecord(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("job"))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(
+        String(16), default=JobKind.OPTIMIZE, server_default=JobKind.OPTIMIZE, index=True
+    )
+    calibration_dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True
+    )
+    evaluation_dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True
+    )
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    stage: Mapped[str] = mapped_column(String(255), default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    messages: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # the current attempt owns the row
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class EngineRecord(Base):
+    __tablename__ = "engines"
+    __table_args__ = (UniqueConstraint("alias", name="uq_engines_alias"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("eng"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    backend: Mapped[str] = mapped_column(String(64))
+    precision: Mapped[str] = mapped_column(String(16))
+    artifact_prefix: Mapped[str] = mapped_column(String(255))
+    engine_file: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    build_seconds: Mapped[float] = mapped_column(Float)
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    build_info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: A name clients infer with instead of the id; moving it switches them to another engine.
+    alias: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: Dynamic batching, off while null.
+    max_batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queue_delay_ms: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -1,0 +1,291 @@
+"""Jobs: create (every check that can fail now fails here, as a 422), queue, cancel, report.
+
+The database row, not the message, decides who runs a job: a job is committed first, then its id
+is sent to the workers by task name (app.core.job_queue).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.core.errors import ApiError, from_engine_error
+from app.core.job_queue import enqueue_job
+from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, ModelRecord, lease_cutoff, utcnow
+from app.core.settings import Settings
+from app.core.store import ArtifactStore
+from app.services.records import get_dataset_record, get_job_record, get_model_record
+from engines.errors import EngineError, InvalidRecipeError
+from engines.ingest.datasets import DatasetInfo, check_fits_model
+from engines.ingest.signature import TensorSpec, specs_from_dicts
+from engines.measure.report import report_row
+from engines.pipeline import validate_recipe
+from engines.prune.methods import PruneConfig, check_prune_config
+from engines.prune.sensitivity import SENSITIVITY_JSON, ratios_within
+from engines.prune.torch_bridge import check_prunable_layout, unconvertible_ops
+from engines.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SensitivitySource:
+    """Per-layer ratios from a sensitivity analysis: its job (None: the model's latest) and the drop."""
+
+    job_id: str | None
+    max_drop: float
+
+
+def engine_ids_by_job(session: Session, job_ids: list[str]) -> dict[str, list[str]]:
+    """Engine ids of many jobs in one query."""
+    found: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
+    rows = session.execute(
+        select(EngineRecord.job_id, EngineRecord.id)
+        .where(EngineRecord.job_id.in_(job_ids))
+        .order_by(EngineRecord.created_at, EngineRecord.id)
+    )
+    for job_id, engine_id in rows:
+        found[job_id].append(engine_id)
+    return found
+
+
+def check_convertible(model: ModelRecord, recipe: Recipe) -> None:
+    """A prune-only job on a model with ops the converter lacks is refused now, naming them. With a
+    precision stage to fall back on, the job goes ahead and reports `pruning skipped` instead."""
+    if recipe.precision == "fp32":
+        check_prunable_layout(specs_from_dicts(model.info["inputs"]))
+    try:
+        missing = unconvertible_ops(list(model.info.get("op_types", {})), model.info["opset"])
+    except EngineError:  # this API node has no torch/onnx2torch: the worker will say
+        return
+    if missing and recipe.precision == "fp32":
+        raise InvalidRecipeError(
+            f"the model cannot be converted to PyTorch for pruning: no converter for {missing}"
+        )
+
+
+def _dataset_fitting(
+    session: Session, dataset_id: str | None, inputs: list[TensorSpec], varying_unbatched: set[str]
+) -> DatasetInfo | None:
+    """The dataset's description, after checking that its arrays fit the model's inputs; adds to
+    `varying_unbatched` the inputs without a batch axis whose rows differ in it."""
+    if dataset_id is None:
+        return None
+    info = DatasetInfo.from_dict(get_dataset_record(session, dataset_id).info)
+    varying_unbatched.update(check_fits_model(info, inputs))
+    return info
+
+
+def create_optimization_job(
+    session: Session,
+    settings: Settings,
+    store: ArtifactStore,
+    *,
+    model_id: str,
+    recipe: Recipe,
+    calibration_dataset_id: str | None,
+    evaluation_dataset_id: str | None,
+    sensitivity: SensitivitySource | None = None,
+) -> JobRecord:
+    """Check that the recipe and datasets fit the model, store the job, then queue it.
+
+    The dataset/model match is checked here, so a mismatch is a 422 now, not a failed job later.
+    """
+    model = get_model_record(session, model_id)
+    inputs = specs_from_dicts(model.info["inputs"])
+    if sensitivity is not None and recipe.prune is not None:
+        report = sensitivity_report(
+            session, store, sensitivity.job_id or latest_sensitivity(session, model.id), model_id=model.id
+        )
+        recipe = replace(
+            recipe, prune=replace(recipe.prune, layer_ratios=ratios_within(report, sensitivity.max_drop))
+        )
+    try:
+        varying: set[str] = set()
+        calibration = _dataset_fitting(session, calibration_dataset_id, inputs, varying)
+        evaluation = _dataset_fitting(session, evaluation_dataset_id, inputs, varying)
+        validate_recipe(
+            inputs,
+            recipe,
+            evaluation_samples=evaluation and evaluation.samples,
+            evaluation_has_labels=bool(evaluation and evaluation.has_labels),
+            calibration_samples=calibration and calibration.samples,
+            calibration_has_labels=bool(calibration and calibration.has_labels),
+            varying_unbatched=sorted(varying),
+        )
+        if recipe.prune is not None:
+            check_prune_config(recipe.prune, model.info.get("op_types", {}))
+            check_convertible(model, recipe)
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    job = JobRecord(
+        model_id=model.id,
+        calibration_dataset_id=calibration_dataset_id,
+        evaluation_dataset_id=evaluation_dataset_id,
+        recipe=recipe.to_dict(),
+        messages=[],
+    )
+    queue_job(session, settings, job, recipe)
+    return job
+
+
+def create_sensitivity_job(
+    session: Session, settings: Settings, *, model_id: str, dataset_id: str, method: str, ratios: list[float]
+) -> JobRecord:
+    """Prune each Conv/Linear layer alone at each ratio and measure the drop: a job like any other."""
+    model = get_model_record(session, model_id)
+    dataset = get_dataset_record(session, dataset_id)
+    try:
+        inputs = specs_from_dicts(model.info["inputs"])
+        check_fits_model(DatasetInfo.from_dict(dataset.info), inputs)
+        check_prunable_layout(inputs)
+        check_prune_config(PruneConfig(method=method, ratio=0.5), model.info.get("op_types", {}))
+        check_convertible(model, Recipe())
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    job = JobRecord(
+        model_id=model.id,
+        evaluation_dataset_id=dataset.id,
+        kind=JobKind.SENSITIVITY,
+        recipe={"method": method, "ratios": ratios},
+        messages=[],
+    )
+    queue_job(session, settings, job, Recipe())
+    return job
+
+
+def queue_job(session: Session, settings: Settings, job: JobRecord, recipe: Recipe) -> None:
+    """Commit the job, then send its id to the workers; a broker that is down fails the job (503)."""
+    session.add(job)
+    session.commit()  # enqueue only after the row is committed: the worker re-reads it
+    try:
+        enqueue_job(settings, job.id, recipe)
+    except Exception as exc:
+        logger.exception("could not enqueue job %s", job.id)
+        job.status, job.finished_at = JobStatus.FAILED, utcnow()
+        job.error = {"code": "broker_unavailable", "detail": f"the job queue is unreachable: {exc}"}
+        session.commit()
+        raise ApiError(
+            503, "broker_unavailable", f"the job queue is unreachable: {exc}", job_id=job.id
+        ) from exc
+
+
+def cancel_job(session: Session, settings: Settings, store: ArtifactStore, job_id: str) -> JobRecord:
+    """A queued job, or a running one whose worker was lost, is cancelled at once; a running one
+    stops at its next checkpoint (timed runs are checked twice a second) and stores nothing."""
+    job = get_job_record(session, job_id)
+    stops_now = (JobRecord.status == JobStatus.QUEUED) | (
+        (JobRecord.status == JobStatus.RUNNING)
+        & (JobRecord.heartbeat_at < lease_cutoff(settings.job_lease_s))
+    )
+    cancelled_now = session.execute(
+        update(JobRecord)
+        .where(JobRecord.id == job_id, stops_now)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, stage="cancelled", finished_at=utcnow())
+    ).rowcount
+    flagged = (
+        cancelled_now
+        or session.execute(
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.status == JobStatus.RUNNING)
+            .values(cancel_requested=True)
+        ).rowcount
+    )
+    if not flagged:
+        session.rollback()
+        raise ApiError(
+            409,
+            "job_not_cancellable",
+            f"job '{job_id}' is {job.status}; only queued or running jobs can be cancelled",
+        )
+    session.commit()
+    if cancelled_now:
+        store.delete(f"jobs/{job_id}")  # whatever a lost worker may have left
+    session.refresh(job)
+    return job
+
+
+def job_report(session: Session, job_id: str) -> dict[str, Any]:
+    """The comparison table of a succeeded optimization job: the original and every engine."""
+    job = get_job_record(session, job_id)
+    if job.kind != JobKind.OPTIMIZE:
+        raise ApiError(
+            409,
+            "not_an_optimization_job",
+            f"job '{job_id}' is a {job.kind} job: reports exist for optimize jobs"
+            + (": GET its /sensitivity" if job.kind == JobKind.SENSITIVITY else ""),
+        )
+    if job.status != JobStatus.SUCCEEDED or job.baseline is None:
+        raise ApiError(
+            409, "job_not_succeeded", f"job '{job_id}' is {job.status}; reports exist for succeeded jobs"
+        )
+    model = get_model_record(session, job.model_id)
+    engines = session.scalars(
+        select(EngineRecord).where(EngineRecord.job_id == job_id).order_by(EngineRecord.created_at)
+    ).all()
+    params, macs = model.info.get("parameters"), model.info.get("macs")
+    rows = [report_row(model.name, "original", job.baseline, None, model.size_bytes, params, macs)]
+    for engine in engines:
+        measurement = {"backend": engine.backend, "precision": engine.precision, **engine.metrics}
+        pruned = engine.build_info.get("prune", {})
+        rows.append(
+            report_row(
+                model.name,
+                engine.id,
+                measurement,
+                engine.metrics.get("vs_baseline"),
+                engine.size_bytes,
+                pruned.get("params", params),
+                pruned.get("macs", macs),
+            )
+        )
+    return {
+        "job_id": job.id,
+        "model_id": model.id,
+        "network": model.name,
+        "hardware": job.baseline.get("hardware", {}),
+        "messages": job.messages or [],
+        "rows": rows,
+    }
+
+
+def latest_sensitivity(session: Session, model_id: str) -> str:
+    latest = session.scalar(
+        select(JobRecord.id)
+        .where(
+            JobRecord.model_id == model_id,
+            JobRecord.kind == JobKind.SENSITIVITY,
+            JobRecord.status == JobStatus.SUCCEEDED,
+        )
+        .order_by(JobRecord.finished_at.desc())
+        .limit(1)
+    )
+    if latest is None:
+        raise ApiError(
+            409,
+            "sensitivity_not_available",
+            f"model '{model_id}' has no sensitivity analysis yet; "
+            f"POST /v1/models/{model_id}/sensitivity first",
+        )
+    return latest
+
+
+def sensitivity_report(
+    session: Session, store: ArtifactStore, job_id: str, *, model_id: str | None = None
+) -> dict[str, Any]:
+    """The stored table of a succeeded sensitivity job (of `model_id`, when given)."""
+    job = get_job_record(session, job_id)
+    if job.kind != JobKind.SENSITIVITY or job.status != JobStatus.SUCCEEDED:
+        raise ApiError(
+            409, "sensitivity_not_available", f"job '{job_id}' is not a succeeded sensitivity analysis"
+        )
+    if model_id is not None and job.model_id != model_id:
+        raise ApiError(
+            422, "invalid_recipe", f"sensitivity job '{job_id}' analysed another model ({job.model_id})"
+        )
+    return json.loads((store.local_path(f"jobs/{job_id}/sensitivity") / SENSITIVITY_JSON).read_text())

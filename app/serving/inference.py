@@ -1,0 +1,202 @@
+"""Serving: from an engine's row to outputs, shared by the /v1 and the /v2 (Open Inference Protocol) routes.
+
+The route decodes tensors; this module finds the engine, loads it through the pool, checks the
+inputs against its signature, runs it (batched or not) and records the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.db import get_sessionmaker
+from app.core.errors import ApiError
+from app.core.orm import EngineRecord, ModelRecord
+from app.core.store import ArtifactStore
+from app.serving.pool import LoadedEngine
+from engines.backends.batching import BatchingConfig, InferResult, run_unbatched
+from engines.backends.registry import unavailable_reason
+from engines.errors import BackendUnavailableError, EngineError
+from engines.ingest.signature import validate_feeds
+
+
+@dataclass(frozen=True)
+class ServedEngine:
+    """What serving needs from an engine's row, detached from the database session."""
+
+    id: str
+    model_id: str
+    backend: str
+    artifact_key: str  # the engine file in the artifact store
+    batching: BatchingConfig | None
+
+    @classmethod
+    def of(cls, record: EngineRecord, store: ArtifactStore) -> ServedEngine:
+        batching = (
+            BatchingConfig(record.max_batch_size, record.max_queue_delay_ms or 0.0)
+            if record.max_batch_size
+            else None
+        )
+        key = f"{record.artifact_prefix}/{record.engine_file}"
+        return cls(record.id, record.model_id, record.backend, key, batching)
+
+
+def find_engine(session: Session, name: str, version: str | None = None) -> EngineRecord:
+    """The engine a client names: an engine id, an alias, or a model id with an engine id as version.
+
+    A model id without a version means the model's newest engine.
+    """
+    record = session.get(EngineRecord, name) or session.scalar(
+        select(EngineRecord).where(EngineRecord.alias == name)
+    )
+    if record is not None:
+        if version not in (None, "", record.id):
+            raise ApiError(
+                404, "version_not_found", f"'{name}' has one version, '{record.id}', not '{version}'"
+            )
+        return record
+    if session.get(ModelRecord, name) is not None:
+        engines = model_engines(session, name)
+        if not version and engines:
+            return engines[-1]
+        for engine in engines:
+            if engine.id == version:
+                return engine
+        detail = (
+            f"model '{name}' has no engine '{version}'" if version else f"model '{name}' has no engines yet"
+        )
+        raise ApiError(404, "version_not_found", detail)
+    raise ApiError(404, "model_not_found", f"no engine, alias or model named '{name}'")
+
+
+def model_engines(session: Session, model_id: str) -> list[EngineRecord]:
+    """A model's engines, oldest first: the versions `/v2/models/{model_id}` serves."""
+    query = select(EngineRecord).where(EngineRecord.model_id == model_id).order_by(EngineRecord.created_at)
+    return list(session.scalars(query))
+
+
+class EngineDirectory:
+    """Names to engines, remembered for `ttl_s` so a request to a hot engine needs no database query.
+
+    Changes made through this process (alias, batching, delete) clear it at once; changes made
+    through another replica reach this one within `ttl_s`.
+    """
+
+    def __init__(self, database_url: str, store: ArtifactStore, ttl_s: float):
+        self.database_url, self.store, self.ttl_s = database_url, store, ttl_s
+        self._entries: dict[tuple[str, str | None], tuple[float, ServedEngine]] = {}
+
+    def cached(self, name: str, version: str | None) -> ServedEngine | None:
+        entry = self._entries.get((name, version))
+        if entry is None or time.monotonic() - entry[0] > self.ttl_s:
+            return None
+        return entry[1]
+
+    def lookup(self, name: str, version: str | None) -> ServedEngine:
+        """The engine `name` means now (ApiError 404 if none); queries the database on a miss."""
+        engine = self.cached(name, version)
+        if engine is None:
+            with get_sessionmaker(self.database_url)() as session:
+                engine = ServedEngine.of(find_engine(session, name, version), self.store)
+            self._entries[(name, version)] = (time.monotonic(), engine)
+        return engine
+
+    def invalidate(self) -> None:
+        self._entries.clear()
+
+
+@contextmanager
+def _counting_errors(state: Any, engine: ServedEngine) -> Iterator[None]:
+    """Count an EngineError against the engine (by its code) on its way out."""
+    try:
+        yield
+    except EngineError as exc:
+        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
+        raise
+
+
+def load(state: Any, engine: ServedEngine) -> LoadedEngine:
+    """The engine loaded in this process; BackendUnavailableError on a node that cannot run it,
+    `engine_file_missing` when the artifact store lost its file. Blocking on first use."""
+    loaded = state.engine_pool.ready(engine.id, engine.batching)
+    if loaded is not None:
+        return loaded
+    with _counting_errors(state, engine):
+        reason = unavailable_reason(engine.backend)
+        if reason is not None:
+            raise BackendUnavailableError(f"engine '{engine.id}' cannot run here: {reason}")
+        try:
+            path = state.store.local_path(engine.artifact_key)
+        except FileNotFoundError:
+            raise EngineError(
+                f"engine '{engine.id}': its file '{engine.artifact_key}' is not in the artifact store",
+                code="engine_file_missing",
+            ) from None
+        return state.engine_pool.get(engine.id, engine.backend, path, engine.batching)
+
+
+async def load_async(state: Any, engine: ServedEngine) -> LoadedEngine:
+    """`load` for the event loop: a loaded engine without leaving the loop, else on a worker thread."""
+    loaded = state.engine_pool.ready(engine.id, engine.batching)
+    return loaded or await run_in_threadpool(load, state, engine)
+
+
+def run(
+    state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
+) -> InferResult:
+    """Validate `feeds` against the engine's inputs and run them (batched when the engine batches);
+    errors are EngineErrors with a code. Blocking: call it from a worker thread."""
+    with _counting_errors(state, engine):
+        validate_feeds(feeds, loaded.runner.input_metadata())
+        result = loaded.infer(feeds)
+    state.metrics.observe_inference(engine.id, protocol, result)
+    return result
+
+
+async def run_async(
+    state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
+) -> InferResult:
+    """`run` on the event loop's terms: only the engine call leaves the loop (a worker thread, or
+    the batcher's thread when batching)."""
+    with _counting_errors(state, engine):
+        validate_feeds(feeds, loaded.runner.input_metadata())
+        batcher = loaded.batcher  # read once: batching may be turned off meanwhile
+        if batcher is None:
+            result = await run_in_threadpool(run_unbatched, loaded.runner, feeds)
+        else:
+            result = await asyncio.wrap_future(batcher.submit(feeds))
+    state.metrics.observe_inference(engine.id, protocol, result)
+    return result
+
+
+class InflightLimit:
+    """At most `limit` inference requests in this process at once; the rest get a 503 at once.
+
+    Each request holds its tensors in memory (JSON ones many times their size), so this bounds
+    the memory a burst can take, as Triton's max_queue_size does.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise ApiError(
+                503, "server_busy", f"{self.limit} inference requests are in progress; retry shortly"
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()

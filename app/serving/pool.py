@@ -1,0 +1,161 @@
+"""Loaded engines kept in the API process, least recently used evicted first.
+
+Loading a session costs far more than one inference, so runners are reused across requests.
+The pool is bounded by a count and by bytes (the engine files' size on disk, which is what a
+loaded session mostly holds: its weights). Runners are thread-safe; the pool's lock guards
+only the cache, never a load or an inference.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engines.backends.base import Runner
+from engines.backends.batching import BatchingConfig, DynamicBatcher, InferResult, run_unbatched
+from engines.backends.registry import get_backend
+
+
+def engine_footprint(engine_path: Path) -> int:
+    """Bytes of an engine file and its external data files."""
+    return sum(path.stat().st_size for path in engine_path.parent.glob(engine_path.name + "*"))
+
+
+@dataclass
+class LoadedEngine:
+    engine_id: str
+    runner: Runner
+    footprint_bytes: int
+    batcher: DynamicBatcher | None = None
+
+    @property
+    def batching(self) -> BatchingConfig | None:
+        return self.batcher.config if self.batcher else None
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> InferResult:
+        """Run one request, through the dynamic batcher when the engine has one."""
+        batcher = self.batcher  # read once: batching may be turned off meanwhile
+        if batcher is not None:
+            return batcher.submit(feeds).result()
+        return run_unbatched(self.runner, feeds)
+
+
+class EnginePool:
+    def __init__(
+        self,
+        max_engines: int,
+        max_bytes: int | None = None,
+        threads: int | None = None,
+        spin_wait: bool = False,
+    ):
+        self.max_engines = max(1, max_engines)
+        self.max_bytes = max_bytes
+        self.threads, self.spin_wait = threads, spin_wait
+        self.loads = self.evictions = 0
+        self._engines: OrderedDict[str, LoadedEngine] = OrderedDict()
+        self._loading: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(
+        self, engine_id: str, backend_name: str, engine_path: Path, batching: BatchingConfig | None = None
+    ) -> LoadedEngine:
+        """The loaded engine, loading it on first use (BackendUnavailableError if this node can't).
+
+        Loading happens outside the pool's lock, so requests to loaded engines never wait for a
+        load; concurrent first requests to one engine load it once. A changed batching config
+        takes effect here: the engine gets a new batcher, and the old one finishes its queue.
+        """
+        with self._lock:
+            engine = self._cached(engine_id)
+            if engine is None:
+                loading = self._loading.setdefault(engine_id, threading.Lock())
+        if engine is None:
+            with loading:
+                with self._lock:
+                    engine = self._cached(engine_id)
+                if engine is None:
+                    engine = self._load(engine_id, backend_name, engine_path)
+        if engine.batching != batching:
+            self._rebatch(engine, batching)
+        return engine
+
+    def ready(self, engine_id: str, batching: BatchingConfig | None) -> LoadedEngine | None:
+        """The engine if it is loaded with this batching config: the fast path that never blocks."""
+        with self._lock:
+            engine = self._cached(engine_id)
+        return engine if engine is not None and engine.batching == batching else None
+
+    def _load(self, engine_id: str, backend_name: str, engine_path: Path) -> LoadedEngine:
+        runner = get_backend(backend_name).load(engine_path, self.threads, self.spin_wait)
+        engine = LoadedEngine(engine_id, runner, engine_footprint(engine_path))
+        with self._lock:
+            self._engines[engine_id] = engine
+            self._loading.pop(engine_id, None)
+            self.loads += 1
+            evicted = self._evict_over_limits(keep=engine_id)
+        for old in evicted:
+            _close(old)
+        return engine
+
+    def _rebatch(self, engine: LoadedEngine, batching: BatchingConfig | None) -> None:
+        with self._lock:
+            if engine.batching == batching or self._engines.get(engine.engine_id) is not engine:
+                return  # nothing to change, or evicted meanwhile: no batcher nobody would close
+            old = engine.batcher
+            engine.batcher = DynamicBatcher(engine.runner, batching, engine.engine_id) if batching else None
+        if old is not None:
+            old.close()
+
+    def _evict_over_limits(self, keep: str) -> list[LoadedEngine]:
+        evicted = []
+        while len(self._engines) > 1 and (
+            len(self._engines) > self.max_engines
+            or (self.max_bytes is not None and self._footprint() > self.max_bytes)
+        ):
+            oldest = next(iter(self._engines))
+            if oldest == keep:  # the engine just loaded stays, even when it alone is over the limit
+                break
+            evicted.append(self._engines.pop(oldest))
+            self.evictions += 1
+        return evicted
+
+    def _cached(self, engine_id: str) -> LoadedEngine | None:
+        engine = self._engines.get(engine_id)
+        if engine is not None:
+            self._engines.move_to_end(engine_id)
+        return engine
+
+    def evict(self, *engine_ids: str) -> None:
+        with self._lock:
+            evicted = [self._engines.pop(engine_id) for engine_id in engine_ids if engine_id in self._engines]
+        for engine in evicted:
+            _close(engine)
+
+    def close(self) -> None:
+        self.evict(*list(self._engines))
+
+    @property
+    def footprint_bytes(self) -> int:
+        with self._lock:
+            return self._footprint()
+
+    def _footprint(self) -> int:  # with the lock held
+        return sum(engine.footprint_bytes for engine in self._engines.values())
+
+    def loaded_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._engines)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._engines)
+
+
+def _close(engine: LoadedEngine) -> None:
+    if engine.batcher is not None:
+        engine.batcher.close()

@@ -1,0 +1,198 @@
+"""Attempts at a job: the claim, the lease kept alive by a heartbeat, progress and cancellation.
+
+Celery may deliver a job more than once (a worker killed mid-job, a Redis visibility timeout),
+sometimes while the first delivery is still running. So the row, not the message, decides:
+
+- an attempt starts only by compare-and-swap on (status, attempts): of two deliveries at once,
+  one wins and the other returns;
+- the winning attempt holds a lease, a heartbeat refreshed by a background thread; a running job
+  whose heartbeat is older than `job_lease_s` lost its worker, and the sweeper
+  (`workers.recovery`) puts it back in the queue;
+- every later write of the attempt is conditional on still owning the row (same attempt number,
+  still running), so an attempt that was superseded or cancelled cannot overwrite the outcome;
+- files go under `jobs/<job id>/engines/<engine id>/`, written atomically; an attempt that does
+  not succeed removes the files it wrote, and a restarted job first removes its predecessors'.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import delete, select, update
+
+from app.core.db import session_scope
+from app.core.orm import EngineRecord, JobRecord, JobStatus, lease_cutoff, utcnow
+from app.core.settings import Settings
+from app.core.store import ArtifactStore
+from engines.errors import Cancelled
+
+logger = logging.getLogger(__name__)
+_CANCEL_POLL_SECONDS = 0.5
+
+
+class Superseded(Cancelled):
+    """This attempt no longer owns the job (another attempt took over, or it was cancelled as lost)."""
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owned(job_id: str, attempt: int) -> Any:
+    """WHERE clause: the row is still running under this attempt."""
+    return (
+        (JobRecord.id == job_id) & (JobRecord.attempts == attempt) & (JobRecord.status == JobStatus.RUNNING)
+    )
+
+
+class Attempt:
+    """One attempt at a job: its heartbeat, progress reports and cancellation checks."""
+
+    def __init__(self, db_url: str, job_id: str, number: int, heartbeat_s: float):
+        self.db_url, self.job_id, self.number = db_url, job_id, number
+        self._heartbeat_s = heartbeat_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+        self._last_poll = 0.0
+        self.lost = False
+
+    def __enter__(self) -> Attempt:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                with session_scope(self.db_url) as session:
+                    still_ours = session.execute(
+                        update(JobRecord).where(owned(self.job_id, self.number)).values(heartbeat_at=utcnow())
+                    ).rowcount
+                if not still_ours:
+                    self.lost = True
+                    return
+            except Exception:  # a database blip must not kill the job; the next beat retries
+                logger.exception("heartbeat for job %s failed", self.job_id)
+
+    def progress(self, fraction: float, stage: str) -> None:
+        self.check_cancelled(force=True)
+        with session_scope(self.db_url) as session:
+            session.execute(
+                update(JobRecord)
+                .where(owned(self.job_id, self.number))
+                .values(progress=round(max(0.0, min(1.0, fraction)), 4), stage=stage)
+            )
+        logger.info("job %s: %.0f%% %s", self.job_id, fraction * 100, stage)
+
+    def check_cancelled(self, force: bool = False) -> None:
+        """Raise Cancelled on a cancel request, Superseded when the row is no longer ours."""
+        now = time.monotonic()
+        if not force and now - self._last_poll < _CANCEL_POLL_SECONDS:
+            return
+        self._last_poll = now
+        if self.lost:
+            raise Superseded(self.job_id)
+        with session_scope(self.db_url) as session:
+            row = session.execute(
+                select(JobRecord.cancel_requested, JobRecord.attempts, JobRecord.status).where(
+                    JobRecord.id == self.job_id
+                )
+            ).one_or_none()
+        if row is None or row.attempts != self.number or row.status != JobStatus.RUNNING:
+            raise Superseded(self.job_id)
+        if row.cancel_requested:
+            raise Cancelled(self.job_id)
+
+    def finish(self, status: str, **values: Any) -> bool:
+        """Record the outcome if the row is still ours; False when it was not."""
+        with session_scope(self.db_url) as session:
+            return bool(
+                session.execute(
+                    update(JobRecord)
+                    .where(owned(self.job_id, self.number))
+                    .values(status=status, finished_at=utcnow(), **values)
+                ).rowcount
+            )
+
+
+def claim(settings: Settings, store: ArtifactStore, job_id: str) -> int | None:
+    """Start a new attempt at the job; its number, or None when there is nothing to do."""
+    db_url = settings.resolved_database_url
+    with session_scope(db_url) as session:
+        job = session.get(JobRecord, job_id)
+        if job is None:
+            logger.warning("job %s does not exist (deleted?); dropping it", job_id)
+            return None
+        if job.status in JobStatus.FINISHED:
+            logger.info("job %s is already %s; ignoring this delivery", job_id, job.status)
+            return None
+        current = (
+            (JobRecord.id == job_id) & (JobRecord.attempts == job.attempts) & (JobRecord.status == job.status)
+        )
+        alive = job.heartbeat_at is not None and job.heartbeat_at > lease_cutoff(settings.job_lease_s)
+        if job.status == JobStatus.RUNNING and alive:
+            logger.info("job %s is running on %s; ignoring this delivery", job_id, job.worker)
+            return None
+        if job.cancel_requested:
+            session.execute(
+                update(JobRecord)
+                .where(current)
+                .values(status=JobStatus.CANCELLED, stage="cancelled", finished_at=utcnow())
+            )
+            return None
+        if job.attempts >= settings.job_max_attempts:
+            failed = session.execute(
+                update(JobRecord)
+                .where(current)
+                .values(
+                    status=JobStatus.FAILED,
+                    finished_at=utcnow(),
+                    error={
+                        "code": "worker_lost",
+                        "detail": f"the worker running this job was lost {job.attempts} times "
+                        "(killed, out of memory?); giving up",
+                    },
+                )
+            ).rowcount
+            if failed:
+                session.execute(delete(EngineRecord).where(EngineRecord.job_id == job_id))
+                store.delete(f"jobs/{job_id}")
+            return None
+        attempt = job.attempts + 1
+        messages = list(job.messages or [])
+        if job.attempts:
+            messages.append(
+                f"attempt {attempt}: the worker of attempt {job.attempts} was lost; starting over"
+            )
+        now = utcnow()
+        claimed = session.execute(
+            update(JobRecord)
+            .where(current)
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=attempt,
+                worker=worker_name(),
+                heartbeat_at=now,
+                started_at=now,
+                stage="starting",
+                progress=0.0,
+                error=None,
+                baseline=None,
+                messages=messages,
+            )
+        ).rowcount
+        if not claimed:
+            logger.info("job %s was claimed by another delivery", job_id)
+            return None
+        if job.attempts:  # what an earlier, lost attempt left behind
+            session.execute(delete(EngineRecord).where(EngineRecord.job_id == job_id))
+            store.delete(f"jobs/{job_id}")
+        return attempt

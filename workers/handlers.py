@@ -1,0 +1,140 @@
+"""One handler per job kind: what an attempt does once it owns the job (workers.attempts).
+
+A handler reads its inputs from a JobContext and returns an Outcome: the job's messages, the
+columns to set on success, and the rows to write in the same transaction that marks it succeeded.
+Files go to the artifact store under `jobs/<id>/` and their prefixes into `context.written`, so an
+attempt that does not succeed removes them. A new kind is one function here and one line in
+HANDLERS (and its constant in app.core.orm.JobKind).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.core.orm import DatasetRecord, EngineRecord, JobKind, JobRecord, new_id
+from app.core.settings import Settings
+from app.core.store import ArtifactStore
+from engines.ingest.datasets import Dataset, load_dataset
+from engines.ingest.signature import TensorSpec
+from engines.pipeline import PipelineResult, run_recipe
+from engines.prune.sensitivity import SENSITIVITY_JSON, SENSITIVITY_PNG, SensitivityConfig, analyse
+from engines.prune.sensitivity import plot as plot_sensitivity
+from engines.recipe import Recipe
+from workers.attempts import Attempt
+
+
+@dataclass
+class JobContext:
+    settings: Settings
+    store: ArtifactStore
+    job_id: str
+    recipe: dict[str, Any]
+    inputs: list[TensorSpec]
+    model_path: Path
+    calibration: DatasetRecord | None
+    evaluation: DatasetRecord | None
+    workdir: Path
+    attempt: Attempt
+    written: list[str] = field(default_factory=list)  # artifact prefixes, removed unless the job succeeds
+
+    def dataset(self, record: DatasetRecord | None) -> Dataset | None:
+        if record is None:
+            return None
+        return load_dataset(
+            self.store.local_path(record.artifact_key),
+            self.inputs,
+            max_unpacked_bytes=self.settings.max_unpacked_bytes,
+        )
+
+
+@dataclass
+class Outcome:
+    messages: list[str] = field(default_factory=list)
+    columns: dict[str, Any] = field(default_factory=dict)
+    record: Callable[[Session, JobRecord], None] = lambda session, job: None
+
+
+Handler = Callable[[JobContext], Outcome]
+
+
+def run_optimize(context: JobContext) -> Outcome:
+    """A recipe through engines.pipeline; each engine's files and row are stored."""
+    result = run_recipe(
+        context.model_path,
+        Recipe.from_dict(context.recipe),
+        context.workdir,
+        evaluation=context.dataset(context.evaluation),
+        calibration=context.dataset(context.calibration),
+        progress=context.attempt.progress,
+        check_cancelled=context.attempt.check_cancelled,
+    )
+    return Outcome(
+        messages=result.messages,
+        columns={"baseline": result.baseline.to_dict()},
+        record=lambda session, job: store_engines(session, context.store, job, result, context.written),
+    )
+
+
+def run_sensitivity(context: JobContext) -> Outcome:
+    """A sensitivity analysis; its table and plot go under jobs/<id>/sensitivity/."""
+    data = context.dataset(context.evaluation or context.calibration)
+    assert data is not None, "a sensitivity job is created with a dataset"
+    config = SensitivityConfig(method=context.recipe["method"], ratios=tuple(context.recipe["ratios"]))
+    report = analyse(context.model_path, context.inputs, data, config, progress=context.attempt.progress)
+    out = context.workdir / "sensitivity"
+    out.mkdir()
+    (out / SENSITIVITY_JSON).write_text(json.dumps(report))
+    plot_sensitivity(report, out / SENSITIVITY_PNG)
+    prefix = f"jobs/{context.job_id}/sensitivity"
+    context.written.append(prefix)
+    context.store.put_dir(prefix, out)
+    return Outcome()
+
+
+HANDLERS: dict[str, Handler] = {JobKind.OPTIMIZE: run_optimize, JobKind.SENSITIVITY: run_sensitivity}
+
+
+def engine_size(engine_path: Path) -> int:
+    """The engine file and its external data, not the reports stored beside it."""
+    return sum(
+        path.stat().st_size for path in engine_path.parent.glob(engine_path.name + "*") if path.is_file()
+    )
+
+
+def store_engines(
+    session: Session, store: ArtifactStore, job: JobRecord, result: PipelineResult, written: list[str]
+) -> None:
+    """Store each engine's files and row; `written` collects the prefixes, for clean-up on failure."""
+    for built in result.engines:
+        engine_id = new_id("eng")
+        prefix = f"jobs/{job.id}/engines/{engine_id}"
+        written.append(prefix)
+        store.put_dir(prefix, built.artifact.path.parent)
+        measurement = built.measurement
+        session.add(
+            EngineRecord(
+                id=engine_id,
+                job_id=job.id,
+                model_id=job.model_id,
+                backend=built.artifact.backend,
+                precision=built.artifact.precision,
+                artifact_prefix=prefix,
+                engine_file=built.artifact.path.name,
+                size_bytes=engine_size(built.artifact.path),
+                build_seconds=built.artifact.build_seconds,
+                hardware=measurement.hardware,
+                metrics={
+                    "latency": measurement.latency,
+                    "accuracy": measurement.accuracy,
+                    "memory_mb": measurement.memory_mb,
+                    "vs_baseline": built.comparison,
+                },
+                build_info=built.artifact.metadata,
+            )
+        )
