@@ -62,7 +62,7 @@ def bench_network(
     workdir: Path,
 ) -> list[dict[str, Any]]:
     backend = get_backend(ORT)
-    inputs = backend.load(onnx_path, threads).input_metadata()
+    inputs = backend.load(onnx_path, backend.options(threads=threads)).input_metadata()
     (workdir / "prune").mkdir(parents=True)
     started = time.perf_counter()
     stage = run_prune_stage(
@@ -87,7 +87,7 @@ def bench_network(
     runners = {}
     for label, path in models.items():
         engine = backend.compile(path, workdir / label.replace(" ", "-"), CompileOptions(threads=threads))
-        runners[label] = backend.load(engine.path, threads)
+        runners[label] = backend.load(engine.path, backend.options(threads=threads))
     print(
         f"  {name}: pruned in {prune_seconds:.0f} s; timing {len(runners)} engines side by side", flush=True
     )

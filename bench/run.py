@@ -18,12 +18,14 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engines.backends.base import Runner
 from engines.backends.registry import get_backend
 from engines.hardware import cpu_info
 from engines.ingest.datasets import Dataset
@@ -36,16 +38,24 @@ from examples.digits import export_onnx
 ORT = "onnxruntime-cpu"
 
 
-class TorchEagerRunner:
+class TorchEagerRunner(Runner):
     """PyTorch eager mode behind the same Runner interface, so the harness times it the same way."""
 
     def __init__(self, module: Any, inputs: list[TensorSpec], outputs: list[TensorSpec]):
         import torch
 
+        super().__init__()
         self._torch, self._module = torch, module.eval()
         self._inputs, self._outputs = inputs, outputs
+        self.activate()
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _activate(self) -> None:
+        pass  # the module is in memory already
+
+    def _deactivate(self) -> None:
+        pass
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():
             result = self._module(self._torch.from_numpy(feeds[self._inputs[0].name]))
         return {self._outputs[0].name: result.numpy()}
@@ -80,7 +90,7 @@ def candidates_for(
     backend = get_backend(ORT)
     onnx_path = export_onnx(module, workdir / f"{name}.onnx", shape=shape)
     fp32 = backend.compile(onnx_path, workdir / "fp32", _options(threads))
-    ort_fp32 = backend.load(fp32.path, threads)
+    ort_fp32 = backend.load(fp32.path, backend.options(threads=threads))
     eager = TorchEagerRunner(module, ort_fp32.input_metadata(), ort_fp32.output_metadata())
     found = [
         Candidate("pytorch eager", "fp32", "pytorch", eager, onnx_path.stat().st_size),
@@ -104,7 +114,7 @@ def candidates_for(
                 f"onnxruntime int8 ({method})",
                 "int8",
                 ORT,
-                backend.load(engine.path, threads),
+                backend.load(engine.path, backend.options(threads=threads)),
                 engine.path.stat().st_size,
                 time.perf_counter() - started,
                 {"reduce_range": quantized.metadata["reduce_range"]},

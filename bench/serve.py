@@ -128,7 +128,8 @@ def overhead(
 ) -> dict:
     """The engine in-process (loaded as the server loads it) vs /v2 infer at batch 1, interleaved:
     binary tensors over a raw HTTP client and through the SDK, and JSON tensors."""
-    runner = get_backend("onnxruntime-cpu").load(engine_file, spin_wait=False)
+    backend = get_backend("onnxruntime-cpu")
+    runner = backend.load(engine_file, backend.options(spin_wait=False))
     binary_header = {"outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}
     binary_body, length = encode(binary_header, "inputs", {"input": x})
     json_body, _ = encode({}, "inputs", {"input": x}, binary=False)

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from engines.backends.base import CompileOptions, EngineArtifact, Runner
+from engines.backends.base import Backend, CompileOptions, EngineArtifact, Runner
 from engines.backends.registry import get_backend
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
@@ -192,6 +192,14 @@ def compare(baseline: Measurement, candidate: Measurement) -> dict[str, Any]:
     return result
 
 
+def _built_runner(backend: Backend, checks_dir: Path, threads: int | None, onnx_path: Path) -> Runner:
+    """`onnx_path` compiled by `backend` and loaded: an accuracy check during a build runs what the
+    target will run (for ONNX Runtime, cheap; for a GPU backend, its own engine)."""
+    out_dir = checks_dir / onnx_path.stem
+    artifact = backend.compile(onnx_path, out_dir, CompileOptions(threads=threads))
+    return backend.load(artifact.path, backend.options(threads=threads))
+
+
 def verdict_messages(
     artifact: EngineArtifact, comparison: dict[str, Any], recipe: Recipe, evaluation: Dataset | None
 ) -> list[str]:
@@ -240,139 +248,155 @@ def run_recipe(
         return make_batch(specs, _evaluation_batch(specs, recipe.batch_sizes, data), data)
 
     runners: dict[str, Runner] = {}
-    runners[BASELINE], memory[BASELINE] = memory_of(
-        lambda: baseline_backend.load(model_path, threads), largest_batch
-    )
-    inputs = runners[BASELINE].input_metadata()
-    validate_recipe(
-        inputs,
-        recipe,
-        evaluation_samples=None if evaluation is None else evaluation.samples,
-        evaluation_has_labels=evaluation is not None and evaluation.labels is not None,
-        calibration_samples=None if calibration is None else calibration.samples,
-        calibration_has_labels=calibration is not None and calibration.labels is not None,
-        varying_unbatched=sorted(
-            {
-                name
-                for data in (evaluation, calibration)
-                if data is not None
-                for name in data.varying_unbatched()
-            }
-        ),
-    )
-    eval_batch = _evaluation_batch(inputs, recipe.batch_sizes, evaluation)
-    if (
-        evaluation is not None
-        and evaluation.samples % eval_batch
-        and any(s.has_static_batch() for s in inputs)
-    ):
-        evaluation = evaluation.take(evaluation.samples - evaluation.samples % eval_batch)
-    messages: list[str] = []
-    if evaluation is None:
-        messages.append("no evaluation dataset: latency only, no accuracy or fidelity")
-    elif evaluation.labels is None:
-        messages.append("evaluation dataset has no labels: accuracy is reported as fidelity to the original")
-    if calibration is not None and recipe.precision != "int8" and recipe.prune is None:
-        messages.append(
-            f"the calibration dataset is not used by {recipe.precision} engines (it calibrates int8)"
+    try:
+        runners[BASELINE], memory[BASELINE] = memory_of(
+            lambda: baseline_backend.load(model_path, baseline_backend.options(threads=threads)),
+            largest_batch,
         )
-
-    artifacts: dict[str, EngineArtifact] = {}
-    hardware = {BASELINE: baseline_backend.hardware(threads)}
-    source, stage_metadata = model_path, {}
-    if recipe.prune is not None:
-        progress(0.0, f"pruning ({recipe.prune.method})")
-        stage = run_prune_stage(
-            model_path,
-            recipe.prune,
-            recipe.finetune,
-            workdir,
-            inputs=inputs,
-            output_names=[spec.name for spec in runners[BASELINE].output_metadata()],
-            calibration=calibration,
-            evaluation=evaluation,
-            progress=progress,
-            check_cancelled=check_cancelled,
+        inputs = runners[BASELINE].input_metadata()
+        validate_recipe(
+            inputs,
+            recipe,
+            evaluation_samples=None if evaluation is None else evaluation.samples,
+            evaluation_has_labels=evaluation is not None and evaluation.labels is not None,
+            calibration_samples=None if calibration is None else calibration.samples,
+            calibration_has_labels=calibration is not None and calibration.labels is not None,
+            varying_unbatched=sorted(
+                {
+                    name
+                    for data in (evaluation, calibration)
+                    if data is not None
+                    for name in data.varying_unbatched()
+                }
+            ),
         )
-        messages += stage.messages
-        source, stage_metadata = stage.path, {"prune": stage.metadata}
-    # With pruning, the pruned fp32 model is a stage of its own: the report shows a row per stage.
-    precisions = (
-        ["fp32", recipe.precision]
-        if source != model_path and recipe.precision != "fp32"
-        else [recipe.precision]
-    )
-    variants: dict[
-        tuple[str, str], ModelVariant
-    ] = {}  # by (precision, profile): targets that share one, share it
-    plan = [(precision, target) for precision in precisions for target in recipe.targets]
-    for index, (precision, target) in enumerate(plan):
-        backend = get_backend(target)
-        key, name = (precision, backend.quantization_profile), f"{target}/{precision}"
-        try:
-            if key not in variants:
-                progress(0.3 + 0.3 * index / len(plan), f"preparing the {precision} model ({key[1]} profile)")
-                variants[key] = build_variant(
-                    source,
-                    replace(recipe, precision=precision),
-                    key[1],
-                    workdir,
-                    calibration=calibration,
-                    evaluation=evaluation,
-                    batch_size=_calibration_batch(inputs, calibration, recipe),
-                    check_cancelled=check_cancelled,
-                )
-                messages += variants[key].messages
-            variant = variants[key]
-            progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
-            options = CompileOptions(precision=precision, batch_sizes=recipe.batch_sizes, threads=threads)
-            artifact = backend.compile(variant.path, workdir / target / precision, options)
-            runners[name], memory[name] = memory_of(
-                partial(backend.load, artifact.path, threads), largest_batch
+        eval_batch = _evaluation_batch(inputs, recipe.batch_sizes, evaluation)
+        if (
+            evaluation is not None
+            and evaluation.samples % eval_batch
+            and any(s.has_static_batch() for s in inputs)
+        ):
+            evaluation = evaluation.take(evaluation.samples - evaluation.samples % eval_batch)
+        messages: list[str] = []
+        if evaluation is None:
+            messages.append("no evaluation dataset: latency only, no accuracy or fidelity")
+        elif evaluation.labels is None:
+            messages.append(
+                "evaluation dataset has no labels: accuracy is reported as fidelity to the original"
             )
-        except InvalidRecipeError:
-            raise
-        except EngineError as exc:
-            if precision == "fp32":
+        if calibration is not None and recipe.precision != "int8" and recipe.prune is None:
+            messages.append(
+                f"the calibration dataset is not used by {recipe.precision} engines (it calibrates int8)"
+            )
+
+        artifacts: dict[str, EngineArtifact] = {}
+        hardware = {BASELINE: baseline_backend.hardware(threads)}
+        source, stage_metadata = model_path, {}
+        if recipe.prune is not None:
+            progress(0.0, f"pruning ({recipe.prune.method})")
+            stage = run_prune_stage(
+                model_path,
+                recipe.prune,
+                recipe.finetune,
+                workdir,
+                inputs=inputs,
+                output_names=[spec.name for spec in runners[BASELINE].output_metadata()],
+                calibration=calibration,
+                evaluation=evaluation,
+                progress=progress,
+                check_cancelled=check_cancelled,
+            )
+            messages += stage.messages
+            source, stage_metadata = stage.path, {"prune": stage.metadata}
+        # With pruning, the pruned fp32 model is a stage of its own: the report shows a row per stage.
+        precisions = (
+            ["fp32", recipe.precision]
+            if source != model_path and recipe.precision != "fp32"
+            else [recipe.precision]
+        )
+        variants: dict[
+            tuple[str, str], ModelVariant
+        ] = {}  # by (precision, profile): targets that share one, share it
+        plan = [(precision, target) for precision in precisions for target in recipe.targets]
+        for index, (precision, target) in enumerate(plan):
+            backend = get_backend(target)
+            key, name = (precision, backend.quantization_profile), f"{target}/{precision}"
+            try:
+                if key not in variants:
+                    progress(
+                        0.3 + 0.3 * index / len(plan), f"preparing the {precision} model ({key[1]} profile)"
+                    )
+                    variants[key] = build_variant(
+                        source,
+                        replace(recipe, precision=precision),
+                        key[1],
+                        workdir,
+                        calibration=calibration,
+                        evaluation=evaluation,
+                        batch_size=_calibration_batch(inputs, calibration, recipe),
+                        check_cancelled=check_cancelled,
+                        runner_for=partial(_built_runner, backend, workdir / target / "checks", threads),
+                    )
+                    messages += variants[key].messages
+                variant = variants[key]
+                progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
+                options = CompileOptions(precision=precision, batch_sizes=recipe.batch_sizes, threads=threads)
+                artifact = backend.compile(variant.path, workdir / target / precision, options)
+                runners[name], memory[name] = memory_of(
+                    partial(backend.load, artifact.path, backend.options(threads=threads)), largest_batch
+                )
+            except InvalidRecipeError:
                 raise
-            messages.append(f"{target} cannot run this {precision} model, so it has no engine: {exc.detail}")
-            continue
-        artifact.metadata.update({**variant.metadata, **stage_metadata})
-        variant.write_layer_errors(artifact.path.parent)
-        artifacts[name] = artifact
-        hardware[name] = backend.hardware(threads)
-        check_cancelled()
-    if not artifacts:
-        raise EngineError("no target could run the model: " + "; ".join(messages), code="no_engine_built")
+            except EngineError as exc:
+                if precision == "fp32":
+                    raise
+                messages.append(
+                    f"{target} cannot run this {precision} model, so it has no engine: {exc.detail}"
+                )
+                continue
+            artifact.metadata.update({**variant.metadata, **stage_metadata})
+            variant.write_layer_errors(artifact.path.parent)
+            artifacts[name] = artifact
+            hardware[name] = backend.hardware(threads)
+            check_cancelled()
+        if not artifacts:
+            raise EngineError("no target could run the model: " + "; ".join(messages), code="no_engine_built")
 
-    progress(0.6, "measuring latency side by side with the original")
-    latency = measure_latency(
-        runners, recipe.batch_sizes, recipe.measure, evaluation or calibration, check_cancelled
-    )
-    accuracy: dict[str, dict[str, Any] | None] = dict.fromkeys(runners)
-    if evaluation is not None:
-        progress(0.85, "measuring accuracy")
-        try:
-            reference = run_dataset(runners[BASELINE], evaluation, eval_batch, check_cancelled)
-            accuracy[BASELINE] = accuracy_report(reference, evaluation.labels, None)
-            for target in artifacts:
-                outputs = run_dataset(runners[target], evaluation, eval_batch, check_cancelled)
-                accuracy[target] = accuracy_report(outputs, evaluation.labels, reference)
-        except EngineError as exc:
-            if exc.code != "outputs_not_comparable":
-                raise
-            messages.append(f"accuracy not measured: {exc.detail}")
-            accuracy = {name: {"samples": evaluation.samples, "unavailable": exc.detail} for name in runners}
+        progress(0.6, "measuring latency side by side with the original")
+        latency = measure_latency(
+            runners, recipe.batch_sizes, recipe.measure, evaluation or calibration, check_cancelled
+        )
+        accuracy: dict[str, dict[str, Any] | None] = dict.fromkeys(runners)
+        if evaluation is not None:
+            progress(0.85, "measuring accuracy")
+            try:
+                reference = run_dataset(runners[BASELINE], evaluation, eval_batch, check_cancelled)
+                accuracy[BASELINE] = accuracy_report(reference, evaluation.labels, None)
+                for target in artifacts:
+                    outputs = run_dataset(runners[target], evaluation, eval_batch, check_cancelled)
+                    accuracy[target] = accuracy_report(outputs, evaluation.labels, reference)
+            except EngineError as exc:
+                if exc.code != "outputs_not_comparable":
+                    raise
+                messages.append(f"accuracy not measured: {exc.detail}")
+                accuracy = {
+                    name: {"samples": evaluation.samples, "unavailable": exc.detail} for name in runners
+                }
 
-    def measurement(name: str, backend: str, precision: str) -> Measurement:
-        return Measurement(backend, precision, hardware[name], latency[name], accuracy[name], memory[name])
+        def measurement(name: str, backend: str, precision: str) -> Measurement:
+            return Measurement(
+                backend, precision, hardware[name], latency[name], accuracy[name], memory[name]
+            )
 
-    baseline = measurement(BASELINE, BASELINE_BACKEND, "fp32")
-    result = PipelineResult(baseline=baseline, messages=messages)
-    for name, artifact in artifacts.items():
-        built = measurement(name, artifact.backend, artifact.precision)
-        comparison = compare(baseline, built)
-        result.messages += verdict_messages(artifact, comparison, recipe, evaluation)
-        result.engines.append(BuiltEngine(artifact, built, comparison))
-    progress(1.0, "done")
-    return result
+        baseline = measurement(BASELINE, BASELINE_BACKEND, "fp32")
+        result = PipelineResult(baseline=baseline, messages=messages)
+        for name, artifact in artifacts.items():
+            built = measurement(name, artifact.backend, artifact.precision)
+            comparison = compare(baseline, built)
+            result.messages += verdict_messages(artifact, comparison, recipe, evaluation)
+            result.engines.append(BuiltEngine(artifact, built, comparison))
+        progress(1.0, "done")
+        return result
+    finally:  # sessions are given back whatever happened
+        for runner in runners.values():
+            runner.deactivate()

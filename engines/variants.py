@@ -14,7 +14,7 @@ from typing import Any
 from engines.errors import InvalidRecipeError
 from engines.hardware import cpu_info
 from engines.ingest.datasets import Dataset
-from engines.quantize.budget import quantize_within_budget
+from engines.quantize.budget import RunnerFor, cpu_runner, quantize_within_budget
 from engines.quantize.fp16 import convert_fp16
 from engines.quantize.int8 import QuantizeConfig, QuantizeResult, prepare_float_model, quantize_int8
 from engines.quantize.layer_errors import layer_errors
@@ -49,6 +49,8 @@ class VariantRequest:
     evaluation: Dataset | None
     batch_size: int
     check_cancelled: Callable[[], None]
+    #: An ONNX model -> an active runner of the target backend, for accuracy checks during the build.
+    runner_for: RunnerFor = cpu_runner
 
 
 #: A precision: the function that builds the model it compiles.
@@ -76,12 +78,13 @@ def build_variant(
     evaluation: Dataset | None,
     batch_size: int,
     check_cancelled: Callable[[], None] = lambda: None,
+    runner_for: RunnerFor = cpu_runner,
 ) -> ModelVariant:
     """The model the recipe's precision compiles, built by that precision's registered builder."""
     if recipe.precision not in PRECISIONS:
         raise InvalidRecipeError(f"unknown precision '{recipe.precision}'; use one of {tuple(PRECISIONS)}")
     request = VariantRequest(
-        model_path, recipe, profile, workdir, calibration, evaluation, batch_size, check_cancelled
+        model_path, recipe, profile, workdir, calibration, evaluation, batch_size, check_cancelled, runner_for
     )
     return PRECISIONS[recipe.precision](request)
 
@@ -150,6 +153,7 @@ def build_int8(request: VariantRequest) -> ModelVariant:
             batch_size=request.batch_size,
             workdir=variant_dir,
             check_cancelled=request.check_cancelled,
+            runner_for=request.runner_for,
         )
     else:
         result = quantize(recipe.quantize, variant_dir / "model-int8.onnx")

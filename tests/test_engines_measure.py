@@ -31,7 +31,7 @@ def test_accuracy_and_fidelity_math() -> None:
 
 def test_side_by_side_latency_respects_runs_and_time(digits: DigitsArtifacts) -> None:
     backend = get_backend("onnxruntime-cpu")
-    runner = backend.load(digits.onnx_path, threads=1)
+    runner = backend.load(digits.onnx_path, backend.options(threads=1))
     config = MeasureConfig(warmup_runs=1, timed_runs=7, min_seconds=0.05, threads=1)
     stats = measure_latency({"a": runner, "b": runner}, (1, 2), config)
     for name in ("a", "b"):

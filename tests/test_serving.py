@@ -355,9 +355,9 @@ def test_dynamic_batching_groups_concurrent_requests_and_keeps_them_apart(
 
 
 def test_batcher_respects_its_limits_and_shapes(digits: DigitsArtifacts) -> None:
-    from engines.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
+    from engines.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend, OnnxRuntimeLoadOptions
 
-    runner = OnnxRuntimeCpuBackend().load(digits.onnx_path, threads=1)
+    runner = OnnxRuntimeCpuBackend().load(digits.onnx_path, OnnxRuntimeLoadOptions(threads=1))
     batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=5, max_queue_delay_ms=50))
     try:
         x = digits.split.test_x
@@ -468,9 +468,9 @@ def test_concurrent_requests_to_one_engine_are_correct(served: Served, digits: D
 
 def test_a_closed_batcher_still_answers(digits: DigitsArtifacts) -> None:
     """A request that got the batcher just before its engine was evicted is answered, not stranded."""
-    from engines.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
+    from engines.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend, OnnxRuntimeLoadOptions
 
-    runner = OnnxRuntimeCpuBackend().load(digits.onnx_path, threads=1)
+    runner = OnnxRuntimeCpuBackend().load(digits.onnx_path, OnnxRuntimeLoadOptions(threads=1))
     batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_ms=1))
     batcher.close()
     result = batcher.submit({"input": digits.split.test_x[:2]}).result(timeout=30)
@@ -480,9 +480,9 @@ def test_a_closed_batcher_still_answers(digits: DigitsArtifacts) -> None:
 def test_a_cancelled_request_does_not_stop_the_batcher(digits: DigitsArtifacts) -> None:
     """A caller that gives up (its future cancelled, as asyncio does on disconnect or shutdown)
     is skipped; the batcher keeps serving everyone else."""
-    from engines.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend
+    from engines.backends.onnxruntime_cpu import OnnxRuntimeCpuBackend, OnnxRuntimeLoadOptions
 
-    runner = OnnxRuntimeCpuBackend().load(digits.onnx_path, threads=1)
+    runner = OnnxRuntimeCpuBackend().load(digits.onnx_path, OnnxRuntimeLoadOptions(threads=1))
     batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_ms=100))
     try:
         abandoned = batcher.submit({"input": digits.split.test_x[:1]})

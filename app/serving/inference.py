@@ -6,7 +6,6 @@ inputs against its signature, runs it (batched or not) and records the metrics.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -24,7 +23,7 @@ from app.core.errors import ApiError
 from app.core.orm import EngineRecord, ModelRecord
 from app.core.store import ArtifactStore
 from app.serving.pool import LoadedEngine
-from engines.backends.batching import BatchingConfig, InferResult, run_unbatched
+from engines.backends.batching import BatchingConfig, InferResult
 from engines.backends.registry import unavailable_reason
 from engines.errors import BackendUnavailableError, EngineError
 from engines.ingest.signature import validate_feeds
@@ -170,11 +169,7 @@ async def run_async(
     the batcher's thread when batching)."""
     with _counting_errors(state, engine):
         validate_feeds(feeds, loaded.runner.input_metadata())
-        batcher = loaded.batcher  # read once: batching may be turned off meanwhile
-        if batcher is None:
-            result = await run_in_threadpool(run_unbatched, loaded.runner, feeds)
-        else:
-            result = await asyncio.wrap_future(batcher.submit(feeds))
+        result = await loaded.infer_async(feeds)
     state.metrics.observe_inference(engine.id, protocol, result)
     return result
 

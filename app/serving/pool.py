@@ -2,19 +2,22 @@
 
 Loading a session costs far more than one inference, so runners are reused across requests.
 The pool is bounded by a count and by bytes (the engine files' size on disk, which is what a
-loaded session mostly holds: its weights). Runners are thread-safe; the pool's lock guards
-only the cache, never a load or an inference.
+loaded session mostly holds: its weights). What it evicts it deactivates, once the requests
+running on it are done. The pool's lock guards only the cache, never a load or an inference.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from engines.backends.base import Runner
 from engines.backends.batching import BatchingConfig, DynamicBatcher, InferResult, run_unbatched
@@ -28,21 +31,69 @@ def engine_footprint(engine_path: Path) -> int:
 
 @dataclass
 class LoadedEngine:
+    """An active runner in the pool. Requests count as its users: an evicted engine is deactivated
+    when its last request has finished, never under one; at most `runner.max_concurrency` requests
+    run on it at once (a GPU execution context is not thread-safe)."""
+
     engine_id: str
     runner: Runner
     footprint_bytes: int
     batcher: DynamicBatcher | None = None
+    _users: int = 0
+    _closed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _slots: threading.Semaphore | None = None
+
+    def __post_init__(self) -> None:
+        if self.runner.max_concurrency is not None:
+            self._slots = threading.BoundedSemaphore(self.runner.max_concurrency)
 
     @property
     def batching(self) -> BatchingConfig | None:
         return self.batcher.config if self.batcher else None
 
+    @contextmanager
+    def _used(self) -> Iterator[None]:
+        with self._lock:
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._closed and self._users == 0
+            if last:
+                self.runner.deactivate()
+
     def infer(self, feeds: Mapping[str, np.ndarray]) -> InferResult:
-        """Run one request, through the dynamic batcher when the engine has one."""
+        """Run one request, through the dynamic batcher when the engine has one. Blocking."""
         batcher = self.batcher  # read once: batching may be turned off meanwhile
-        if batcher is not None:
-            return batcher.submit(feeds).result()
-        return run_unbatched(self.runner, feeds)
+        with self._used():
+            if batcher is not None:  # the batcher's one thread is the runner's only caller
+                return batcher.submit(feeds).result()
+            if self._slots is None:
+                return run_unbatched(self.runner, feeds)
+            with self._slots:
+                return run_unbatched(self.runner, feeds)
+
+    async def infer_async(self, feeds: Mapping[str, np.ndarray]) -> InferResult:
+        """`infer` on the event loop's terms: only the engine call leaves the loop (a worker
+        thread, or the batcher's thread when batching)."""
+        batcher = self.batcher
+        if batcher is None:
+            return await run_in_threadpool(self.infer, feeds)
+        with self._used():
+            return await asyncio.wrap_future(batcher.submit(feeds))
+
+    def close(self) -> None:
+        """Stop batching, then deactivate the runner once no request uses it."""
+        if self.batcher is not None:
+            self.batcher.close()
+        with self._lock:
+            self._closed = True
+            idle = self._users == 0
+        if idle:
+            self.runner.deactivate()
 
 
 class EnginePool:
@@ -91,7 +142,8 @@ class EnginePool:
         return engine if engine is not None and engine.batching == batching else None
 
     def _load(self, engine_id: str, backend_name: str, engine_path: Path) -> LoadedEngine:
-        runner = get_backend(backend_name).load(engine_path, self.threads, self.spin_wait)
+        backend = get_backend(backend_name)
+        runner = backend.load(engine_path, backend.options(threads=self.threads, spin_wait=self.spin_wait))
         engine = LoadedEngine(engine_id, runner, engine_footprint(engine_path))
         with self._lock:
             self._engines[engine_id] = engine
@@ -99,7 +151,7 @@ class EnginePool:
             self.loads += 1
             evicted = self._evict_over_limits(keep=engine_id)
         for old in evicted:
-            _close(old)
+            old.close()
         return engine
 
     def _rebatch(self, engine: LoadedEngine, batching: BatchingConfig | None) -> None:
@@ -134,7 +186,7 @@ class EnginePool:
         with self._lock:
             evicted = [self._engines.pop(engine_id) for engine_id in engine_ids if engine_id in self._engines]
         for engine in evicted:
-            _close(engine)
+            engine.close()
 
     def close(self) -> None:
         self.evict(*list(self._engines))
@@ -154,8 +206,3 @@ class EnginePool:
     def __len__(self) -> int:
         with self._lock:
             return len(self._engines)
-
-
-def _close(engine: LoadedEngine) -> None:
-    if engine.batcher is not None:
-        engine.batcher.close()

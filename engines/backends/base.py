@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 
-from engines.ingest.signature import TensorSpec
+from engines.ingest.signature import TensorSpec, validate_feeds
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,75 @@ class EngineArtifact:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-class Runner(Protocol):
-    """A loaded engine. `infer` must be safe to call from several threads at once."""
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a backend loads an engine; each backend subclasses it with its own knobs (threads and
+    spinning for a CPU runtime, a device and a stream for a GPU one)."""
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+class Runner(abc.ABC):
+    """A loaded engine, with a lifecycle (as Polygraphy's runners have).
+
+    `activate()` takes the resources (a session, a GPU execution context), `deactivate()` gives
+    them back; the engine pool deactivates what it evicts. `infer()` validates the feeds against
+    the engine's signature, then calls the backend's own `_infer`. `max_concurrency` is how many
+    calls may run at once on one runner (None: any, for thread-safe sessions; 1 for a GPU
+    execution context): the engine pool honours it.
+    """
+
+    max_concurrency: ClassVar[int | None] = None
+
+    def __init__(self) -> None:
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def activate(self) -> Runner:
+        if not self._active:
+            self._activate()
+            self._active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self._active:
+            self._deactivate()
+            self._active = False
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.deactivate()
+
+    def infer(self, feeds: Mapping[str, np.ndarray], check_inputs: bool = True) -> dict[str, np.ndarray]:
+        """Outputs by name. `check_inputs=False` skips validation for feeds already checked (a timing
+        loop, a batch stacked from validated requests)."""
+        from engines.errors import EngineError
+
+        if not self._active:
+            raise EngineError("the runner is not active: activate() it first", code="runner_inactive")
+        if check_inputs:
+            validate_feeds(feeds, self.input_metadata())
+        return self._infer(feeds)
+
+    @abc.abstractmethod
+    def _activate(self) -> None:
+        """Take the resources inference needs."""
+
+    @abc.abstractmethod
+    def _deactivate(self) -> None:
+        """Give them back; the runner may be activated again."""
+
+    @abc.abstractmethod
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The backend's own inference on feeds that fit the signature."""
+
+    @abc.abstractmethod
     def input_metadata(self) -> list[TensorSpec]: ...
 
+    @abc.abstractmethod
     def output_metadata(self) -> list[TensorSpec]: ...
 
 
@@ -62,14 +124,19 @@ class Backend(abc.ABC):
     def compile(self, onnx_path: Path, out_dir: Path, options: CompileOptions) -> EngineArtifact:
         """Turn an ONNX file into an engine file inside `out_dir`."""
 
-    @abc.abstractmethod
-    def load(self, engine_path: Path, threads: int | None = None, spin_wait: bool = True) -> Runner:
-        """Load an engine file written by `compile`.
+    #: This backend's LoadOptions subclass.
+    load_options: ClassVar[type[LoadOptions]] = LoadOptions
 
-        `spin_wait` keeps idle compute threads spinning between calls: the lowest latency for
-        back-to-back calls (what a benchmark does), but the spinning takes cores that a server's
-        own threads need, so serving turns it off.
-        """
+    @classmethod
+    def options(cls, **knobs: Any) -> LoadOptions:
+        """This backend's load options from generic knobs (threads=…, spin_wait=…): the ones it has
+        are taken, the others ignored, so a caller need not know which backend it loads."""
+        names = {item.name for item in fields(cls.load_options)}
+        return cls.load_options(**{key: value for key, value in knobs.items() if key in names})
+
+    @abc.abstractmethod
+    def load(self, engine_path: Path, options: LoadOptions | None = None) -> Runner:
+        """Load an engine file written by `compile`: an active runner (deactivate it when done)."""
 
     @abc.abstractmethod
     def hardware(self, threads: int | None = None) -> dict[str, Any]:

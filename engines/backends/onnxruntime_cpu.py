@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engines.backends.base import Backend, CompileOptions, EngineArtifact
+from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
 from engines.hardware import cpu_info
 from engines.ingest.model import PROTOBUF_LIMIT_BYTES
@@ -55,16 +56,36 @@ def _spec(node_arg: Any) -> TensorSpec:
     return TensorSpec(name=node_arg.name, dtype=dtype, shape=tuple(map(normalize_dim, node_arg.shape)))
 
 
-class OnnxRuntimeRunner:
-    """A loaded ONNX Runtime session; `InferenceSession.run` is thread-safe."""
+@dataclass(frozen=True)
+class OnnxRuntimeLoadOptions(LoadOptions):
+    threads: int | None = None  # None: all cores
+    #: Spinning idle threads: the lowest latency for back-to-back calls (what a benchmark does), but
+    #: they take cores a server's own threads need, so serving turns it off.
+    spin_wait: bool = True
 
-    def __init__(self, session: Any):
-        self._session = session
-        self._inputs = assign_batch_axes([_spec(arg) for arg in session.get_inputs()])
-        self._outputs = assign_batch_axes(self._inputs, [_spec(arg) for arg in session.get_outputs()])
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX Runtime session; `InferenceSession.run` is thread-safe, so no concurrency limit."""
+
+    def __init__(self, engine_path: Path, options: OnnxRuntimeLoadOptions):
+        super().__init__()
+        self._path, self._options = engine_path, options
+        self._session: Any = None
+        self._inputs: list[TensorSpec] = []
+        self._outputs: list[TensorSpec] = []
+        self._output_names: list[str] = []
+
+    def _activate(self) -> None:
+        options = _session_options(self._options.threads, "ORT_ENABLE_ALL", self._options.spin_wait)
+        self._session = _session(self._path, options)
+        self._inputs = assign_batch_axes([_spec(arg) for arg in self._session.get_inputs()])
+        self._outputs = assign_batch_axes(self._inputs, [_spec(arg) for arg in self._session.get_outputs()])
         self._output_names = [spec.name for spec in self._outputs]
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _deactivate(self) -> None:
+        self._session = None  # the session's memory goes with its last reference
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             results = self._session.run(self._output_names, dict(feeds))
         except Exception as exc:  # e.g. a Reshape that the given shapes cannot satisfy
@@ -81,6 +102,7 @@ class OnnxRuntimeRunner:
 class OnnxRuntimeCpuBackend(Backend):
     name = "onnxruntime-cpu"
     queue = "cpu"
+    load_options = OnnxRuntimeLoadOptions
 
     @classmethod
     def available(cls) -> bool:
@@ -112,11 +134,10 @@ class OnnxRuntimeCpuBackend(Backend):
             metadata={"onnxruntime": ort.__version__, "saved_optimization_level": "extended"},
         )
 
-    def load(
-        self, engine_path: Path, threads: int | None = None, spin_wait: bool = True
-    ) -> OnnxRuntimeRunner:
-        options = _session_options(threads, "ORT_ENABLE_ALL", spin_wait)
-        return OnnxRuntimeRunner(_session(engine_path, options))
+    def load(self, engine_path: Path, options: LoadOptions | None = None) -> OnnxRuntimeRunner:
+        if options is not None and not isinstance(options, OnnxRuntimeLoadOptions):
+            options = self.options(**{item.name: getattr(options, item.name) for item in fields(options)})
+        return OnnxRuntimeRunner(engine_path, options or OnnxRuntimeLoadOptions()).activate()  # type: ignore[return-value]
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         import onnxruntime as ort

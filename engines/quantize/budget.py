@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.backends.base import Runner
 from engines.backends.registry import get_backend
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
@@ -70,9 +71,19 @@ def light_nodes(float_path: Path) -> tuple[str, ...]:
     )
 
 
-def _score(path: Path, evaluation: Dataset, batch_size: int, metric: str, reference: np.ndarray) -> float:
-    outputs = run_dataset(get_backend("onnxruntime-cpu").load(path), evaluation, batch_size)
-    return _metric(outputs, evaluation, metric, reference)
+#: An ONNX model -> an active runner of the backend the engine is built for (accuracy is checked on
+#: what will run, not on a stand-in).
+RunnerFor = Callable[[Path], Runner]
+
+
+def cpu_runner(path: Path) -> Runner:
+    """The default: ONNX Runtime on this CPU."""
+    return get_backend("onnxruntime-cpu").load(path)
+
+
+def _outputs(runner_for: RunnerFor, path: Path, evaluation: Dataset, batch_size: int) -> np.ndarray:
+    with runner_for(path) as runner:
+        return run_dataset(runner, evaluation, batch_size)
 
 
 def quantize_within_budget(
@@ -86,18 +97,24 @@ def quantize_within_budget(
     batch_size: int,
     workdir: Path,
     check_cancelled: Callable[[], None] = lambda: None,
+    runner_for: RunnerFor = cpu_runner,
 ) -> QuantizeResult:
+
+    def _score(path: Path) -> float:
+        outputs = _outputs(runner_for, path, evaluation, batch_size)
+        return _metric(outputs, evaluation, budget.metric, reference)
+
     if budget.metric == "top1" and evaluation.labels is None:
         raise InvalidRecipeError(
             "an accuracy budget on top1 needs an evaluation set with labels; use fidelity"
         )
     result = quantize(config, workdir / "int8-all.onnx")
     try:
-        reference = run_dataset(get_backend("onnxruntime-cpu").load(float_path), evaluation, batch_size)
+        reference = _outputs(runner_for, float_path, evaluation, batch_size)
         float_score = (
             _metric(reference, evaluation, budget.metric, reference) if budget.metric == "top1" else 1.0
         )
-        drop = float_score - _score(result.path, evaluation, batch_size, budget.metric, reference)
+        drop = float_score - _score(result.path)
     except EngineError as exc:
         if exc.code != "outputs_not_comparable":
             raise
@@ -121,7 +138,7 @@ def quantize_within_budget(
         excluded = tuple(dict.fromkeys((*config.nodes_to_exclude, *extra)))
         try:
             candidate = quantize(replace(config, nodes_to_exclude=excluded), workdir / f"int8-{name}.onnx")
-            drop = float_score - _score(candidate.path, evaluation, batch_size, budget.metric, reference)
+            drop = float_score - _score(candidate.path)
         except InvalidRecipeError:
             raise
         except EngineError as exc:
