@@ -10,11 +10,9 @@ from app.api.errors import install_error_handlers
 from app.api.request_log import RequestLogMiddleware
 from app.api.routes import capabilities, datasets, engines, health, inference_v2, jobs, models
 from app.api.uploads import MULTIPART_SLACK_BYTES
-from app.core.metrics import Metrics
-from app.core.settings import MIB, Settings, get_settings
+from app.core.settings import Settings, get_settings
 from app.core.store import get_store
-from app.serving.inference import EngineDirectory, InflightLimit
-from app.serving.pool import EnginePool
+from app.serving.inference import Serving
 
 DESCRIPTION = """
 Upload a trained model (ONNX) and a dataset, start a job, get engines that are measured side by
@@ -33,15 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="optiforge", version=__version__, description=DESCRIPTION)
     app.state.settings = settings
     app.state.store = get_store(settings.resolved_artifact_dir)
-    max_pool_bytes = settings.engine_pool_max_mb * MIB if settings.engine_pool_max_mb else None
-    app.state.engine_pool = EnginePool(
-        settings.engine_pool_size, max_pool_bytes, settings.inference_threads, settings.inference_spin_wait
-    )
-    app.state.engine_directory = EngineDirectory(
-        settings.resolved_database_url, app.state.store, settings.engine_cache_ttl_s
-    )
-    app.state.inflight = InflightLimit(settings.max_inflight_requests)
-    app.state.metrics = Metrics(app.state.engine_pool, settings.resolved_database_url)
+    app.state.serving = Serving(settings, app.state.store)
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimitMiddleware,
@@ -49,8 +39,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
         upload_paths=(models.router.prefix, datasets.router.prefix),
     )
-    app.add_middleware(RequestLogMiddleware, metrics=app.state.metrics)  # outermost: sees every response
+    app.add_middleware(
+        RequestLogMiddleware, metrics=app.state.serving.metrics
+    )  # outermost: sees every response
     for module in (health, capabilities, models, datasets, jobs, engines, inference_v2):
         app.include_router(module.router)
-    app.router.add_event_handler("shutdown", app.state.engine_pool.close)
+    app.router.add_event_handler("shutdown", app.state.serving.close)
     return app

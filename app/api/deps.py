@@ -1,15 +1,17 @@
-"""Request-scoped dependencies: settings, a DB session and the artifact store, from app.state."""
+"""Request-scoped dependencies: settings, a DB session, the artifact store and serving, from app.state."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.core.db import get_sessionmaker
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
+from app.serving.inference import Serving
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -18,6 +20,14 @@ def get_settings_dep(request: Request) -> Settings:
 
 def get_store_dep(request: Request) -> ArtifactStore:
     return request.app.state.store
+
+
+async def get_serving(request: Request) -> Serving:
+    """`async`: FastAPI runs a plain `def` dependency in its thread pool, a cost on the inference hot path."""
+    return request.app.state.serving
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
 def get_db(request: Request) -> Iterator[Session]:

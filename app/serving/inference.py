@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
@@ -20,9 +19,11 @@ from sqlalchemy.orm import Session
 
 from app.core.db import get_sessionmaker
 from app.core.errors import ApiError
+from app.core.metrics import Metrics
 from app.core.orm import EngineRecord, ModelRecord
+from app.core.settings import MIB, Settings
 from app.core.store import ArtifactStore
-from app.serving.pool import LoadedEngine
+from app.serving.pool import EnginePool, LoadedEngine
 from engines.backends.batching import BatchingConfig, InferResult
 from engines.backends.registry import unavailable_reason
 from engines.errors import BackendUnavailableError, EngineError
@@ -114,64 +115,80 @@ class EngineDirectory:
         self._entries.clear()
 
 
-@contextmanager
-def _counting_errors(state: Any, engine: ServedEngine) -> Iterator[None]:
-    """Count an EngineError against the engine (by its code) on its way out."""
-    try:
-        yield
-    except EngineError as exc:
-        state.metrics.inference_errors.labels(engine.id, exc.code).inc()
-        raise
+class Serving:
+    """Everything serving holds, as one object the routes receive (`app.api.deps.ServingDep`):
+    the name directory, the engine pool, the in-flight limit, and the metrics it records to.
 
+    One path for /v1 and /v2: find the engine, load it through the pool, validate the feeds against
+    its signature, run it (batched or not), record the metrics. Only the blocking parts leave the
+    event loop (a database look-up on a cache miss, a first load, the engine call).
+    """
 
-def load(state: Any, engine: ServedEngine) -> LoadedEngine:
-    """The engine loaded in this process; BackendUnavailableError on a node that cannot run it,
-    `engine_file_missing` when the artifact store lost its file. Blocking on first use."""
-    loaded = state.engine_pool.ready(engine.id, engine.batching)
-    if loaded is not None:
-        return loaded
-    with _counting_errors(state, engine):
-        reason = unavailable_reason(engine.backend)
-        if reason is not None:
-            raise BackendUnavailableError(f"engine '{engine.id}' cannot run here: {reason}")
+    def __init__(self, settings: Settings, store: ArtifactStore):
+        max_pool_bytes = settings.engine_pool_max_mb * MIB if settings.engine_pool_max_mb else None
+        self.store = store
+        threads, spin_wait = settings.inference_threads, settings.inference_spin_wait
+        self.pool = EnginePool(settings.engine_pool_size, max_pool_bytes, threads, spin_wait)
+        self.directory = EngineDirectory(settings.resolved_database_url, store, settings.engine_cache_ttl_s)
+        self.inflight = InflightLimit(settings.max_inflight_requests)
+        self.metrics = Metrics(self.pool, settings.resolved_database_url)
+
+    async def lookup(self, name: str, version: str | None = None) -> ServedEngine:
+        """The engine `name` means now (ApiError 404 if none); the database only on a cache miss."""
+        return self.directory.cached(name, version) or await run_in_threadpool(
+            self.directory.lookup, name, version
+        )
+
+    async def load(self, engine: ServedEngine) -> LoadedEngine:
+        """The engine loaded in this process (a loaded one without leaving the event loop);
+        BackendUnavailableError on a node that cannot run it, `engine_file_missing` when the store
+        lost its file."""
+        loaded = self.pool.ready(engine.id, engine.batching)
+        return loaded or await run_in_threadpool(self._load, engine)
+
+    def _load(self, engine: ServedEngine) -> LoadedEngine:
+        with self._counting_errors(engine):
+            reason = unavailable_reason(engine.backend)
+            if reason is not None:
+                raise BackendUnavailableError(f"engine '{engine.id}' cannot run here: {reason}")
+            try:
+                path = self.store.local_path(engine.artifact_key)
+            except FileNotFoundError:
+                raise EngineError(
+                    f"engine '{engine.id}': its file '{engine.artifact_key}' is not in the artifact store",
+                    code="engine_file_missing",
+                ) from None
+            return self.pool.get(engine.id, engine.backend, path, engine.batching)
+
+    async def run(
+        self, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
+    ) -> InferResult:
+        """Validate `feeds` against the engine's inputs and run them (batched when it batches);
+        errors are EngineErrors with a code, counted against the engine."""
+        with self._counting_errors(engine):
+            validate_feeds(feeds, loaded.runner.input_metadata())
+            result = await loaded.infer_async(feeds)
+        self.metrics.observe_inference(engine.id, protocol, result)
+        return result
+
+    def forget(self, *engine_ids: str) -> None:
+        """After an engine changed (alias, batching) or went (deleted): evict what is loaded and drop
+        the name cache, so the next request reads the row again."""
+        if engine_ids:
+            self.pool.evict(*engine_ids)
+        self.directory.invalidate()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @contextmanager
+    def _counting_errors(self, engine: ServedEngine) -> Iterator[None]:
+        """Count an EngineError against the engine (by its code) on its way out."""
         try:
-            path = state.store.local_path(engine.artifact_key)
-        except FileNotFoundError:
-            raise EngineError(
-                f"engine '{engine.id}': its file '{engine.artifact_key}' is not in the artifact store",
-                code="engine_file_missing",
-            ) from None
-        return state.engine_pool.get(engine.id, engine.backend, path, engine.batching)
-
-
-async def load_async(state: Any, engine: ServedEngine) -> LoadedEngine:
-    """`load` for the event loop: a loaded engine without leaving the loop, else on a worker thread."""
-    loaded = state.engine_pool.ready(engine.id, engine.batching)
-    return loaded or await run_in_threadpool(load, state, engine)
-
-
-def run(
-    state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
-) -> InferResult:
-    """Validate `feeds` against the engine's inputs and run them (batched when the engine batches);
-    errors are EngineErrors with a code. Blocking: call it from a worker thread."""
-    with _counting_errors(state, engine):
-        validate_feeds(feeds, loaded.runner.input_metadata())
-        result = loaded.infer(feeds)
-    state.metrics.observe_inference(engine.id, protocol, result)
-    return result
-
-
-async def run_async(
-    state: Any, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
-) -> InferResult:
-    """`run` on the event loop's terms: only the engine call leaves the loop (a worker thread, or
-    the batcher's thread when batching)."""
-    with _counting_errors(state, engine):
-        validate_feeds(feeds, loaded.runner.input_metadata())
-        result = await loaded.infer_async(feeds)
-    state.metrics.observe_inference(engine.id, protocol, result)
-    return result
+            yield
+        except EngineError as exc:
+            self.metrics.inference_errors.labels(engine.id, exc.code).inc()
+            raise
 
 
 class InflightLimit:

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.api.deps import get_db, get_store_dep
+from app.api.deps import ServingDep, get_db, get_store_dep
 from app.api.schemas import AliasIn, BatchingIn, EngineOut, InferRequest, InferResponse
 from app.api.views import engine_out
-from app.core.errors import ApiError, from_engine_error
+from app.core.errors import ApiError, from_engine_error, not_found
 from app.core.orm import EngineRecord, ModelRecord
 from app.core.store import ArtifactStore
 from app.services.records import get_engine_record
-from app.serving import inference
 from engines.errors import EngineError
 from engines.ingest.signature import assign_batch_axes, specs_from_dicts
 from engines.variants import LAYER_ERRORS_FILENAME
@@ -43,15 +42,14 @@ def get_engine(engine_id: str, session: Session = Depends(get_db)) -> EngineOut:
 @router.delete("/{engine_id}", status_code=204, summary="Delete an engine")
 def delete_engine(
     engine_id: str,
-    request: Request,
+    serving: ServingDep,
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
     record = get_engine_record(session, engine_id)
     session.delete(record)
     session.commit()
-    request.app.state.engine_pool.evict(engine_id)
-    request.app.state.engine_directory.invalidate()
+    serving.forget(engine_id)
     store.delete(record.artifact_prefix)
     return Response(status_code=204)
 
@@ -78,7 +76,7 @@ def get_layer_errors(
 
 @router.put("/{engine_id}/alias", response_model=EngineOut, summary="Name an engine (moves the name here)")
 def set_alias(
-    engine_id: str, body: AliasIn, request: Request, session: Session = Depends(get_db)
+    engine_id: str, body: AliasIn, serving: ServingDep, session: Session = Depends(get_db)
 ) -> EngineOut:
     """Clients that infer with `/v2/models/{alias}` switch to this engine on their next request,
     without a change on their side. An alias names one engine: setting it here takes it from the
@@ -95,22 +93,22 @@ def set_alias(
     except IntegrityError as exc:  # another request took the alias between our two statements
         session.rollback()
         raise ApiError(409, "alias_conflict", f"alias '{body.alias}' was just set on another engine") from exc
-    request.app.state.engine_directory.invalidate()
+    serving.forget()
     return engine_out(record)
 
 
 @router.delete("/{engine_id}/alias", response_model=EngineOut, summary="Remove an engine's alias")
-def delete_alias(engine_id: str, request: Request, session: Session = Depends(get_db)) -> EngineOut:
+def delete_alias(engine_id: str, serving: ServingDep, session: Session = Depends(get_db)) -> EngineOut:
     record = get_engine_record(session, engine_id)
     record.alias = None
     session.commit()
-    request.app.state.engine_directory.invalidate()
+    serving.forget()
     return engine_out(record)
 
 
 @router.put("/{engine_id}/batching", response_model=EngineOut, summary="Turn on dynamic batching")
 def set_batching(
-    engine_id: str, body: BatchingIn, request: Request, session: Session = Depends(get_db)
+    engine_id: str, body: BatchingIn, serving: ServingDep, session: Session = Depends(get_db)
 ) -> EngineOut:
     """Concurrent requests (of any batch size, with matching shapes) are stacked into one engine
     call of up to `max_batch_size` samples; the first waits at most `max_queue_delay_ms`. Higher
@@ -129,16 +127,16 @@ def set_batching(
         )
     record.max_batch_size, record.max_queue_delay_ms = body.max_batch_size, body.max_queue_delay_ms
     session.commit()
-    request.app.state.engine_directory.invalidate()
+    serving.forget()
     return engine_out(record)
 
 
 @router.delete("/{engine_id}/batching", response_model=EngineOut, summary="Turn off dynamic batching")
-def delete_batching(engine_id: str, request: Request, session: Session = Depends(get_db)) -> EngineOut:
+def delete_batching(engine_id: str, serving: ServingDep, session: Session = Depends(get_db)) -> EngineOut:
     record = get_engine_record(session, engine_id)
     record.max_batch_size = record.max_queue_delay_ms = None
     session.commit()
-    request.app.state.engine_directory.invalidate()
+    serving.forget()
     return engine_out(record)
 
 
@@ -155,26 +153,25 @@ def _to_arrays(inputs: dict[str, object], dtypes: dict[str, str]) -> dict[str, n
 
 
 @router.post("/{engine_id}/infer", response_model=InferResponse, summary="Run inference (JSON tensors)")
-def infer(
-    engine_id: str,
-    body: InferRequest,
-    request: Request,
-    session: Session = Depends(get_db),
-    store: ArtifactStore = Depends(get_store_dep),
-) -> InferResponse:
+async def infer(engine_id: str, body: InferRequest, serving: ServingDep) -> InferResponse:
     """Inputs are nested lists, batch first; outputs come back the same way with the compute time.
     For speed, and for tools that speak it, use the Open Inference Protocol: `/v2/models/{id}/infer`.
 
-    A plain `def` route: FastAPI runs it in its thread pool, so inference never blocks the event loop.
+    The same serving path as /v2: only the blocking parts (a look-up on a cache miss, a first
+    load, the engine call) leave the event loop.
     """
-    engine = inference.ServedEngine.of(get_engine_record(session, engine_id), store)
-    session.close()  # nothing more to read; don't hold a connection while computing
     try:
-        with request.app.state.inflight.slot():
-            loaded = inference.load(request.app.state, engine)
+        engine = await serving.lookup(engine_id)
+    except ApiError as exc:
+        raise not_found("engine", engine_id) from exc
+    if engine.id != engine_id:  # /v1 takes engine ids only, not aliases or model ids
+        raise not_found("engine", engine_id)
+    try:
+        with serving.inflight.slot():
+            loaded = await serving.load(engine)
             specs = loaded.runner.input_metadata()
             feeds = _to_arrays(body.inputs, {spec.name: spec.dtype for spec in specs})
-            result = inference.run(request.app.state, engine, loaded, feeds, protocol="v1")
+            result = await serving.run(engine, loaded, feeds, protocol="v1")
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     return InferResponse(

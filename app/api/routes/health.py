@@ -27,5 +27,5 @@ def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
+    registry = request.app.state.serving.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -28,11 +28,13 @@ from optiforge_client.tensors import (
 )
 
 from app import __version__
+from app.api.deps import ServingDep
 from app.core.db import get_sessionmaker
 from app.core.errors import ApiError
 from app.core.orm import EngineRecord, ModelRecord
 from app.services.health import readiness_checks
 from app.serving import inference
+from app.serving.inference import ServedEngine, Serving
 from engines.backends.registry import unavailable_reason
 from engines.errors import EngineError
 from engines.ingest.signature import specs_from_dicts
@@ -137,7 +139,7 @@ _INFER_BODY = {
 @router.post(
     "/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_BODY
 )
-async def infer(name: str, request: Request, version: str | None = None) -> Response:
+async def infer(name: str, request: Request, serving: ServingDep, version: str | None = None) -> Response:
     """Send `Inference-Header-Content-Length: N` with binary tensors: the body is N bytes of JSON,
     then each input's raw little-endian bytes in order (`"parameters": {"binary_data_size": n}`).
     Ask for binary outputs with `"parameters": {"binary_data": true}` on an output, or
@@ -147,23 +149,20 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     On the event loop for a loaded engine: only the engine call leaves it (and the parsing of
     JSON tensors, which can be large), so the protocol adds little to the engine's own time.
     """
-    state = request.app.state
-    engine = state.engine_directory.cached(name, version) or await run_in_threadpool(
-        state.engine_directory.lookup, name, version
-    )  # an unknown name is a 404 whatever the body
-    with state.inflight.slot():
-        return await _infer(request, name, engine)
+    engine = await serving.lookup(name, version)  # an unknown name is a 404 whatever the body
+    with serving.inflight.slot():
+        return await _infer(request, serving, name, engine)
 
 
-async def _infer(request: Request, name: str, engine: inference.ServedEngine) -> Response:
-    state = request.app.state
+async def _infer(request: Request, serving: Serving, name: str, engine: ServedEngine) -> Response:
+    settings = request.app.state.settings
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
-    if header_length is None and len(body) > state.settings.max_json_tensor_bytes:
+    if header_length is None and len(body) > settings.max_json_tensor_bytes:
         raise ApiError(
             413,
             "json_tensors_too_large",
-            f"JSON tensors over {state.settings.max_json_tensor_bytes} bytes: send binary tensors "
+            f"JSON tensors over {settings.max_json_tensor_bytes} bytes: send binary tensors "
             f"({HEADER_LENGTH}) for inputs this large",
         )
     try:
@@ -171,12 +170,12 @@ async def _infer(request: Request, name: str, engine: inference.ServedEngine) ->
             message, feeds = await run_in_threadpool(_parse, body, header_length)
         else:
             message, feeds = _parse(body, header_length)
-        loaded = await inference.load_async(state, engine)
+        loaded = await serving.load(engine)
         available = [spec.name for spec in loaded.runner.output_metadata()]
         outputs = requested_outputs(message, available, default_binary=False)
-        result = await inference.run_async(state, engine, loaded, feeds, protocol="v2")
+        result = await serving.run(engine, loaded, feeds, protocol="v2")
     except ProtocolError as exc:
-        state.metrics.inference_errors.labels(engine.id, "invalid_request").inc()
+        serving.metrics.inference_errors.labels(engine.id, "invalid_request").inc()
         raise ApiError(400, "invalid_request", str(exc)) from exc
     except EngineError as exc:
         status = 400 if exc.code in _CLIENT_ERRORS else 503

@@ -8,13 +8,13 @@ import zipfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from app.api.deps import get_db, get_settings_dep, get_store_dep
+from app.api.deps import ServingDep, get_db, get_settings_dep, get_store_dep
 from app.api.schemas import JobOut, ModelOut, SensitivityCreate
 from app.api.uploads import commit_upload, receive_upload
 from app.api.views import job_out, model_out
@@ -113,7 +113,7 @@ def download_model(
 @router.delete("/{model_id}", status_code=204, summary="Delete a model, its jobs and engines")
 def delete_model(
     model_id: str,
-    request: Request,
+    serving: ServingDep,
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
@@ -130,8 +130,7 @@ def delete_model(
         session.delete(job)
     session.delete(record)
     session.commit()
-    request.app.state.engine_pool.evict(*engine_ids)
-    request.app.state.engine_directory.invalidate()
+    serving.forget(*engine_ids)
     for prefix in prefixes:
         store.delete(prefix)
     return Response(status_code=204)
