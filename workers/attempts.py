@@ -1,18 +1,6 @@
-"""Attempts at a job: the claim, the lease kept alive by a heartbeat, progress and cancellation.
-
-Celery may deliver a job more than once (a worker killed mid-job, a Redis visibility timeout),
-sometimes while the first delivery is still running. So the row, not the message, decides:
-
-- an attempt starts only by compare-and-swap on (status, attempts): of two deliveries at once,
-  one wins and the other returns;
-- the winning attempt holds a lease, a heartbeat refreshed by a background thread; a running job
-  whose heartbeat is older than `job_lease_s` lost its worker, and the sweeper
-  (`workers.recovery`) puts it back in the queue;
-- every later write of the attempt is conditional on still owning the row (same attempt number,
-  still running), so an attempt that was superseded or cancelled cannot overwrite the outcome;
-- files go under `jobs/<job id>/engines/<engine id>/`, written atomically; an attempt that does
-  not succeed removes the files it wrote, and a restarted job first removes its predecessors'.
-"""
+"""Attempts at a job: the claim (compare-and-swap on status and attempt number), the lease a
+heartbeat thread keeps alive, progress reports and cancellation checks; every write is
+conditional on the attempt still owning the row. Why: see workers.job_runner."""
 
 from __future__ import annotations
 
