@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -267,6 +268,13 @@ def _count_quantize_nodes(graph: Any) -> int:
     return count
 
 
+@lru_cache(maxsize=8)
+def _opset_of(path: Path, _mtime_ns: int) -> int:
+    """The opset of a model file, parsed once per version of the file: the budget search quantizes
+    the same prepared model many times, and a transformer is tens of megabytes to parse."""
+    return _opset(_load_graph_only(path))
+
+
 def _load_graph_only(path: Path) -> Any:
     import onnx
 
@@ -301,7 +309,7 @@ def quantize_int8(
         )
     result = QuantizeResult(path=out_path)
     per_channel = config.per_channel
-    if per_channel and _opset(_load_graph_only(float_path)) < PER_CHANNEL_MIN_OPSET:
+    if per_channel and _opset_of(float_path, float_path.stat().st_mtime_ns) < PER_CHANNEL_MIN_OPSET:
         per_channel = False
         result.messages.append(
             f"per-channel weights need opset {PER_CHANNEL_MIN_OPSET}: this model is quantized per tensor"
