@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestLogMiddleware, metrics=app.state.serving.metrics
     )  # outermost: sees every response
+    app.router.routes[:0] = inference_v2.hot_routes
     for module in (health, capabilities, models, datasets, jobs, engines, inference_v2):
         app.include_router(module.router)
     app.router.add_event_handler("shutdown", app.state.serving.close)

@@ -22,9 +22,14 @@ def get_store_dep(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
+def serving_of(request: Request) -> Serving:
+    """The app's one Serving (for routes that take no dependencies: `app.api.direct_route`)."""
+    return request.app.state.serving
+
+
 async def get_serving(request: Request) -> Serving:
     """`async`: FastAPI runs a plain `def` dependency in its thread pool, a cost on the inference hot path."""
-    return request.app.state.serving
+    return serving_of(request)
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]
