@@ -30,3 +30,36 @@ def cpu_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_features": [name for name in features if name in flags],
     }
+
+
+def nvidia_device_present() -> bool:
+    """Whether this node has an NVIDIA GPU, from the driver's files: no CUDA library is loaded to ask,
+    so a CPU node (and the API process) never imports torch or TensorRT just to say no."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
+
+
+@cache
+def gpu_info(device_index: int = 0) -> dict[str, Any]:
+    """The GPU an engine is tied to and measured on: name, compute capability, memory, driver and
+    CUDA versions (what a plan file or a measurement means nothing without)."""
+    import torch
+
+    properties = torch.cuda.get_device_properties(device_index)
+    return {
+        "gpu_model": properties.name,
+        "compute_capability": f"{properties.major}.{properties.minor}",
+        "gpu_memory_gb": round(properties.total_memory / 2**30, 1),
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "nvidia_driver": _driver_version(),
+    }
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver's version from the kernel module (no NVML binding needed)."""
+    version_file = Path("/proc/driver/nvidia/version")
+    if version_file.exists():
+        for word in version_file.read_text(errors="replace").split():
+            if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                return word
+    return None

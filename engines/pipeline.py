@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, Runner
-from engines.backends.registry import get_backend
+from engines.backends.registry import check_precision, get_backend
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
 from engines.ingest.signature import TensorSpec, ambiguous_batch_axes
@@ -78,6 +78,7 @@ def validate_recipe(
     ambiguous = ambiguous_batch_axes(inputs)
     if ambiguous:
         raise InvalidRecipeError("; ".join(ambiguous))
+    check_precision(recipe.targets, recipe.precision)
     wrong = [size for size in recipe.batch_sizes if size != 1]
     if varying_unbatched and wrong:
         names = ", ".join(f"'{name}'" for name in varying_unbatched)
@@ -320,15 +321,18 @@ def run_recipe(
         plan = [(precision, target) for precision in precisions for target in recipe.targets]
         for index, (precision, target) in enumerate(plan):
             backend = get_backend(target)
-            key, name = (precision, backend.quantization_profile), f"{target}/{precision}"
+            # a backend that casts the fp32 model itself (PyTorch) compiles the fp32 variant
+            model_precision = "fp32" if precision in backend.native_precisions else precision
+            key, name = (model_precision, backend.quantization_profile), f"{target}/{precision}"
             try:
                 if key not in variants:
                     progress(
-                        0.3 + 0.3 * index / len(plan), f"preparing the {precision} model ({key[1]} profile)"
+                        0.3 + 0.3 * index / len(plan),
+                        f"preparing the {model_precision} model ({key[1]} profile)",
                     )
                     variants[key] = build_variant(
                         source,
-                        replace(recipe, precision=precision),
+                        replace(recipe, precision=model_precision),
                         key[1],
                         workdir,
                         calibration=calibration,

@@ -116,6 +116,16 @@ def build_fp16(request: VariantRequest) -> ModelVariant:
     )
 
 
+@register_precision("bf16")
+def build_bf16(request: VariantRequest) -> ModelVariant:
+    """bfloat16 has no ONNX of its own here: the backends that run it (torch-cuda) cast the fp32
+    model's weights themselves (`Backend.native_precisions`), so this builder only explains."""
+    raise InvalidRecipeError(
+        "bf16 engines are built by backends that cast the fp32 model themselves (torch-cuda); "
+        "ONNX Runtime on CPU has no bf16 engines"
+    )
+
+
 @register_precision("int8")
 def build_int8(request: VariantRequest) -> ModelVariant:
     """QDQ INT8 for the target's profile, within the recipe's accuracy budget when it has one, with

@@ -14,8 +14,8 @@ from engines.measure.latency import MeasureConfig
 from engines.pipeline import run_recipe
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig, check_prune_config
-from engines.prune.torch_bridge import _inline_identity_initializers, onnx_to_torch
 from engines.recipe import Recipe
+from engines.torch_bridge import _inline_identity_initializers, onnx_to_torch
 from tests.conftest import QUICK_MEASURE, DigitsArtifacts
 
 FAST = MeasureConfig(**QUICK_MEASURE)
@@ -186,7 +186,7 @@ def test_opset18_reductions_convert(tmp_path: Path) -> None:
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from engines.prune.torch_bridge import unconvertible_ops
+    from engines.torch_bridge import unconvertible_ops
 
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)],

@@ -1,22 +1,29 @@
-"""Put jobs whose worker was lost back in the queue.
+"""Put jobs whose worker was lost back in the queue; fail jobs that no live worker can take.
 
 A worker killed mid-job (OOM, SIGKILL, a machine going away) leaves its job `running` with a
 heartbeat that stops moving. With the filesystem broker the message is already gone, and with
 Redis it only comes back after the visibility timeout, so every worker sweeps: a running job
 whose lease expired goes back to `queued` (compare-and-swap, so two sweepers cannot both act)
 and is sent to its queue again. The next attempt cleans up after the lost one.
+
+The sweeper also keeps this worker's row in the `workers` table (app.core.presence), and fails a
+job that has waited `queue_wait_s` in a queue no live worker takes (a GPU job on a cluster with
+no GPU worker) with `no_worker_for_queue`, instead of leaving it queued forever.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 
 from app.core.db import session_scope
-from app.core.job_queue import enqueue_job
-from app.core.orm import JobRecord, JobStatus, lease_cutoff
+from app.core.job_queue import enqueue_job, queue_for
+from app.core.orm import JobRecord, JobStatus, lease_cutoff, utcnow
+from app.core.presence import beat, live_workers_by_queue
 from app.core.settings import Settings
 from engines.recipe import Recipe
 
@@ -52,14 +59,57 @@ def requeue_lost_jobs(settings: Settings) -> list[str]:
     return requeued
 
 
-def start_sweeper(settings: Settings) -> threading.Thread:
-    """A daemon thread in the worker process that sweeps every `job_sweep_interval_s`."""
+def fail_jobs_without_workers(settings: Settings) -> list[str]:
+    """Fail queued jobs older than `queue_wait_s` whose queue no live worker takes; returns their ids."""
+    waited_since = utcnow() - timedelta(seconds=settings.queue_wait_s)
+    failed = []
+    with session_scope(settings.resolved_database_url) as session:
+        live = live_workers_by_queue(session, settings)
+        waiting = session.execute(
+            select(JobRecord.id, JobRecord.recipe).where(
+                JobRecord.status == JobStatus.QUEUED, JobRecord.created_at < waited_since
+            )
+        ).all()
+        for job_id, recipe in waiting:
+            queue = queue_for(Recipe.from_dict(recipe)) if recipe else "cpu"
+            if live.get(queue):
+                continue
+            detail = (
+                f"no worker took jobs from the '{queue}' queue for {settings.queue_wait_s} s: start one "
+                f"(`optiforge worker --queues {queue}`"
+                + (" on a node with an NVIDIA GPU" if queue == "gpu" else "")
+                + "), then submit the job again"
+            )
+            moved = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.status == JobStatus.QUEUED)
+                .values(
+                    status=JobStatus.FAILED,
+                    stage="failed",
+                    finished_at=utcnow(),
+                    error={"code": "no_worker_for_queue", "detail": detail},
+                )
+            ).rowcount
+            if moved:
+                session.commit()
+                failed.append(job_id)
+                logger.warning("job %s failed: %s", job_id, detail)
+    return failed
+
+
+def start_sweeper(
+    settings: Settings, worker_name: str, queues: list[str], hardware: dict[str, Any]
+) -> threading.Thread:
+    """A daemon thread in the worker process that, every `job_sweep_interval_s`, says this worker is
+    alive (with its queues), re-queues lost jobs and fails jobs that no worker can take."""
     stop = threading.Event()
 
     def sweep_forever() -> None:
         while True:
             try:
+                beat(settings, worker_name, queues, hardware)
                 requeue_lost_jobs(settings)
+                fail_jobs_without_workers(settings)
             except Exception:  # the database or broker may be briefly away; try again next round
                 logger.exception("sweeping for lost jobs failed")
             if stop.wait(settings.job_sweep_interval_s):
@@ -68,3 +118,16 @@ def start_sweeper(settings: Settings) -> threading.Thread:
     thread = threading.Thread(target=sweep_forever, name="optiforge-sweeper", daemon=True)
     thread.start()
     return thread
+
+
+def node_hardware() -> dict[str, Any]:
+    """What this worker runs on, for the `workers` table: the CPU, and the GPU when there is one."""
+    from engines.hardware import cpu_info, gpu_info, nvidia_device_present
+
+    hardware: dict[str, Any] = dict(cpu_info())
+    if nvidia_device_present():
+        try:
+            hardware.update(gpu_info())
+        except Exception as exc:  # a driver without a usable CUDA torch: say so, do not fail the worker
+            hardware["gpu_error"] = f"{type(exc).__name__}: {exc}"
+    return hardware

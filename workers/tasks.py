@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from celery import shared_task
@@ -10,7 +12,7 @@ from celery.signals import worker_ready
 from app.core.job_queue import RUN_JOB_TASK
 from app.core.settings import get_settings
 from workers.job_runner import run_job_by_id
-from workers.recovery import start_sweeper
+from workers.recovery import node_hardware, start_sweeper
 
 
 @shared_task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
@@ -19,5 +21,9 @@ def run_job(job_id: str) -> None:
 
 
 @worker_ready.connect
-def _start_sweeping(**_kwargs: Any) -> None:
-    start_sweeper(get_settings())
+def _start_sweeping(sender: Any = None, **_kwargs: Any) -> None:
+    settings = get_settings()
+    consumed = sender.app.amqp.queues.consume_from if sender is not None else {}
+    queues = [name.removeprefix(settings.queue_prefix) for name in consumed] or ["cpu"]
+    name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}:{os.getpid()}"
+    start_sweeper(settings, name, queues, node_hardware())

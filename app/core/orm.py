@@ -153,3 +153,16 @@ class EngineRecord(Base):
     #: Dynamic batching, off while null.
     max_batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_queue_delay_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class WorkerRecord(Base):
+    """A live worker and the queues it takes jobs from, refreshed by its sweeper every
+    `job_sweep_interval_s`: how a job learns that no worker can take it (no GPU worker alive)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queues: Mapped[list[str]] = mapped_column(JSON)  # logical names: cpu, gpu
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

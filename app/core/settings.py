@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     job_max_attempts: int = 3  # attempts before a job that keeps losing its worker is failed
     job_lease_s: int = 60  # a running job whose heartbeat is older than this lost its worker
     job_sweep_interval_s: int = 15  # how often each worker looks for such jobs to re-queue
+    #: A queued job whose queue no live worker takes (a GPU job with no GPU worker) fails after this long.
+    queue_wait_s: int = 600
     job_visibility_timeout_s: int = 6 * 3600  # Redis re-delivers unacked jobs after this long
     engine_pool_size: int = 8  # loaded engines kept in the API process, at most
     engine_pool_max_mb: int | None = 4096  # and at most this many MiB of engine files; None: no limit

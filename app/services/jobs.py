@@ -15,8 +15,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.errors import ApiError, from_engine_error
-from app.core.job_queue import enqueue_job
+from app.core.job_queue import enqueue_job, queue_for
 from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, ModelRecord, lease_cutoff, utcnow
+from app.core.presence import live_workers_by_queue
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from app.services.records import get_dataset_record, get_job_record, get_model_record
@@ -27,8 +28,8 @@ from engines.measure.report import report_row
 from engines.pipeline import validate_recipe
 from engines.prune.methods import PruneConfig, check_prune_config
 from engines.prune.sensitivity import SENSITIVITY_JSON, ratios_within
-from engines.prune.torch_bridge import check_prunable_layout, unconvertible_ops
 from engines.recipe import Recipe
+from engines.torch_bridge import check_prunable_layout, unconvertible_ops
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,15 @@ def create_sensitivity_job(
 
 
 def queue_job(session: Session, settings: Settings, job: JobRecord, recipe: Recipe) -> None:
-    """Commit the job, then send its id to the workers; a broker that is down fails the job (503)."""
+    """Commit the job, then send its id to the workers; a broker that is down fails the job (503).
+    A job whose queue no live worker takes says so in its stage (the sweeper fails it after
+    `queue_wait_s`)."""
+    queue = queue_for(recipe)
+    if queue != "cpu" and not live_workers_by_queue(session, settings).get(queue):
+        job.stage = (
+            f"queued: no worker takes '{queue}' jobs now; it fails after {settings.queue_wait_s} s "
+            f"unless one starts (`optiforge worker --queues {queue}`)"
+        )
     session.add(job)
     session.commit()  # enqueue only after the row is committed: the worker re-reads it
     try:

@@ -114,6 +114,11 @@ class Backend(abc.ABC):
     queue: ClassVar[str] = "cpu"
     #: Which INT8 flavour of QDQ ONNX it runs best (see engines.quantize.int8).
     quantization_profile: ClassVar[str] = "cpu"
+    #: The precisions it builds engines at; a recipe asking another is refused when the job is made.
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
+    #: Precisions it applies itself to the fp32 model (PyTorch casts its weights), so the pipeline
+    #: hands it the fp32 model instead of building an ONNX at that precision.
+    native_precisions: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     @abc.abstractmethod

@@ -1,4 +1,4 @@
-"""Stage 2, prune: ONNX to PyTorch (`torch_bridge`), structured and unstructured pruning (`methods`),
+"""Stage 2, prune: structured and unstructured pruning (`methods`),
 recovery by distillation (`finetune`), per-layer sensitivity (`sensitivity`), and the stage a
 recipe runs (`stage`).
 """

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from engines.ingest.datasets import Dataset
-from engines.prune.torch_bridge import first_output
+from engines.torch_bridge import first_output
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Pruning: structured channel pruning with a named criterion, and unstructured magnitude pruning.
 
-Structured: ONNX → torch (engines.prune.torch_bridge) → torch-pruning's dependency graph removes whole
+Structured: ONNX → torch (engines.torch_bridge) → torch-pruning's dependency graph removes whole
 channels, ranked by the criterion from the literature:
 `l1` (filter L1 norm, Li et al.), `slimming` (BatchNorm γ, Network Slimming, Liu et al.),
 `taylor` (first-order Taylor expansion of the loss, Molchanov et al.), `fpgm` (filters near the
@@ -21,7 +21,7 @@ from typing import Any
 
 from engines.errors import InvalidRecipeError
 from engines.prune.criteria import criterion
-from engines.prune.torch_bridge import first_output
+from engines.torch_bridge import first_output
 
 SLIMMING_EXPORT_HINT = (
     "export the model with BatchNorm kept: torch.onnx.export(model, x, path, dynamo=False, "

@@ -20,7 +20,7 @@ from engines.errors import InvalidRecipeError
 from engines.ingest.datasets import Dataset
 from engines.ingest.signature import TensorSpec
 from engines.prune.methods import PruneConfig, output_layers
-from engines.prune.torch_bridge import example_batch, onnx_to_torch, torch_outputs
+from engines.torch_bridge import example_batch, onnx_to_torch, torch_outputs
 
 DEFAULT_RATIOS = (0.1, 0.3, 0.5, 0.7)
 SENSITIVITY_JSON = "sensitivity.json"

@@ -21,7 +21,7 @@ from engines.ingest.signature import TensorSpec
 from engines.prune.criteria import criterion
 from engines.prune.finetune import FinetuneConfig, finetune, reestimate_batchnorm
 from engines.prune.methods import PruneConfig, compressed_size, prune_magnitude, prune_structured
-from engines.prune.torch_bridge import (
+from engines.torch_bridge import (
     check_prunable_layout,
     check_same_signature,
     example_batch,

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
+from sqlalchemy.orm import Session
 
+from app.api.deps import get_db, get_settings_dep
 from app.core.orm import JobKind
-from engines.backends.registry import backend_names, backend_queue, unavailable_reason
+from app.core.presence import live_workers_by_queue
+from app.core.settings import Settings
+from engines.backends.registry import backend_class, backend_names, unavailable_reason
 from engines.prune.criteria import CRITERIA
 from engines.quantize.budget import BUDGET_METRICS
 from engines.quantize.int8 import CALIBRATION_METHODS
@@ -21,15 +25,24 @@ router = APIRouter(prefix="/v1", tags=["capabilities"])
 
 
 @router.get("/capabilities", summary="Precisions, calibration methods, pruning criteria, backends, job kinds")
-def capabilities() -> dict[str, Any]:
+def capabilities(
+    session: Session = Depends(get_db), settings: Settings = Depends(get_settings_dep)
+) -> dict[str, Any]:
     return {
         "precisions": list(PRECISIONS),
         "calibration_methods": list(CALIBRATION_METHODS),
         "prune_methods": [criterion.to_dict() for criterion in CRITERIA.values()],
         "budget_metrics": list(BUDGET_METRICS),
         "backends": [
-            {"name": name, "queue": backend_queue(name), "available_here": unavailable_reason(name) is None}
+            {
+                "name": name,
+                "queue": backend_class(name).queue,
+                "precisions": list(backend_class(name).precisions),
+                "available_here": unavailable_reason(name) is None,
+            }
             for name in backend_names()
         ],
         "job_kinds": list(JobKind.ALL),
+        # live workers per queue: a `gpu` job waits for (and fails without) a GPU worker
+        "workers": live_workers_by_queue(session, settings),
     }

@@ -1,4 +1,5 @@
-"""ONNX ⇄ PyTorch, for the stages that train or restructure a model (pruning, fine-tuning).
+"""ONNX ⇄ PyTorch, for the stages that train or restructure a model (pruning, fine-tuning) and for
+the PyTorch backends (`torch-cpu`, `torch-cuda`), which run the converted module.
 
 onnx2torch converts ONNX graphs to `torch.fx` modules that torch-pruning can trace. Version
 1.5.15 imports torchvision at import time for two converters (NonMaxSuppression, RoiAlign), and
@@ -125,8 +126,9 @@ def _inline_identity_initializers(model: Any) -> None:
     model.graph.node.extend(keep)
 
 
-def onnx_to_torch(onnx_path: Path) -> Any:
-    """The model as a torch.fx.GraphModule, or EngineError(`unsupported_op`) naming what cannot convert."""
+def onnx_to_torch(onnx_path: Path, purpose: str = "pruning") -> Any:
+    """The model as a torch.fx.GraphModule, or EngineError(`unsupported_op`) naming what cannot convert
+    (and `purpose`, what the conversion was for)."""
     import onnx
 
     convert = _load_onnx2torch()
@@ -138,11 +140,11 @@ def onnx_to_torch(onnx_path: Path) -> Any:
         NotImplementedError
     ) as exc:  # onnx2torch: "Converter is not implemented (OperationDescription(...))"
         raise EngineError(
-            f"the model cannot be converted to PyTorch for pruning: {exc}", code="unsupported_op"
+            f"the model cannot be converted to PyTorch for {purpose}: {exc}", code="unsupported_op"
         ) from exc
     except Exception as exc:
         raise EngineError(
-            f"the model cannot be converted to PyTorch for pruning: {type(exc).__name__}: {exc}",
+            f"the model cannot be converted to PyTorch for {purpose}: {type(exc).__name__}: {exc}",
             code="unsupported_op",
         ) from exc
 

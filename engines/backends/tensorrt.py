@@ -1,0 +1,323 @@
+"""TensorRT (10.x and 11.x) on NVIDIA GPUs: serialized plans built from our ONNX variants.
+
+Written against TensorRT's documented Python API and **not yet run on a GPU** in this project:
+TensorRT cannot be installed where it was written (its PyPI packages fetch the real wheels from
+NVIDIA's own index), and the GPU machine at hand has no TensorRT either. Every engine says so in
+its metadata (`verified_on_hardware: false`) until a `gpu`-marked test has passed on real
+hardware. What does not need TensorRT (the optimization profile, the compatibility decision, the
+QDQ readiness lint) is plain Python and tested on CPU.
+
+Precisions follow TensorRT 11, where networks are always strongly typed and the FP16/INT8 builder
+flags and implicit calibration are gone: fp32 builds the original ONNX, fp16 an ONNX already in
+float16 (our fp16 variant), int8 a QDQ ONNX (our `tensorrt` quantization profile: symmetric,
+zero points 0, float bias; the int8 variant builder lints it for TensorRT before it gets here,
+engines.variants). A plan is tied to the GPU's compute capability and to the TensorRT
+version that built it: both are recorded, and a plan is refused (`engine_incompatible`) on a node
+where either differs, instead of failing inside TensorRT.
+
+Device memory comes from PyTorch's CUDA tensors: the GPU worker has torch for the torch-cuda
+backend anyway, its caching allocator reuses buffers across calls, and it needs no compiled
+extension (pycuda must be built against the local CUDA; cuda-python would work too, with every
+allocation and copy managed by hand). An execution context is not thread-safe: the runner keeps
+a small pool of contexts, each with its own CUDA stream, and `max_concurrency` is that pool's size.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
+from engines.errors import EngineError
+from engines.hardware import cpu_info, gpu_info, nvidia_device_present
+from engines.ingest.signature import TensorSpec
+
+ENGINE_FILENAME = "engine.plan"
+PLAN_INFO_FILENAME = "tensorrt_plan.json"
+#: Until a gpu-marked test passes on a GPU with TensorRT, every engine says it was not verified.
+VERIFIED_ON_HARDWARE = False
+DEFAULT_WORKSPACE_BYTES = 4 << 30
+
+
+# ---------------------------------------------------------------- pure parts (tested on CPU)
+
+
+def optimization_profile(
+    inputs: Sequence[TensorSpec], batch_sizes: Sequence[int]
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """min/opt/max shapes per input covering the recipe's batch sizes (opt: the largest, which is
+    what a batching server mostly runs). Only the batch axis may be dynamic: TensorRT needs a
+    range for every dynamic dim, and a recipe names none but the batch."""
+    profile = {}
+    low, high = min(batch_sizes), max(batch_sizes)
+    for spec in inputs:
+        dims = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int):
+                dims.append((dim, dim, dim))
+            elif axis == spec.batch_axis:
+                dims.append((low, high, high))
+            else:
+                raise EngineError(
+                    f"input '{spec.name}' has a dynamic dim at axis {axis} besides the batch; a TensorRT "
+                    "engine needs a range for it: export the model with that dim fixed",
+                    code="tensorrt_dynamic_dims",
+                )
+        profile[spec.name] = tuple(tuple(dim[i] for dim in dims) for i in range(3))  # type: ignore[assignment]
+    return profile  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """What a plan is tied to, written beside it when it is built."""
+
+    tensorrt: str
+    compute_capability: str
+    gpu_model: str
+    precision: str
+    profile: dict[str, Any]
+
+    def write(self, engine_dir: Path) -> None:
+        (engine_dir / PLAN_INFO_FILENAME).write_text(json.dumps(self.__dict__))
+
+    @classmethod
+    def read(cls, engine_dir: Path) -> PlanInfo:
+        return cls(**json.loads((engine_dir / PLAN_INFO_FILENAME).read_text()))
+
+
+def incompatibility(plan: PlanInfo, tensorrt_version: str, compute_capability: str) -> str | None:
+    """Why this node cannot load the plan (TensorRT refuses plans from another version or GPU
+    architecture), or None. Versions must match to the minor (10.x plans do not load in 11)."""
+    built_version = ".".join(plan.tensorrt.split(".")[:2])
+    here_version = ".".join(tensorrt_version.split(".")[:2])
+    if built_version != here_version:
+        return (
+            f"the plan was built by TensorRT {plan.tensorrt} and this node has {tensorrt_version}: "
+            "rebuild the engine on a worker with this node's TensorRT"
+        )
+    if plan.compute_capability != compute_capability:
+        return (
+            f"the plan was built for compute capability {plan.compute_capability} ({plan.gpu_model}) and "
+            f"this GPU is {compute_capability}: rebuild the engine on a worker with this GPU model"
+        )
+    return None
+
+
+# ---------------------------------------------------------------- TensorRT itself (GPU only)
+
+
+@cache
+def _trt() -> Any:
+    import tensorrt
+
+    return tensorrt
+
+
+def _logger() -> Any:
+    trt = _trt()
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def _network_flags(trt: Any) -> int:
+    """Strongly typed (TensorRT 10 needs the flag so an fp16 ONNX builds in fp16; 11 is always so)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _parse(trt: Any, builder: Any, onnx_path: Path) -> Any:
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, _logger())
+    if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the file
+        errors = [str(parser.get_error(index)) for index in range(parser.num_errors)]
+        raise EngineError(
+            "TensorRT's ONNX parser refused the model: " + "; ".join(errors[:5]), code="tensorrt_parse_failed"
+        )
+    return network, parser
+
+
+def _input_specs(network: Any) -> list[TensorSpec]:
+    from engines.ingest.signature import assign_batch_axes, normalize_dim
+
+    specs = []
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        dtype = np.dtype(_trt().nptype(tensor.dtype)).name
+        specs.append(TensorSpec(tensor.name, dtype, tuple(normalize_dim(dim) for dim in tensor.shape)))
+    return assign_batch_axes(specs)
+
+
+@dataclass(frozen=True)
+class TensorRtLoadOptions(LoadOptions):
+    #: Execution contexts (one per concurrent call; each holds its activation memory).
+    contexts: int = 2
+    device_index: int = 0
+
+
+class TensorRtRunner(Runner):
+    """A deserialized plan with a pool of execution contexts (one call per context at a time)."""
+
+    def __init__(self, engine_path: Path, options: TensorRtLoadOptions):
+        super().__init__()
+        self._path, self._options = engine_path, options
+        self.max_concurrency = options.contexts  # type: ignore[misc]
+        self._engine: Any = None
+        self._contexts: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        self._inputs: list[TensorSpec] = []
+        self._outputs: list[TensorSpec] = []
+
+    def _activate(self) -> None:
+        import torch
+
+        trt = _trt()
+        plan = PlanInfo.read(self._path.parent)
+        here = gpu_compute_capability(self._options.device_index)
+        reason = incompatibility(plan, trt.__version__, here)
+        if reason is not None:
+            raise EngineError(reason, code="engine_incompatible")
+        torch.cuda.set_device(self._options.device_index)
+        runtime = trt.Runtime(_logger())
+        self._engine = runtime.deserialize_cuda_engine(self._path.read_bytes())
+        if self._engine is None:
+            raise EngineError("TensorRT could not deserialize the plan", code="engine_incompatible")
+        self._inputs, self._outputs = self._signature()
+        for _ in range(self._options.contexts):
+            self._contexts.put((self._engine.create_execution_context(), torch.cuda.Stream()))
+
+    def _signature(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        from engines.ingest.signature import assign_batch_axes, normalize_dim
+
+        trt = _trt()
+        inputs, outputs = [], []
+        for index in range(self._engine.num_io_tensors):
+            name = self._engine.get_tensor_name(index)
+            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name))).name
+            shape = tuple(normalize_dim(dim) for dim in self._engine.get_tensor_shape(name))
+            spec = TensorSpec(name, dtype, shape)
+            is_input = self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (inputs if is_input else outputs).append(spec)
+        inputs = assign_batch_axes(inputs)
+        return inputs, assign_batch_axes(inputs, outputs)
+
+    def _deactivate(self) -> None:
+        self._contexts = queue.Queue()
+        self._engine = None
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        context, stream = self._contexts.get()
+        try:
+            device = torch.device("cuda", self._options.device_index)
+            keep = []  # device buffers stay referenced until the stream is done with them
+            for spec in self._inputs:
+                tensor = torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to(device)
+                context.set_input_shape(spec.name, tuple(tensor.shape))
+                context.set_tensor_address(spec.name, tensor.data_ptr())
+                keep.append(tensor)
+            outputs = {}
+            for spec in self._outputs:
+                shape = tuple(context.get_tensor_shape(spec.name))
+                dtype = getattr(torch, spec.dtype)
+                outputs[spec.name] = torch.empty(shape, dtype=dtype, device=device)
+                context.set_tensor_address(spec.name, outputs[spec.name].data_ptr())
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise EngineError("TensorRT failed to run these inputs", code="inference_failed")
+            stream.synchronize()
+            return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+        finally:
+            self._contexts.put((context, stream))
+
+    def input_metadata(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    def output_metadata(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+
+class TensorRtBackend(Backend):
+    name = "tensorrt"
+    queue = "gpu"
+    quantization_profile = "tensorrt"
+    precisions = ("fp32", "fp16", "int8")
+    load_options = TensorRtLoadOptions
+
+    @classmethod
+    def available(cls) -> bool:
+        return (
+            nvidia_device_present()
+            and all(importlib.util.find_spec(name) is not None for name in ("tensorrt", "torch"))
+            and _cuda_usable()
+        )
+
+    def compile(self, onnx_path: Path, out_dir: Path, options: CompileOptions) -> EngineArtifact:
+        trt = _trt()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        builder = trt.Builder(_logger())
+        network, _parser = _parse(trt, builder, onnx_path)
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, DEFAULT_WORKSPACE_BYTES)
+        shapes = optimization_profile(_input_specs(network), options.batch_sizes)
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise EngineError(
+                "TensorRT could not build an engine from this model (see the worker's log)",
+                code="tensorrt_build_failed",
+            )
+        engine_path = out_dir / ENGINE_FILENAME
+        engine_path.write_bytes(bytes(serialized))
+        gpu = gpu_identity()
+        plan = PlanInfo(
+            trt.__version__, gpu["compute_capability"], gpu["gpu_model"], options.precision, shapes
+        )
+        plan.write(out_dir)
+        return EngineArtifact(
+            backend=self.name,
+            precision=options.precision,
+            path=engine_path,
+            build_seconds=time.perf_counter() - started,
+            metadata={
+                "tensorrt": trt.__version__,
+                "compute_capability": plan.compute_capability,
+                "gpu_model": plan.gpu_model,
+                "optimization_profile": {name: [list(s) for s in value] for name, value in shapes.items()},
+                "verified_on_hardware": VERIFIED_ON_HARDWARE,
+            },
+        )
+
+    def load(self, engine_path: Path, options: LoadOptions | None = None) -> TensorRtRunner:
+        if options is not None and not isinstance(options, TensorRtLoadOptions):
+            options = self.options(**{item.name: getattr(options, item.name) for item in fields(options)})
+        return TensorRtRunner(engine_path, options or TensorRtLoadOptions()).activate()  # type: ignore[return-value]
+
+    def hardware(self, threads: int | None = None) -> dict[str, Any]:
+        return {**cpu_info(), **gpu_info(), "tensorrt": _trt().__version__}
+
+
+@cache
+def _cuda_usable() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def gpu_identity(device_index: int = 0) -> dict[str, str]:
+    info = gpu_info(device_index)
+    return {"gpu_model": info["gpu_model"], "compute_capability": info["compute_capability"]}
+
+
+def gpu_compute_capability(device_index: int = 0) -> str:
+    return gpu_identity(device_index)["compute_capability"]
