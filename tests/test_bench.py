@@ -33,3 +33,19 @@ def test_prune_bench_quick_run(tmp_path: Path) -> None:
     assert [row["stage"] for row in rows] == ["original fp32", "original int8", "pruned fp32", "pruned int8"]
     assert rows[2]["macs"] * 2 <= rows[0]["macs"] and rows[2]["top1"] > 0.8
     assert "| digits | pruned int8 |" in (tmp_path / "prune_results.md").read_text()
+
+
+def test_gpu_bench_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
+    """The GPU table's code on a CPU (torch-cpu against eager): what runs on a GPU machine later is
+    the same code, so its wiring is checked here."""
+    from bench.gpu import main as gpu_main
+
+    assert gpu_main(["--device", "cpu", "--quick", "--model", "wide_mlp", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert [row["engine"] for row in results["rows"]] == [
+        "pytorch eager fp32",
+        "onnxruntime-cpu fp32",
+        "torch-cpu fp32",
+    ]
+    assert all(row["vs_fp32"]["cosine_similarity"] > 0.9999 for row in results["rows"])
+    assert "CPU smoke run" in (tmp_path / "gpu.md").read_text()
