@@ -1,5 +1,9 @@
-# optiforge API and CPU worker image. The same image runs `optiforge serve` and `optiforge worker`.
+# optiforge API and worker image. The same image runs `optiforge serve` and `optiforge worker`.
+# GPU workers build it with `--build-arg GPU=1` (docker-compose's gpu-worker does): torch from
+# PyTorch's CUDA index and TensorRT from NVIDIA's (both need the network at build time only).
 FROM python:3.11-slim
+ARG GPU=0
+ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu130
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -17,6 +21,10 @@ COPY sdk ./sdk
 # goes in without its torchvision requirement (see engines/torch_bridge.py).
 RUN pip install ./sdk '.[prune]' \
     && pip install --no-deps onnx2torch==1.5.15 \
+    && if [ "$GPU" = "1" ]; then \
+         pip install --force-reinstall --no-deps torch==2.13.0 --index-url "$TORCH_CUDA_INDEX" \
+         && pip install tensorrt-cu13; \
+       fi \
     && useradd --create-home --uid 1000 optiforge \
     && mkdir -p /data && chown optiforge /data
 
