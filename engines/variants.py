@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.errors import InvalidRecipeError
+from engines.errors import EngineError, InvalidRecipeError
 from engines.hardware import cpu_info
 from engines.ingest.datasets import Dataset
 from engines.quantize.budget import RunnerFor, cpu_runner, quantize_within_budget
 from engines.quantize.fp16 import convert_fp16
 from engines.quantize.int8 import QuantizeConfig, QuantizeResult, prepare_float_model, quantize_int8
 from engines.quantize.layer_errors import layer_errors
+from engines.quantize.tensorrt_readiness import check_tensorrt_readiness
 from engines.recipe import Recipe
 
 LAYER_ERRORS_FILENAME = "layer_errors.json"
@@ -168,8 +169,23 @@ def build_int8(request: VariantRequest) -> ModelVariant:
     else:
         result = quantize(recipe.quantize, variant_dir / "model-int8.onnx")
     result.metadata["quantize_seconds"] = time.perf_counter() - started
+    if request.profile == "tensorrt":
+        _check_tensorrt_readiness(result)
     request.check_cancelled()
     errors = layer_errors(
         float_path, result.path, calibration, batch_size=request.batch_size, workdir=variant_dir
     )
     return ModelVariant(result.path, "int8", result.metadata, messages + result.messages, errors)
+
+
+def _check_tensorrt_readiness(result: QuantizeResult) -> None:
+    """Lint the QDQ model for TensorRT before a GPU worker spends a build on it: its findings go in
+    the engine's metadata; a model TensorRT would refuse or misread is an EngineError naming why."""
+    report = check_tensorrt_readiness(result.path)
+    result.metadata["tensorrt_readiness"] = report.to_dict()
+    if not report.ready:
+        raise EngineError(
+            "the INT8 model is not ready for TensorRT: "
+            + "; ".join(problem.message for problem in report.problems[:5]),
+            code="tensorrt_not_ready",
+        )

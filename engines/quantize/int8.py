@@ -281,6 +281,28 @@ def _load_graph_only(path: Path) -> Any:
     return onnx.load(str(path), load_external_data=False)
 
 
+def tensorrt_placement(float_path: Path) -> tuple[dict[str, Any], list[str]]:
+    """ONNX Runtime's options for the `tensorrt` profile, with NVIDIA Model Optimizer's Q/DQ
+    placement (its ONNX INT8 path calls the same quantize_static): symmetric INT8, bias in float,
+    Q/DQ on the inputs of the ops TensorRT runs in INT8 only (no Q/DQ on any op's output, so none
+    before a ReLU or on the logits), and MatMul weights per channel on their last axis (the output
+    columns; ONNX Runtime's default axis 1 is wrong for 3-D weights). Returns the extra options and
+    the op types to quantize. Not adopted: Model Optimizer's merged Concat scales (a second
+    calibration pass) and its small-convolution exclusions (the readiness lint warns about them)."""
+    from engines.quantize.tensorrt_readiness import QUANTIZABLE_OPS
+
+    present = {node.op_type for node in _load_graph_only(float_path).graph.node}
+    options = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QuantizeBias": False,
+        "OpTypesToExcludeOutputQuantization": sorted(present),
+        "ForceQuantizeNoInputCheck": True,
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": -1},
+    }
+    return options, sorted(QUANTIZABLE_OPS)
+
+
 def quantize_int8(
     float_path: Path,
     out_path: Path,
@@ -319,9 +341,10 @@ def quantize_int8(
             f"calibrated on {samples} samples; about {RECOMMENDED_CALIBRATION_SAMPLES}-1000 representative "
             "samples are recommended (TensorRT's guidance): ranges from few samples can clip real inputs"
         )
+    op_types: list[str] | None = None  # None: ONNX Runtime's own list
     if profile == "tensorrt":
         activation_type, reduce_range, reason = QuantType.QInt8, False, "TensorRT profile: symmetric INT8"
-        extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+        extra, op_types = tensorrt_placement(float_path)
     else:
         activation_type, extra = QuantType.QUInt8, {"WeightSymmetric": True}
         reduce_range, reason = reduce_range_for(cpu_features)
@@ -346,6 +369,7 @@ def quantize_int8(
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
                 nodes_to_exclude=list(config.nodes_to_exclude),
+                op_types_to_quantize=op_types,
                 extra_options=options,
             )
         except Exception as exc:
