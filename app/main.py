@@ -8,7 +8,7 @@ from app import __version__
 from app.api.body_limit import BodySizeLimitMiddleware
 from app.api.errors import install_error_handlers
 from app.api.request_log import RequestLogMiddleware
-from app.api.routes import capabilities, datasets, engines, health, inference_v2, jobs, models
+from app.api.routes import capabilities, datasets, engines, health, inference_v2, jobs, models, triton
 from app.api.uploads import MULTIPART_SLACK_BYTES
 from app.core.settings import Settings, get_settings
 from app.core.store import get_store
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestLogMiddleware, metrics=app.state.serving.metrics
     )  # outermost: sees every response
     app.router.routes[:0] = inference_v2.hot_routes
-    for module in (health, capabilities, models, datasets, jobs, engines, inference_v2):
+    for module in (health, capabilities, models, datasets, jobs, engines, triton, inference_v2):
         app.include_router(module.router)
     app.router.add_event_handler("shutdown", app.state.serving.close)
     return app

@@ -170,7 +170,7 @@ def test_cli_optimize_wait_report_alias_infer(
         m["name"] for m in capabilities["prune_methods"]
     }
     unknown = optiforge(stack, "jobs", "create", "mdl_missing", "--precision", "int4")
-    assert unknown.returncode != 0 and "the server offers fp32, fp16, int8" in unknown.stderr
+    assert unknown.returncode != 0 and "the server offers fp32, fp16, bf16, int8" in unknown.stderr
 
 
 def test_sdk_imports_no_server_or_torch() -> None:

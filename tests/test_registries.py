@@ -28,7 +28,13 @@ def test_capabilities_and_openapi_enums_come_from_the_registries(local_api: Loca
     assert capabilities["calibration_methods"] == list(CALIBRATION_METHODS)
     assert [item["name"] for item in capabilities["prune_methods"]] == list(CRITERIA)
     assert capabilities["job_kinds"] == list(JobKind.ALL)
-    assert {"name": "onnxruntime-cpu", "queue": "cpu", "available_here": True} in capabilities["backends"]
+    ort = {
+        "name": "onnxruntime-cpu",
+        "queue": "cpu",
+        "precisions": ["fp32", "fp16", "int8"],
+        "available_here": True,
+    }
+    assert ort in capabilities["backends"]
     schemas = local_api.client.get("/openapi.json").json()["components"]["schemas"]
     assert schemas["PruneIn"]["properties"]["method"]["enum"] == list(CRITERIA)
     assert schemas["QuantizeIn"]["properties"]["calibration"]["enum"] == list(CALIBRATION_METHODS)

@@ -163,7 +163,7 @@ def _node_tensors(nodes: Any) -> Iterator[Any]:
                 yield from _graph_tensors(subgraph)
 
 
-def _all_tensors(model: Any) -> Iterator[Any]:
+def all_tensors(model: Any) -> Iterator[Any]:
     """Every tensor that can carry external data: the graph's and the model-local functions'."""
     yield from _graph_tensors(model.graph)
     for function in model.functions:
@@ -176,7 +176,7 @@ def check_external_data(model: Any, base_dir: Path) -> bool:
 
     root = base_dir.resolve()
     used = False
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         used = True
@@ -267,7 +267,7 @@ def inspect_model(path: Path) -> ModelInfo:
         inputs=inputs,
         outputs=outputs,
         # weights inside If/Loop/Scan bodies and Constant nodes count too (Silero VAD keeps all of its there)
-        parameters=sum(math.prod(tensor.dims) for tensor in _all_tensors(inferred)),
+        parameters=sum(math.prod(tensor.dims) for tensor in all_tensors(inferred)),
         macs=count_macs(inferred),
         external_data=external,
         op_types=dict(sorted(op_types.items())),

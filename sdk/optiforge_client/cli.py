@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,19 @@ def cmd_infer(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_triton(client: Client, args: argparse.Namespace) -> int:
+    """Download the engines as one Triton model repository; print where it went and what it holds."""
+    path = client.triton_repository(args.engines, args.out)
+    with zipfile.ZipFile(path) as archive:
+        models = sorted({name.split("/")[0] for name in archive.namelist()})
+    _print_json({"path": str(path), "size_bytes": path.stat().st_size, "models": models})
+    print(
+        f"serve it: unzip {path} -d model_repository && tritonserver --model-repository=model_repository",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _list(rows: list[BaseModel], columns: Sequence[str]) -> int:
     _print_table([row.model_dump(mode="json") for row in rows], columns)
     return 0
@@ -188,6 +202,7 @@ def _commands() -> dict[str, Any]:
         "engines batching": lambda c, a: _print_json(
             c.set_batching(a.id, a.max_batch_size, a.max_queue_delay_ms)
         ),
+        "engines triton": cmd_triton,
         "optimize": cmd_optimize,
         "infer": cmd_infer,
     }
@@ -248,7 +263,7 @@ def add_client_commands(sub: Any) -> None:
     report.add_argument("id")
     report.add_argument("--format", choices=["md", "json"], default="md")
 
-    engines = group("engines", "list engines, name them, batch them")
+    engines = group("engines", "list engines, name them, batch them, export them to Triton")
     listing = leaf(engines, "engines list", "list engines")
     listing.add_argument("--model-id")
     listing.add_argument("--job-id")
@@ -260,6 +275,9 @@ def add_client_commands(sub: Any) -> None:
     batching.add_argument("id")
     batching.add_argument("--max-batch-size", type=int, default=16)
     batching.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    triton = leaf(engines, "engines triton", "download engines as one Triton model repository (zip)")
+    triton.add_argument("engines", nargs="+", metavar="ENGINE", help="engine id or alias; a model each")
+    triton.add_argument("--out", required=True, help="the zip to write, e.g. repo.zip")
 
     optimize = sub.add_parser(
         "optimize", help="upload a model (and data), optimize it, wait, print the report", parents=[common]

@@ -18,7 +18,8 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
@@ -63,6 +64,20 @@ def _finished(job: Job, started: float, timeout: float | None) -> bool:
     if timeout is not None and time.monotonic() - started > timeout:
         raise JobTimeout(job, timeout)
     return False
+
+
+def _triton_call(engines: Sequence[str] | str) -> calls.Call[None]:
+    """GET /v1/triton for these engines (ids or aliases). Its answer is a zip streamed to a file,
+    so the call is sent with `stream` and only its errors go through `Call.finish`."""
+    names = [engines] if isinstance(engines, str) else list(engines)
+    if not names:
+        raise ValueError("name one engine or more to export")
+    return calls.Call("GET", "/v1/triton", lambda _response: None, params={"engine": names})
+
+
+def _partial(path: Path) -> Path:
+    """Where a download goes until it is complete: `path` never holds half a zip."""
+    return path.with_name(path.name + ".part")
 
 
 class Client:
@@ -117,6 +132,25 @@ class Client:
             if _finished(job, started, timeout):
                 return job
             time.sleep(poll_s)
+
+    def triton_repository(self, engines: Sequence[str] | str, path: str | Path) -> Path:
+        """Download engines (ids or aliases) as one Triton model repository, a zip written to
+        `path`: unpack it and serve it with `tritonserver --model-repository=DIR`. Each engine is a
+        model named by its alias, else its id. Streamed to disk (engines can be gigabytes)."""
+        call, target = _triton_call(engines), Path(path)
+        partial = _partial(target)
+        try:
+            with self._http.stream(**call.request_args()) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    call.finish(response)  # raises the typed error
+                with partial.open("wb") as handle:
+                    for chunk in response.iter_bytes():
+                        handle.write(chunk)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
 
     def close(self) -> None:
         self._http.close()
@@ -180,6 +214,23 @@ class AsyncClient:
             if _finished(job, started, timeout):
                 return job
             await asyncio.sleep(poll_s)
+
+    async def triton_repository(self, engines: Sequence[str] | str, path: str | Path) -> Path:
+        """Download engines (ids or aliases) as one Triton model repository zip to `path`."""
+        call, target = _triton_call(engines), Path(path)
+        partial = _partial(target)
+        try:
+            async with self._http.stream(**call.request_args()) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    call.finish(response)  # raises the typed error
+                with partial.open("wb") as handle:
+                    async for chunk in response.aiter_bytes():
+                        handle.write(chunk)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
 
     async def aclose(self) -> None:
         await self._http.aclose()

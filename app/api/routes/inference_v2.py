@@ -38,12 +38,11 @@ from app.serving import inference
 from app.serving.inference import ServedEngine, Serving
 from engines.backends.registry import unavailable_reason
 from engines.errors import EngineError
+from engines.export.triton import PLATFORMS
 from engines.ingest.signature import specs_from_dicts
 
 router = APIRouter(prefix="/v2", tags=["inference (Open Inference Protocol)"])
 
-#: Triton's platform names, so tools that branch on them recognise the engine.
-_PLATFORMS = {"onnxruntime-cpu": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 #: Engine error codes that are the caller's fault (400); the rest mean this node can't serve (503).
 _CLIENT_ERRORS = {"invalid_input", "inference_failed", "not_batchable"}
 
@@ -96,7 +95,9 @@ def model_metadata(name: str, request: Request, version: str | None = None) -> d
     return {
         "name": name,
         "versions": versions,
-        "platform": _PLATFORMS.get(record.backend, record.backend),
+        "platform": PLATFORMS.get(
+            record.backend, record.backend
+        ),  # Triton's names, for tools that branch on them
         "inputs": _tensor_metadata(model_info["inputs"]),
         "outputs": _tensor_metadata(model_info["outputs"]),
     }

@@ -1,0 +1,1 @@
+"""Export: engines written in the layouts other servers load (`triton`: a Triton model repository)."""
