@@ -84,19 +84,6 @@ def onnx_signature(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]
     return inputs, outputs
 
 
-def _static_shape(spec: TensorSpec, batch_size: int) -> tuple[int, ...] | None:
-    """The input's shape at `batch_size`, or None when a dim besides the batch is dynamic."""
-    dims = []
-    for axis, dim in enumerate(spec.shape):
-        if axis == spec.batch_axis:
-            dims.append(batch_size)
-        elif isinstance(dim, int):
-            dims.append(dim)
-        else:
-            return None
-    return tuple(dims)
-
-
 class TorchRunner(Runner):
     """A converted module on one device at one precision, with CUDA graphs for static batch sizes.
 
@@ -165,7 +152,7 @@ class TorchRunner(Runner):
         as PyTorch's documentation prescribes)."""
         import torch
 
-        shapes = [_static_shape(spec, batch_size) for spec in self._inputs]
+        shapes = [spec.shape_at(batch_size) for spec in self._inputs]
         if any(shape is None for shape in shapes):
             self.notes.append(f"no CUDA graph at batch {batch_size}: an input has dynamic dims")
             return
@@ -344,7 +331,7 @@ class TorchCudaBackend(_TorchBackend):
 def _trial_seconds(runner: TorchRunner, batch_size: int, runs: int = 5) -> float | None:
     """Median seconds of a few forward passes at `batch_size` (None when a dim besides the batch is
     dynamic: there is no shape to try); raises EngineError when the module cannot run."""
-    shapes = [_static_shape(spec, batch_size) for spec in runner.input_metadata()]
+    shapes = [spec.shape_at(batch_size) for spec in runner.input_metadata()]
     if any(shape is None for shape in shapes):
         return None
     feeds = {

@@ -49,6 +49,19 @@ class TensorSpec:
             return self.shape
         return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1 :]
 
+    def shape_at(self, batch_size: int) -> tuple[int, ...] | None:
+        """The full shape at `batch_size` (the batch axis set to it), or None when a dim besides
+        the batch is dynamic: there is no one shape to make up for it."""
+        dims = []
+        for axis, dim in enumerate(self.shape):
+            if axis == self.batch_axis:
+                dims.append(batch_size)
+            elif isinstance(dim, int):
+                dims.append(dim)
+            else:
+                return None
+        return tuple(dims)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["shape"] = list(self.shape)

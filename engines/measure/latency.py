@@ -89,17 +89,12 @@ def make_batch(
     feeds: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(seed)
     for spec in specs:
-        dims = []
-        for axis, dim in enumerate(spec.shape):
-            if axis == spec.batch_axis:
-                dims.append(batch_size)
-            elif isinstance(dim, int):
-                dims.append(dim)
-            else:
-                raise InvalidRecipeError(
-                    f"input '{spec.name}' has a dynamic dim {axis} ({dim!r}); "
-                    "give a dataset so it can be measured"
-                )
+        dims = spec.shape_at(batch_size)
+        if dims is None:
+            raise InvalidRecipeError(
+                f"input '{spec.name}' has dynamic dims besides the batch ({list(spec.shape)}); "
+                "give a dataset so it can be measured"
+            )
         if np.dtype(spec.dtype).kind == "f":
             feeds[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
         else:
