@@ -8,7 +8,12 @@ from typing import Any
 from engines.errors import EngineError
 
 #: HTTP status for engine errors raised at request time.
-_ENGINE_ERROR_STATUS = {"upload_too_large": 413, "backend_unavailable": 409, "engine_file_missing": 503}
+_ENGINE_ERROR_STATUS = {
+    "upload_too_large": 413,
+    "backend_unavailable": 409,
+    "engine_incompatible": 409,  # a TensorRT plan from another GPU architecture or TensorRT version
+    "engine_file_missing": 503,
+}
 
 
 class ApiError(Exception):
