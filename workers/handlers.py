@@ -17,15 +17,18 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.core.orm import DatasetRecord, EngineRecord, JobKind, JobRecord, new_id
+from app.core.orm import DatasetRecord, EngineRecord, JobKind, JobRecord, new_id, take_alias
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from engines.ingest.datasets import Dataset, load_dataset
 from engines.ingest.signature import TensorSpec
-from engines.pipeline import PipelineResult, run_recipe
+from engines.pipeline import BuiltEngine, run_recipe
 from engines.prune.sensitivity import SENSITIVITY_JSON, SENSITIVITY_PNG, SensitivityConfig, analyse
 from engines.prune.sensitivity import plot as plot_sensitivity
 from engines.recipe import Recipe
+from engines.search import report as search_report
+from engines.search.autotune import AutotuneRequest, autotune
+from engines.search.report import REPORT_JSON, REPORT_MD, REPORT_PNG
 from workers.attempts import Attempt
 
 
@@ -77,8 +80,45 @@ def run_optimize(context: JobContext) -> Outcome:
     return Outcome(
         messages=result.messages,
         columns={"baseline": result.baseline.to_dict()},
-        record=lambda session, job: store_engines(session, context.store, job, result, context.written),
+        record=lambda session, job: store_engines(
+            session, context.store, job, result.engines, context.written
+        ),
     )
+
+
+def run_autotune(context: JobContext) -> Outcome:
+    """The search (engines.search.autotune); its report (JSON, markdown, plot) goes under
+    jobs/<id>/autotune/, the chosen engine and the other front members are stored as engines, the
+    chosen one first and with the job's alias."""
+    request = AutotuneRequest.from_dict(context.recipe)
+    evaluation = context.dataset(context.evaluation)
+    assert evaluation is not None, "an autotune job is created with an evaluation set"
+    result = autotune(
+        context.model_path,
+        request,
+        context.workdir / "search",
+        evaluation=evaluation,
+        calibration=context.dataset(context.calibration),
+        progress=context.attempt.progress,
+        check_cancelled=context.attempt.check_cancelled,
+    )
+    report = result.report(request.objective, request.budget)
+    out = context.workdir / "autotune"
+    out.mkdir()
+    (out / REPORT_JSON).write_text(json.dumps(report))
+    (out / REPORT_MD).write_text(search_report.markdown(report))
+    search_report.plot(report, out / REPORT_PNG)
+    prefix = f"jobs/{context.job_id}/autotune"
+    context.written.append(prefix)
+    context.store.put_dir(prefix, out)
+    alias = context.recipe.get("alias")
+
+    def record(session: Session, job: JobRecord) -> None:
+        stored = store_engines(session, context.store, job, result.engines, context.written)
+        if alias and result.chosen is not None and stored:
+            take_alias(session, stored[0], alias)
+
+    return Outcome(messages=result.messages, columns={"baseline": result.baseline.to_dict()}, record=record)
 
 
 def run_sensitivity(context: JobContext) -> Outcome:
@@ -97,7 +137,11 @@ def run_sensitivity(context: JobContext) -> Outcome:
     return Outcome()
 
 
-HANDLERS: dict[str, Handler] = {JobKind.OPTIMIZE: run_optimize, JobKind.SENSITIVITY: run_sensitivity}
+HANDLERS: dict[str, Handler] = {
+    JobKind.OPTIMIZE: run_optimize,
+    JobKind.SENSITIVITY: run_sensitivity,
+    JobKind.AUTOTUNE: run_autotune,
+}
 
 
 def engine_size(engine_path: Path) -> int:
@@ -108,33 +152,36 @@ def engine_size(engine_path: Path) -> int:
 
 
 def store_engines(
-    session: Session, store: ArtifactStore, job: JobRecord, result: PipelineResult, written: list[str]
-) -> None:
-    """Store each engine's files and row; `written` collects the prefixes, for clean-up on failure."""
-    for built in result.engines:
+    session: Session, store: ArtifactStore, job: JobRecord, engines: list[BuiltEngine], written: list[str]
+) -> list[EngineRecord]:
+    """Store each engine's files and row, in order; `written` collects the prefixes, for clean-up on
+    failure."""
+    records = []
+    for built in engines:
         engine_id = new_id("eng")
         prefix = f"jobs/{job.id}/engines/{engine_id}"
         written.append(prefix)
         store.put_dir(prefix, built.artifact.path.parent)
         measurement = built.measurement
-        session.add(
-            EngineRecord(
-                id=engine_id,
-                job_id=job.id,
-                model_id=job.model_id,
-                backend=built.artifact.backend,
-                precision=built.artifact.precision,
-                artifact_prefix=prefix,
-                engine_file=built.artifact.path.name,
-                size_bytes=engine_size(built.artifact.path),
-                build_seconds=built.artifact.build_seconds,
-                hardware=measurement.hardware,
-                metrics={
-                    "latency": measurement.latency,
-                    "accuracy": measurement.accuracy,
-                    "memory_mb": measurement.memory_mb,
-                    "vs_baseline": built.comparison,
-                },
-                build_info=built.artifact.metadata,
-            )
+        record = EngineRecord(
+            id=engine_id,
+            job_id=job.id,
+            model_id=job.model_id,
+            backend=built.artifact.backend,
+            precision=built.artifact.precision,
+            artifact_prefix=prefix,
+            engine_file=built.artifact.path.name,
+            size_bytes=engine_size(built.artifact.path),
+            build_seconds=built.artifact.build_seconds,
+            hardware=measurement.hardware,
+            metrics={
+                "latency": measurement.latency,
+                "accuracy": measurement.accuracy,
+                "memory_mb": measurement.memory_mb,
+                "vs_baseline": built.comparison,
+            },
+            build_info=built.artifact.metadata,
         )
+        session.add(record)
+        records.append(record)
+    return records

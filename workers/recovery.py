@@ -21,11 +21,10 @@ from typing import Any
 from sqlalchemy import select, update
 
 from app.core.db import session_scope
-from app.core.job_queue import enqueue_job, queue_for
+from app.core.job_queue import enqueue_job, job_queue
 from app.core.orm import JobRecord, JobStatus, lease_cutoff, utcnow
 from app.core.presence import beat, live_workers_by_queue
 from app.core.settings import Settings
-from engines.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +35,11 @@ def requeue_lost_jobs(settings: Settings) -> list[str]:
     requeued = []
     with session_scope(settings.resolved_database_url) as session:
         lost = session.execute(
-            select(JobRecord.id, JobRecord.attempts, JobRecord.recipe).where(
+            select(JobRecord.id, JobRecord.attempts, JobRecord.kind, JobRecord.recipe).where(
                 JobRecord.status == JobStatus.RUNNING, JobRecord.heartbeat_at < cutoff
             )
         ).all()
-        for job_id, attempts, recipe in lost:
+        for job_id, attempts, kind, recipe in lost:
             moved = session.execute(
                 update(JobRecord)
                 .where(
@@ -53,7 +52,7 @@ def requeue_lost_jobs(settings: Settings) -> list[str]:
             ).rowcount
             if moved:
                 session.commit()  # enqueue only what is committed
-                enqueue_job(settings, job_id, Recipe.from_dict(recipe))
+                enqueue_job(settings, job_id, job_queue(kind, recipe))
                 requeued.append(job_id)
                 logger.warning("job %s lost its worker (attempt %d); re-queued", job_id, attempts)
     return requeued
@@ -66,12 +65,12 @@ def fail_jobs_without_workers(settings: Settings) -> list[str]:
     with session_scope(settings.resolved_database_url) as session:
         live = live_workers_by_queue(session, settings)
         waiting = session.execute(
-            select(JobRecord.id, JobRecord.recipe).where(
+            select(JobRecord.id, JobRecord.kind, JobRecord.recipe).where(
                 JobRecord.status == JobStatus.QUEUED, JobRecord.created_at < waited_since
             )
         ).all()
-        for job_id, recipe in waiting:
-            queue = queue_for(Recipe.from_dict(recipe)) if recipe else "cpu"
+        for job_id, kind, recipe in waiting:
+            queue = job_queue(kind, recipe or {})
             if live.get(queue):
                 continue
             detail = (

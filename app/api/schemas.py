@@ -15,6 +15,8 @@ from engines.prune.methods import PruneConfig
 from engines.quantize.budget import BUDGET_METRICS, AccuracyBudget
 from engines.quantize.int8 import CALIBRATION_METHODS, QuantizeConfig
 from engines.recipe import Recipe
+from engines.search.autotune import AutotuneRequest
+from engines.search.space import OBJECTIVE_METRICS, Budget, Objective, SearchSpace
 from engines.variants import PRECISIONS
 
 # Enums read from the registries of engines/, so the OpenAPI document, validation messages and
@@ -25,6 +27,7 @@ PruneCriterion = Literal[tuple(CRITERIA)]  # type: ignore[valid-type]
 _SENSITIVITY_CRITERIA = tuple(name for name, item in CRITERIA.items() if item.in_sensitivity)
 SensitivityCriterion = Literal[_SENSITIVITY_CRITERIA]  # type: ignore[valid-type]
 Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class TensorSpecOut(BaseModel):
@@ -240,6 +243,118 @@ class JobCreate(BaseModel):
     recipe: RecipeIn = Field(default_factory=RecipeIn)
 
 
+class ObjectiveIn(BaseModel):
+    """What to minimize: latency (p50) or 1/throughput at `batch_size`, or the engine's size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal[OBJECTIVE_METRICS] = "latency"  # type: ignore[valid-type]
+    batch_size: int = Field(1, ge=1, le=4096)
+
+
+class SearchBudgetIn(BaseModel):
+    """The accuracy the engine may lose: `max_drop` of top-1 (needs labels) or of fidelity to the
+    original, in points (0.01 = 1 point), or as a fraction of the original's score with `relative`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: BudgetMetric = "top1"
+    max_drop: float = Field(0.01, ge=0, le=1)
+    relative: bool = False
+
+
+class SearchSpaceIn(BaseModel):
+    """Narrow the search; every field is optional (defaults: every CPU backend this worker runs,
+    fp32/fp16/int8, every calibration method, pruning at 0.3 and 0.5 with recovery training)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backends: list[str] | None = None
+    precisions: list[Precision] | None = None  # type: ignore[valid-type]
+    calibrations: list[CalibrationName] | None = None  # type: ignore[valid-type]
+    prune_ratios: list[float] | None = Field(None, max_length=6)
+    prune_method: PruneCriterion = "l1"  # type: ignore[valid-type]
+    finetune_epochs: int = Field(4, ge=0, le=50)
+    float_fallback: bool = True
+    max_full_evaluations: int = Field(30, ge=1, le=200)
+
+    @field_validator("backends")
+    @classmethod
+    def _known_backends(cls, backends: list[str] | None) -> list[str] | None:
+        if backends is None:
+            return None
+        unknown = [name for name in backends if name not in backend_names()]
+        if unknown:
+            raise ValueError(f"unknown backend(s) {unknown}; known backends: {backend_names()}")
+        return list(dict.fromkeys(backends))
+
+    @field_validator("prune_ratios")
+    @classmethod
+    def _ratios_in_range(cls, ratios: list[float] | None) -> list[float] | None:
+        if ratios is not None and any(not 0 <= ratio < 1 for ratio in ratios):
+            raise ValueError("prune ratios must be in [0, 1)")
+        return ratios
+
+    def to_config(self) -> SearchSpace:
+        defaults = SearchSpace()
+        return SearchSpace(
+            backends=tuple(self.backends or ()),
+            precisions=tuple(self.precisions or defaults.precisions),
+            calibrations=tuple(self.calibrations if self.calibrations is not None else defaults.calibrations),
+            prune_ratios=tuple(self.prune_ratios if self.prune_ratios is not None else defaults.prune_ratios),
+            prune_method=self.prune_method,
+            finetune_epochs=self.finetune_epochs,
+            float_fallback=self.float_fallback,
+            max_full_evaluations=self.max_full_evaluations,
+        )
+
+
+#: Below this, not even the cheapest candidates and the final timing fit.
+MIN_TIME_BUDGET_MINUTES = 1.0
+
+
+class AutotuneCreate(BaseModel):
+    """The fastest engine within an accuracy budget: `POST /v1/models/{id}/optimize`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    evaluation_dataset_id: str = Field(description="scores every candidate; labels for a top1 budget")
+    calibration_dataset_id: str | None = Field(
+        None, description="calibrates INT8 and trains pruned models; without it, no INT8 or pruning"
+    )
+    objective: ObjectiveIn = Field(default_factory=ObjectiveIn)
+    accuracy_budget: SearchBudgetIn = Field(default_factory=SearchBudgetIn)
+    time_budget_minutes: float = Field(30.0, le=24 * 60)
+    space: SearchSpaceIn = Field(default_factory=SearchSpaceIn)
+    alias: str | None = Field(None, pattern=ALIAS_PATTERN, description="given to the chosen engine")
+
+    @field_validator("time_budget_minutes")
+    @classmethod
+    def _enough_time(cls, minutes: float) -> float:
+        if minutes < MIN_TIME_BUDGET_MINUTES:
+            raise ValueError(
+                f"a time budget of {minutes:g} minutes cannot build even one candidate; the minimum is "
+                f"{MIN_TIME_BUDGET_MINUTES:g} minute"
+            )
+        return minutes
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_not_an_id(cls, alias: str | None) -> str | None:
+        if alias is not None and alias.startswith(("eng_", "mdl_")):
+            raise ValueError("an alias cannot start with eng_ or mdl_ (those are ids)")
+        return alias
+
+    def to_config(self, sensitivity_ratios: dict[str, float] | None = None) -> AutotuneRequest:
+        return AutotuneRequest(
+            objective=Objective(**self.objective.model_dump()),
+            budget=Budget(**self.accuracy_budget.model_dump()),
+            time_budget_s=self.time_budget_minutes * 60.0,
+            space=self.space.to_config(),
+            sensitivity_ratios=sensitivity_ratios,
+        )
+
+
 class JobError(BaseModel):
     code: str
     detail: str
@@ -249,8 +364,8 @@ class JobOut(BaseModel):
     id: str
     model_id: str
     kind: str = Field(
-        description="optimize (a recipe), sensitivity (a pruning sensitivity analysis); "
-        "convert and autotune to come"
+        description="optimize (a recipe), sensitivity (a pruning sensitivity analysis), autotune "
+        "(POST /v1/models/{id}/optimize: the fastest engine within an accuracy budget); convert to come"
     )
     calibration_dataset_id: str | None
     evaluation_dataset_id: str | None
@@ -286,9 +401,6 @@ class EngineOut(BaseModel):
     alias: str | None = Field(description="a name to infer with instead of the id (/v2/models/{alias})")
     batching: BatchingIn | None = Field(description="dynamic batching of concurrent requests; null: off")
     created_at: datetime
-
-
-ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class AliasIn(BaseModel):

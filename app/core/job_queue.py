@@ -11,11 +11,13 @@ workers import this module to build their Celery app; nothing here imports them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 from celery import Celery
 
+from app.core.orm import JobKind
 from app.core.settings import Settings, get_settings
 from engines.backends.registry import backend_queue
 from engines.recipe import Recipe
@@ -67,9 +69,23 @@ def get_celery(settings: Settings | None = None) -> Celery:
 
 def queue_for(recipe: Recipe) -> str:
     """A job goes to the GPU queue as soon as one of its targets needs a GPU to build."""
-    queues = {backend_queue(target) for target in recipe.targets}
+    return queue_for_targets(recipe.targets)
+
+
+def queue_for_targets(targets: Sequence[str]) -> str:
+    queues = {backend_queue(target) for target in targets}
     return "gpu" if "gpu" in queues else "cpu"
 
 
-def enqueue_job(settings: Settings, job_id: str, recipe: Recipe) -> None:
-    get_celery(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue(queue_for(recipe)))
+def job_queue(kind: str, recipe: dict[str, Any]) -> str:
+    """The queue of a stored job, from its kind and its recipe column: an optimization job's targets,
+    an autotune job's search space (its backends; the CPU ones when it names none)."""
+    if kind == JobKind.AUTOTUNE:
+        return queue_for_targets((recipe.get("space") or {}).get("backends") or ())
+    if kind == JobKind.OPTIMIZE:
+        return queue_for(Recipe.from_dict(recipe))
+    return "cpu"
+
+
+def enqueue_job(settings: Settings, job_id: str, queue: str) -> None:
+    get_celery(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue(queue))

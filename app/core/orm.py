@@ -166,3 +166,16 @@ class WorkerRecord(Base):
     hardware: Mapped[dict[str, Any]] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+def take_alias(session: Any, engine: EngineRecord, alias: str) -> None:
+    """Name `engine` with `alias`, taking it from the engine that had it (an alias names one engine);
+    the caller commits (a concurrent taker then fails the unique constraint, not silently)."""
+    from sqlalchemy import update
+
+    session.execute(
+        update(EngineRecord)
+        .where(EngineRecord.alias == alias, EngineRecord.id != engine.id)
+        .values(alias=None)
+    )
+    engine.alias = alias

@@ -9,18 +9,20 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.errors import ApiError, from_engine_error
-from app.core.job_queue import enqueue_job, queue_for
+from app.core.job_queue import enqueue_job, job_queue
 from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, ModelRecord, lease_cutoff, utcnow
 from app.core.presence import live_workers_by_queue
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from app.services.records import get_dataset_record, get_job_record, get_model_record
+from engines.backends.registry import check_precision
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import DatasetInfo, check_fits_model
 from engines.ingest.signature import TensorSpec, specs_from_dicts
@@ -29,6 +31,7 @@ from engines.pipeline import validate_recipe
 from engines.prune.methods import PruneConfig, check_prune_config
 from engines.prune.sensitivity import SENSITIVITY_JSON, ratios_within
 from engines.recipe import Recipe
+from engines.search.autotune import AutotuneRequest
 from engines.torch_bridge import check_prunable_layout, unconvertible_ops
 
 logger = logging.getLogger(__name__)
@@ -131,7 +134,61 @@ def create_optimization_job(
         recipe=recipe.to_dict(),
         messages=[],
     )
-    queue_job(session, settings, job, recipe)
+    queue_job(session, settings, job)
+    return job
+
+
+def create_autotune_job(
+    session: Session,
+    settings: Settings,
+    store: ArtifactStore,
+    *,
+    model_id: str,
+    request: AutotuneRequest,
+    evaluation_dataset_id: str,
+    calibration_dataset_id: str | None,
+    alias: str | None,
+) -> JobRecord:
+    """An `autotune` job: the fastest engine within the accuracy budget (engines.search.autotune).
+
+    What can be refused now is: datasets that do not fit the model, a top1 budget without labels,
+    an objective batch the model's static batch refuses. The latest succeeded sensitivity analysis
+    of the model, when there is one, gives the search a pruning candidate with its per-layer ratios.
+    """
+    model = get_model_record(session, model_id)
+    inputs = specs_from_dicts(model.info["inputs"])
+    try:
+        varying: set[str] = set()
+        evaluation = _dataset_fitting(session, evaluation_dataset_id, inputs, varying)
+        _dataset_fitting(session, calibration_dataset_id, inputs, varying)
+        assert evaluation is not None
+        if request.budget.metric == "top1" and not evaluation.has_labels:
+            raise InvalidRecipeError(
+                "a top1 budget needs labels in the evaluation set; use the metric 'fidelity'"
+            )
+        static = {spec.batch_dim for spec in inputs if spec.has_static_batch()}
+        if static and request.objective.batch_size not in static:
+            raise InvalidRecipeError(
+                f"the model's batch is fixed at {sorted(static)}; ask for that objective batch size"
+            )
+        for name in request.space.backends:
+            check_precision((name,), "fp32")
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    try:
+        report = sensitivity_report(session, store, latest_sensitivity(session, model.id), model_id=model.id)
+        request = replace(request, sensitivity_ratios=ratios_within(report, request.budget.max_drop))
+    except ApiError:  # no analysis yet: the search tries uniform ratios only
+        pass
+    job = JobRecord(
+        model_id=model.id,
+        kind=JobKind.AUTOTUNE,
+        calibration_dataset_id=calibration_dataset_id,
+        evaluation_dataset_id=evaluation_dataset_id,
+        recipe={**request.to_dict(), "alias": alias},
+        messages=[],
+    )
+    queue_job(session, settings, job)
     return job
 
 
@@ -156,15 +213,15 @@ def create_sensitivity_job(
         recipe={"method": method, "ratios": ratios},
         messages=[],
     )
-    queue_job(session, settings, job, Recipe())
+    queue_job(session, settings, job)
     return job
 
 
-def queue_job(session: Session, settings: Settings, job: JobRecord, recipe: Recipe) -> None:
+def queue_job(session: Session, settings: Settings, job: JobRecord) -> None:
     """Commit the job, then send its id to the workers; a broker that is down fails the job (503).
     A job whose queue no live worker takes says so in its stage (the sweeper fails it after
     `queue_wait_s`)."""
-    queue = queue_for(recipe)
+    queue = job_queue(job.kind or JobKind.OPTIMIZE, job.recipe)
     if queue != "cpu" and not live_workers_by_queue(session, settings).get(queue):
         job.stage = (
             f"queued: no worker takes '{queue}' jobs now; it fails after {settings.queue_wait_s} s "
@@ -173,7 +230,7 @@ def queue_job(session: Session, settings: Settings, job: JobRecord, recipe: Reci
     session.add(job)
     session.commit()  # enqueue only after the row is committed: the worker re-reads it
     try:
-        enqueue_job(settings, job.id, recipe)
+        enqueue_job(settings, job.id, queue)
     except Exception as exc:
         logger.exception("could not enqueue job %s", job.id)
         job.status, job.finished_at = JobStatus.FAILED, utcnow()
@@ -220,13 +277,14 @@ def cancel_job(session: Session, settings: Settings, store: ArtifactStore, job_i
 
 
 def job_report(session: Session, job_id: str) -> dict[str, Any]:
-    """The comparison table of a succeeded optimization job: the original and every engine."""
+    """The comparison table of a succeeded optimization or autotune job: the original and every
+    engine it stored (for autotune: the chosen one and the other Pareto-front members)."""
     job = get_job_record(session, job_id)
-    if job.kind != JobKind.OPTIMIZE:
+    if job.kind not in (JobKind.OPTIMIZE, JobKind.AUTOTUNE):
         raise ApiError(
             409,
             "not_an_optimization_job",
-            f"job '{job_id}' is a {job.kind} job: reports exist for optimize jobs"
+            f"job '{job_id}' is a {job.kind} job: reports exist for optimize and autotune jobs"
             + (": GET its /sensitivity" if job.kind == JobKind.SENSITIVITY else ""),
         )
     if job.status != JobStatus.SUCCEEDED or job.baseline is None:
@@ -282,6 +340,14 @@ def latest_sensitivity(session: Session, model_id: str) -> str:
             f"POST /v1/models/{model_id}/sensitivity first",
         )
     return latest
+
+
+def autotune_report_dir(session: Session, store: ArtifactStore, job_id: str) -> Path:
+    """Where a succeeded autotune job's report (JSON, markdown, plot) is stored."""
+    job = get_job_record(session, job_id)
+    if job.kind != JobKind.AUTOTUNE or job.status != JobStatus.SUCCEEDED:
+        raise ApiError(409, "autotune_not_available", f"job '{job_id}' is not a succeeded autotune job")
+    return store.local_path(f"jobs/{job_id}/autotune")
 
 
 def sensitivity_report(

@@ -42,7 +42,7 @@ class AccuracyBudget:
 Quantizer = Callable[[QuantizeConfig, Path], QuantizeResult]
 
 
-def _metric(outputs: np.ndarray, evaluation: Dataset, metric: str, reference: np.ndarray) -> float:
+def score_outputs(outputs: np.ndarray, evaluation: Dataset, metric: str, reference: np.ndarray) -> float:
     """Top-1 against labels, or fidelity to the original (engines.measure.accuracy.fidelity_score)."""
     try:
         if metric == "top1":
@@ -102,7 +102,7 @@ def quantize_within_budget(
 
     def _score(path: Path) -> float:
         outputs = _outputs(runner_for, path, evaluation, batch_size)
-        return _metric(outputs, evaluation, budget.metric, reference)
+        return score_outputs(outputs, evaluation, budget.metric, reference)
 
     if budget.metric == "top1" and evaluation.labels is None:
         raise InvalidRecipeError(
@@ -112,7 +112,7 @@ def quantize_within_budget(
     try:
         reference = _outputs(runner_for, float_path, evaluation, batch_size)
         float_score = (
-            _metric(reference, evaluation, budget.metric, reference) if budget.metric == "top1" else 1.0
+            score_outputs(reference, evaluation, budget.metric, reference) if budget.metric == "top1" else 1.0
         )
         drop = float_score - _score(result.path)
     except EngineError as exc:

@@ -128,6 +128,47 @@ def create_job(
     return Call("POST", "/v1/jobs", _as(Job), json=body)
 
 
+def optimize(
+    model_id: str,
+    evaluation_dataset_id: str,
+    calibration_dataset_id: str | None = None,
+    *,
+    objective: str = "latency",
+    batch_size: int = 1,
+    max_drop: float = 0.01,
+    budget_metric: str = "top1",
+    relative: bool = False,
+    time_budget_minutes: float = 30.0,
+    space: Mapping[str, Any] | None = None,
+    alias: str | None = None,
+) -> Call[Job]:
+    """Auto-optimize: the fastest engine (or the smallest, objective="size") whose accuracy drop
+    stays within `max_drop` (0.01 = 1 point of `budget_metric`), searched in `time_budget_minutes`.
+    Follow it with `wait_for_job`, then `autotune_report(job_id)`; `space` narrows the search
+    (`backends`, `precisions`, `calibrations`, `prune_ratios`, …)."""
+    body = {
+        "evaluation_dataset_id": evaluation_dataset_id,
+        "calibration_dataset_id": calibration_dataset_id,
+        "objective": {"metric": objective, "batch_size": batch_size},
+        "accuracy_budget": {"metric": budget_metric, "max_drop": max_drop, "relative": relative},
+        "time_budget_minutes": time_budget_minutes,
+        "space": dict(space or {}),
+        "alias": alias,
+    }
+    return Call("POST", f"/v1/models/{model_id}/optimize", _as(Job), json=body)
+
+
+def autotune_report(job_id: str, format: Literal["json", "md", "png"] = "json") -> Call[Any]:
+    """An autotune job's report: every candidate with lineage, outcome and figures (JSON), the
+    markdown table (`md`), or the plot's PNG bytes (`png`)."""
+    parsers: dict[str, Callable[[httpx.Response], Any]] = {
+        "json": lambda r: r.json(),
+        "md": lambda r: r.text,
+        "png": lambda r: r.content,
+    }
+    return Call("GET", f"/v1/jobs/{job_id}/autotune", parsers[format], params={"format": format})
+
+
 def get_job(job_id: str) -> Call[Job]:
     return Call("GET", f"/v1/jobs/{job_id}", _as(Job))
 

@@ -94,12 +94,64 @@ def _wait_and_report(client: Client, job: Job, quiet: bool) -> int:
     return 0
 
 
+def parse_budget(text: str) -> tuple[float, bool]:
+    """`1%` or `1pt` is one point (0.01); `0.01` the same; `1%rel` is 1 % of the original's score."""
+    relative = text.endswith("rel")
+    value = text.removesuffix("rel").strip()
+    if value.endswith(("%", "pt")):
+        return float(value.rstrip("%").removesuffix("pt")) / 100.0, relative
+    return float(value), relative
+
+
+def parse_objective(text: str) -> tuple[str, int]:
+    """`latency@8`, `throughput@32`, `size`."""
+    metric, _, batch = text.partition("@")
+    return metric, int(batch) if batch else 1
+
+
+def _run_search(
+    client: Client, args: argparse.Namespace, model_id: str, calibration: Any, evaluation: Any
+) -> int:
+    """`optimize --budget …`: the autotune search, a live line with the current best, then its table."""
+    if evaluation is None:
+        raise SystemExit("error: --budget needs an evaluation set (--eval): every candidate is scored on it")
+    max_drop, relative = parse_budget(args.budget)
+    metric, batch_size = parse_objective(args.objective)
+    space = {"backends": args.target} if args.target else {}
+    job = client.optimize(
+        model_id,
+        evaluation.id,
+        calibration.id if calibration else None,
+        objective=metric,
+        batch_size=batch_size,
+        max_drop=max_drop,
+        budget_metric=args.budget_metric or ("top1" if evaluation.has_labels else "fidelity"),
+        relative=relative,
+        time_budget_minutes=args.time_budget,
+        space=space,
+        alias=args.alias,
+    )
+    if not args.wait:
+        print(job.id)
+        return 0
+    job = client.wait_for_job(
+        job.id, timeout=args.time_budget * 60 * 1.5 + 600, on_progress=None if args.quiet else ProgressBar()
+    )
+    if job.status != "succeeded":
+        print(f"job {job.id} {job.status}: {job.error}", file=sys.stderr)
+        return 1
+    print(client.autotune_report(job.id, format="md"))
+    return 0
+
+
 def cmd_optimize(client: Client, args: argparse.Namespace) -> int:
     _check_choices(client, args)
     model = client.upload_model(args.model, name=args.name)
     print(f"model {model.id}: {model.name}, {model.parameters:,} parameters", file=sys.stderr)
     calibration = client.upload_dataset(args.calib) if args.calib else None
     evaluation = client.upload_dataset(args.eval) if args.eval else None
+    if args.budget:
+        return _run_search(client, args, model.id, calibration, evaluation)
     job = client.create_job(
         model.id,
         _recipe(args),
@@ -289,6 +341,15 @@ def add_client_commands(sub: Any) -> None:
     optimize.add_argument("--name")
     optimize.add_argument("--wait", action="store_true", help="follow the job and print the report")
     optimize.add_argument("--quiet", action="store_true", help="no progress bar")
+    optimize.add_argument(
+        "--budget",
+        help="search for the fastest engine within this accuracy drop (1%% or 1pt = one point; 1%%rel = "
+        "1%% of the original's score) instead of running one recipe; needs --eval",
+    )
+    optimize.add_argument("--objective", default="latency@1", help="latency@BATCH, throughput@BATCH or size")
+    optimize.add_argument("--budget-metric", choices=["top1", "fidelity"], help="default: top1 with labels")
+    optimize.add_argument("--time-budget", type=float, default=30.0, help="minutes the search may take")
+    optimize.add_argument("--alias", help="give the chosen engine this alias")
     _add_recipe_options(optimize)
 
     capabilities = sub.add_parser(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from fastapi import APIRouter, Depends, Response
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -12,7 +12,7 @@ from app.api.deps import ServingDep, get_db, get_store_dep
 from app.api.schemas import AliasIn, BatchingIn, EngineOut, InferRequest, InferResponse
 from app.api.views import engine_out
 from app.core.errors import ApiError, from_engine_error, not_found
-from app.core.orm import EngineRecord, ModelRecord
+from app.core.orm import EngineRecord, ModelRecord, take_alias
 from app.core.store import ArtifactStore
 from app.services.records import get_engine_record
 from engines.errors import EngineError
@@ -82,12 +82,7 @@ def set_alias(
     without a change on their side. An alias names one engine: setting it here takes it from the
     engine that had it."""
     record = get_engine_record(session, engine_id)
-    session.execute(
-        update(EngineRecord)
-        .where(EngineRecord.alias == body.alias, EngineRecord.id != engine_id)
-        .values(alias=None)
-    )
-    record.alias = body.alias
+    take_alias(session, record, body.alias)
     try:
         session.commit()
     except IntegrityError as exc:  # another request took the alias between our two statements

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -19,6 +20,7 @@ from app.services import jobs as service
 from app.services.records import get_job_record
 from engines.measure.report import render_markdown
 from engines.prune.sensitivity import SENSITIVITY_PNG
+from engines.search.report import REPORT_JSON, REPORT_MD, REPORT_PNG
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -115,3 +117,22 @@ def get_sensitivity(
         png = store.local_path(f"jobs/{job_id}/sensitivity") / SENSITIVITY_PNG
         return Response(png.read_bytes(), media_type="image/png")
     return JSONResponse(report)
+
+
+@router.get(
+    "/{job_id}/autotune",
+    summary="An autotune search: every candidate with its lineage, outcome and figures, the Pareto front",
+    responses={200: {"content": {"application/json": {}, "text/markdown": {}, "image/png": {}}}},
+)
+def get_autotune(
+    job_id: str,
+    format: Literal["json", "md", "png"] = Query("json", description="json, md (a table) or png (the plot)"),
+    session: Session = Depends(get_db),
+    store: ArtifactStore = Depends(get_store_dep),
+) -> Response:
+    folder = service.autotune_report_dir(session, store, job_id)
+    if format == "png":
+        return Response((folder / REPORT_PNG).read_bytes(), media_type="image/png")
+    if format == "md":
+        return PlainTextResponse((folder / REPORT_MD).read_text(), media_type="text/markdown")
+    return JSONResponse(json.loads((folder / REPORT_JSON).read_text()))

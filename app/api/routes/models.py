@@ -15,14 +15,14 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from app.api.deps import ServingDep, get_db, get_settings_dep, get_store_dep
-from app.api.schemas import JobOut, ModelOut, SensitivityCreate
+from app.api.schemas import AutotuneCreate, JobOut, ModelOut, SensitivityCreate
 from app.api.uploads import commit_upload, receive_upload
 from app.api.views import job_out, model_out
 from app.core.errors import ApiError, from_engine_error
 from app.core.orm import EngineRecord, JobRecord, JobStatus, ModelRecord, new_id
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
-from app.services.jobs import create_sensitivity_job
+from app.services.jobs import create_autotune_job, create_sensitivity_job
 from app.services.records import get_model_record
 from engines.errors import InvalidModelError
 from engines.ingest.model import inspect_model, unpack_upload, write_normalized
@@ -160,5 +160,38 @@ def start_sensitivity(
         dataset_id=body.dataset_id,
         method=body.method,
         ratios=body.ratios,
+    )
+    return job_out(session, job)
+
+
+@router.post(
+    "/{model_id}/optimize",
+    status_code=202,
+    response_model=JobOut,
+    summary="Auto-optimize: the fastest engine within an accuracy budget",
+)
+def start_autotune(
+    model_id: str,
+    body: AutotuneCreate,
+    session: Session = Depends(get_db),
+    settings: Settings = Depends(get_settings_dep),
+    store: ArtifactStore = Depends(get_store_dep),
+) -> JobOut:
+    """Searches backend × precision × calibration × pruning, cheapest candidates first, each screened
+    on a slice of the evaluation set and timed beside the original before a full evaluation; keeps
+    the time budget (a time-out returns the best found so far). The job's `stage` shows the current
+    best. The result: `GET /v1/jobs/{id}/autotune` (JSON, `?format=md` for the table, `?format=png`
+    for the plot of cost against accuracy drop with the Pareto front); the chosen engine and the
+    other front members are the job's engines, the chosen one first (with `alias` when given).
+    """
+    job = create_autotune_job(
+        session,
+        settings,
+        store,
+        model_id=model_id,
+        request=body.to_config(),
+        evaluation_dataset_id=body.evaluation_dataset_id,
+        calibration_dataset_id=body.calibration_dataset_id,
+        alias=body.alias,
     )
     return job_out(session, job)

@@ -1,0 +1,532 @@
+"""The search: the fastest (or smallest) engine whose accuracy drop stays within the budget, found
+within a time budget, with every candidate's outcome kept.
+
+How it spends its time, cheapest evidence first:
+1. the original is measured once (ONNX Runtime fp32): its score on the evaluation set, its outputs
+   (the reference for fidelity) and a quick latency at the objective's batch size;
+2. candidates come cheapest to build first (engines.search.space.candidates); each is built,
+   then **screened** on a slice of the evaluation set (`screen_samples`): one that already breaks
+   the budget there by a margin is rejected without more work;
+3. a **quick timing** (a few interleaved runs beside the original) drops candidates more than 30 %
+   slower than the best so far: successive halving on timing, so losers cost one build and a
+   second, not a full evaluation;
+4. the survivors are scored on the whole evaluation set (at most `max_full_evaluations`); an INT8
+   candidate that breaks the budget is retried right away with the accuracy-aware float fallback
+   (engines.quantize.budget), which the per-layer report drives;
+5. the time budget is checked before each candidate (a candidate is never cut in half; the final
+   timing has its own reserve); when it runs out, the best candidate found so far wins: a search
+   never ends with nothing when anything was built;
+6. the accepted candidates are timed again side by side with the original (the final figures),
+   the Pareto front of cost against drop is computed over every candidate that has both, and the
+   cheapest candidate within the budget is chosen.
+The worker stores the chosen engine and the other front members; dominated candidates remain
+report rows with their lineage, metrics and outcome (built, rejected by accuracy, slower, failed
+and why, skipped for time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.backends.base import CompileOptions, EngineArtifact, Runner
+from engines.backends.registry import backend_class, get_backend
+from engines.errors import Cancelled, EngineError, InvalidRecipeError
+from engines.ingest.datasets import Dataset
+from engines.measure.accuracy import accuracy_report, run_dataset
+from engines.measure.latency import MeasureConfig, measure_latency
+from engines.pipeline import BASELINE, BASELINE_BACKEND, BuiltEngine, Measurement, compare
+from engines.prune.finetune import FinetuneConfig
+from engines.prune.methods import PruneConfig
+from engines.prune.stage import run_prune_stage
+from engines.quantize.budget import AccuracyBudget, score_outputs
+from engines.quantize.int8 import QuantizeConfig
+from engines.recipe import Recipe
+from engines.search.pareto import pareto_front
+from engines.search.space import Budget, Candidate, Objective, SearchSpace, candidates
+from engines.variants import build_variant
+
+Progress = Callable[[float, str], None]
+#: A screened candidate this much past the budget on the slice is not worth a full evaluation.
+SCREEN_MARGIN = 0.02
+#: Quick-timed candidates slower than the best so far by more than this are dropped.
+HALVING_FACTOR = 1.3
+#: Share of the time budget kept for the final side-by-side timing.
+FINAL_TIMING_SHARE = 0.1
+QUICK = MeasureConfig(warmup_runs=2, timed_runs=10, min_seconds=0.2)
+FINAL = MeasureConfig(warmup_runs=5, timed_runs=30, min_seconds=1.0)
+
+
+@dataclass(frozen=True)
+class AutotuneRequest:
+    objective: Objective
+    budget: Budget
+    time_budget_s: float
+    space: SearchSpace = field(default_factory=SearchSpace)
+    sensitivity_ratios: dict[str, float] | None = None  # per layer, within the budget (a prior analysis)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What an autotune job's row keeps (its `recipe` column)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AutotuneRequest:
+        space = {
+            key: tuple(value) if isinstance(value, list) else value for key, value in data["space"].items()
+        }
+        return cls(
+            objective=Objective(**data["objective"]),
+            budget=Budget(**data["budget"]),
+            time_budget_s=float(data["time_budget_s"]),
+            space=SearchSpace(**space),
+            sensitivity_ratios=data.get("sensitivity_ratios"),
+        )
+
+
+@dataclass
+class CandidateOutcome:
+    """One row of the report: what was tried, what became of it, its figures where it got that far."""
+
+    candidate: Candidate
+    status: str  # accepted | rejected_accuracy | slower | failed | skipped_time | skipped_limit
+    reason: str = ""
+    cost: float | None = None
+    drop: float | None = None
+    score: float | None = None
+    latency: dict[str, dict[str, float]] | None = None
+    accuracy: dict[str, Any] | None = None
+    size_bytes: int | None = None
+    quick_ratio: float = float("inf")  # cost / the original's, timed in the same rounds
+    build_seconds: float | None = None
+    on_front: bool = False
+    chosen: bool = False
+    within_budget: bool = False
+    artifact: EngineArtifact | None = field(default=None, repr=False)
+    runner: Runner | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.candidate.label(),
+            "lineage": self.candidate.lineage(),
+            "status": self.status,
+            "reason": self.reason,
+            "cost": self.cost,
+            "drop": self.drop,
+            "score": self.score,
+            "latency": self.latency,
+            "size_bytes": self.size_bytes,
+            "build_seconds": self.build_seconds,
+            "on_front": self.on_front,
+            "chosen": self.chosen,
+            "within_budget": self.within_budget,
+        }
+
+
+@dataclass
+class AutotuneResult:
+    baseline: Measurement
+    baseline_cost: float
+    baseline_score: float
+    allowed_drop: float
+    outcomes: list[CandidateOutcome]
+    engines: list[BuiltEngine]  # the chosen one first, then the other stored front members
+    chosen: CandidateOutcome | None
+    messages: list[str]
+    elapsed_s: float
+    timed_out: bool
+
+    def report(self, objective: Objective, budget: Budget) -> dict[str, Any]:
+        return {
+            "objective": {"metric": objective.metric, "batch_size": objective.batch_size},
+            "budget": {"metric": budget.metric, "max_drop": budget.max_drop, "relative": budget.relative},
+            "allowed_drop": self.allowed_drop,
+            "original": {
+                "cost": self.baseline_cost,
+                "score": self.baseline_score,
+                "latency": self.baseline.latency,
+                "backend": BASELINE_BACKEND,
+            },
+            "chosen": self.chosen.candidate.label() if self.chosen else None,
+            "candidates": [outcome.to_dict() for outcome in self.outcomes],
+            "messages": self.messages,
+            "elapsed_s": self.elapsed_s,
+            "timed_out": self.timed_out,
+        }
+
+
+class _Search:
+    """State of one search: the original's figures, caches of built models, the outcomes so far."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        request: AutotuneRequest,
+        workdir: Path,
+        calibration: Dataset | None,
+        evaluation: Dataset,
+        progress: Progress,
+        check_cancelled: Callable[[], None],
+        clock: Callable[[], float],
+    ):
+        self.model_path, self.request, self.workdir = model_path, request, workdir
+        self.calibration, self.evaluation = calibration, evaluation
+        self.progress, self.check_cancelled, self.clock = progress, check_cancelled, clock
+        self.started = clock()
+        self.deadline = self.started + request.time_budget_s * (1 - FINAL_TIMING_SHARE)
+        self.objective, self.budget = request.objective, request.budget
+        self.screen = evaluation.take(min(request.space.screen_samples, evaluation.samples))
+        self.pruned_models: dict[tuple, Path | str] = {}  # a path, or why pruning failed
+        self.outcomes: list[CandidateOutcome] = []
+        self.full_evaluations = 0
+        self.finished = False
+        self.messages: list[str] = []
+
+    # ------------------------------------------------------------ the original
+
+    def measure_original(self) -> None:
+        backend = get_backend(BASELINE_BACKEND)
+        self.original = backend.load(self.model_path, backend.options())
+        self.inputs = self.original.input_metadata()
+        self.output_names = [spec.name for spec in self.original.output_metadata()]
+        self.eval_batch = max(1, min(self.objective.batch_size, self.evaluation.samples))
+        self.reference = run_dataset(self.original, self.evaluation, self.eval_batch, self.check_cancelled)
+        self.screen_reference = self.reference[: self.screen.samples]
+        self.baseline_accuracy = accuracy_report(self.reference, self.evaluation.labels, None)
+        self.baseline_score = self._score(self.reference, self.evaluation, self.reference)
+        self.allowed = self.budget.allowed_drop(self.baseline_score)
+        self.baseline_size = self.model_path.stat().st_size
+
+    def _score(self, outputs: np.ndarray, data: Dataset, reference: np.ndarray) -> float:
+        return score_outputs(outputs, data, self.budget.metric, reference)
+
+    # ------------------------------------------------------------ building a candidate
+
+    def _source(self, candidate: Candidate) -> Path:
+        """The model the candidate's precision starts from: the original, or a pruned copy (built
+        once per pruning and shared by the precisions that use it)."""
+        if not candidate.pruned:
+            return self.model_path
+        key = (candidate.prune_ratio, candidate.layer_ratios)
+        if key not in self.pruned_models:
+            space = self.request.space
+            config = PruneConfig(
+                method=space.prune_method,
+                ratio=candidate.prune_ratio or 0.5,
+                layer_ratios=dict(candidate.layer_ratios) or None,
+            )
+            recovery = (
+                FinetuneConfig(epochs=space.finetune_epochs, distill=True)
+                if self.calibration is not None and space.finetune_epochs
+                else None
+            )
+            workdir = self.workdir / f"pruned-{len(self.pruned_models)}"
+            workdir.mkdir(parents=True)
+            stage = run_prune_stage(
+                self.model_path,
+                config,
+                recovery,
+                workdir,
+                inputs=self.inputs,
+                output_names=self.output_names,
+                calibration=self.calibration,
+                evaluation=None,
+                progress=lambda fraction, stage: None,
+                check_cancelled=self.check_cancelled,
+            )
+            self.pruned_models[key] = stage.path if stage.pruned else "; ".join(stage.messages)
+        source = self.pruned_models[key]
+        if isinstance(source, str):
+            raise EngineError(source or "pruning was skipped", code="pruning_skipped")
+        return source
+
+    def build(self, candidate: Candidate, index: int) -> tuple[EngineArtifact, Runner]:
+        backend = get_backend(candidate.backend)
+        source = self._source(candidate)
+        precision = candidate.precision
+        model_precision = "fp32" if precision in backend.native_precisions else precision
+        recipe = Recipe(
+            targets=(candidate.backend,),
+            precision=model_precision,
+            batch_sizes=(self.objective.batch_size,),
+            quantize=QuantizeConfig(calibration=candidate.calibration or "minmax"),
+            accuracy_budget=AccuracyBudget(
+                "top1" if self.budget.metric == "top1" else "fidelity", self.allowed
+            )
+            if candidate.float_fallback
+            else None,
+        )
+        workdir = self.workdir / f"candidate-{index}"
+        variant = build_variant(
+            source,
+            recipe,
+            backend.quantization_profile,
+            workdir,
+            calibration=self.calibration,
+            evaluation=self.evaluation if candidate.float_fallback else None,
+            batch_size=min(16, (self.calibration.samples if self.calibration else 16)),
+            check_cancelled=self.check_cancelled,
+        )
+        options = CompileOptions(precision=precision, batch_sizes=(self.objective.batch_size,))
+        artifact = backend.compile(variant.path, workdir / "engine", options)
+        artifact.metadata.update({**variant.metadata, "lineage": candidate.lineage()})
+        variant.write_layer_errors(artifact.path.parent)
+        return artifact, backend.load(artifact.path, backend.options())
+
+    # ------------------------------------------------------------ one candidate
+
+    def best_accepted(self) -> CandidateOutcome | None:
+        """The accepted candidate of lowest cost (the final figures once timed, the quick ratio before)."""
+        accepted = [o for o in self.outcomes if o.status == "accepted" and o.cost is not None]
+        if not accepted:
+            return None
+        return min(accepted, key=lambda o: o.cost if self.finished else o.quick_ratio)  # type: ignore[arg-type,return-value]
+
+    def _quick_timing(
+        self, runner: Runner, size_bytes: int
+    ) -> tuple[dict[str, dict[str, float]], float, float]:
+        """A few runs interleaved with the original's: the latency, the cost, and the cost relative to
+        the original's measured in the same rounds (candidates timed at different moments of a noisy
+        machine compare by that ratio, not by their raw figures)."""
+        runners = {BASELINE: self.original, "candidate": runner}
+        batch = (self.objective.batch_size,)
+        quick = measure_latency(runners, batch, QUICK, self.evaluation, self.check_cancelled)
+        cost = self.objective.cost(quick["candidate"], size_bytes)
+        return quick["candidate"], cost, cost / self.objective.cost(quick[BASELINE], self.baseline_size)
+
+    def try_candidate(self, candidate: Candidate, queue: list[Candidate]) -> CandidateOutcome:
+        outcome = CandidateOutcome(candidate, "failed")
+        started = self.clock()
+        try:
+            artifact, runner = self.build(candidate, len(self.outcomes))
+        except (Cancelled, InvalidRecipeError):
+            raise
+        except EngineError as exc:
+            outcome.reason = f"{exc.code}: {exc.detail}"
+            return outcome
+        outcome.artifact, outcome.runner = artifact, runner
+        outcome.build_seconds = self.clock() - started
+        outcome.size_bytes = sum(
+            p.stat().st_size for p in artifact.path.parent.glob(artifact.path.name + "*")
+        )
+        try:
+            screened = run_dataset(runner, self.screen, self.eval_batch, self.check_cancelled)
+            screen_drop = self._drop(self._score(screened, self.screen, self.screen_reference))
+            if screen_drop > self.allowed + SCREEN_MARGIN:
+                return self._drop_runner(
+                    outcome, "rejected_accuracy", f"screened on {self.screen.samples} samples: drop "
+                    f"{screen_drop * 100:.2f} pt, budget {self.allowed * 100:.2f} pt", drop=screen_drop
+                )  # fmt: skip
+            outcome.latency, outcome.cost, outcome.quick_ratio = self._quick_timing(
+                runner, outcome.size_bytes
+            )
+            best = self.best_accepted()
+            if best is not None and outcome.quick_ratio > HALVING_FACTOR * best.quick_ratio:
+                reason = (
+                    f"quick timing beside the original: {outcome.quick_ratio:.2f}× its cost, "
+                    f"the best so far {best.quick_ratio:.2f}×"
+                )
+                return self._drop_runner(outcome, "slower", reason)
+            if self.full_evaluations >= self.request.space.max_full_evaluations:
+                return self._drop_runner(
+                    outcome, "skipped_limit", "the limit of full evaluations was reached"
+                )
+            self.full_evaluations += 1
+            outputs = run_dataset(runner, self.evaluation, self.eval_batch, self.check_cancelled)
+            outcome.accuracy = accuracy_report(outputs, self.evaluation.labels, self.reference)
+            outcome.score = self._score(outputs, self.evaluation, self.reference)
+            outcome.drop = self._drop(outcome.score)
+        except (Cancelled, InvalidRecipeError):
+            runner.deactivate()
+            raise
+        except EngineError as exc:
+            return self._drop_runner(outcome, "failed", f"{exc.code}: {exc.detail}")
+        if outcome.drop > self.allowed:
+            if (
+                candidate.precision == "int8"
+                and self.request.space.float_fallback
+                and not candidate.float_fallback
+            ):
+                queue.insert(0, replace(candidate, float_fallback=True))
+            return self._drop_runner(
+                outcome, "rejected_accuracy",
+                f"drop {outcome.drop * 100:.2f} pt, budget {self.allowed * 100:.2f} pt",
+            )  # fmt: skip
+        outcome.status, outcome.within_budget = "accepted", True
+        return outcome
+
+    def _drop(self, score: float) -> float:
+        return (self.baseline_score if self.budget.metric == "top1" else 1.0) - score
+
+    @staticmethod
+    def _drop_runner(
+        outcome: CandidateOutcome, status: str, reason: str, drop: float | None = None
+    ) -> CandidateOutcome:
+        """Close the candidate's runner (its files stay until the search ends) and record why."""
+        if outcome.runner is not None:
+            outcome.runner.deactivate()
+            outcome.runner = None
+        outcome.status, outcome.reason = status, reason
+        if drop is not None:
+            outcome.drop = drop
+        return outcome
+
+    # ------------------------------------------------------------ the whole search
+
+    def run(self, queue: list[Candidate]) -> AutotuneResult:
+        timed_out = False
+        while queue:
+            candidate = queue.pop(0)
+            self.check_cancelled()
+            if self.clock() > self.deadline:
+                timed_out = True
+                self.outcomes.append(CandidateOutcome(candidate, "skipped_time", "the time budget was spent"))
+                continue
+            outcome = self.try_candidate(candidate, queue)
+            self.outcomes.append(outcome)
+            best = self.best_accepted()
+            elapsed = self.clock() - self.started
+            self.progress(
+                min(0.9, elapsed / self.request.time_budget_s),
+                f"searching: {len(self.outcomes)} tried, {len(queue)} left; best within budget: "
+                + (
+                    f"{best.candidate.label()} ({best.quick_ratio:.2f}× the original's cost)"
+                    if best
+                    else "none yet"
+                ),  # type: ignore[arg-type]
+            )
+        return self.finish(timed_out)
+
+    def finish(self, timed_out: bool) -> AutotuneResult:
+        self.progress(0.9, "timing the accepted candidates side by side with the original")
+        accepted = [o for o in self.outcomes if o.status == "accepted" and o.runner is not None]
+        runners = {BASELINE: self.original, **{str(i): o.runner for i, o in enumerate(accepted)}}
+        final = measure_latency(
+            runners,
+            (self.objective.batch_size,),
+            FINAL,
+            self.evaluation,
+            self.check_cancelled,  # type: ignore[arg-type]
+        )
+        baseline_cost = self.objective.cost(final[BASELINE], self.baseline_size)
+        self.finished = True
+        for index, outcome in enumerate(accepted):
+            outcome.latency = final[str(index)]
+            outcome.cost = self.objective.cost(outcome.latency, outcome.size_bytes or 0)
+        scored = [o for o in self.outcomes if o.cost is not None and o.drop is not None]
+        for index in pareto_front([(o.cost, o.drop) for o in scored]):  # type: ignore[misc]
+            scored[index].on_front = True
+        chosen = self.best_accepted()
+        messages = list(self.messages)
+        if chosen is not None:
+            chosen.chosen = True
+            messages.append(
+                f"chosen: {chosen.candidate.label()}: {self.objective.describe(chosen.cost)} against the "  # type: ignore[arg-type]
+                f"original's {self.objective.describe(baseline_cost)}, drop {chosen.drop * 100:.2f} pt of "  # type: ignore[operator]
+                f"{self.budget.metric} (budget {self.allowed * 100:.2f} pt)"
+            )
+            if chosen.cost >= baseline_cost:  # type: ignore[operator]
+                messages.append("no candidate beats the original within the budget: serve the original")
+        else:
+            measured = [o for o in self.outcomes if o.drop is not None]  # screened ones too
+            closest = min(measured, key=lambda o: o.drop, default=None)  # type: ignore[arg-type,return-value]
+            messages.append(
+                "no candidate met the budget"
+                + (
+                    f"; the closest is {closest.candidate.label()} with a drop of {closest.drop * 100:.2f} pt"  # type: ignore[operator]
+                    if closest
+                    else ""
+                )
+            )
+        if timed_out:
+            skipped = sum(o.status == "skipped_time" for o in self.outcomes)
+            messages.append(
+                f"the time budget ran out: {skipped} candidates were not tried; the best found is kept"
+            )
+        baseline = Measurement(
+            BASELINE_BACKEND,
+            "fp32",
+            get_backend(BASELINE_BACKEND).hardware(),
+            final[BASELINE],
+            self.baseline_accuracy,
+        )
+        engines = self._stored_engines(baseline, chosen)
+        for outcome in self.outcomes:
+            if outcome.runner is not None:
+                outcome.runner.deactivate()
+        self.original.deactivate()
+        return AutotuneResult(
+            baseline, baseline_cost, self.baseline_score, self.allowed, self.outcomes, engines, chosen,
+            messages, self.clock() - self.started, timed_out,
+        )  # fmt: skip
+
+    def _stored_engines(self, baseline: Measurement, chosen: CandidateOutcome | None) -> list[BuiltEngine]:
+        """The chosen engine first, then the other front members that were built."""
+        stored = [o for o in self.outcomes if (o.chosen or o.on_front) and o.artifact is not None]
+        stored.sort(key=lambda o: not o.chosen)
+        engines = []
+        for outcome in stored:
+            artifact = outcome.artifact
+            assert artifact is not None and outcome.latency is not None
+            artifact.metadata["autotune"] = {
+                "chosen": outcome.chosen,
+                "on_front": outcome.on_front,
+                "within_budget": outcome.within_budget,
+                "drop": outcome.drop,
+            }
+            hardware = backend_class(artifact.backend)().hardware()
+            measurement = Measurement(
+                artifact.backend, artifact.precision, hardware, outcome.latency, outcome.accuracy
+            )
+            engines.append(BuiltEngine(artifact, measurement, compare(baseline, measurement)))
+        return engines
+
+
+def autotune(
+    model_path: Path,
+    request: AutotuneRequest,
+    workdir: Path,
+    *,
+    evaluation: Dataset,
+    calibration: Dataset | None = None,
+    progress: Progress = lambda fraction, stage: None,
+    check_cancelled: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.monotonic,
+) -> AutotuneResult:
+    """Search the space for the engine that best meets the objective within the accuracy budget."""
+    if request.budget.metric == "top1" and evaluation.labels is None:
+        raise InvalidRecipeError("a top1 budget needs labels in the evaluation set; use metric 'fidelity'")
+    space = request.space
+    backends = list(space.backends or _cpu_backends())
+    precisions_of = {name: backend_class(name).precisions for name in backends}
+    needs_calibration = calibration is None and bool(space.calibrations or space.prune_ratios)
+    if needs_calibration:
+        space = replace(space, calibrations=(), prune_ratios=())
+    search = _Search(model_path, request, workdir, calibration, evaluation, progress, check_cancelled, clock)
+    progress(0.0, "measuring the original")
+    search.measure_original()
+    if needs_calibration:
+        search.messages.append("no calibration set: INT8 and pruning were left out of the search")
+    queue = candidates(
+        space,
+        backends,
+        precisions_of,
+        can_prune=calibration is not None and all(spec.batch_axis == 0 for spec in search.inputs),
+        sensitivity_ratios=request.sensitivity_ratios,
+    )
+    return search.run(queue)
+
+
+def _cpu_backends() -> list[str]:
+    """The backends of the CPU queue this worker can run (GPU backends are asked for by name)."""
+    from engines.backends.registry import backend_names, unavailable_reason
+
+    return [
+        name
+        for name in backend_names()
+        if backend_class(name).queue == "cpu" and unavailable_reason(name) is None
+    ]

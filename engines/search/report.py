@@ -1,0 +1,100 @@
+"""An autotune search as people read it: a markdown table of every candidate (chosen, front, the
+rest with why), and a plot of cost against accuracy drop with the Pareto front and the original."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "autotune.json", "autotune.md", "autotune.png"
+_COST_UNITS = {"latency": "p50 ms", "throughput": "ms per sample", "size": "MB"}
+
+
+def _cost_value(metric: str, cost: float, batch_size: int) -> float:
+    """The cost in the unit people read: ms, ms per sample (throughput), MB."""
+    if metric == "size":
+        return cost / 1e6
+    if metric == "throughput":
+        return cost * 1000.0
+    return cost
+
+
+def markdown(report: dict[str, Any]) -> str:
+    objective = report["objective"]
+    metric, batch = objective["metric"], objective["batch_size"]
+    unit = _COST_UNITS[metric]
+    budget = report["budget"]
+    lines = [
+        f"Objective: {metric} at batch {batch}; budget: {report['allowed_drop'] * 100:.2f} pt of "
+        f"{budget['metric']}; chosen: {report['chosen'] or 'none'}; {report['elapsed_s']:.0f} s"
+        + (" (time budget ran out)" if report["timed_out"] else ""),
+        "",
+        f"| Candidate | Outcome | {unit} | vs original | Drop (pt) | Front | Why |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    original = _cost_value(metric, report["original"]["cost"], batch)
+    lines.append(f"| original (onnxruntime-cpu fp32) | reference | {original:.3f} | 1.00× | 0.00 |  |  |")
+    for row in report["candidates"]:
+        cost = None if row["cost"] is None else _cost_value(metric, row["cost"], batch)
+        cells = [
+            ("**" + row["label"] + "**") if row["chosen"] else row["label"],
+            "chosen" if row["chosen"] else row["status"].replace("_", " "),
+            "—" if cost is None else f"{cost:.3f}",
+            "—" if cost is None else f"{original / cost:.2f}×",
+            "—" if row["drop"] is None else f"{row['drop'] * 100:.2f}",
+            "yes" if row["on_front"] else "",
+            row["reason"].replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *(f"- {message}" for message in report["messages"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    """Cost against drop: every scored candidate, the front joined, the chosen one starred, the
+    original marked, the budget as a vertical line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objective = report["objective"]
+    metric, batch = objective["metric"], objective["batch_size"]
+    scored = [row for row in report["candidates"] if row["cost"] is not None and row["drop"] is not None]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for row in scored:
+        axes.scatter(
+            row["drop"] * 100,
+            _cost_value(metric, row["cost"], batch),
+            color="tab:blue" if row["within_budget"] else "tab:gray",
+            s=30,
+            alpha=0.8,
+        )
+    front = sorted((row for row in scored if row["on_front"]), key=lambda row: row["drop"])
+    if front:
+        axes.plot(
+            [row["drop"] * 100 for row in front],
+            [_cost_value(metric, row["cost"], batch) for row in front],
+            color="tab:orange",
+            marker="o",
+            label="Pareto front",
+        )
+    for row in scored:
+        if row["chosen"]:
+            axes.scatter(
+                row["drop"] * 100, _cost_value(metric, row["cost"], batch), marker="*", s=250,
+                color="tab:red", label=f"chosen: {row['label']}", zorder=5,
+            )  # fmt: skip
+    axes.scatter(
+        0, _cost_value(metric, report["original"]["cost"], batch), marker="s", s=60, color="black",
+        label="original", zorder=5,
+    )  # fmt: skip
+    axes.axvline(report["allowed_drop"] * 100, color="tab:red", linestyle="--", linewidth=1, label="budget")
+    axes.set_xlabel(f"accuracy drop ({report['budget']['metric']}, points)")
+    axes.set_ylabel(f"{metric} ({_COST_UNITS[metric]}) at batch {batch}")
+    axes.set_title("Autotune: every scored candidate, cost against accuracy drop")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,138 @@
+"""What the search optimizes, what it must keep, and the candidates it may try, cheapest first.
+
+A candidate is a lineage: which pruning (ratio, or the per-layer ratios of a sensitivity
+analysis), which precision, which calibration method, whether the accuracy-aware float fallback
+is on, which backend. The order is the search's first economy: candidates that cost seconds to
+build (fp32, fp16, one INT8 calibration) come before those that cost minutes (other calibration
+methods, then pruning with recovery training), so a short time budget still sees the cheap wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engines.errors import InvalidRecipeError
+
+OBJECTIVE_METRICS = ("latency", "throughput", "size")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Minimize latency (p50) or maximize throughput at `batch_size`, or minimize the engine's size."""
+
+    metric: str = "latency"
+    batch_size: int = 1
+
+    def cost(self, latency: dict[str, dict[str, float]] | None, size_bytes: int) -> float:
+        """Smaller is better, whatever the metric (throughput as its inverse)."""
+        if self.metric == "size":
+            return float(size_bytes)
+        assert latency is not None
+        stats = latency[str(self.batch_size)]
+        return stats["p50_ms"] if self.metric == "latency" else 1.0 / stats["throughput_per_s"]
+
+    def describe(self, cost: float) -> str:
+        if self.metric == "size":
+            return f"{cost / 1e6:.2f} MB"
+        if self.metric == "latency":
+            return f"p50 {cost:.3f} ms at batch {self.batch_size}"
+        return f"{1.0 / cost:.1f} samples/s at batch {self.batch_size}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much accuracy the engine may lose against the original: `max_drop` of top-1 (labels) or of
+    fidelity (agreement with the original's outputs), in points (0.01 = 1 point) or, `relative`,
+    as a fraction of the original's score."""
+
+    metric: str = "top1"
+    max_drop: float = 0.01
+    relative: bool = False
+
+    def allowed_drop(self, baseline_score: float) -> float:
+        return self.max_drop * baseline_score if self.relative else self.max_drop
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The choices the search may combine; the request's `space` narrows them."""
+
+    backends: tuple[str, ...] = ()  # empty: every CPU backend this worker runs
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    calibrations: tuple[str, ...] = ("minmax", "entropy", "percentile")
+    prune_ratios: tuple[float, ...] = (0.3, 0.5)
+    prune_method: str = "l1"
+    finetune_epochs: int = 4
+    float_fallback: bool = True  # an INT8 candidate that breaks the budget is retried with nodes in float
+    max_full_evaluations: int = 30
+    screen_samples: int = 128
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: str
+    precision: str
+    calibration: str | None = None
+    prune_ratio: float = 0.0
+    layer_ratios: tuple[tuple[str, float], ...] = ()  # from a sensitivity analysis
+    float_fallback: bool = False
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def pruned(self) -> bool:
+        return self.prune_ratio > 0 or bool(self.layer_ratios)
+
+    def label(self) -> str:
+        parts = []
+        if self.layer_ratios:
+            parts.append("pruned (sensitivity)")
+        elif self.prune_ratio:
+            parts.append(f"pruned {self.prune_ratio:g}")
+        parts.append(self.precision + (f" {self.calibration}" if self.calibration else ""))
+        if self.float_fallback:
+            parts.append("+ float fallback")
+        return f"{self.backend} " + " ".join(parts)
+
+    def lineage(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layer_ratios"] = dict(self.layer_ratios) or None
+        data.pop("notes")
+        return data
+
+
+def candidates(
+    space: SearchSpace,
+    backends: Sequence[str],
+    precisions_of: dict[str, tuple[str, ...]],
+    *,
+    can_prune: bool,
+    sensitivity_ratios: dict[str, float] | None = None,
+) -> list[Candidate]:
+    """Every candidate of the space on these backends, cheapest to build first: unpruned fp32,
+    fp16, INT8 with the first calibration method, the other methods; then pruned models (the
+    sensitivity analysis's per-layer ratios first, then uniform ratios), fp32 and INT8 each."""
+    if not backends:
+        raise InvalidRecipeError("no backend of the search space runs on this worker")
+
+    def at(precision: str, **extra: Any) -> list[Candidate]:
+        return [
+            Candidate(backend, precision, **extra)
+            for backend in backends
+            if precision in precisions_of[backend] and precision in space.precisions
+        ]
+
+    found: list[Candidate] = [*at("fp32"), *at("fp16")]
+    for calibration in space.calibrations:
+        found += at("int8", calibration=calibration)
+    if can_prune:
+        prunings: list[dict[str, Any]] = []
+        if sensitivity_ratios and any(sensitivity_ratios.values()):
+            prunings.append({"layer_ratios": tuple(sorted(sensitivity_ratios.items()))})
+        prunings += [{"prune_ratio": ratio} for ratio in space.prune_ratios if ratio > 0]
+        for pruning in prunings:
+            found += at("fp32", **pruning)
+            if space.calibrations:
+                found += at("int8", calibration=space.calibrations[0], **pruning)
+    return found
