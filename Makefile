@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench bench-prune bench-serve bench-zoo bench-gpu gpu-wheels clean
+.PHONY: serve test lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench-prune: $(VENV)/.dev-installed
 # The serving table of the README: /v2 overhead, dynamic batching under load, a 10 000-request soak.
 bench-serve: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.serve $(ARGS)
+
+# The auto-optimize table (README, "Auto-optimize"): up to 30 minutes of search per network on 2 cores;
+# ARGS="--time-budget 5" for shorter searches, ARGS="--quick" for a 1-minute smoke run on digits.
+bench-autotune: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.autotune $(ARGS)
 
 # The GPU table (README, "GPU"): on a machine with an NVIDIA GPU and CUDA torch, under 8 minutes.
 # ARGS="--device cpu --quick" runs the same code on a CPU as a smoke test.

@@ -184,6 +184,7 @@ class _Search:
         self.outcomes: list[CandidateOutcome] = []
         self.full_evaluations = 0
         self.finished = False
+        self.durations: dict[bool, list[float]] = {}  # seconds per candidate, pruned or not
         self.messages: list[str] = []
 
     # ------------------------------------------------------------ the original
@@ -359,6 +360,15 @@ class _Search:
         outcome.status, outcome.within_budget = "accepted", True
         return outcome
 
+    def _expected_seconds(self, candidate: Candidate) -> float:
+        """How long a candidate of its kind took so far (the median): one that would overrun the
+        budget is skipped rather than started. The first pruned candidate, whose recovery training
+        has no precedent, is given a third of the budget."""
+        seen = self.durations.get(candidate.pruned)
+        if seen:
+            return float(np.median(seen))
+        return self.request.time_budget_s / 3 if candidate.pruned else 0.0
+
     def _drop(self, score: float) -> float:
         return (self.baseline_score if self.budget.metric == "top1" else 1.0) - score
 
@@ -382,11 +392,15 @@ class _Search:
         while queue:
             candidate = queue.pop(0)
             self.check_cancelled()
-            if self.clock() > self.deadline:
+            if self.clock() + self._expected_seconds(candidate) > self.deadline:
                 timed_out = True
-                self.outcomes.append(CandidateOutcome(candidate, "skipped_time", "the time budget was spent"))
+                self.outcomes.append(
+                    CandidateOutcome(candidate, "skipped_time", "it would not finish within the time budget")
+                )
                 continue
+            began = self.clock()
             outcome = self.try_candidate(candidate, queue)
+            self.durations.setdefault(candidate.pruned, []).append(self.clock() - began)
             self.outcomes.append(outcome)
             best = self.best_accepted()
             elapsed = self.clock() - self.started
