@@ -19,7 +19,7 @@ COPY migrations ./migrations
 COPY sdk ./sdk
 # The SDK is installed from sdk/ (the server shares its tensor codec). The prune extra brings torch (CPU build pinned in pyproject.toml) and torch-pruning; onnx2torch
 # goes in without its torchvision requirement (see engines/torch_bridge.py).
-RUN pip install ./sdk '.[prune]' \
+RUN pip install ./sdk '.[prune,openvino]' \
     && pip install --no-deps onnx2torch==1.5.15 \
     && if [ "$GPU" = "1" ]; then \
          pip install --force-reinstall --no-deps torch==2.13.0 --index-url "$TORCH_CUDA_INDEX" \

@@ -15,13 +15,13 @@ ONNX2TORCH := onnx2torch==1.5.15
 
 # The service with pruning support (torch CPU build, torch-pruning), no test tools.
 $(VENV)/.serve-installed: pyproject.toml sdk/pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ./sdk -e '.[prune]'
+	$(BIN)/pip install -q -e ./sdk -e '.[prune,openvino]'
 	$(BIN)/pip install -q --no-deps $(ONNX2TORCH)
 	touch $@
 
 # Tests add torch (pinned to the CPU build), scikit-learn for the digits set, pytest and ruff.
 $(VENV)/.dev-installed: pyproject.toml sdk/pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ./sdk -e '.[dev]'
+	$(BIN)/pip install -q -e ./sdk -e '.[dev,openvino]'
 	$(BIN)/pip install -q --no-deps $(ONNX2TORCH)
 	touch $@ $(VENV)/.serve-installed
 

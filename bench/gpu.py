@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bench.run import TorchEagerRunner, render_table
-from engines.backends.base import CompileOptions, Runner
+from engines.backends.base import CompileOptions, Runner, engine_size
 from engines.backends.registry import get_backend, unavailable_reason
 from engines.backends.torch_runtime import TorchEngineSettings, TorchLoadOptions, TorchRunner
 from engines.hardware import cpu_info
@@ -39,10 +39,6 @@ from examples.digits import export_onnx
 EAGER, ORT_FP32 = "pytorch eager fp32", "onnxruntime-cpu fp32"
 
 
-def _engine_size(path: Path) -> int:
-    return sum(item.stat().st_size for item in path.parent.iterdir() if item.is_file())
-
-
 def torch_cuda_runners(
     onnx_path: Path, workdir: Path, batch_sizes: tuple[int, ...], device: str, try_compile: bool
 ) -> dict[str, tuple[Runner, int, dict[str, Any]]]:
@@ -51,7 +47,7 @@ def torch_cuda_runners(
     backend_name = "torch-cuda" if device == "cuda" else "torch-cpu"
     backend = get_backend(backend_name)
     base = backend.compile(onnx_path, workdir / "torch-fp32", CompileOptions(batch_sizes=batch_sizes))
-    size = _engine_size(base.path)
+    size = engine_size(base.path)
     found: dict[str, tuple[Runner, int, dict[str, Any]]] = {}
     precisions = ("fp32", "fp16", "bf16") if device == "cuda" else ("fp32",)
     for precision in precisions:
@@ -98,7 +94,7 @@ def tensorrt_runners(
         )
         found[f"tensorrt {precision}"] = (
             backend.load(artifact.path),
-            _engine_size(artifact.path),
+            engine_size(artifact.path),
             {"build_seconds": artifact.build_seconds},
         )
     return found, None
@@ -162,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         candidates: dict[str, tuple[Runner, int, dict[str, Any]]] = {
             EAGER: (eager, onnx_path.stat().st_size, {}),
-            ORT_FP32: (ort_runner, _engine_size(ort_engine.path), {}),
+            ORT_FP32: (ort_runner, engine_size(ort_engine.path), {}),
         }
         print("building torch engines …", flush=True)
         candidates.update(

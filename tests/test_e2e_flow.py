@@ -247,35 +247,39 @@ def test_prune_finetune_int8_pipeline_over_http(
         assert folded.status_code == 422 and "TrainingMode.PRESERVE" in folded.json()["detail"]
 
 
-def test_torch_cpu_and_onnxruntime_in_one_job_served_over_v2(
-    live_stack: LiveStack, digits: DigitsArtifacts
-) -> None:
-    """What a user would otherwise run (PyTorch on the CPU), built and measured in the same job as
-    ONNX Runtime, one report comparing them, and the torch engine served like any other."""
+def test_every_cpu_backend_in_one_job_served_over_v2(live_stack: LiveStack, digits: DigitsArtifacts) -> None:
+    """ONNX Runtime, OpenVINO and what a user would otherwise run (PyTorch on the CPU), built and
+    measured in the same job, one report comparing them, each engine served over /v2 like any other."""
     from optiforge_client import Client
 
     with live_stack.client() as client:
         model = _upload(client, digits.onnx_path, "models", "digits-cnn")
         evaluation = _upload(client, digits.eval_npz, "datasets", "digits-test")
-        recipe = {"targets": ["onnxruntime-cpu", "torch-cpu"], "batch_sizes": [1, 8], "measure": FAST_MEASURE}
+        recipe = {
+            "targets": ["onnxruntime-cpu", "torch-cpu", "openvino-cpu"],
+            "batch_sizes": [1, 8],
+            "measure": FAST_MEASURE,
+        }
         job = _run_job(client, model, recipe, evaluation)
         assert job["status"] == "succeeded", job
         engines = {
             engine["backend"]: engine
             for engine in client.get("/v1/engines", params={"job_id": job["id"]}).json()
         }
-        assert set(engines) == {"onnxruntime-cpu", "torch-cpu"}
+        assert set(engines) == {"onnxruntime-cpu", "torch-cpu", "openvino-cpu"}
         torch_engine = engines["torch-cpu"]
         assert torch_engine["build_info"]["verified_on_hardware"] is True
         assert torch_engine["hardware"]["torch"] and torch_engine["metrics"]["accuracy"]["top1"] >= 0.97
         report = client.get(f"/v1/jobs/{job['id']}/report").json()
-        assert [row["backend"] for row in report["rows"]] == [
+        assert sorted(row["backend"] for row in report["rows"][1:]) == [
             "onnxruntime-cpu",
-            "onnxruntime-cpu",
+            "openvino-cpu",
             "torch-cpu",
         ]
+        assert engines["openvino-cpu"]["metrics"]["accuracy"]["top1"] >= 0.97
 
     sdk = Client(live_stack.base_url)
-    outputs = sdk.infer(torch_engine["id"], {"input": digits.split.test_x[:4]}).outputs
-    np.testing.assert_allclose(outputs["logits"], digits.torch_test_logits[:4], atol=1e-4)
+    for backend in ("torch-cpu", "openvino-cpu"):
+        outputs = sdk.infer(engines[backend]["id"], {"input": digits.split.test_x[:4]}).outputs
+        np.testing.assert_allclose(outputs["logits"], digits.torch_test_logits[:4], atol=1e-4)
     sdk.close()

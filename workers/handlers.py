@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from app.core.orm import DatasetRecord, EngineRecord, JobKind, JobRecord, new_id, take_alias
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
+from engines.backends.base import engine_size
 from engines.ingest.datasets import Dataset, load_dataset
 from engines.ingest.signature import TensorSpec
 from engines.pipeline import BuiltEngine, run_recipe
@@ -142,13 +143,6 @@ HANDLERS: dict[str, Handler] = {
     JobKind.SENSITIVITY: run_sensitivity,
     JobKind.AUTOTUNE: run_autotune,
 }
-
-
-def engine_size(engine_path: Path) -> int:
-    """The engine file and its external data, not the reports stored beside it."""
-    return sum(
-        path.stat().st_size for path in engine_path.parent.glob(engine_path.name + "*") if path.is_file()
-    )
 
 
 def store_engines(

@@ -19,14 +19,9 @@ from pathlib import Path
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from engines.backends.base import Runner
+from engines.backends.base import Runner, engine_size
 from engines.backends.batching import BatchingConfig, DynamicBatcher, InferResult, run_unbatched
 from engines.backends.registry import get_backend
-
-
-def engine_footprint(engine_path: Path) -> int:
-    """Bytes of an engine file and its external data files."""
-    return sum(path.stat().st_size for path in engine_path.parent.glob(engine_path.name + "*"))
 
 
 @dataclass
@@ -144,7 +139,7 @@ class EnginePool:
     def _load(self, engine_id: str, backend_name: str, engine_path: Path) -> LoadedEngine:
         backend = get_backend(backend_name)
         runner = backend.load(engine_path, backend.options(threads=self.threads, spin_wait=self.spin_wait))
-        engine = LoadedEngine(engine_id, runner, engine_footprint(engine_path))
+        engine = LoadedEngine(engine_id, runner, engine_size(engine_path))
         with self._lock:
             self._engines[engine_id] = engine
             self._loading.pop(engine_id, None)

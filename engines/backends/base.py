@@ -36,6 +36,14 @@ class EngineArtifact:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def engine_size(engine_path: Path) -> int:
+    """Bytes of an engine: its file and the files named like it (`engine.onnx.data`, OpenVINO's
+    `engine.bin`), not the reports and settings stored beside it (`layer_errors.json`,
+    `torch_engine.json`)."""
+    stem = engine_path.name.split(".")[0]
+    return sum(path.stat().st_size for path in engine_path.parent.glob(stem + ".*") if path.is_file())
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How a backend loads an engine; each backend subclasses it with its own knobs (threads and

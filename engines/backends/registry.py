@@ -11,6 +11,7 @@ from engines.errors import BackendUnavailableError
 #: name -> "module:Class". Registering a backend is one line here.
 _BACKENDS: dict[str, str] = {
     "onnxruntime-cpu": "engines.backends.onnxruntime_cpu:OnnxRuntimeCpuBackend",
+    "openvino-cpu": "engines.backends.openvino_cpu:OpenVinoCpuBackend",
     "torch-cpu": "engines.backends.torch_runtime:TorchCpuBackend",
     "torch-cuda": "engines.backends.torch_runtime:TorchCudaBackend",
     "tensorrt": "engines.backends.tensorrt:TensorRtBackend",
@@ -20,6 +21,7 @@ _BACKENDS: dict[str, str] = {
 #: What each backend needs, for messages on nodes that lack it (TensorRT engines come from GPU workers).
 _REQUIREMENTS: dict[str, str] = {
     "onnxruntime-cpu": "onnxruntime with its CPU execution provider",
+    "openvino-cpu": "the openvino package (optiforge's openvino extra)",
     "torch-cpu": "torch and onnx2torch",
     "torch-cuda": "an NVIDIA GPU, and torch built with CUDA, and onnx2torch",
     "tensorrt": "an NVIDIA GPU with TensorRT 10 or 11 and torch built with CUDA",

@@ -34,8 +34,8 @@ import numpy as np
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
 from engines.hardware import cpu_info, gpu_info, nvidia_device_present
-from engines.ingest.model import load_model_proto
-from engines.ingest.signature import TensorSpec, assign_batch_axes, onnx_value_to_spec
+from engines.ingest.model import onnx_signature
+from engines.ingest.signature import TensorSpec
 
 ENGINE_FILENAME = "engine.onnx"
 SETTINGS_FILENAME = "torch_engine.json"
@@ -73,15 +73,6 @@ class TorchLoadOptions(LoadOptions):
     threads: int | None = None
     #: The CUDA device index for torch-cuda.
     device_index: int = 0
-
-
-def onnx_signature(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of an ONNX file, with batch axes (weights are not read)."""
-    graph = load_model_proto(onnx_path).graph
-    initializers = {tensor.name for tensor in graph.initializer}
-    inputs = assign_batch_axes([onnx_value_to_spec(v) for v in graph.input if v.name not in initializers])
-    outputs = assign_batch_axes(inputs, [onnx_value_to_spec(value) for value in graph.output])
-    return inputs, outputs
 
 
 class TorchRunner(Runner):

@@ -350,3 +350,12 @@ def write_normalized(path: Path, dest_dir: Path) -> list[Path]:
         size_threshold=1024,
     )
     return [target, dest_dir / EXTERNAL_DATA_FILENAME]
+
+
+def onnx_signature(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX file, with batch axes (weights are not read)."""
+    graph = load_model_proto(onnx_path).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    inputs = assign_batch_axes([onnx_value_to_spec(v) for v in graph.input if v.name not in initializers])
+    outputs = assign_batch_axes(inputs, [onnx_value_to_spec(value) for value in graph.output])
+    return inputs, outputs

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.backends.base import CompileOptions, EngineArtifact, Runner
+from engines.backends.base import CompileOptions, EngineArtifact, Runner, engine_size
 from engines.backends.registry import backend_class, get_backend
 from engines.errors import Cancelled, EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
@@ -311,9 +311,7 @@ class _Search:
             return outcome
         outcome.artifact, outcome.runner = artifact, runner
         outcome.build_seconds = self.clock() - started
-        outcome.size_bytes = sum(
-            p.stat().st_size for p in artifact.path.parent.glob(artifact.path.name + "*")
-        )
+        outcome.size_bytes = engine_size(artifact.path)
         try:
             screened = run_dataset(runner, self.screen, self.eval_batch, self.check_cancelled)
             screen_drop = self._drop(self._score(screened, self.screen, self.screen_reference))
