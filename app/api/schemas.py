@@ -179,16 +179,24 @@ class PruneIn(BaseModel):
 
 
 class FinetuneIn(BaseModel):
-    """Recovery after pruning: knowledge distillation from the original (mixed with CE when labelled)."""
+    """Recovery after pruning: knowledge distillation from the original (mixed with CE when labelled).
+    Defaults are `engines.prune.finetune.FinetuneConfig`'s (bench/prune.py's recovery table shows why)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(3, ge=1, le=200)
-    lr: float = Field(3e-3, gt=0, le=1)
-    distill: bool = True
-    temperature: float = Field(4.0, gt=0, le=100)
-    alpha: float = Field(0.7, ge=0, le=1, description="weight of distillation vs cross-entropy")
-    batch_size: int = Field(32, ge=1, le=4096)
+    epochs: int = Field(FinetuneConfig.epochs, ge=1, le=200)
+    lr: float = Field(FinetuneConfig.lr, gt=0, le=1, description="peak of the one-cycle schedule (Adam)")
+    distill: bool = FinetuneConfig.distill
+    temperature: float = Field(FinetuneConfig.temperature, gt=0, le=100)
+    alpha: float = Field(
+        FinetuneConfig.alpha, ge=0, le=1, description="weight of distillation vs cross-entropy"
+    )
+    batch_size: int = Field(FinetuneConfig.batch_size, ge=1, le=4096)
+    reinsert_batchnorm: bool = Field(
+        FinetuneConfig.reinsert_batchnorm,
+        description="train with a BatchNorm after each convolution that has none (exports with BatchNorm "
+        "folded), folded back afterwards: the exported graph is unchanged",
+    )
 
     def to_config(self) -> FinetuneConfig:
         return FinetuneConfig(**self.model_dump())
