@@ -203,3 +203,26 @@ def test_cli_optimize_with_a_budget_searches(embedded_stack: LiveStack, digits: 
     assert run.returncode == 0, run.stderr
     assert "| original (onnxruntime-cpu fp32) | reference |" in run.stdout and "chosen" in run.stdout
     assert "searching:" in run.stderr  # the live line showed the search's progress
+
+
+def test_an_autotune_job_can_be_cancelled(embedded_stack: LiveStack, digits: DigitsArtifacts) -> None:
+    """The search polls for cancellation between candidates and inside timing: a cancelled search
+    stores nothing."""
+    import time
+
+    with embedded_stack.client() as client:
+        model = _upload(client, digits.onnx_path, "models")
+        evaluation = _upload(client, digits.eval_npz, "datasets")
+        calibration = _upload(client, digits.calib_npz, "datasets")
+        body = {"evaluation_dataset_id": evaluation["id"], "calibration_dataset_id": calibration["id"],
+                "time_budget_minutes": 10}  # fmt: skip
+        job = client.post(f"/v1/models/{model['id']}/optimize", json=body).json()
+        deadline = time.monotonic() + 120
+        while (
+            client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued" and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+        finished = wait_for_job(client, job["id"], timeout=180)
+        assert finished["status"] == "cancelled" and finished["engine_ids"] == []
+        assert client.get(f"/v1/jobs/{job['id']}/autotune").status_code == 409
