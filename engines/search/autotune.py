@@ -58,7 +58,7 @@ SCREEN_MARGIN = 0.02
 HALVING_FACTOR = 1.3
 #: Share of the time budget kept for the final side-by-side timing.
 FINAL_TIMING_SHARE = 0.1
-QUICK = MeasureConfig(warmup_runs=2, timed_runs=10, min_seconds=0.2)
+QUICK = MeasureConfig(warmup_runs=5, timed_runs=20, min_seconds=0.3)
 FINAL = MeasureConfig(warmup_runs=5, timed_runs=30, min_seconds=1.0)
 
 
@@ -116,6 +116,8 @@ class CandidateOutcome:
             "status": self.status,
             "reason": self.reason,
             "cost": self.cost,
+            # cost / the original's, timed in the same rounds (the quick timing; None when not timed)
+            "quick_ratio": None if self.quick_ratio == float("inf") else self.quick_ratio,
             "drop": self.drop,
             "score": self.score,
             "latency": self.latency,

@@ -19,6 +19,15 @@ def _cost_value(metric: str, cost: float, batch_size: int) -> float:
     return cost
 
 
+def _versus_original(row: dict[str, Any], original: float, cost: float | None) -> str:
+    """Speed against the original: from the final side-by-side timing for accepted candidates, from
+    the quick timing (beside the original, in the same rounds) for the others, marked so."""
+    if row["status"] == "accepted" or row["chosen"]:
+        return "—" if cost is None else f"{original / cost:.2f}×"
+    ratio = row.get("quick_ratio")
+    return "—" if not ratio else f"{1 / ratio:.2f}× (quick)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     objective = report["objective"]
     metric, batch = objective["metric"], objective["batch_size"]
@@ -40,7 +49,7 @@ def markdown(report: dict[str, Any]) -> str:
             ("**" + row["label"] + "**") if row["chosen"] else row["label"],
             "chosen" if row["chosen"] else row["status"].replace("_", " "),
             "—" if cost is None else f"{cost:.3f}",
-            "—" if cost is None else f"{original / cost:.2f}×",
+            _versus_original(row, original, cost),
             "—" if row["drop"] is None else f"{row['drop'] * 100:.2f}",
             "yes" if row["on_front"] else "",
             row["reason"].replace("|", "/"),
