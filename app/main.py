@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.body_limit import BodySizeLimitMiddleware
+from app.api.control_chars import ControlCharacterMiddleware
 from app.api.errors import install_error_handlers
 from app.api.request_log import RequestLogMiddleware
 from app.api.routes import capabilities, datasets, engines, health, inference_v2, jobs, models, triton
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
         upload_paths=(models.router.prefix, datasets.router.prefix),
     )
+    app.add_middleware(ControlCharacterMiddleware)
     app.add_middleware(
         RequestLogMiddleware, metrics=app.state.serving.metrics
     )  # outermost: sees every response

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.api.control_chars import TEXT_CONTROL_CHARACTERS
 from engines.backends.registry import backend_names
 from engines.measure.latency import MeasureConfig
 from engines.prune.criteria import CRITERIA
@@ -28,6 +29,34 @@ _SENSITIVITY_CRITERIA = tuple(name for name, item in CRITERIA.items() if item.in
 SensitivityCriterion = Literal[_SENSITIVITY_CRITERIA]  # type: ignore[valid-type]
 Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+#: A display name (uploads): anything printable, no control characters.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
+
+class InputModel(BaseModel):
+    """A request body: no string in it, key or value, at any depth, holds a control character
+    (NUL above all: PostgreSQL refuses it; see app.api.control_chars)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: Any) -> Any:
+        _check_text(data)
+        return data
+
+
+def _check_text(value: Any) -> None:
+    if isinstance(value, str):
+        if TEXT_CONTROL_CHARACTERS.search(value):
+            raise ValueError("control characters (such as NUL) are not allowed in ids, names or options")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_text(item)
 
 
 class TensorSpecOut(BaseModel):
@@ -87,7 +116,7 @@ class DatasetOut(BaseModel):
     created_at: datetime
 
 
-class MeasureIn(BaseModel):
+class MeasureIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     warmup_runs: int = Field(10, ge=0, le=10_000)
@@ -100,7 +129,7 @@ class MeasureIn(BaseModel):
         return MeasureConfig(**self.model_dump())
 
 
-class QuantizeIn(BaseModel):
+class QuantizeIn(InputModel):
     """INT8 calibration; used when `precision` is int8."""
 
     model_config = ConfigDict(extra="forbid")
@@ -115,7 +144,7 @@ class QuantizeIn(BaseModel):
         return QuantizeConfig(**{**self.model_dump(), "nodes_to_exclude": tuple(self.nodes_to_exclude)})
 
 
-class AccuracyBudgetIn(BaseModel):
+class AccuracyBudgetIn(InputModel):
     """Keep the most error-prone nodes in float until the drop is within `max_drop` (0.01 = 1 point).
 
     `top1` needs labels. `fidelity` needs none: the cosine similarity to the original's outputs (and,
@@ -130,7 +159,7 @@ class AccuracyBudgetIn(BaseModel):
         return AccuracyBudget(**self.model_dump())
 
 
-class RatiosFromSensitivityIn(BaseModel):
+class RatiosFromSensitivityIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: str | None = Field(
@@ -139,7 +168,7 @@ class RatiosFromSensitivityIn(BaseModel):
     max_drop: float = Field(0.01, ge=0, le=1)
 
 
-class SensitivityCreate(BaseModel):
+class SensitivityCreate(InputModel):
     """Prune each layer alone at a few ratios and measure the drop (top-1 with labels, else fidelity)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -156,7 +185,7 @@ class SensitivityCreate(BaseModel):
         return sorted(set(ratios))
 
 
-class PruneIn(BaseModel):
+class PruneIn(InputModel):
     """Structured channel pruning (l1, slimming, taylor, fpgm, random) or unstructured magnitude."""
 
     model_config = ConfigDict(extra="forbid")
@@ -178,7 +207,7 @@ class PruneIn(BaseModel):
         return PruneConfig(**{**fields, "ignore": tuple(self.ignore)})
 
 
-class FinetuneIn(BaseModel):
+class FinetuneIn(InputModel):
     """Recovery after pruning: knowledge distillation from the original (mixed with CE when labelled).
     Defaults are `engines.prune.finetune.FinetuneConfig`'s (bench/prune.py's recovery table shows why)."""
 
@@ -202,7 +231,7 @@ class FinetuneIn(BaseModel):
         return FinetuneConfig(**self.model_dump())
 
 
-class RecipeIn(BaseModel):
+class RecipeIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     targets: list[str] = Field(default_factory=lambda: ["onnxruntime-cpu"], min_length=1)
@@ -242,7 +271,7 @@ class RecipeIn(BaseModel):
         )
 
 
-class JobCreate(BaseModel):
+class JobCreate(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     model_id: str
@@ -251,7 +280,7 @@ class JobCreate(BaseModel):
     recipe: RecipeIn = Field(default_factory=RecipeIn)
 
 
-class ObjectiveIn(BaseModel):
+class ObjectiveIn(InputModel):
     """What to minimize: latency (p50) or 1/throughput at `batch_size`, or the engine's size."""
 
     model_config = ConfigDict(extra="forbid")
@@ -260,7 +289,7 @@ class ObjectiveIn(BaseModel):
     batch_size: int = Field(1, ge=1, le=4096)
 
 
-class SearchBudgetIn(BaseModel):
+class SearchBudgetIn(InputModel):
     """The accuracy the engine may lose: `max_drop` of top-1 (needs labels) or of fidelity to the
     original, in points (0.01 = 1 point), or as a fraction of the original's score with `relative`."""
 
@@ -271,7 +300,7 @@ class SearchBudgetIn(BaseModel):
     relative: bool = False
 
 
-class SearchSpaceIn(BaseModel):
+class SearchSpaceIn(InputModel):
     """Narrow the search; every field is optional (defaults: every CPU backend this worker runs,
     fp32/fp16/int8, every calibration method, pruning at 0.3 and 0.5 with recovery training)."""
 
@@ -321,7 +350,7 @@ class SearchSpaceIn(BaseModel):
 MIN_TIME_BUDGET_MINUTES = 1.0
 
 
-class AutotuneCreate(BaseModel):
+class AutotuneCreate(InputModel):
     """The fastest engine within an accuracy budget: `POST /v1/models/{id}/optimize`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -411,7 +440,7 @@ class EngineOut(BaseModel):
     created_at: datetime
 
 
-class AliasIn(BaseModel):
+class AliasIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     alias: str = Field(
@@ -428,7 +457,7 @@ class AliasIn(BaseModel):
         return alias
 
 
-class BatchingIn(BaseModel):
+class BatchingIn(InputModel):
     """Group concurrent requests into one engine call, as Triton's dynamic batcher does."""
 
     model_config = ConfigDict(extra="forbid")
@@ -441,6 +470,12 @@ class BatchingIn(BaseModel):
 
 class InferRequest(BaseModel):
     inputs: dict[str, Any] = Field(description="input name -> nested list of numbers, batch first")
+
+    @field_validator("inputs")
+    @classmethod
+    def _names_without_control_characters(cls, inputs: dict[str, Any]) -> dict[str, Any]:
+        _check_text(list(inputs))  # the names only: the values are numbers, possibly millions
+        return inputs
 
 
 class InferResponse(BaseModel):

@@ -12,7 +12,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.api.deps import get_db, get_settings_dep, get_store_dep
-from app.api.schemas import DatasetOut
+from app.api.schemas import NAME_PATTERN, DatasetOut
 from app.api.uploads import commit_upload, receive_upload
 from app.api.views import dataset_out
 from app.core.errors import ApiError, from_engine_error
@@ -35,7 +35,7 @@ def upload_dataset(
             description="an .npz with one array per model input (keyed by input name) and optional 'labels'"
         ),
     ],
-    name: Annotated[str | None, Form(max_length=255)] = None,
+    name: Annotated[str | None, Form(max_length=255, pattern=NAME_PATTERN)] = None,
     settings: Settings = Depends(get_settings_dep),
     store: ArtifactStore = Depends(get_store_dep),
     session: Session = Depends(get_db),

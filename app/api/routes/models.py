@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from app.api.deps import ServingDep, get_db, get_settings_dep, get_store_dep
-from app.api.schemas import AutotuneCreate, JobOut, ModelOut, SensitivityCreate
+from app.api.schemas import NAME_PATTERN, AutotuneCreate, JobOut, ModelOut, SensitivityCreate
 from app.api.uploads import commit_upload, receive_upload
 from app.api.views import job_out, model_out
 from app.core.errors import ApiError, from_engine_error
@@ -35,7 +35,7 @@ def upload_model(
     file: Annotated[
         UploadFile, File(description="an .onnx file, or a .zip of one .onnx plus its data files")
     ],
-    name: Annotated[str | None, Form(max_length=255)] = None,
+    name: Annotated[str | None, Form(max_length=255, pattern=NAME_PATTERN)] = None,
     settings: Settings = Depends(get_settings_dep),
     store: ArtifactStore = Depends(get_store_dep),
     session: Session = Depends(get_db),
