@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_request_bytes,
         upload_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
         upload_paths=(models.router.prefix, datasets.router.prefix),
+        json_tensor_bytes=settings.max_json_tensor_bytes,
     )
     app.add_middleware(ControlCharacterMiddleware)
     app.add_middleware(

@@ -154,7 +154,7 @@ async def _infer(request: Request, serving: Serving, name: str, engine: ServedEn
     settings = request.app.state.settings
     body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
-    if header_length is None and len(body) > settings.max_json_tensor_bytes:
+    if json_part_bytes(body, header_length) > settings.max_json_tensor_bytes:
         raise ApiError(
             413,
             "json_tensors_too_large",
@@ -214,6 +214,18 @@ hot_routes = [
         ("/models/{name}/versions/{version}/infer", "Inference on one version"),
     )
 ]
+
+
+def json_part_bytes(body: bytes, header_length: str | None) -> int:
+    """How much of the body is JSON: all of it, or the header the client declares. The cap on JSON
+    tensors applies to that part whatever the headers say (a header as long as the whole body is
+    a JSON body; a header that is not a number is left to the parser's 400)."""
+    if header_length is None:
+        return len(body)
+    try:
+        return int(header_length)
+    except ValueError:
+        return 0
 
 
 def _parse(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
