@@ -24,6 +24,25 @@ def error_body(path: str, code: str, detail: str, **extra: Any) -> dict[str, Any
     return {"code": code, "detail": detail, **extra}
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route of the app takes at `path` (read from its OpenAPI document, which
+    lists every route whatever router it is in), for a 405's `Allow` header."""
+    table = getattr(app.state, "route_methods", None)
+    if table is None:
+        from starlette.routing import compile_path
+
+        table = [
+            (compile_path(template)[0], {method.upper() for method in operations})
+            for template, operations in app.openapi()["paths"].items()
+        ]
+        app.state.route_methods = table
+    methods: set[str] = set()
+    for pattern, verbs in table:
+        if pattern.match(path):
+            methods |= verbs
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -50,8 +69,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        body = error_body(request.url.path, code, str(exc.detail))
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # the framework names the methods of the first route that matched
+            allowed = allowed_methods(app, request.url.path)
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not allowed here; this path takes {', '.join(allowed)}"
+        else:
+            detail = str(exc.detail)
+        body = error_body(request.url.path, code, detail)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

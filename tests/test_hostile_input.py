@@ -1,5 +1,6 @@
-"""NUL and other control characters in ids, names and filters: a 4xx on both stacks (PostgreSQL
-refuses NUL in text, which used to surface as a 500), and nothing stored."""
+"""Hostile inputs the API answers cleanly: NUL and other control characters in ids, names and
+filters (a 4xx on both stacks: PostgreSQL refuses NUL in text, which used to surface as a 500, and
+nothing is stored), and 405s that name every allowed method."""
 
 from __future__ import annotations
 
@@ -34,3 +35,16 @@ def test_control_characters_are_refused_before_the_database(
         assert client.get("/v1/models").json() == before  # nothing half-stored
         infer = client.post("/v1/engines/eng_x/infer", json={"inputs": {"in\x00put": [1.0]}})
         assert infer.status_code == 422
+
+
+def test_405_lists_every_method_the_path_takes(local_api) -> None:
+    """The framework's Allow names the first matching route's methods only; ours names them all."""
+    client = local_api.client
+    for method, path, allowed in (
+        ("DELETE", "/v1/models", "GET, POST"),
+        ("POST", "/v1/models/mdl_x", "DELETE, GET"),
+        ("GET", "/v2/models/x/infer", "POST"),
+    ):
+        response = client.request(method, path)
+        assert response.status_code == 405 and response.headers["allow"] == allowed, (method, path)
+        assert response.json()["code"] == "method_not_allowed"
