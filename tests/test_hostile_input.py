@@ -48,3 +48,46 @@ def test_405_lists_every_method_the_path_takes(local_api) -> None:
         response = client.request(method, path)
         assert response.status_code == 405 and response.headers["allow"] == allowed, (method, path)
         assert response.json()["code"] == "method_not_allowed"
+
+
+def test_limits_that_match_the_machine(local_api, tmp_path) -> None:
+    """More threads than the machine's cores, timing that would hold a worker for hours, and an
+    input declared absurdly large are refused when they arrive, naming what to change."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from app.core.presence import beat
+
+    client = local_api.client
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+    )
+    small = tmp_path / "small.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(small))
+    with small.open("rb") as handle:
+        model = client.post("/v1/models", files={"file": ("small.onnx", handle)}).json()
+    beat(local_api.settings, "w1", ["cpu"], {"logical_cores": 2})
+    many = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"measure": {"threads": 64}}})
+    assert many.status_code == 422 and "at most 2" in many.json()["detail"]
+    hours = {"batch_sizes": [1, 2, 4, 8, 16, 32], "measure": {"min_seconds": 600}}
+    long = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": hours})
+    assert long.status_code == 422 and "over the limit of 900 s" in long.json()["detail"]
+    fine = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"measure": {"threads": 2}}})
+    assert fine.status_code == 202, fine.text
+
+    huge = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2**20, 2**20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2**20, 2**20])],
+    )
+    absurd = tmp_path / "absurd.onnx"
+    onnx.save(helper.make_model(huge, opset_imports=[helper.make_opsetid("", 17)]), str(absurd))
+    before = client.get("/v1/models").json()
+    with absurd.open("rb") as handle:
+        refused = client.post("/v1/models", files={"file": ("absurd.onnx", handle)})
+    assert refused.status_code == 422 and refused.json()["code"] == "input_too_large"
+    assert "'x'" in refused.json()["detail"] and client.get("/v1/models").json() == before

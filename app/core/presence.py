@@ -39,3 +39,12 @@ def live_workers_by_queue(session: Session, settings: Settings) -> dict[str, int
         select(WorkerRecord.queues).where(WorkerRecord.heartbeat_at >= lease_cutoff(settings.job_lease_s))
     )
     return dict(Counter(queue for queues in rows for queue in queues))
+
+
+def largest_worker_cores(session: Session, settings: Settings, queue: str) -> int | None:
+    """The most logical cores of a live worker on `queue` (None when none is alive to ask)."""
+    rows = session.scalars(
+        select(WorkerRecord).where(WorkerRecord.heartbeat_at >= lease_cutoff(settings.job_lease_s))
+    )
+    cores = [int(row.hardware.get("logical_cores") or 0) for row in rows if queue in row.queues]
+    return max(cores) if cores and max(cores) > 0 else None

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_unpack_ratio: int = 4
     queue_prefix: str = Field(default="", description="prepended to queue names, to share one broker")
     worker_concurrency: int = 1  # measurements on a shared CPU would disturb each other
+    #: Seconds of timing a job may ask for (min_seconds × batch sizes × runners timed side by side).
+    max_measure_seconds: int = 900
     job_max_attempts: int = 3  # attempts before a job that keeps losing its worker is failed
     job_lease_s: int = 60  # a running job whose heartbeat is older than this lost its worker
     job_sweep_interval_s: int = 15  # how often each worker looks for such jobs to re-queue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.errors import ApiError, from_engine_error
-from app.core.job_queue import enqueue_job, job_queue
+from app.core.job_queue import enqueue_job, job_queue, queue_for
 from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, ModelRecord, lease_cutoff, utcnow
-from app.core.presence import live_workers_by_queue
+from app.core.presence import largest_worker_cores, live_workers_by_queue
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from app.services.records import get_dataset_record, get_job_record, get_model_record
@@ -125,6 +126,7 @@ def create_optimization_job(
         if recipe.prune is not None:
             check_prune_config(recipe.prune, model.info.get("op_types", {}))
             check_convertible(model, recipe)
+        check_machine_limits(session, settings, recipe)
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     job = JobRecord(
@@ -136,6 +138,30 @@ def create_optimization_job(
     )
     queue_job(session, settings, job)
     return job
+
+
+def check_machine_limits(session: Session, settings: Settings, recipe: Recipe) -> None:
+    """A recipe must fit the machine that runs it: no more threads than the worker has cores (more
+    only slow a measurement down and can take a worker over), and no more timing in all than
+    `max_measure_seconds` (every runner is timed `min_seconds` per batch size, side by side)."""
+    threads = recipe.measure.threads
+    if threads:
+        queue = queue_for(recipe)
+        cores = largest_worker_cores(session, settings, queue) or os.cpu_count() or 1
+        if threads > cores:
+            raise InvalidRecipeError(
+                f"measure.threads {threads} is more than the {cores} cores of the '{queue}' workers; "
+                f"ask for at most {cores}, or null for all of them"
+            )
+    stages = 2 if recipe.prune is not None and recipe.precision != "fp32" else 1
+    runners = 1 + len(recipe.targets) * stages
+    seconds = recipe.measure.min_seconds * len(recipe.batch_sizes) * runners
+    if seconds > settings.max_measure_seconds:
+        raise InvalidRecipeError(
+            f"this recipe asks for {seconds:.0f} s of timing (min_seconds {recipe.measure.min_seconds:g} × "
+            f"{len(recipe.batch_sizes)} batch sizes × {runners} runners), over the limit of "
+            f"{settings.max_measure_seconds} s: lower min_seconds or ask for fewer batch sizes"
+        )
 
 
 def create_autotune_job(

@@ -256,6 +256,7 @@ def inspect_model(path: Path) -> ModelInfo:
     outputs = tuple(assign_batch_axes(raw_inputs, [onnx_value_to_spec(value) for value in graph.output]))
     if not inputs or not outputs:
         raise InvalidModelError("the model has no inputs or no outputs", code="onnx_check_failed")
+    _refuse_absurd_inputs(inputs)
     opset = next((entry.version for entry in inferred.opset_import if entry.domain in ("", "ai.onnx")), 0)
     op_types: dict[str, int] = {}
     for node in graph.node:
@@ -273,6 +274,25 @@ def inspect_model(path: Path) -> ModelInfo:
         op_types=dict(sorted(op_types.items())),
         warnings=tuple(warnings),
     )
+
+
+#: One sample of one input over this many elements (4 GiB of float32) is not a model anyone serves,
+#: and would only fail later, in a worker, after taking its memory.
+MAX_SAMPLE_ELEMENTS = 2**30
+
+
+def _refuse_absurd_inputs(inputs: tuple[TensorSpec, ...]) -> None:
+    """Refuse at upload an input whose declared sample (its static dims, the batch left out) is absurd."""
+    for spec in inputs:
+        static = [dim for dim in spec.sample_shape() if isinstance(dim, int) and dim > 0]
+        elements = math.prod(static)
+        if elements > MAX_SAMPLE_ELEMENTS:
+            raise InvalidModelError(
+                f"input '{spec.name}' declares {elements:,} elements per sample (shape {list(spec.shape)}), "
+                f"over {MAX_SAMPLE_ELEMENTS:,}: no engine can be measured or served on inputs that large; "
+                "export the model with its real input size",
+                code="input_too_large",
+            )
 
 
 def _static_shape(shape: tuple[Dim, ...]) -> tuple[int, ...] | None:
