@@ -48,7 +48,9 @@ def requeue_lost_jobs(settings: Settings) -> list[str]:
                     JobRecord.status == JobStatus.RUNNING,
                     JobRecord.heartbeat_at < cutoff,
                 )
-                .values(status=JobStatus.QUEUED, stage="re-queued: its worker was lost")
+                .values(
+                    status=JobStatus.QUEUED, stage="re-queued: its worker was lost", published_at=utcnow()
+                )
             ).rowcount
             if moved:
                 session.commit()  # enqueue only what is committed
@@ -56,6 +58,45 @@ def requeue_lost_jobs(settings: Settings) -> list[str]:
                 requeued.append(job_id)
                 logger.warning("job %s lost its worker (attempt %d); re-queued", job_id, attempts)
     return requeued
+
+
+def republish_queued_jobs(settings: Settings) -> list[str]:
+    """Send again the message of each job queued longer than `queue_republish_s` since it was last
+    sent, on a queue some live worker takes: its message may be gone (a broker restarted without
+    persistence). Compare-and-swap on `published_at`, so two sweepers send it once; a delivery of a
+    job that another delivery already claimed is a no-op (the row decides)."""
+    cutoff = utcnow() - timedelta(seconds=settings.queue_republish_s)
+    sent = []
+    with session_scope(settings.resolved_database_url) as session:
+        live = live_workers_by_queue(session, settings)
+        stale = session.execute(
+            select(JobRecord.id, JobRecord.kind, JobRecord.recipe, JobRecord.published_at).where(
+                JobRecord.status == JobStatus.QUEUED,
+                (JobRecord.published_at < cutoff) | (JobRecord.published_at.is_(None)),
+                JobRecord.created_at < cutoff,
+            )
+        ).all()
+        for job_id, kind, recipe, published_at in stale:
+            queue = job_queue(kind, recipe or {})
+            if not live.get(queue):
+                continue  # nobody would take it: fail_jobs_without_workers says so in time
+            same = (
+                JobRecord.published_at.is_(None)
+                if published_at is None
+                else JobRecord.published_at == published_at
+            )
+            moved = session.execute(
+                update(JobRecord)
+                .where(JobRecord.id == job_id, JobRecord.status == JobStatus.QUEUED, same)
+                .values(published_at=utcnow())
+            ).rowcount
+            if moved:
+                session.commit()
+                enqueue_job(settings, job_id, queue)
+                sent.append(job_id)
+                logger.warning("job %s was still queued after %d s: its message was sent again", job_id,
+                               settings.queue_republish_s)  # fmt: skip
+    return sent
 
 
 def fail_jobs_without_workers(settings: Settings) -> list[str]:
@@ -108,6 +149,7 @@ def start_sweeper(
             try:
                 beat(settings, worker_name, queues, hardware)
                 requeue_lost_jobs(settings)
+                republish_queued_jobs(settings)
                 fail_jobs_without_workers(settings)
             except Exception:  # the database or broker may be briefly away; try again next round
                 logger.exception("sweeping for lost jobs failed")

@@ -125,6 +125,8 @@ class JobRecord(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # the current attempt owns the row
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    #: When its message was last sent to the broker (the sweeper sends a queued job's again).
+    published_at: Mapped[datetime | None] = mapped_column(nullable=True)
     baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     job_sweep_interval_s: int = 15  # how often each worker looks for such jobs to re-queue
     #: A queued job whose queue no live worker takes (a GPU job with no GPU worker) fails after this long.
     queue_wait_s: int = 600
+    #: A job queued this long since its message was sent, on a queue a live worker takes, is sent
+    #: again (its message may have been lost with a broker restart; a duplicate delivery is a no-op).
+    queue_republish_s: int = 300
     job_visibility_timeout_s: int = 6 * 3600  # Redis re-delivers unacked jobs after this long
     engine_pool_size: int = 8  # loaded engines kept in the API process, at most
     engine_pool_max_mb: int | None = 4096  # and at most this many MiB of engine files; None: no limit

@@ -253,6 +253,7 @@ def queue_job(session: Session, settings: Settings, job: JobRecord) -> None:
             f"queued: no worker takes '{queue}' jobs now; it fails after {settings.queue_wait_s} s "
             f"unless one starts (`optiforge worker --queues {queue}`)"
         )
+    job.published_at = utcnow()  # just before it is sent: the sweeper sends it again if it stays queued
     session.add(job)
     session.commit()  # enqueue only after the row is committed: the worker re-reads it
     try:
