@@ -8,11 +8,10 @@ Content-Length header when there is one, and otherwise stops reading once the li
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from typing import Any
 
-from app.api.errors import error_body
+from app.api.errors import send_error
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -94,15 +93,4 @@ class BodySizeLimitMiddleware:
         detail = f"the request body is over the limit of {limit} bytes"
         if code == "json_tensors_too_large":
             detail += ": send tensors this large as binary tensors to /v2/models/{id}/infer"
-        body = json.dumps(error_body(path, code, detail)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, path, 413, code, detail)

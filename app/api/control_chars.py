@@ -8,12 +8,11 @@ holding one is a 400 here, before routing, and request bodies are checked by the
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import unquote_plus
 
-from app.api.errors import error_body
+from app.api.errors import send_error
 
 #: Every C0 control character and DEL.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
@@ -35,17 +34,6 @@ class ControlCharacterMiddleware:
                 detail = (
                     f"the request's {where} holds a control character (such as NUL): ids and names never do"
                 )
-                body = json.dumps(error_body(scope["path"], "control_characters", detail)).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 400,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await send_error(send, scope["path"], 400, "control_characters", detail)
                 return
         await self.app(scope, receive, send)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -41,6 +42,14 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
         if pattern.match(path):
             methods |= verbs
     return sorted(methods)
+
+
+async def send_error(send: Any, path: str, status: int, code: str, detail: str) -> None:
+    """An error answered from ASGI middleware, before any route (the same JSON as the handlers')."""
+    body = json.dumps(error_body(path, code, detail)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -147,6 +147,16 @@ class Backend(abc.ABC):
         names = {item.name for item in fields(cls.load_options)}
         return cls.load_options(**{key: value for key, value in knobs.items() if key in names})
 
+    @classmethod
+    def load_options_for(cls, options: LoadOptions | None) -> LoadOptions:
+        """`options` as this backend's own LoadOptions: another backend's are read knob by knob
+        (the ones this backend has are kept), None gives the defaults."""
+        if options is None:
+            return cls.load_options()
+        if isinstance(options, cls.load_options):
+            return options
+        return cls.options(**{item.name: getattr(options, item.name) for item in fields(options)})
+
     @abc.abstractmethod
     def load(self, engine_path: Path, options: LoadOptions | None = None) -> Runner:
         """Load an engine file written by `compile`: an active runner (deactivate it when done)."""

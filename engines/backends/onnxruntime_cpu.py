@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +135,8 @@ class OnnxRuntimeCpuBackend(Backend):
         )
 
     def load(self, engine_path: Path, options: LoadOptions | None = None) -> OnnxRuntimeRunner:
-        if options is not None and not isinstance(options, OnnxRuntimeLoadOptions):
-            options = self.options(**{item.name: getattr(options, item.name) for item in fields(options)})
-        return OnnxRuntimeRunner(engine_path, options or OnnxRuntimeLoadOptions()).activate()  # type: ignore[return-value]
+        options = self.load_options_for(options)
+        return OnnxRuntimeRunner(engine_path, options).activate()  # type: ignore[return-value]
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         import onnxruntime as ort

@@ -25,7 +25,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -277,9 +277,8 @@ class OpenVinoCpuBackend(Backend):
         )
 
     def load(self, engine_path: Path, options: LoadOptions | None = None) -> OpenVinoRunner:
-        if options is not None and not isinstance(options, OpenVinoLoadOptions):
-            options = self.options(**{item.name: getattr(options, item.name) for item in fields(options)})
-        return OpenVinoRunner(engine_path, options or OpenVinoLoadOptions()).activate()  # type: ignore[return-value]
+        options = self.load_options_for(options)
+        return OpenVinoRunner(engine_path, options).activate()  # type: ignore[return-value]
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         import openvino as ov

@@ -29,7 +29,7 @@ import json
 import queue
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -299,9 +299,8 @@ class TensorRtBackend(Backend):
         )
 
     def load(self, engine_path: Path, options: LoadOptions | None = None) -> TensorRtRunner:
-        if options is not None and not isinstance(options, TensorRtLoadOptions):
-            options = self.options(**{item.name: getattr(options, item.name) for item in fields(options)})
-        return TensorRtRunner(engine_path, options or TensorRtLoadOptions()).activate()  # type: ignore[return-value]
+        options = self.load_options_for(options)
+        return TensorRtRunner(engine_path, options).activate()  # type: ignore[return-value]
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         return {**cpu_info(), **gpu_info(), "tensorrt": _trt().__version__}

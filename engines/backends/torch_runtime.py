@@ -24,7 +24,7 @@ import json
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
@@ -257,10 +257,9 @@ class _TorchBackend(Backend):
         return {"torch": torch.__version__, "onnx2torch": _package_version("onnx2torch")}
 
     def load(self, engine_path: Path, options: LoadOptions | None = None) -> TorchRunner:
-        if options is not None and not isinstance(options, TorchLoadOptions):
-            options = self.options(**{item.name: getattr(options, item.name) for item in fields(options)})
+        options = self.load_options_for(options)
         settings = TorchEngineSettings.read(engine_path.parent)
-        runner = TorchRunner(engine_path, settings, options or TorchLoadOptions())  # type: ignore[arg-type]
+        runner = TorchRunner(engine_path, settings, options)  # type: ignore[arg-type]
         return runner.activate()  # type: ignore[return-value]
 
 
