@@ -188,6 +188,8 @@ def test_job_survives_its_worker_being_killed(live_stack: LiveStack, digits: Dig
         assert job["attempts"] == 2 and len(job["engine_ids"]) == 1
         assert any("was lost; starting over" in message for message in job["messages"])
         assert len(live_stack.job_files(job_id)) >= 1
+        # the killed attempt's scratch folder went with the next attempt; the finished one's too
+        assert not list((live_stack.data_dir / "scratch").glob(f"job-{job_id}-*"))
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])

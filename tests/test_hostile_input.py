@@ -91,3 +91,36 @@ def test_limits_that_match_the_machine(local_api, tmp_path) -> None:
         refused = client.post("/v1/models", files={"file": ("absurd.onnx", handle)})
     assert refused.status_code == 422 and refused.json()["code"] == "input_too_large"
     assert "'x'" in refused.json()["detail"] and client.get("/v1/models").json() == before
+
+
+def test_a_starting_worker_removes_scratch_no_live_attempt_owns(local_api) -> None:
+    """Folders of killed attempts are removed at start-up; a running job's with a fresh lease stays."""
+    from datetime import timedelta
+
+    from app.core.db import session_scope
+    from app.core.orm import JobRecord, JobStatus, ModelRecord, utcnow
+    from workers.recovery import remove_orphaned_scratch
+
+    settings = local_api.settings
+    with session_scope(settings.resolved_database_url) as session:
+        model = ModelRecord(
+            name="m", filename="m.onnx", sha256="0" * 64, size_bytes=1, artifact_prefix="m", info={}
+        )
+        session.add(model)
+        session.flush()
+        running = JobRecord(
+            model_id=model.id, recipe={}, messages=[], status=JobStatus.RUNNING, heartbeat_at=utcnow()
+        )
+        stale = JobRecord(
+            model_id=model.id, recipe={}, messages=[], status=JobStatus.RUNNING,
+            heartbeat_at=utcnow() - timedelta(seconds=10 * settings.job_lease_s),
+        )  # fmt: skip
+        done = JobRecord(model_id=model.id, recipe={}, messages=[], status=JobStatus.SUCCEEDED)
+        session.add_all([running, stale, done])
+        session.flush()
+        ids = {"running": running.id, "stale": stale.id, "done": done.id, "gone": "job_0000000000000000"}
+    for job_id in ids.values():
+        (settings.scratch_dir / f"job-{job_id}-abc123").mkdir(parents=True)
+    removed = remove_orphaned_scratch(settings)
+    assert sorted(removed) == sorted([ids["stale"], ids["done"], ids["gone"]])
+    assert [folder.name for folder in settings.scratch_dir.iterdir()] == [f"job-{ids['running']}-abc123"]

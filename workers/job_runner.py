@@ -32,6 +32,7 @@ from engines.ingest.model import MODEL_FILENAME
 from engines.ingest.signature import specs_from_dicts
 from workers.attempts import Attempt, Superseded, claim, owned
 from workers.handlers import HANDLERS, JobContext
+from workers.recovery import remove_scratch
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
                     code="job_kind_unsupported",
                 )
             assert model is not None, "a model with active jobs cannot be deleted"
-            with tempfile.TemporaryDirectory(prefix=f"optiforge-{job_id}-") as workdir:
+            remove_scratch(settings, job_id)  # a lost attempt's folder: this attempt owns the job now
+            settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f"job-{job_id}-", dir=settings.scratch_dir) as workdir:
                 context = JobContext(
                     settings=settings,
                     store=store,

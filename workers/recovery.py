@@ -14,6 +14,7 @@ no GPU worker) with `no_worker_for_queue`, instead of leaving it queued forever.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from datetime import timedelta
 from typing import Any
@@ -172,3 +173,32 @@ def node_hardware() -> dict[str, Any]:
         except Exception as exc:  # a driver without a usable CUDA torch: say so, do not fail the worker
             hardware["gpu_error"] = f"{type(exc).__name__}: {exc}"
     return hardware
+
+
+def remove_scratch(settings: Settings, job_id: str) -> None:
+    """Remove every scratch folder of `job_id` (attempts that were killed left theirs behind)."""
+    for folder in settings.scratch_dir.glob(f"job-{job_id}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphaned_scratch(settings: Settings) -> list[str]:
+    """At start-up: remove the scratch folders of jobs that no live attempt runs (finished, gone,
+    or running with an expired lease: its worker was killed). Returns the job ids cleaned."""
+    if not settings.scratch_dir.is_dir():
+        return []
+    owners = {folder.name.split("-")[1] for folder in settings.scratch_dir.glob("job-*-*")}
+    cutoff = lease_cutoff(settings.job_lease_s)
+    with session_scope(settings.resolved_database_url) as session:
+        alive = set(
+            session.scalars(
+                select(JobRecord.id).where(
+                    JobRecord.id.in_(owners),
+                    JobRecord.status == JobStatus.RUNNING,
+                    JobRecord.heartbeat_at >= cutoff,
+                )
+            )
+        )
+    orphans = sorted(owners - alive)
+    for job_id in orphans:
+        remove_scratch(settings, job_id)
+    return orphans

@@ -12,7 +12,7 @@ from celery.signals import worker_ready
 from app.core.job_queue import RUN_JOB_TASK
 from app.core.settings import get_settings
 from workers.job_runner import run_job_by_id
-from workers.recovery import node_hardware, start_sweeper
+from workers.recovery import node_hardware, remove_orphaned_scratch, start_sweeper
 
 
 @shared_task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
@@ -26,4 +26,5 @@ def _start_sweeping(sender: Any = None, **_kwargs: Any) -> None:
     consumed = sender.app.amqp.queues.consume_from if sender is not None else {}
     queues = [name.removeprefix(settings.queue_prefix) for name in consumed] or ["cpu"]
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}:{os.getpid()}"
+    remove_orphaned_scratch(settings)  # what workers killed on this data dir left behind
     start_sweeper(settings, name, queues, node_hardware())

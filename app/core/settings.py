@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         return self.broker_url is None
 
     @property
+    def scratch_dir(self) -> Path:
+        """Where jobs work, one folder per attempt named after its job (`job-<id>-…`), so a worker
+        starting up can tell whose a leftover folder was (workers.recovery)."""
+        return self.data_dir / "scratch"
+
+    @property
     def broker_dir(self) -> Path:
         return (self.data_dir / "broker").resolve()
 
