@@ -32,6 +32,12 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
+def cpu_hardware(threads: int | None, **versions: Any) -> dict[str, Any]:
+    """What a CPU engine is measured on: the CPU, the threads it used, its runtime's versions."""
+    info = cpu_info()
+    return {**info, "threads": threads or info["logical_cores"], **versions}
+
+
 def nvidia_device_present() -> bool:
     """Whether this node has an NVIDIA GPU, from the driver's files: no CUDA library is loaded to ask,
     so a CPU node (and the API process) never imports torch or TensorRT just to say no."""

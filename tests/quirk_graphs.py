@@ -228,3 +228,22 @@ def wrong_declared_output(path: Path) -> Path:
     return _save(
         nodes, "wrong_shape", [_tensor("x", ["batch", 8])], [_tensor("y", ["batch", 2, 3])], inits, path, 13
     )
+
+
+def external_data_matmul(path: Path, weight: np.ndarray) -> Path:
+    """`y = x @ w` with `w` in an external-data file beside the model, named after it (what the
+    dynamo exporter writes): every backend must carry the data file under its own engine's name."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return path

@@ -11,9 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from app.core.db import session_scope
 from app.core.job_queue import queue_for
@@ -30,6 +28,7 @@ from engines.measure.latency import MeasureConfig
 from engines.pipeline import run_recipe
 from engines.recipe import Recipe
 from tests.conftest import DigitsArtifacts, make_settings
+from tests.quirk_graphs import external_data_matmul
 from workers.recovery import fail_jobs_without_workers
 
 FAST = MeasureConfig(warmup_runs=1, timed_runs=3, min_seconds=0)
@@ -92,20 +91,7 @@ def test_torch_engine_settings_survive_the_round_trip(tmp_path: Path) -> None:
 
 
 def test_torch_engine_copies_external_data_under_its_own_name(tmp_path: Path) -> None:
-    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    source = tmp_path / "src" / "user-model.onnx"
-    source.parent.mkdir()
-    onnx.save(
-        model, str(source), save_as_external_data=True, location="user-model.onnx.data", size_threshold=0
-    )
+    source = external_data_matmul(tmp_path / "src" / "user-model.onnx", np.eye(4, dtype=np.float32))
     backend = get_backend("torch-cpu")
     artifact = backend.compile(source, tmp_path / "engine", CompileOptions(batch_sizes=(2,)))
     assert sorted(path.name for path in artifact.path.parent.iterdir()) == [

@@ -24,6 +24,7 @@ from engines.pipeline import run_recipe
 from engines.recipe import Recipe
 from tests import quirk_graphs
 from tests.conftest import DigitsArtifacts
+from tests.quirk_graphs import external_data_matmul
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason("openvino-cpu") is not None,
@@ -142,28 +143,14 @@ def test_fp16_says_which_precision_it_computes_in(digits: DigitsArtifacts, tmp_p
 
 
 def test_a_model_with_external_data(tmp_path: Path) -> None:
-    weight = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    source = _saved(
-        model,
-        tmp_path / "src" / "user-model.onnx",
-        save_as_external_data=True,
-        location="user-model.onnx.data",
-        size_threshold=0,
-    )
+    weight = np.arange(16, dtype=np.float32).reshape(4, 4)
+    source = external_data_matmul(tmp_path / "src" / "user-model.onnx", weight)
     backend = get_backend("openvino-cpu")
     artifact = backend.compile(source, tmp_path / "engine", CompileOptions(batch_sizes=(3,)))
     assert (artifact.path.parent / "engine.bin").stat().st_size >= 64  # the weights moved into the IR
     x = np.ones((3, 4), np.float32)
     with backend.load(artifact.path) as runner:
-        np.testing.assert_allclose(runner.infer({"x": x})["y"], x @ numpy_helper.to_array(weight))
+        np.testing.assert_allclose(runner.infer({"x": x})["y"], x @ weight)
 
 
 def test_a_model_openvino_cannot_read_is_not_runnable(tmp_path: Path) -> None:

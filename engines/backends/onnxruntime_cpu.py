@@ -17,7 +17,7 @@ import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
-from engines.hardware import cpu_info
+from engines.hardware import cpu_hardware
 from engines.ingest.model import PROTOBUF_LIMIT_BYTES
 from engines.ingest.signature import TensorSpec, assign_batch_axes, normalize_dim
 
@@ -141,8 +141,7 @@ class OnnxRuntimeCpuBackend(Backend):
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         import onnxruntime as ort
 
-        info = cpu_info()
-        return {**info, "threads": threads or info["logical_cores"], "onnxruntime": ort.__version__}
+        return cpu_hardware(threads, onnxruntime=ort.__version__)
 
 
 def _external_data_size(onnx_path: Path) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
-from engines.hardware import cpu_info
+from engines.hardware import cpu_hardware
 from engines.ingest.model import onnx_signature
 from engines.ingest.signature import TensorSpec, assign_batch_axes
 
@@ -283,5 +283,4 @@ class OpenVinoCpuBackend(Backend):
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         import openvino as ov
 
-        info = cpu_info()
-        return {**info, "threads": threads or info["logical_cores"], "openvino": ov.__version__}
+        return cpu_hardware(threads, openvino=ov.__version__)

@@ -33,7 +33,7 @@ import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
-from engines.hardware import cpu_info, gpu_info, nvidia_device_present
+from engines.hardware import cpu_hardware, cpu_info, gpu_info, nvidia_device_present
 from engines.ingest.model import onnx_signature
 from engines.ingest.signature import TensorSpec
 
@@ -274,8 +274,7 @@ class TorchCpuBackend(_TorchBackend):
         return cls._libraries_present()
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
-        info = cpu_info()
-        return {**info, "threads": threads or info["logical_cores"], **self._versions()}
+        return cpu_hardware(threads, **self._versions())
 
 
 class TorchCudaBackend(_TorchBackend):
