@@ -319,6 +319,7 @@ def run_recipe(
             tuple[str, str], ModelVariant
         ] = {}  # by (precision, profile): targets that share one, share it
         plan = [(precision, target) for precision in precisions for target in recipe.targets]
+        first_fp32_failure: EngineError | None = None
         for index, (precision, target) in enumerate(plan):
             backend = get_backend(target)
             # a backend that casts the fp32 model itself (PyTorch) compiles the fp32 variant
@@ -352,8 +353,9 @@ def run_recipe(
             except InvalidRecipeError:
                 raise
             except EngineError as exc:
-                if precision == "fp32":
-                    raise
+                # one target that cannot take the model (onnx2torch lacks an op) leaves the others;
+                # when none is left, the first fp32 failure is the job's error, with its own code
+                first_fp32_failure = first_fp32_failure or (exc if precision == "fp32" else None)
                 messages.append(
                     f"{target} cannot run this {precision} model, so it has no engine: {exc.detail}"
                 )
@@ -364,6 +366,8 @@ def run_recipe(
             hardware[name] = backend.hardware(threads)
             check_cancelled()
         if not artifacts:
+            if first_fp32_failure is not None:
+                raise first_fp32_failure
             raise EngineError("no target could run the model: " + "; ".join(messages), code="no_engine_built")
 
         progress(0.6, "measuring latency side by side with the original")

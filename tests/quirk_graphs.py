@@ -247,3 +247,25 @@ def external_data_matmul(path: Path, weight: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
     return path
+
+
+def op_onnx2torch_lacks(path: Path) -> Path:
+    """Conv then GlobalMaxPool (magika's head): ONNX Runtime runs it, onnx2torch has no converter,
+    so a PyTorch target cannot take the model while the others can."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(_weights(4, 3, 3, 3), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalMaxPool", ["c"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path

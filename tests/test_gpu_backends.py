@@ -7,6 +7,7 @@ their reason here.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -281,3 +282,18 @@ def test_tensorrt_engine_builds_and_runs(digits: DigitsArtifacts, tmp_path: Path
     (engine,) = result.engines
     assert engine.artifact.metadata["compute_capability"]
     assert engine.measurement.accuracy["fidelity"]["top1_agreement"] > 0.95
+
+
+def test_a_target_that_cannot_take_the_model_leaves_the_others(tmp_path: Path) -> None:
+    """Found on magika (a real model): onnx2torch lacks GlobalMaxPool. The torch-cpu target says why
+    in the messages; the ONNX Runtime engine is still built (the job used to fail whole)."""
+    from tests.quirk_graphs import op_onnx2torch_lacks
+
+    path = op_onnx2torch_lacks(tmp_path / "model.onnx")
+    recipe = Recipe(targets=("onnxruntime-cpu", "torch-cpu"), batch_sizes=(1,), measure=FAST)
+    result = run_recipe(path, recipe, tmp_path / "work")
+    assert [engine.artifact.backend for engine in result.engines] == ["onnxruntime-cpu"]
+    assert any("torch-cpu cannot run" in m and "GlobalMaxPool" in m for m in result.messages)
+    with pytest.raises(EngineError) as alone:  # alone, the target's own error is the job's
+        run_recipe(path, replace(recipe, targets=("torch-cpu",)), tmp_path / "alone")
+    assert alone.value.code == "unsupported_op"
