@@ -38,6 +38,14 @@ def cpu_hardware(threads: int | None, **versions: Any) -> dict[str, Any]:
     return {**info, "threads": threads or info["logical_cores"], **versions}
 
 
+@cache
+def cuda_usable() -> bool:
+    """Whether torch sees a CUDA device (imports torch: ask nvidia_device_present() first)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def nvidia_device_present() -> bool:
     """Whether this node has an NVIDIA GPU, from the driver's files: no CUDA library is loaded to ask,
     so a CPU node (and the API process) never imports torch or TensorRT just to say no."""

@@ -193,7 +193,7 @@ def compare(baseline: Measurement, candidate: Measurement) -> dict[str, Any]:
     return result
 
 
-def _built_runner(backend: Backend, checks_dir: Path, threads: int | None, onnx_path: Path) -> Runner:
+def built_runner(backend: Backend, checks_dir: Path, threads: int | None, onnx_path: Path) -> Runner:
     """`onnx_path` compiled by `backend` and loaded: an accuracy check during a build runs what the
     target will run (for ONNX Runtime, cheap; for a GPU backend, its own engine)."""
     out_dir = checks_dir / onnx_path.stem
@@ -322,8 +322,7 @@ def run_recipe(
         first_fp32_failure: EngineError | None = None
         for index, (precision, target) in enumerate(plan):
             backend = get_backend(target)
-            # a backend that casts the fp32 model itself (PyTorch) compiles the fp32 variant
-            model_precision = "fp32" if precision in backend.native_precisions else precision
+            model_precision = backend.model_precision(precision)
             key, name = (model_precision, backend.quantization_profile), f"{target}/{precision}"
             try:
                 if key not in variants:
@@ -340,7 +339,7 @@ def run_recipe(
                         evaluation=evaluation,
                         batch_size=_calibration_batch(inputs, calibration, recipe),
                         check_cancelled=check_cancelled,
-                        runner_for=partial(_built_runner, backend, workdir / target / "checks", threads),
+                        runner_for=partial(built_runner, backend, workdir / target / "checks", threads),
                     )
                     messages += variants[key].messages
                 variant = variants[key]

@@ -148,6 +148,12 @@ class Backend(abc.ABC):
         return cls.load_options(**{key: value for key, value in knobs.items() if key in names})
 
     @classmethod
+    def model_precision(cls, precision: str) -> str:
+        """The precision of the ONNX model this backend compiles for an engine at `precision`: the
+        fp32 model for the precisions it applies itself (`native_precisions`)."""
+        return "fp32" if precision in cls.native_precisions else precision
+
+    @classmethod
     def load_options_for(cls, options: LoadOptions | None) -> LoadOptions:
         """`options` as this backend's own LoadOptions: another backend's are read knob by knob
         (the ones this backend has are kept), None gives the defaults."""

@@ -38,7 +38,7 @@ import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
-from engines.hardware import cpu_info, gpu_info, nvidia_device_present
+from engines.hardware import cpu_info, cuda_usable, gpu_info, nvidia_device_present
 from engines.ingest.signature import TensorSpec
 
 ENGINE_FILENAME = "engine.plan"
@@ -255,7 +255,7 @@ class TensorRtBackend(Backend):
         return (
             nvidia_device_present()
             and all(importlib.util.find_spec(name) is not None for name in ("tensorrt", "torch"))
-            and _cuda_usable()
+            and cuda_usable()
         )
 
     def compile(self, onnx_path: Path, out_dir: Path, options: CompileOptions) -> EngineArtifact:
@@ -304,13 +304,6 @@ class TensorRtBackend(Backend):
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         return {**cpu_info(), **gpu_info(), "tensorrt": _trt().__version__}
-
-
-@cache
-def _cuda_usable() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def gpu_identity(device_index: int = 0) -> dict[str, str]:

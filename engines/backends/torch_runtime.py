@@ -25,7 +25,6 @@ import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,7 +32,7 @@ import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
-from engines.hardware import cpu_hardware, cpu_info, gpu_info, nvidia_device_present
+from engines.hardware import cpu_hardware, cpu_info, cuda_usable, gpu_info, nvidia_device_present
 from engines.ingest.model import onnx_signature
 from engines.ingest.signature import TensorSpec
 
@@ -285,7 +284,7 @@ class TorchCudaBackend(_TorchBackend):
 
     @classmethod
     def available(cls) -> bool:
-        return cls._libraries_present() and nvidia_device_present() and _cuda_usable()
+        return cls._libraries_present() and nvidia_device_present() and cuda_usable()
 
     def _tuned(
         self, engine_path: Path, options: CompileOptions, eager: TorchEngineSettings, eager_seconds: float
@@ -348,13 +347,6 @@ def _rewrite_external_data_location(engine_path: Path, original_name: str) -> No
                 changed = True
     if changed:
         onnx.save(model, str(engine_path))
-
-
-@cache
-def _cuda_usable() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _package_version(name: str) -> str | None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from engines.errors import Cancelled, EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
 from engines.measure.accuracy import accuracy_report, run_dataset
 from engines.measure.latency import MeasureConfig, measure_latency
-from engines.pipeline import BASELINE, BASELINE_BACKEND, BuiltEngine, Measurement, compare
+from engines.pipeline import BASELINE, BASELINE_BACKEND, BuiltEngine, Measurement, built_runner, compare
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig
 from engines.prune.stage import run_prune_stage
@@ -105,9 +106,13 @@ class CandidateOutcome:
     build_seconds: float | None = None
     on_front: bool = False
     chosen: bool = False
-    within_budget: bool = False
     artifact: EngineArtifact | None = field(default=None, repr=False)
     runner: Runner | None = field(default=None, repr=False)
+
+    @property
+    def within_budget(self) -> bool:
+        """Only a candidate whose full evaluation kept the budget is accepted."""
+        return self.status == "accepted"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -251,7 +256,7 @@ class _Search:
         backend = get_backend(candidate.backend)
         source = self._source(candidate)
         precision = candidate.precision
-        model_precision = "fp32" if precision in backend.native_precisions else precision
+        model_precision = backend.model_precision(precision)
         recipe = Recipe(
             targets=(candidate.backend,),
             precision=model_precision,
@@ -273,6 +278,7 @@ class _Search:
             evaluation=self.evaluation if candidate.float_fallback else None,
             batch_size=min(16, (self.calibration.samples if self.calibration else 16)),
             check_cancelled=self.check_cancelled,
+            runner_for=partial(built_runner, backend, workdir / "checks", None),  # the target scores it
         )
         options = CompileOptions(precision=precision, batch_sizes=(self.objective.batch_size,))
         artifact = backend.compile(variant.path, workdir / "engine", options)
@@ -357,7 +363,7 @@ class _Search:
                 outcome, "rejected_accuracy",
                 f"drop {outcome.drop * 100:.2f} pt, budget {self.allowed * 100:.2f} pt",
             )  # fmt: skip
-        outcome.status, outcome.within_budget = "accepted", True
+        outcome.status = "accepted"
         return outcome
 
     def _expected_seconds(self, candidate: Candidate) -> float:
