@@ -32,4 +32,7 @@ USER optiforge
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
+# Listening on 0.0.0.0 needs an API key: run with -e OPTIFORGE_BOOTSTRAP_API_KEY=<32+ random
+# characters> (made the default project's admin key on first start), or create one first with
+# `optiforge keys create` against the same database; without either, serve refuses to start.
 CMD ["optiforge", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune gpu-wheels clean
+.PHONY: serve test lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ bench-serve: $(VENV)/.dev-installed
 # ARGS="--time-budget 5" for shorter searches, ARGS="--quick" for a 1-minute smoke run on digits.
 bench-autotune: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.autotune $(ARGS)
+
+# Fault injection (README, "Reliability"): kill -9 a worker mid-job, restart Redis with jobs queued, kill -9
+# the API mid-upload, 64 slow clients, 4 × 60 MB JSON bodies; needs PostgreSQL at 127.0.0.1:5432 and
+# redis-server on PATH, about 2 minutes; exits 1 if anything was lost. ARGS="--quick" for a 1-minute smoke run.
+bench-chaos: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.chaos $(ARGS)
 
 # The GPU table (README, "GPU"): on a machine with an NVIDIA GPU and CUDA torch, under 8 minutes.
 # ARGS="--device cpu --quick" runs the same code on a CPU as a smoke test.

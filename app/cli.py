@@ -14,8 +14,12 @@ from collections.abc import Sequence
 
 from optiforge_client.cli import add_client_commands, run_client_command
 
+from app.admin_cli import add_admin_commands
 from app.api.request_log import configure_logging
 from app.core.settings import get_settings
+
+#: Addresses a server with no API key may listen on: only this machine can reach it.
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def _worker_argv(queues: str, concurrency: int | None, loglevel: str) -> list[str]:
@@ -31,8 +35,49 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
-    print(f"database at head: {settings.resolved_database_url}")
+    print(f"database at head: {_shown_url(settings.resolved_database_url)}")
+    if settings.bootstrap_api_key:
+        ensure_bootstrap_key(settings.bootstrap_api_key)
     return 0
+
+
+def _shown_url(url: str) -> str:
+    """The database URL without its password, for a log line."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def ensure_bootstrap_key(key: str) -> None:
+    from app.core.db import get_sessionmaker
+    from app.core.errors import ApiError
+    from app.services.access import ensure_key
+
+    with get_sessionmaker(get_settings().resolved_database_url)() as session:
+        try:
+            record = ensure_key(session, key)
+        except ApiError as exc:
+            raise SystemExit(f"OPTIFORGE_BOOTSTRAP_API_KEY refused: {exc.detail}") from exc
+    print(f"bootstrap API key: {record.id} ({record.prefix}…, project '{record.project_id}')")
+
+
+def check_listen_address(host: str) -> None:
+    """A server with no API key answers anyone who reaches it: it listens on loopback only."""
+    from app.core.db import get_sessionmaker
+    from app.services.access import any_active_key
+
+    if host in LOOPBACK_ADDRESSES or host.startswith("127."):
+        return
+    with get_sessionmaker(get_settings().resolved_database_url)() as session:
+        if any_active_key(session):
+            return
+    raise SystemExit(
+        f"refusing to listen on {host}: this server has no API key, so anyone who reaches it could "
+        "use it. Create one first:\n"
+        "    optiforge keys create --project default --scopes admin\n"
+        "(or set OPTIFORGE_BOOTSTRAP_API_KEY to a random string of 32+ characters), then send it "
+        "as 'Authorization: Bearer <key>'. Without a key, serve on 127.0.0.1."
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -51,6 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     cmd_migrate(args)
+    check_listen_address(args.host)
     start_worker = settings.embedded_broker if args.worker is None else args.worker
     supervisor = None
     if start_worker:
@@ -111,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     migrate.set_defaults(func=cmd_migrate)
 
+    add_admin_commands(sub)  # keys, projects: on the database, where the server runs
     add_client_commands(sub)  # models, datasets, jobs, engines, optimize, infer: the SDK's CLI
     return parser
 

@@ -3,22 +3,46 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
+from optiforge_client.tensors import HEADER_LENGTH
 
 from app import __version__
+from app.api.access_policy import DOCS_ASSETS_PATH, AccessPolicy
+from app.api.auth import AuthMiddleware
 from app.api.body_limit import BodySizeLimitMiddleware
 from app.api.control_chars import ControlCharacterMiddleware
 from app.api.errors import install_error_handlers
+from app.api.openapi import install_openapi
+from app.api.origin import OriginMiddleware
 from app.api.request_log import RequestLogMiddleware
-from app.api.routes import capabilities, datasets, engines, health, inference_v2, jobs, models, triton
-from app.api.uploads import MULTIPART_SLACK_BYTES
+from app.api.routes import (
+    admin,
+    capabilities,
+    datasets,
+    engines,
+    health,
+    inference_v2,
+    jobs,
+    models,
+    triton,
+)
+from app.api.upload_slots import UploadSlotsMiddleware
+from app.api.uploads import MULTIPART_SLACK_BYTES, remove_abandoned_uploads
 from app.core.settings import Settings, get_settings
 from app.core.store import get_store
+from app.services.access import KeyDirectory
 from app.serving.inference import Serving
+from app.ui import routes as ui
 
 DESCRIPTION = """
 Upload a trained model (ONNX) and a dataset, start a job, get engines that are measured side by
 side with the original: latency per batch size (mean, p50, p90, p99, throughput) and accuracy
 (top-1 against labels, or fidelity to the original without labels).
+
+Send an API key as `Authorization: Bearer <key>` (or `X-API-Key: <key>`); a server that has no
+key yet answers loopback clients without one. Each key belongs to a project and sees only its
+project's models, datasets, jobs and engines.
 
 Errors are JSON: `{"code": "machine_readable", "detail": "for a person"}`; under `/v2` (the Open
 Inference Protocol, which tritonclient and other KServe/Triton clients speak) they are
@@ -29,11 +53,20 @@ Inference Protocol, which tritonclient and other KServe/Triton clients speak) th
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="optiforge", version=__version__, description=DESCRIPTION)
+    # Swagger UI and ReDoc with their scripts served from here (fastapi-offline ships them): the
+    # default pages load them from a public CDN, a blank page on a cluster without internet.
+    app = FastAPIOffline(
+        title="optiforge",
+        version=__version__,
+        description=DESCRIPTION,
+        static_url=DOCS_ASSETS_PATH,
+        swagger_ui_parameters={"persistAuthorization": True},  # the key typed in "Authorize" stays
+    )
     app.state.settings = settings
     app.state.store = get_store(settings.resolved_artifact_dir)
     app.state.serving = Serving(settings, app.state.store)
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_body_bytes=settings.max_request_bytes,
@@ -41,12 +74,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upload_paths=(models.router.prefix, datasets.router.prefix),
         json_tensor_bytes=settings.max_json_tensor_bytes,
     )
+    app.add_middleware(  # after the key check, before the body is read
+        UploadSlotsMiddleware,
+        limit=settings.max_concurrent_uploads,
+        upload_paths=(models.router.prefix, datasets.router.prefix),
+    )
+    app.state.keys = KeyDirectory(settings.resolved_database_url, settings.auth_cache_ttl_s)
+    app.add_middleware(
+        AuthMiddleware,
+        keys=app.state.keys,
+        policy=AccessPolicy(public_docs=settings.public_docs, public_metrics=settings.public_metrics),
+        default_infer_rps=settings.infer_rate_limit_rps,
+        open_hosts=settings.extra_open_hosts,
+    )
+    app.add_middleware(OriginMiddleware, allowed_origins=settings.allowed_origins)
     app.add_middleware(ControlCharacterMiddleware)
+    if settings.allowed_origins:  # a browser's preflight carries no key: answered before the check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=sorted(settings.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", HEADER_LENGTH, "X-Request-ID"],
+            expose_headers=["Retry-After", HEADER_LENGTH, "X-Request-ID", "Server-Timing"],
+        )
     app.add_middleware(
         RequestLogMiddleware, metrics=app.state.serving.metrics
     )  # outermost: sees every response
     app.router.routes[:0] = inference_v2.hot_routes
-    for module in (health, capabilities, models, datasets, jobs, engines, triton, inference_v2):
+    for module in (health, capabilities, models, datasets, jobs, engines, triton, inference_v2, admin):
         app.include_router(module.router)
+    app.include_router(admin.whoami_router)
+    app.include_router(ui.router)  # the web console: pages only, its data comes from the API above
+    app.mount(ui.UI_PREFIX + "/static", ui.static_files, name="ui-static")
+    app.router.add_event_handler("startup", lambda: remove_abandoned_uploads(settings, app.state.store))
     app.router.add_event_handler("shutdown", app.state.serving.close)
     return app

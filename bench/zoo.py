@@ -52,7 +52,9 @@ def service(workdir: Path) -> Iterator[tuple[Any, Any]]:
     from app.core.settings import Settings as AppSettings
     from app.main import create_app
 
-    settings = AppSettings(data_dir=workdir / "data", broker_url=None, database_url=None)
+    settings = AppSettings(
+        data_dir=workdir / "data", broker_url=None, database_url=None, open_hosts="testserver"
+    )
     settings.data_dir.mkdir(parents=True)
     upgrade(settings.resolved_database_url)
     with TestClient(create_app(settings)) as client:

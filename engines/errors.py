@@ -49,6 +49,22 @@ class InvalidDatasetError(EngineError):
     code = "invalid_dataset"
 
 
+class InvalidImageError(InvalidDatasetError):
+    """A member of an image-folder dataset that cannot become a sample; `member` names it.
+
+    Codes (engines.ingest.images): `image_decode_failed` (corrupt, truncated, not an image, pixels
+    that are not 8 or 16 bits), `image_too_large` (over the decompression-bomb pixel limit or the
+    per-file byte limit), `not_an_image` (an extension that is not an accepted image type),
+    `image_size_mismatch` (images of differing sizes where none is resized).
+    """
+
+    code = "image_decode_failed"
+
+    def __init__(self, detail: str, *, member: str, code: str | None = None):
+        super().__init__(detail, code=code, extra={"member": member})
+        self.member = member
+
+
 class DatasetMismatchError(EngineError):
     """The dataset's arrays do not fit the model's inputs; `mismatches` lists each problem."""
 
@@ -78,6 +94,25 @@ class BackendUnavailableError(EngineError):
     """The backend an engine needs is not present on this node (e.g. TensorRT on a CPU box)."""
 
     code = "backend_unavailable"
+
+
+class ConversionError(EngineError):
+    """A model in another framework's format (a `torch.export` program) could not be turned into
+    ONNX, for a reason other than one named operator; `detail` carries the exporter's message."""
+
+    code = "conversion_failed"
+
+
+class UnsupportedOperatorError(ConversionError):
+    """The conversion met operators it has no translation for; `operators` names them (as the
+    exporter does: `aten.linalg_qr.default`, `mylib::my_op`). Same code as the ONNX -> PyTorch
+    direction (`engines.torch_bridge`): an operator the converter cannot translate."""
+
+    code = "unsupported_op"
+
+    def __init__(self, detail: str, operators: list[str]):
+        super().__init__(detail, extra={"operators": operators})
+        self.operators = operators
 
 
 class Cancelled(Exception):

@@ -31,6 +31,10 @@ from app.main import create_app
 from engines.ingest.datasets import Dataset
 from examples import digits as digits_model
 
+# Starlette's test client sends `Host: testserver`; a server with no API key (most tests) answers
+# loopback names only, and this one (app.api.auth).
+os.environ.setdefault("OPTIFORGE_OPEN_HOSTS", "testserver")
+
 POSTGRES_URL = os.environ.get(
     "OPTIFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )

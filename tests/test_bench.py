@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
+
 from bench.run import main
+from tests.conftest import POSTGRES_URL, require_service
 
 
 def test_bench_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
@@ -49,3 +53,28 @@ def test_gpu_bench_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
     ]
     assert all(row["vs_fp32"]["cosine_similarity"] > 0.9999 for row in results["rows"])
     assert "CPU smoke run" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_chaos_bench_quick_run(tmp_path: Path) -> None:
+    """bench/chaos.py on the deployed shape (a fresh PostgreSQL database, its own redis-server, API
+    and worker processes): every scenario runs to its end, no job is lost, and the report is written.
+    Orphaned files and missed targets are the benchmark's findings (its exit status says so)."""
+    from sqlalchemy.engine import make_url
+
+    from bench.chaos import SCENARIOS
+    from bench.chaos import main as chaos_main
+
+    admin_url = make_url(POSTGRES_URL)
+    require_service("PostgreSQL", admin_url.host or "127.0.0.1", admin_url.port or 5432)
+    out = tmp_path / "chaos.json"
+    assert chaos_main(["--quick", "--out", str(out), "--postgres-url", POSTGRES_URL]) in (0, 1)
+    results = json.loads(out.read_text())
+    scenarios = {scenario["key"]: scenario for scenario in results["scenarios"]}
+    assert list(scenarios) == list(SCENARIOS)
+    assert all(scenario["error"] is None for scenario in scenarios.values()), results
+    for key, check in (("worker-kill", "the job finished"), ("broker-restart", "queued jobs finished")):
+        assert next(c for c in scenarios[key]["checks"] if c["name"] == check)["ok"], scenarios[key]
+    assert scenarios["big-json"]["api_peak_rss_mb"] > 0
+    assert results["hardware"]["cpu_model"]

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,8 @@ from fastapi.testclient import TestClient
 
 from app.core.migrate import upgrade
 from app.main import create_app
+from bench.processes import start_redis as _redis
 from tests.conftest import REPO_ROOT, DigitsArtifacts, free_port, make_settings, wait_for_job
-
-
-def _redis(port: int, workdir: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True)
-        if ping.stdout.strip() == "PONG":
-            return process
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("redis-server did not start")
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +29,10 @@ def test_compose_file_is_valid(profile: list[str]) -> None:
     compose = _compose()
     if compose is None:
         pytest.skip("no docker compose client installed")
-    result = subprocess.run([*compose, *profile, "config"], cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "OPTIFORGE_API_KEY": "k" * 48}
+    result = subprocess.run([*compose, *profile, "config"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+    assert "OPTIFORGE_BOOTSTRAP_API_KEY: " + "k" * 48 in result.stdout
     for service in ("api", "worker", "redis", "postgres"):
         assert f"  {service}:" in result.stdout
     if profile:
@@ -39,3 +43,20 @@ def test_dockerfile_copies_every_package() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for package in ("app", "workers", "engines", "migrations", "sdk"):
         assert f"COPY {package} ./{package}" in dockerfile
+
+
+def test_compose_api_gets_its_first_key_from_the_environment() -> None:
+    """The API listens beyond loopback in compose: it needs its first key, and has it only from
+    OPTIFORGE_API_KEY (`${VAR:?}` makes compose refuse to start without it)."""
+    environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]["environment"]
+    assert environment["OPTIFORGE_BOOTSTRAP_API_KEY"].startswith("${OPTIFORGE_API_KEY:?")
+    assert environment["OPTIFORGE_BROKER_URL"]  # the shared settings are merged in, not replaced
+
+
+def test_compose_refuses_to_start_without_an_api_key() -> None:
+    compose = _compose()
+    if compose is None:
+        pytest.skip("no docker compose client installed")
+    env = {key: value for key, value in os.environ.items() if key != "OPTIFORGE_API_KEY"}
+    result = subprocess.run([*compose, "config"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and "OPTIFORGE_API_KEY" in result.stderr

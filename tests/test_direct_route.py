@@ -49,6 +49,7 @@ def test_infer_routes_come_first_and_are_documented(local_api):
     app = local_api.client.app
     assert app.router.routes[: len(inference_v2.hot_routes)] == inference_v2.hot_routes
     operation = app.openapi()["paths"]["/v2/models/{name}/versions/{version}/infer"]["post"]
-    assert {parameter["name"] for parameter in operation["parameters"]} == {"name", "version"}
+    documented = {parameter["name"] for parameter in operation["parameters"]}
+    assert documented == {"name", "version", "Inference-Header-Content-Length"}
     assert operation["tags"] == inference_v2.router.tags
     assert "application/json" in operation["requestBody"]["content"]

@@ -196,11 +196,17 @@ def test_a_job_with_a_gpu_target_goes_to_the_gpu_queue() -> None:
 def _queued_job(settings, targets: list[str], age_s: float) -> str:
     with session_scope(settings.resolved_database_url) as session:
         model = ModelRecord(
-            name="m", filename="m.onnx", sha256="0" * 64, size_bytes=1, artifact_prefix="models/m", info={}
+            project_id="default",
+            name="m",
+            filename="m.onnx",
+            sha256="0" * 64,
+            size_bytes=1,
+            artifact_prefix="models/m",
+            info={},
         )
         session.add(model)
         session.flush()
-        job = JobRecord(model_id=model.id, recipe={"targets": targets}, messages=[])
+        job = JobRecord(project_id="default", model_id=model.id, recipe={"targets": targets}, messages=[])
         job.created_at = utcnow() - timedelta(seconds=age_s)
         session.add(job)
         session.flush()

@@ -104,18 +104,35 @@ def test_a_starting_worker_removes_scratch_no_live_attempt_owns(local_api) -> No
     settings = local_api.settings
     with session_scope(settings.resolved_database_url) as session:
         model = ModelRecord(
-            name="m", filename="m.onnx", sha256="0" * 64, size_bytes=1, artifact_prefix="m", info={}
+            project_id="default",
+            name="m",
+            filename="m.onnx",
+            sha256="0" * 64,
+            size_bytes=1,
+            artifact_prefix="m",
+            info={},
         )
         session.add(model)
         session.flush()
         running = JobRecord(
-            model_id=model.id, recipe={}, messages=[], status=JobStatus.RUNNING, heartbeat_at=utcnow()
+            project_id="default",
+            model_id=model.id,
+            recipe={},
+            messages=[],
+            status=JobStatus.RUNNING,
+            heartbeat_at=utcnow(),
         )
         stale = JobRecord(
-            model_id=model.id, recipe={}, messages=[], status=JobStatus.RUNNING,
+            project_id="default",
+            model_id=model.id,
+            recipe={},
+            messages=[],
+            status=JobStatus.RUNNING,
             heartbeat_at=utcnow() - timedelta(seconds=10 * settings.job_lease_s),
-        )  # fmt: skip
-        done = JobRecord(model_id=model.id, recipe={}, messages=[], status=JobStatus.SUCCEEDED)
+        )
+        done = JobRecord(
+            project_id="default", model_id=model.id, recipe={}, messages=[], status=JobStatus.SUCCEEDED
+        )
         session.add_all([running, stale, done])
         session.flush()
         ids = {"running": running.id, "stale": stale.id, "done": done.id, "gone": "job_0000000000000000"}

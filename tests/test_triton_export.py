@@ -43,6 +43,7 @@ from app.api.routes.triton import TemporaryFileResponse
 from app.core.db import session_scope
 from app.core.migrate import upgrade
 from app.core.orm import EngineRecord
+from app.core.scratch import EXPORT_KIND, claim_folder
 from app.core.settings import Settings
 from app.main import create_app
 from engines.errors import EngineError
@@ -548,10 +549,10 @@ def test_temporary_files_are_removed(
 def test_a_client_that_hangs_up_leaves_nothing_behind(tmp_path: Path) -> None:
     """FileResponse runs its background task only after a complete send; this response cleans up
     whatever happens to the send."""
-    directory = tmp_path / "export"
-    directory.mkdir()
+    folder = claim_folder(tmp_path, EXPORT_KIND, "exp_test")
+    directory = folder.path
     (directory / "repo.zip").write_bytes(b"zip" * 1000)
-    response = TemporaryFileResponse(directory / "repo.zip", directory, "application/zip", "repo.zip")
+    response = TemporaryFileResponse(directory / "repo.zip", folder, "application/zip", "repo.zip")
     scope = {"type": "http", "method": "GET", "headers": [], "asgi": {"spec_version": "2.4"}}
 
     async def receive() -> dict:

@@ -4,24 +4,42 @@ A handler reads its inputs from a JobContext and returns an Outcome: the job's m
 columns to set on success, and the rows to write in the same transaction that marks it succeeded.
 Files go to the artifact store under `jobs/<id>/` and their prefixes into `context.written`, so an
 attempt that does not succeed removes them. A new kind is one function here and one line in
-HANDLERS (and its constant in app.core.orm.JobKind).
+HANDLERS (and its constant in app.core.orm.JobKind); a kind whose failure must show elsewhere (a
+conversion's, on its model) adds a line in ENDED_UNSUCCESSFULLY.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.core.orm import DatasetRecord, EngineRecord, JobKind, JobRecord, new_id, take_alias
+from app.core.orm import (
+    DatasetRecord,
+    EngineRecord,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    ModelRecord,
+    ModelStatus,
+    new_id,
+    take_alias,
+)
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from engines.backends.base import engine_size
+from engines.convert import convert_exported_program
+from engines.errors import Cancelled, ConversionError, EngineError
 from engines.ingest.datasets import Dataset, load_dataset
+from engines.ingest.model import inspect_model, write_normalized
 from engines.ingest.signature import TensorSpec
 from engines.pipeline import BuiltEngine, run_recipe
 from engines.prune.sensitivity import SENSITIVITY_JSON, SENSITIVITY_PNG, SensitivityConfig, analyse
@@ -31,6 +49,8 @@ from engines.search import report as search_report
 from engines.search.autotune import AutotuneRequest, autotune
 from engines.search.report import REPORT_JSON, REPORT_MD, REPORT_PNG
 from workers.attempts import Attempt
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,10 +158,87 @@ def run_sensitivity(context: JobContext) -> Outcome:
     return Outcome()
 
 
+def run_convert(context: JobContext) -> Outcome:
+    """A torch.export program (`context.model_path`: the model's source, checked again here before
+    anything is loaded) converted to ONNX (engines.convert), validated as an ONNX upload is
+    (engines.ingest.model), and stored where an uploaded model's ONNX lives, beside its source; the
+    model's row gets its description and `ready` in the transaction that marks the job succeeded.
+    A program the exporter refuses fails the job (and the model) with the exporter's code:
+    `unsupported_op` naming the operators, `conversion_failed`, `invalid_torch_program`, …"""
+    progress = context.attempt.progress
+    opset = context.recipe.get("opset")
+    target = f"ONNX opset {opset}" if opset else "ONNX"
+    progress(0.05, f"converting the torch.export program to {target} (checked first, nothing unpickled)")
+    try:
+        result = convert_exported_program(
+            context.model_path,
+            context.workdir / "onnx",
+            max_unpacked_bytes=context.settings.max_unpacked_bytes,
+            opset=opset,
+        )
+    except (EngineError, Cancelled):
+        raise
+    except Exception as exc:  # the library names what it knows; a program is never an internal error
+        logger.exception("job %s: the conversion failed", context.job_id)
+        first_line = (str(exc).strip().splitlines() or [""])[0][:400]
+        raise ConversionError(f"the conversion failed: {type(exc).__name__}: {first_line}") from exc
+    progress(0.7, "validating the ONNX model (checker, shape inference), as an upload is")
+    info = inspect_model(result.onnx_path, scratch_dir=context.workdir)
+    stored = context.workdir / "stored"
+    write_normalized(result.onnx_path, stored)
+    source = stored / ModelRecord.SOURCE_FILE
+    source.parent.mkdir(parents=True)
+    _link_or_copy(context.model_path, source)
+    progress(0.9, "storing the ONNX model")
+    conversion = {key: value for key, value in result.to_dict().items() if key != "onnx_file"}
+    description = {**info.to_dict(), "conversion": {"source_format": "torch.export", **conversion}}
+    signature = ", ".join(f"{spec.name} {list(spec.shape)}" for spec in info.inputs)
+    messages = [f"converted to ONNX opset {result.opset}: inputs {signature}", *result.notes]
+
+    def record(session: Session, job: JobRecord) -> None:
+        model = session.get(ModelRecord, job.model_id)
+        assert model is not None, "a model with active jobs cannot be deleted"
+        # Replaces the prefix at once (the ONNX and the source it came from): every later job and
+        # /download read `<prefix>/model.onnx`, as for an uploaded model.
+        context.store.put_dir(model.artifact_prefix, stored, move=True)
+        model.info, model.status, model.error = description, ModelStatus.READY, None
+
+    return Outcome(messages=messages, record=record)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """The stored source, kept beside the ONNX it became: a hard link where the store allows."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def conversion_ended(session: Session, job: JobRecord, status: str, error: dict[str, Any] | None) -> None:
+    """A convert job that did not succeed leaves its model `failed` with the job's error (a
+    cancellation too: the model has no ONNX). A model that is not converting is left alone."""
+    if status == JobStatus.CANCELLED:
+        error = {
+            "code": "conversion_cancelled",
+            "detail": f"conversion job '{job.id}' was cancelled; upload the program again",
+        }
+    session.execute(
+        update(ModelRecord)
+        .where(ModelRecord.id == job.model_id, ModelRecord.status == ModelStatus.CONVERTING)
+        .values(status=ModelStatus.FAILED, error=error or {"code": "conversion_failed", "detail": status})
+    )
+
+
 HANDLERS: dict[str, Handler] = {
     JobKind.OPTIMIZE: run_optimize,
     JobKind.SENSITIVITY: run_sensitivity,
     JobKind.AUTOTUNE: run_autotune,
+    JobKind.CONVERT: run_convert,
+}
+#: What to record elsewhere when a job of a kind fails or is cancelled (in the worker: the API and
+#: the sweeper end jobs too, and app.services.jobs.model_state reads those from the job).
+ENDED_UNSUCCESSFULLY: dict[str, Callable[[Session, JobRecord, str, dict[str, Any] | None], None]] = {
+    JobKind.CONVERT: conversion_ended,
 }
 
 
@@ -159,6 +256,7 @@ def store_engines(
         measurement = built.measurement
         record = EngineRecord(
             id=engine_id,
+            project_id=job.project_id,
             job_id=job.id,
             model_id=job.model_id,
             backend=built.artifact.backend,

@@ -19,22 +19,39 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import update
 
 from app.core.db import session_scope
-from app.core.orm import DatasetRecord, JobRecord, JobStatus, ModelRecord, utcnow
+from app.core.orm import DatasetRecord, JobKind, JobRecord, JobStatus, ModelRecord, utcnow
 from app.core.settings import Settings
 from app.core.store import ArtifactStore, get_store
 from engines.errors import Cancelled, EngineError, scrub_paths
 from engines.ingest.model import MODEL_FILENAME
 from engines.ingest.signature import specs_from_dicts
 from workers.attempts import Attempt, Superseded, claim, owned
-from workers.handlers import HANDLERS, JobContext
+from workers.handlers import ENDED_UNSUCCESSFULLY, HANDLERS, JobContext
 from workers.recovery import remove_scratch
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def temporary_files_in(folder: Path) -> Iterator[None]:
+    """Send the temporary files of every library the job calls (ONNX Runtime's quantization
+    pre-processing makes `pre.quant.*` folders with mkdtemp, and so on) into the job's scratch
+    folder: a worker killed mid-job then leaves them where the next attempt and start-up clean up.
+    Process-wide, which is right for a worker process that runs one job at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
 
 
 def run_job_by_id(settings: Settings, job_id: str) -> None:
@@ -68,14 +85,20 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
             assert model is not None, "a model with active jobs cannot be deleted"
             remove_scratch(settings, job_id)  # a lost attempt's folder: this attempt owns the job now
             settings.scratch_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=f"job-{job_id}-", dir=settings.scratch_dir) as workdir:
+            with (
+                tempfile.TemporaryDirectory(prefix=f"job-{job_id}-", dir=settings.scratch_dir) as workdir,
+                temporary_files_in(Path(workdir) / "tmp"),
+            ):
                 context = JobContext(
                     settings=settings,
                     store=store,
                     job_id=job_id,
                     recipe=recipe,
-                    inputs=specs_from_dicts(model.info["inputs"]),
-                    model_path=store.local_path(f"{model.artifact_prefix}/{MODEL_FILENAME}"),
+                    inputs=specs_from_dicts(model.info.get("inputs", [])),  # none before a conversion
+                    model_path=store.local_path(
+                        f"{model.artifact_prefix}/"
+                        + (ModelRecord.SOURCE_FILE if kind == JobKind.CONVERT else MODEL_FILENAME)
+                    ),
                     calibration=calibration,
                     evaluation=evaluation,
                     workdir=Path(workdir),
@@ -108,17 +131,28 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
             _remove(store, written)
         except Cancelled:
             _remove(store, written)
-            attempt.finish(JobStatus.CANCELLED, stage="cancelled")
+            _ended(db_url, job_id, kind, attempt.finish(JobStatus.CANCELLED, stage="cancelled"))
         except EngineError as exc:
             _remove(store, written)
-            attempt.finish(JobStatus.FAILED, error={"code": exc.code, "detail": exc.detail})
+            error = exc.to_dict()  # with what the code names (`operators`, `mismatches`, …)
+            _ended(db_url, job_id, kind, attempt.finish(JobStatus.FAILED, error=error))
         except Exception as exc:
             logger.exception("job %s failed", job_id)
             _remove(store, written)
-            attempt.finish(
-                JobStatus.FAILED,
-                error={"code": "internal_error", "detail": scrub_paths(f"{type(exc).__name__}: {exc}")},
-            )
+            error = {"code": "internal_error", "detail": scrub_paths(f"{type(exc).__name__}: {exc}")}
+            _ended(db_url, job_id, kind, attempt.finish(JobStatus.FAILED, error=error))
+
+
+def _ended(db_url: str, job_id: str, kind: str, recorded: bool) -> None:
+    """What a kind records elsewhere once this attempt has recorded its job failed or cancelled
+    (workers.handlers.ENDED_UNSUCCESSFULLY: a failed conversion fails its model)."""
+    hook = ENDED_UNSUCCESSFULLY.get(kind)
+    if not recorded or hook is None:
+        return
+    with session_scope(db_url) as session:
+        job = session.get(JobRecord, job_id)
+        if job is not None:
+            hook(session, job, job.status, job.error)
 
 
 def _remove(store: ArtifactStore, prefixes: list[str]) -> None:

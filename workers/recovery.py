@@ -25,6 +25,7 @@ from app.core.db import session_scope
 from app.core.job_queue import enqueue_job, job_queue
 from app.core.orm import JobRecord, JobStatus, lease_cutoff, utcnow
 from app.core.presence import beat, live_workers_by_queue
+from app.core.scratch import owner_of
 from app.core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def remove_orphaned_scratch(settings: Settings) -> list[str]:
     or running with an expired lease: its worker was killed). Returns the job ids cleaned."""
     if not settings.scratch_dir.is_dir():
         return []
-    owners = {folder.name.split("-")[1] for folder in settings.scratch_dir.glob("job-*-*")}
+    owners = {owner_of(folder) for folder in settings.scratch_dir.glob("job-*-*")}
     cutoff = lease_cutoff(settings.job_lease_s)
     with session_scope(settings.resolved_database_url) as session:
         alive = set(

@@ -1,34 +1,70 @@
-"""Refuse oversized request bodies before they are read into temp files.
+"""Refuse oversized request bodies before they are read into temp files or memory.
 
 FastAPI parses a multipart upload completely before the route runs, so a size check in the
 route comes after the disk was already filled. This ASGI middleware answers 413 from the
 Content-Length header when there is one, and otherwise stops reading once the limit is passed.
+
+The inference routes read their bodies themselves (app.api.body_reader) and apply the same limits
+(`SizeLimit`, made here so a limit reads the same wherever it is enforced): the JSON-tensor cap to
+all of a JSON body and to the JSON part a binary request declares, whatever its headers say.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import Any
 
+from optiforge_client.tensors import HEADER_LENGTH
+
 from app.api.errors import send_error
+from app.core.errors import ApiError
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SizeLimit:
+    """The most bytes a body may have, and the code and sentence of the 413 over it."""
+
+    max_bytes: int
+    code: str
+    detail: str
+
+    def refusal(self) -> ApiError:
+        return ApiError(413, self.code, self.detail)
+
+
+def request_limit(max_bytes: int) -> SizeLimit:
+    """`max_request_bytes`: any body."""
+    detail = f"the request body is over the limit of {max_bytes} bytes"
+    return SizeLimit(max_bytes, "upload_too_large", detail)
+
+
+def json_tensor_limit(max_bytes: int) -> SizeLimit:
+    """`max_json_tensor_bytes`: JSON tensors, which take about 11× their text in memory once parsed."""
+    return SizeLimit(
+        max_bytes,
+        "json_tensors_too_large",
+        f"JSON tensors over {max_bytes} bytes: send tensors this large as binary tensors "
+        f"({HEADER_LENGTH}) to /v2/models/{{name}}/infer",
+    )
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-#: `/v1/engines/{id}/infer`: a JSON body of tensors (parsed whole before the route runs).
+#: `/v1/engines/{id}/infer`: a JSON body of tensors (its route applies the same cap as it reads).
 JSON_TENSOR_PATH = re.compile(r"^/v1/engines/[^/]+/infer/?$")
 
 
 class BodySizeLimitMiddleware:
     """`max_body_bytes` for every request, `upload_bytes` for POSTs to the `upload_paths`, and
     `json_tensor_bytes` for `/v1` inference, whose JSON tensors take many times their size in
-    memory once parsed (the `/v2` route applies the same cap to its JSON part)."""
+    memory once parsed (the `/v2` route applies the same cap to its JSON part as it reads)."""
 
     def __init__(
         self,
@@ -90,7 +126,5 @@ class BodySizeLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
 
     async def _refuse(self, send: Any, path: str, limit: int, code: str) -> None:
-        detail = f"the request body is over the limit of {limit} bytes"
-        if code == "json_tensors_too_large":
-            detail += ": send tensors this large as binary tensors to /v2/models/{id}/infer"
-        await send_error(send, path, 413, code, detail)
+        size_limit = json_tensor_limit(limit) if code == "json_tensors_too_large" else request_limit(limit)
+        await send_error(send, path, 413, code, size_limit.detail)

@@ -1,4 +1,5 @@
-"""Request-scoped dependencies: settings, a DB session, the artifact store and serving, from app.state."""
+"""Request-scoped dependencies: settings, a DB session, the artifact store and serving, from
+app.state; the caller's principal and project, from what app.api.auth put in the request."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.core.db import get_sessionmaker
+from app.core.errors import ApiError
+from app.core.keys import Principal
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from app.serving.inference import Serving
@@ -41,3 +44,20 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
     finally:
         session.close()
+
+
+def principal_of(request: Request) -> Principal:
+    """Who the request acts as (set by app.api.auth); a route reached without it refuses (fail closed)."""
+    principal = request.scope.get("state", {}).get("principal")
+    if principal is None:
+        raise ApiError(401, "api_key_required", "this route needs an API key")
+    return principal
+
+
+def project_of(request: Request) -> str:
+    """The caller's project: every record a route reads or makes is this project's."""
+    return principal_of(request).project_id
+
+
+PrincipalDep = Annotated[Principal, Depends(principal_of)]
+ProjectDep = Annotated[str, Depends(project_of)]

@@ -44,11 +44,14 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
-async def send_error(send: Any, path: str, status: int, code: str, detail: str) -> None:
+async def send_error(
+    send: Any, path: str, status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> None:
     """An error answered from ASGI middleware, before any route (the same JSON as the handlers')."""
     body = json.dumps(error_body(path, code, detail)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -56,7 +59,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(
-            error_body(request.url.path, exc.code, exc.detail, **exc.extra), status_code=exc.status
+            error_body(request.url.path, exc.code, exc.detail, **exc.extra),
+            status_code=exc.status,
+            headers=exc.headers,
         )
 
     @app.exception_handler(EngineError)

@@ -63,6 +63,12 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level.upper())
 
 
+def _key_id(scope: dict[str, Any]) -> str | None:
+    """The id of the API key the request was made with (app.api.auth), never the key."""
+    principal = scope.get("state", {}).get("principal")
+    return getattr(principal, "key_id", None)
+
+
 class RequestLogMiddleware:
     """ASGI middleware: request id in and out, an access-log line, and the HTTP metrics."""
 
@@ -111,5 +117,6 @@ class RequestLogMiddleware:
                 "status": status,
                 "duration_ms": round(seconds * 1000.0, 3),
                 "client": (scope.get("client") or [None])[0],
+                "key_id": _key_id(scope),
             },
         )

@@ -37,7 +37,11 @@ NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 class InputModel(BaseModel):
     """A request body: no string in it, key or value, at any depth, holds a control character
-    (NUL above all: PostgreSQL refuses it; see app.api.control_chars)."""
+    (NUL above all: PostgreSQL refuses it; see app.api.control_chars). Strict: a value is taken as
+    the OpenAPI document types it, not coerced (`true` is no batch size, `"8"` no integer; an
+    integer is still a number), which schemathesis checks (tests/test_schemathesis.py)."""
+
+    model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -72,21 +76,47 @@ class TensorSpecOut(BaseModel):
     )
 
 
+ModelStatusName = Literal["ready", "converting", "failed"]
+
+
+class ModelError(BaseModel):
+    """Why a model's conversion failed: the convert job's error (`unsupported_op` adds `operators`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    detail: str
+
+
 class ModelOut(BaseModel):
+    """A model. An ONNX upload is `ready` at once; a PyTorch program (`.pt2`) is `converting` until
+    its convert job (`conversion_job_id`) ends, then `ready` or `failed` (with `error`). What only
+    the ONNX model tells (opset, signature, parameters…) is null or empty until it is `ready`."""
+
     id: str
     name: str
-    filename: str
-    sha256: str
-    size_bytes: int
-    opset: int
-    ir_version: int
-    producer: str
-    inputs: list[TensorSpecOut]
-    outputs: list[TensorSpecOut]
-    parameters: int
-    macs: int | None = Field(description="multiply-accumulates per sample (Conv/Gemm/MatMul)")
-    external_data: bool
-    op_types: dict[str, int]
+    filename: str = Field(description="the uploaded file's name (.onnx, .zip or .pt2)")
+    sha256: str = Field(description="of the uploaded file")
+    size_bytes: int = Field(description="of the uploaded file")
+    status: ModelStatusName = Field(
+        "ready", description="ready: usable; converting: its convert job runs; failed: see `error`"
+    )
+    error: ModelError | None = Field(None, description="why the conversion failed (status failed)")
+    conversion_job_id: str | None = Field(None, description="the convert job of a PyTorch upload")
+    conversion: dict[str, Any] | None = Field(
+        None,
+        description="a converted model: the source format, the exporter, opset, dynamic dims and "
+        "notes (what was dropped or not read)",
+    )
+    opset: int | None = None
+    ir_version: int | None = None
+    producer: str | None = None
+    inputs: list[TensorSpecOut] = Field(default_factory=list)
+    outputs: list[TensorSpecOut] = Field(default_factory=list)
+    parameters: int | None = None
+    macs: int | None = Field(None, description="multiply-accumulates per sample (Conv/Gemm/MatMul)")
+    external_data: bool | None = None
+    op_types: dict[str, int] = Field(default_factory=dict)
     warnings: list[str] = Field(
         default_factory=list, description="what is odd about the model but does not stop it running"
     )
@@ -112,6 +142,10 @@ class DatasetOut(BaseModel):
         default_factory=list,
         description="arrays whose rows are all equal: they can feed an input without a batch axis "
         "at any batch size",
+    )
+    image_folder: dict[str, Any] | None = Field(
+        default=None,
+        description="for a .zip of images: images, the preprocessing spec applied, class_names",
     )
     created_at: datetime
 
@@ -393,6 +427,10 @@ class AutotuneCreate(InputModel):
 
 
 class JobError(BaseModel):
+    """`code` and `detail`, and what the error adds (e.g. `operators` for `unsupported_op`)."""
+
+    model_config = ConfigDict(extra="allow")
+
     code: str
     detail: str
 
@@ -402,7 +440,8 @@ class JobOut(BaseModel):
     model_id: str
     kind: str = Field(
         description="optimize (a recipe), sensitivity (a pruning sensitivity analysis), autotune "
-        "(POST /v1/models/{id}/optimize: the fastest engine within an accuracy budget); convert to come"
+        "(POST /v1/models/{id}/optimize: the fastest engine within an accuracy budget), convert (a "
+        "PyTorch program uploaded as .pt2, to ONNX)"
     )
     calibration_dataset_id: str | None
     evaluation_dataset_id: str | None
@@ -484,3 +523,65 @@ class InferResponse(BaseModel):
     compute_ms: float = Field(description="time of the engine call, server side")
     queue_ms: float = Field(0.0, description="time waiting for that call (dynamic batching)")
     batch_size: int = Field(description="samples in that call (more than sent when batched with others)")
+
+
+class PrincipalOut(BaseModel):
+    """Who the key that asks is: `key_id` null on a server with no key yet (loopback only)."""
+
+    key_id: str | None
+    project: str
+    scopes: list[str]
+    infer_rps: float | None = None
+
+
+class ProjectIn(InputModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="the project's name and id: lowercase letters, digits, '-' and '_'",
+        examples=["vision"],
+    )
+
+
+class ProjectOut(BaseModel):
+    id: str
+    created_at: datetime
+    models: int
+    datasets: int
+    engines: int
+    active_keys: int
+
+
+class ApiKeyIn(InputModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(max_length=64, description="the project the key acts in", examples=["default"])
+    name: str = Field(
+        min_length=1, max_length=255, pattern=NAME_PATTERN, description="for people", examples=["ci"]
+    )
+    scopes: list[Literal["admin", "write", "read", "infer"]] = Field(
+        default=["read", "write", "infer"],
+        min_length=1,
+        description="admin: projects and keys, and all of its project; write: create and delete "
+        "(and read); read: list and download; infer: inference only (/v1 and /v2)",
+    )
+    infer_rps: float | None = Field(
+        default=None, gt=0, description="inference requests per second (null: the server's default)"
+    )
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    project: str
+    name: str
+    prefix: str = Field(description="the key's first characters, to tell keys apart")
+    scopes: list[str]
+    infer_rps: float | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="the key itself: shown this once, stored only as a hash")

@@ -6,13 +6,23 @@ from sqlalchemy.orm import Session
 
 from app.api.schemas import BatchingIn, DatasetOut, EngineOut, JobOut, ModelOut
 from app.core.orm import DatasetRecord, EngineRecord, JobRecord, ModelRecord
-from app.services.jobs import engine_ids_by_job
+from app.services.jobs import ModelState, conversion_jobs, engine_ids_by_job, model_state
 from engines.ingest.signature import assign_batch_axes, specs_from_dicts
 
 
-def model_out(record: ModelRecord) -> ModelOut:
-    inputs = specs_from_dicts(record.info["inputs"])  # batch axes decided afresh, for older rows too
-    outputs = assign_batch_axes(inputs, specs_from_dicts(record.info["outputs"]))
+def model_outs(session: Session, records: list[ModelRecord]) -> list[ModelOut]:
+    """Models with their state (a converting model's conversion job decides it), in two queries."""
+    conversions = conversion_jobs(session, [record.id for record in records])
+    return [model_out(record, model_state(record, conversions.get(record.id))) for record in records]
+
+
+def model_out(record: ModelRecord, state: ModelState | None = None) -> ModelOut:
+    """`state`: from `app.services.jobs.model_state` (default: the row's own status and error)."""
+    if state is None:
+        state = ModelState(record.status, record.error, None)
+    info = record.info or {}  # empty until a converted model is ready
+    inputs = specs_from_dicts(info.get("inputs", []))  # batch axes decided afresh, for older rows too
+    outputs = assign_batch_axes(inputs, specs_from_dicts(info.get("outputs", [])))
     return ModelOut(
         id=record.id,
         name=record.name,
@@ -21,7 +31,10 @@ def model_out(record: ModelRecord) -> ModelOut:
         size_bytes=record.size_bytes,
         created_at=record.created_at,
         **{
-            **record.info,
+            **info,
+            "status": state.status,
+            "error": state.error,
+            "conversion_job_id": state.conversion_job_id,
             "inputs": [spec.to_dict() for spec in inputs],
             "outputs": [spec.to_dict() for spec in outputs],
         },

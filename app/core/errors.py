@@ -17,9 +17,15 @@ _ENGINE_ERROR_STATUS = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str, **extra: Any):
+    """`extra` goes into the JSON body beside code and detail; `headers` into the response
+    (`Retry-After` on a 429 or 503)."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
+    ):
         super().__init__(detail)
         self.status, self.code, self.detail, self.extra = status, code, detail, extra
+        self.headers = headers
 
 
 def not_found(kind: str, item_id: str) -> ApiError:

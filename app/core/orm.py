@@ -1,4 +1,5 @@
-"""SQL tables: models, datasets, jobs and engines. A job's state lives here, not in Celery."""
+"""SQL tables: projects and their API keys; models, datasets, jobs and engines, each in one project.
+A job's state lives here, not in Celery."""
 
 from __future__ import annotations
 
@@ -50,10 +51,63 @@ class Base(DeclarativeBase):
     }
 
 
+#: The project of everything made before projects existed, and of every request on a server that
+#: has no API key yet (loopback only: app.cli refuses other addresses until a key exists).
+DEFAULT_PROJECT = "default"
+
+
+class ProjectRecord(Base):
+    """A tenant: its keys see its models, datasets, jobs and engines, and nothing else. The id is
+    the name a person picked (`optiforge projects create vision`), readable in every record."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKeyRecord(Base):
+    """An API key: only its SHA-256 is stored (the key is 256 random bits, so a fast hash is as
+    safe as a slow one); `prefix` is the key's first characters, for a person to tell keys apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("key"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    prefix: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[Any]] = mapped_column(JSON)
+    #: Inference requests per second this key may make (None: the server's default).
+    infer_rps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+
+
+def _project_column() -> Mapped[str]:
+    """No default: a record made without its project fails to insert instead of landing in one."""
+    return mapped_column(ForeignKey("projects.id"), index=True)
+
+
+class ModelStatus:
+    """Whether a model can be used: an ONNX upload is `ready` at once; a PyTorch program (`.pt2`)
+    is `converting` while its convert job runs, then `ready` or `failed` (with `error`)."""
+
+    READY = "ready"
+    CONVERTING = "converting"
+    FAILED = "failed"
+    ALL = (READY, CONVERTING, FAILED)
+
+
 class ModelRecord(Base):
     __tablename__ = "models"
+    #: What a converted model was uploaded as, kept under its prefix beside the ONNX it became
+    #: (`<artifact_prefix>/source/model.pt2`).
+    SOURCE_FILE: ClassVar[str] = "source/model.pt2"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("mdl"))
+    project_id: Mapped[str] = _project_column()
     name: Mapped[str] = mapped_column(String(255))
     filename: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
@@ -61,12 +115,19 @@ class ModelRecord(Base):
     artifact_prefix: Mapped[str] = mapped_column(String(255))
     info: Mapped[dict[str, Any]] = mapped_column(JSON)  # engines.ingest.model.ModelInfo.to_dict()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: ModelStatus; `info` is empty until a converted model is ready.
+    status: Mapped[str] = mapped_column(
+        String(16), default=ModelStatus.READY, server_default=ModelStatus.READY
+    )
+    #: Why a conversion failed: {"code", "detail", ...} as the convert job's error.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class DatasetRecord(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ds"))
+    project_id: Mapped[str] = _project_column()
     name: Mapped[str] = mapped_column(String(255))
     filename: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
@@ -96,7 +157,7 @@ class JobKind:
 
     OPTIMIZE = "optimize"  # a recipe: prune, quantize, compile, measure
     SENSITIVITY = "sensitivity"  # each layer pruned alone at each ratio, the drop measured
-    CONVERT = "convert"  # to come: a framework program (TorchScript, torch.export) to ONNX
+    CONVERT = "convert"  # a torch.export program (.pt2) to ONNX: the model is `converting` meanwhile
     AUTOTUNE = "autotune"  # to come: the fastest engine within an accuracy budget
     ALL = (OPTIMIZE, SENSITIVITY, CONVERT, AUTOTUNE)
 
@@ -105,6 +166,7 @@ class JobRecord(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("job"))
+    project_id: Mapped[str] = _project_column()
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(
         String(16), default=JobKind.OPTIMIZE, server_default=JobKind.OPTIMIZE, index=True
@@ -135,9 +197,11 @@ class JobRecord(Base):
 
 class EngineRecord(Base):
     __tablename__ = "engines"
-    __table_args__ = (UniqueConstraint("alias", name="uq_engines_alias"),)
+    #: An alias names one engine of its project (two projects may both have "prod").
+    __table_args__ = (UniqueConstraint("project_id", "alias", name="uq_engines_project_alias"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("eng"))
+    project_id: Mapped[str] = _project_column()
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     backend: Mapped[str] = mapped_column(String(64))
@@ -171,13 +235,18 @@ class WorkerRecord(Base):
 
 
 def take_alias(session: Any, engine: EngineRecord, alias: str) -> None:
-    """Name `engine` with `alias`, taking it from the engine that had it (an alias names one engine);
+    """Name `engine` with `alias`, taking it from the engine of its project that had it (an alias
+    names one engine of a project);
     the caller commits (a concurrent taker then fails the unique constraint, not silently)."""
     from sqlalchemy import update
 
     session.execute(
         update(EngineRecord)
-        .where(EngineRecord.alias == alias, EngineRecord.id != engine.id)
+        .where(
+            EngineRecord.project_id == engine.project_id,
+            EngineRecord.alias == alias,
+            EngineRecord.id != engine.id,
+        )
         .values(alias=None)
     )
     engine.alias = alias

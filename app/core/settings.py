@@ -32,6 +32,21 @@ class Settings(BaseSettings):
     #: JSON tensors take about 11× their text in memory once parsed: binary tensors are for big inputs.
     max_json_tensor_bytes: int = 16 * MIB
     max_inflight_requests: int = 64  # inference requests in progress per API process; more get 503
+    #: Model and dataset uploads received or checked at once per API process; more get 503
+    #: `too_many_uploads` with Retry-After, before their body is read (app.api.upload_slots).
+    max_concurrent_uploads: int = Field(default=4, ge=1)
+    #: Images one image-folder dataset may hold (each is decoded in the API at upload).
+    max_dataset_images: int = Field(default=50_000, ge=1)
+    #: Seconds an inference request's whole body may take to arrive; then 408 `body_timeout`. The
+    #: body is read before the request takes an in-flight slot, so a slow client holds no slot.
+    body_read_timeout_s: float = 30.0
+    #: Bytes of inference request bodies one API process holds at once, counted as they arrive;
+    #: a request that would go over it gets 503 `server_busy` with Retry-After.
+    max_buffered_body_bytes: int = 256 * MIB
+    #: Bytes of JSON tensors parsed or written at once per API process (that takes about 11× the
+    #: text in memory while it runs, and holds the GIL); others wait their turn. A larger body
+    #: still parses, alone.
+    max_json_in_flight_bytes: int = 16 * MIB
     #: An archive (.zip bundle or .npz) may unpack to at most this many times the upload limit.
     max_unpack_ratio: int = 4
     queue_prefix: str = Field(default="", description="prepended to queue names, to share one broker")
@@ -57,6 +72,23 @@ class Settings(BaseSettings):
     #: another replica reach this one within this time).
     engine_cache_ttl_s: float = 2.0
     log_format: str = Field(default="json", pattern="^(json|text)$", description="json: one object per line")
+    # Access (app.api.auth, app.services.access).
+    #: An admin key of the default project made at start-up when absent (compose and the Docker
+    #: image require one): how a server that listens beyond loopback gets its first key.
+    bootstrap_api_key: str | None = Field(default=None, repr=False)
+    #: How long an API process trusts what it looked up for a key (a revoked key is refused on
+    #: every replica within this time).
+    auth_cache_ttl_s: float = 2.0
+    public_docs: bool = True  # /docs, /redoc and /openapi.json without a key
+    public_metrics: bool = False  # /metrics without a key (else: an admin key; it spans projects)
+    #: Web origins allowed to call the API from a browser (CORS), comma-separated; none by default.
+    cors_origins: str = ""
+    #: Host names, besides loopback ones, that a server with no key yet answers (a test client's).
+    open_hosts: str = ""
+    #: Inference requests per second per key, unless the key sets its own; None: no limit.
+    infer_rate_limit_rps: float | None = None
+    #: Jobs queued or running at once per project; more are refused with 429 until one finishes.
+    max_jobs_in_flight_per_project: int = 32
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Settings:
@@ -81,8 +113,9 @@ class Settings(BaseSettings):
 
     @property
     def scratch_dir(self) -> Path:
-        """Where jobs work, one folder per attempt named after its job (`job-<id>-…`), so a worker
-        starting up can tell whose a leftover folder was (workers.recovery)."""
+        """Where jobs and uploads work, one folder each named after its owner (`job-<id>-…`,
+        `upload-<id>-…`), so a starting worker or API can tell whose a leftover folder was
+        (workers.recovery, app.core.scratch)."""
         return self.data_dir / "scratch"
 
     @property
@@ -97,8 +130,20 @@ class Settings(BaseSettings):
     def max_unpacked_bytes(self) -> int:
         return self.max_upload_bytes * self.max_unpack_ratio
 
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        return _comma_separated(self.cors_origins)
+
+    @property
+    def extra_open_hosts(self) -> frozenset[str]:
+        return _comma_separated(self.open_hosts.lower())
+
     def queue(self, name: str) -> str:
         return f"{self.queue_prefix}{name}"
+
+
+def _comma_separated(value: str) -> frozenset[str]:
+    return frozenset(item.strip() for item in value.split(",") if item.strip())
 
 
 @lru_cache

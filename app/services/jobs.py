@@ -13,12 +13,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.errors import ApiError, from_engine_error
 from app.core.job_queue import enqueue_job, job_queue, queue_for
-from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, ModelRecord, lease_cutoff, utcnow
+from app.core.orm import (
+    EngineRecord,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    ModelRecord,
+    ModelStatus,
+    lease_cutoff,
+    new_id,
+    utcnow,
+)
 from app.core.presence import largest_worker_cores, live_workers_by_queue
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
@@ -59,6 +69,78 @@ def engine_ids_by_job(session: Session, job_ids: list[str]) -> dict[str, list[st
     return found
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """Whether a model can be used, as the API shows it: `status` (ModelStatus), `error` when it
+    failed, and its conversion job (None for an ONNX upload)."""
+
+    status: str
+    error: dict[str, Any] | None
+    conversion_job_id: str | None
+
+
+def conversion_jobs(session: Session, model_ids: list[str]) -> dict[str, JobRecord]:
+    """The convert job of each model that has one (the latest, should there be several), in one
+    query."""
+    if not model_ids:
+        return {}
+    rows = session.scalars(
+        select(JobRecord)
+        .where(JobRecord.model_id.in_(model_ids), JobRecord.kind == JobKind.CONVERT)
+        .order_by(JobRecord.created_at, JobRecord.id)
+    )
+    return {job.model_id: job for job in rows}
+
+
+def model_state(model: ModelRecord, conversion: JobRecord | None) -> ModelState:
+    """The model's state. A `converting` row whose convert job ended without the worker saying so
+    (cancelled while queued, failed by the sweeper for want of a worker, a broker that was down) is
+    `failed`, with the job's error: the job decides, as it does for everything else."""
+    job_id = conversion.id if conversion is not None else None
+    if model.status != ModelStatus.CONVERTING:
+        return ModelState(model.status, model.error, job_id)
+    if conversion is None:
+        error = {"code": "conversion_failed", "detail": "the model has no conversion job; upload it again"}
+        return ModelState(ModelStatus.FAILED, error, None)
+    if conversion.status == JobStatus.CANCELLED:
+        error = {
+            "code": "conversion_cancelled",
+            "detail": f"conversion job '{conversion.id}' was cancelled; upload the program again",
+        }
+        return ModelState(ModelStatus.FAILED, error, job_id)
+    if conversion.status == JobStatus.FAILED:
+        error = conversion.error or {"code": "conversion_failed", "detail": "the conversion job failed"}
+        return ModelState(ModelStatus.FAILED, error, job_id)
+    return ModelState(ModelStatus.CONVERTING, None, job_id)
+
+
+def require_ready(session: Session, model: ModelRecord) -> None:
+    """A model that is still converting, or whose conversion failed, has no ONNX and no signature
+    yet: anything that uses it is a 409 `model_not_ready` that says which, and why."""
+    if model.status == ModelStatus.READY:
+        return
+    state = model_state(model, conversion_jobs(session, [model.id]).get(model.id))
+    if state.status == ModelStatus.CONVERTING:
+        raise ApiError(
+            409,
+            "model_not_ready",
+            f"model '{model.id}' is still converting to ONNX (job '{state.conversion_job_id}'); "
+            "wait until its status is ready",
+            model_status=state.status,
+            conversion_job_id=state.conversion_job_id,
+        )
+    error = state.error or {}
+    raise ApiError(
+        409,
+        "model_not_ready",
+        f"model '{model.id}' failed to convert to ONNX ({error.get('code', 'conversion_failed')}: "
+        f"{error.get('detail', '')}); fix the program and upload it again",
+        model_status=state.status,
+        conversion_job_id=state.conversion_job_id,
+        error=error,
+    )
+
+
 def check_convertible(model: ModelRecord, recipe: Recipe) -> None:
     """A prune-only job on a model with ops the converter lacks is refused now, naming them. With a
     precision stage to fall back on, the job goes ahead and reports `pruning skipped` instead."""
@@ -75,13 +157,17 @@ def check_convertible(model: ModelRecord, recipe: Recipe) -> None:
 
 
 def _dataset_fitting(
-    session: Session, dataset_id: str | None, inputs: list[TensorSpec], varying_unbatched: set[str]
+    session: Session,
+    project_id: str,
+    dataset_id: str | None,
+    inputs: list[TensorSpec],
+    varying_unbatched: set[str],
 ) -> DatasetInfo | None:
     """The dataset's description, after checking that its arrays fit the model's inputs; adds to
     `varying_unbatched` the inputs without a batch axis whose rows differ in it."""
     if dataset_id is None:
         return None
-    info = DatasetInfo.from_dict(get_dataset_record(session, dataset_id).info)
+    info = DatasetInfo.from_dict(get_dataset_record(session, dataset_id, project_id).info)
     varying_unbatched.update(check_fits_model(info, inputs))
     return info
 
@@ -91,6 +177,7 @@ def create_optimization_job(
     settings: Settings,
     store: ArtifactStore,
     *,
+    project_id: str,
     model_id: str,
     recipe: Recipe,
     calibration_dataset_id: str | None,
@@ -101,19 +188,24 @@ def create_optimization_job(
 
     The dataset/model match is checked here, so a mismatch is a 422 now, not a failed job later.
     """
-    model = get_model_record(session, model_id)
+    model = get_model_record(session, model_id, project_id)
+    require_ready(session, model)
     inputs = specs_from_dicts(model.info["inputs"])
     if sensitivity is not None and recipe.prune is not None:
         report = sensitivity_report(
-            session, store, sensitivity.job_id or latest_sensitivity(session, model.id), model_id=model.id
+            session,
+            store,
+            sensitivity.job_id or latest_sensitivity(session, model.id),
+            project_id=project_id,
+            model_id=model.id,
         )
         recipe = replace(
             recipe, prune=replace(recipe.prune, layer_ratios=ratios_within(report, sensitivity.max_drop))
         )
     try:
         varying: set[str] = set()
-        calibration = _dataset_fitting(session, calibration_dataset_id, inputs, varying)
-        evaluation = _dataset_fitting(session, evaluation_dataset_id, inputs, varying)
+        calibration = _dataset_fitting(session, project_id, calibration_dataset_id, inputs, varying)
+        evaluation = _dataset_fitting(session, project_id, evaluation_dataset_id, inputs, varying)
         validate_recipe(
             inputs,
             recipe,
@@ -130,6 +222,7 @@ def create_optimization_job(
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     job = JobRecord(
+        project_id=project_id,
         model_id=model.id,
         calibration_dataset_id=calibration_dataset_id,
         evaluation_dataset_id=evaluation_dataset_id,
@@ -169,6 +262,7 @@ def create_autotune_job(
     settings: Settings,
     store: ArtifactStore,
     *,
+    project_id: str,
     model_id: str,
     request: AutotuneRequest,
     evaluation_dataset_id: str,
@@ -181,12 +275,13 @@ def create_autotune_job(
     an objective batch the model's static batch refuses. The latest succeeded sensitivity analysis
     of the model, when there is one, gives the search a pruning candidate with its per-layer ratios.
     """
-    model = get_model_record(session, model_id)
+    model = get_model_record(session, model_id, project_id)
+    require_ready(session, model)
     inputs = specs_from_dicts(model.info["inputs"])
     try:
         varying: set[str] = set()
-        evaluation = _dataset_fitting(session, evaluation_dataset_id, inputs, varying)
-        _dataset_fitting(session, calibration_dataset_id, inputs, varying)
+        evaluation = _dataset_fitting(session, project_id, evaluation_dataset_id, inputs, varying)
+        _dataset_fitting(session, project_id, calibration_dataset_id, inputs, varying)
         assert evaluation is not None
         if request.budget.metric == "top1" and not evaluation.has_labels:
             raise InvalidRecipeError(
@@ -202,11 +297,14 @@ def create_autotune_job(
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     try:
-        report = sensitivity_report(session, store, latest_sensitivity(session, model.id), model_id=model.id)
+        report = sensitivity_report(
+            session, store, latest_sensitivity(session, model.id), project_id=project_id, model_id=model.id
+        )
         request = replace(request, sensitivity_ratios=ratios_within(report, request.budget.max_drop))
     except ApiError:  # no analysis yet: the search tries uniform ratios only
         pass
     job = JobRecord(
+        project_id=project_id,
         model_id=model.id,
         kind=JobKind.AUTOTUNE,
         calibration_dataset_id=calibration_dataset_id,
@@ -219,11 +317,19 @@ def create_autotune_job(
 
 
 def create_sensitivity_job(
-    session: Session, settings: Settings, *, model_id: str, dataset_id: str, method: str, ratios: list[float]
+    session: Session,
+    settings: Settings,
+    *,
+    project_id: str,
+    model_id: str,
+    dataset_id: str,
+    method: str,
+    ratios: list[float],
 ) -> JobRecord:
     """Prune each Conv/Linear layer alone at each ratio and measure the drop: a job like any other."""
-    model = get_model_record(session, model_id)
-    dataset = get_dataset_record(session, dataset_id)
+    model = get_model_record(session, model_id, project_id)
+    require_ready(session, model)
+    dataset = get_dataset_record(session, dataset_id, project_id)
     try:
         inputs = specs_from_dicts(model.info["inputs"])
         check_fits_model(DatasetInfo.from_dict(dataset.info), inputs)
@@ -233,6 +339,7 @@ def create_sensitivity_job(
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     job = JobRecord(
+        project_id=project_id,
         model_id=model.id,
         evaluation_dataset_id=dataset.id,
         kind=JobKind.SENSITIVITY,
@@ -243,10 +350,33 @@ def create_sensitivity_job(
     return job
 
 
+def new_convert_job(project_id: str, model_id: str, opset: int | None) -> JobRecord:
+    """The job that converts an uploaded PyTorch program (the model's `SOURCE_FILE`) to ONNX
+    (workers.handlers.run_convert). A job like any other: listed, cancellable, counted in flight.
+    The upload stages it with `stage_job` and commits it with the model's row, then `publish_job`."""
+    return JobRecord(
+        id=new_id("job"),
+        project_id=project_id,
+        model_id=model_id,
+        kind=JobKind.CONVERT,
+        recipe={"source": "torch.export", "opset": opset},
+        messages=[],
+    )
+
+
 def queue_job(session: Session, settings: Settings, job: JobRecord) -> None:
     """Commit the job, then send its id to the workers; a broker that is down fails the job (503).
     A job whose queue no live worker takes says so in its stage (the sweeper fails it after
     `queue_wait_s`)."""
+    stage_job(session, settings, job)
+    session.commit()  # enqueue only after the row is committed: the worker re-reads it
+    publish_job(session, settings, job)
+
+
+def stage_job(session: Session, settings: Settings, job: JobRecord) -> None:
+    """Add the job to the session (429 past the project's jobs in flight); the caller commits it,
+    with whatever must exist with it, before `publish_job`."""
+    check_jobs_in_flight(session, settings, job.project_id)
     queue = job_queue(job.kind or JobKind.OPTIMIZE, job.recipe)
     if queue != "cpu" and not live_workers_by_queue(session, settings).get(queue):
         job.stage = (
@@ -255,7 +385,11 @@ def queue_job(session: Session, settings: Settings, job: JobRecord) -> None:
         )
     job.published_at = utcnow()  # just before it is sent: the sweeper sends it again if it stays queued
     session.add(job)
-    session.commit()  # enqueue only after the row is committed: the worker re-reads it
+
+
+def publish_job(session: Session, settings: Settings, job: JobRecord) -> None:
+    """Send a committed job's id to the workers; a broker that is down fails the job (503)."""
+    queue = job_queue(job.kind or JobKind.OPTIMIZE, job.recipe)
     try:
         enqueue_job(settings, job.id, queue)
     except Exception as exc:
@@ -268,10 +402,31 @@ def queue_job(session: Session, settings: Settings, job: JobRecord) -> None:
         ) from exc
 
 
-def cancel_job(session: Session, settings: Settings, store: ArtifactStore, job_id: str) -> JobRecord:
+def check_jobs_in_flight(session: Session, settings: Settings, project_id: str) -> None:
+    """One project cannot fill the workers' queues for everyone: past
+    `max_jobs_in_flight_per_project` queued or running jobs, a new one is a 429 until one ends."""
+    active = session.scalar(
+        select(func.count())
+        .select_from(JobRecord)
+        .where(JobRecord.project_id == project_id, JobRecord.status.in_(JobStatus.ACTIVE))
+    )
+    limit = settings.max_jobs_in_flight_per_project
+    if active >= limit:
+        raise ApiError(
+            429,
+            "too_many_jobs",
+            f"project '{project_id}' has {active} jobs queued or running, its limit; "
+            "retry when one has finished, or cancel one",
+            headers={"Retry-After": "30"},
+        )
+
+
+def cancel_job(
+    session: Session, settings: Settings, store: ArtifactStore, job_id: str, project_id: str
+) -> JobRecord:
     """A queued job, or a running one whose worker was lost, is cancelled at once; a running one
     stops at its next checkpoint (timed runs are checked twice a second) and stores nothing."""
-    job = get_job_record(session, job_id)
+    job = get_job_record(session, job_id, project_id)
     stops_now = (JobRecord.status == JobStatus.QUEUED) | (
         (JobRecord.status == JobStatus.RUNNING)
         & (JobRecord.heartbeat_at < lease_cutoff(settings.job_lease_s))
@@ -303,10 +458,10 @@ def cancel_job(session: Session, settings: Settings, store: ArtifactStore, job_i
     return job
 
 
-def job_report(session: Session, job_id: str) -> dict[str, Any]:
+def job_report(session: Session, job_id: str, project_id: str) -> dict[str, Any]:
     """The comparison table of a succeeded optimization or autotune job: the original and every
     engine it stored (for autotune: the chosen one and the other Pareto-front members)."""
-    job = get_job_record(session, job_id)
+    job = get_job_record(session, job_id, project_id)
     if job.kind not in (JobKind.OPTIMIZE, JobKind.AUTOTUNE):
         raise ApiError(
             409,
@@ -318,7 +473,7 @@ def job_report(session: Session, job_id: str) -> dict[str, Any]:
         raise ApiError(
             409, "job_not_succeeded", f"job '{job_id}' is {job.status}; reports exist for succeeded jobs"
         )
-    model = get_model_record(session, job.model_id)
+    model = get_model_record(session, job.model_id, project_id)
     engines = session.scalars(
         select(EngineRecord).where(EngineRecord.job_id == job_id).order_by(EngineRecord.created_at)
     ).all()
@@ -369,19 +524,19 @@ def latest_sensitivity(session: Session, model_id: str) -> str:
     return latest
 
 
-def autotune_report_dir(session: Session, store: ArtifactStore, job_id: str) -> Path:
+def autotune_report_dir(session: Session, store: ArtifactStore, job_id: str, project_id: str) -> Path:
     """Where a succeeded autotune job's report (JSON, markdown, plot) is stored."""
-    job = get_job_record(session, job_id)
+    job = get_job_record(session, job_id, project_id)
     if job.kind != JobKind.AUTOTUNE or job.status != JobStatus.SUCCEEDED:
         raise ApiError(409, "autotune_not_available", f"job '{job_id}' is not a succeeded autotune job")
     return store.local_path(f"jobs/{job_id}/autotune")
 
 
 def sensitivity_report(
-    session: Session, store: ArtifactStore, job_id: str, *, model_id: str | None = None
+    session: Session, store: ArtifactStore, job_id: str, *, project_id: str, model_id: str | None = None
 ) -> dict[str, Any]:
     """The stored table of a succeeded sensitivity job (of `model_id`, when given)."""
-    job = get_job_record(session, job_id)
+    job = get_job_record(session, job_id, project_id)
     if job.kind != JobKind.SENSITIVITY or job.status != JobStatus.SUCCEEDED:
         raise ApiError(
             409, "sensitivity_not_available", f"job '{job_id}' is not a succeeded sensitivity analysis"

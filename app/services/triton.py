@@ -35,11 +35,11 @@ class TritonExport:
     model_names: list[str]  # in the order the engines were named
 
 
-def engine_by_id_or_alias(session: Session, name: str) -> EngineRecord:
+def engine_by_id_or_alias(session: Session, name: str, project_id: str) -> EngineRecord:
     """The engine `name` is the id or the alias of (a 404 `engine_not_found` otherwise). A model id,
     which the inference protocol also takes, is refused: an export names the engine it ships."""
     try:
-        record = find_engine(session, name)
+        record = find_engine(session, name, project_id=project_id)
     except ApiError:
         record = None
     if record is None or name not in (record.id, record.alias):
@@ -49,7 +49,7 @@ def engine_by_id_or_alias(session: Session, name: str) -> EngineRecord:
 
 def triton_engine(session: Session, store: ArtifactStore, record: EngineRecord) -> TritonEngine:
     """What the exporter needs from an engine's row: its alias (else its id) as the model's name."""
-    model = get_model_record(session, record.model_id)
+    model = get_model_record(session, record.model_id, record.project_id)
     key = f"{record.artifact_prefix}/{record.engine_file}"
     try:
         engine_path = store.local_path(key)
@@ -76,11 +76,11 @@ def triton_engine(session: Session, store: ArtifactStore, record: EngineRecord) 
 
 
 def export_triton_zip(
-    session: Session, store: ArtifactStore, names: Sequence[str], directory: Path
+    session: Session, store: ArtifactStore, names: Sequence[str], directory: Path, *, project_id: str
 ) -> TritonExport:
     """Write the repository of the named engines as `directory/model_repository.zip`; the caller owns
     `directory` (the API streams the zip from a temporary one, then removes it)."""
-    records = [engine_by_id_or_alias(session, name) for name in names]
+    records = [engine_by_id_or_alias(session, name, project_id) for name in names]
     engines = [triton_engine(session, store, record) for record in records]
     path = write_repository_zip(engines, directory / "model_repository.zip")
     return TritonExport(path, [engine.name for engine in engines])

@@ -23,6 +23,7 @@ from app.core.metrics import Metrics
 from app.core.orm import EngineRecord, ModelRecord
 from app.core.settings import MIB, Settings
 from app.core.store import ArtifactStore
+from app.serving.admission import BodyBudget, JsonGate
 from app.serving.pool import EnginePool, LoadedEngine
 from engines.backends.batching import BatchingConfig, InferResult
 from engines.backends.registry import unavailable_reason
@@ -51,21 +52,25 @@ class ServedEngine:
         return cls(record.id, record.model_id, record.backend, key, batching)
 
 
-def find_engine(session: Session, name: str, version: str | None = None) -> EngineRecord:
-    """The engine a client names: an engine id, an alias, or a model id with an engine id as version.
+def find_engine(session: Session, name: str, version: str | None = None, *, project_id: str) -> EngineRecord:
+    """The engine a client of `project_id` names: an engine id, an alias, or a model id with an
+    engine id as version; another project's engines and models are not found.
 
     A model id without a version means the model's newest engine.
     """
-    record = session.get(EngineRecord, name) or session.scalar(
-        select(EngineRecord).where(EngineRecord.alias == name)
-    )
+    record = session.get(EngineRecord, name)
+    if record is None or record.project_id != project_id:
+        record = session.scalar(
+            select(EngineRecord).where(EngineRecord.project_id == project_id, EngineRecord.alias == name)
+        )
     if record is not None:
         if version not in (None, "", record.id):
             raise ApiError(
                 404, "version_not_found", f"'{name}' has one version, '{record.id}', not '{version}'"
             )
         return record
-    if session.get(ModelRecord, name) is not None:
+    model = session.get(ModelRecord, name)
+    if model is not None and model.project_id == project_id:
         engines = model_engines(session, name)
         if not version and engines:
             return engines[-1]
@@ -94,21 +99,23 @@ class EngineDirectory:
 
     def __init__(self, database_url: str, store: ArtifactStore, ttl_s: float):
         self.database_url, self.store, self.ttl_s = database_url, store, ttl_s
-        self._entries: dict[tuple[str, str | None], tuple[float, ServedEngine]] = {}
+        self._entries: dict[tuple[str, str, str | None], tuple[float, ServedEngine]] = {}
 
-    def cached(self, name: str, version: str | None) -> ServedEngine | None:
-        entry = self._entries.get((name, version))
+    def cached(self, project_id: str, name: str, version: str | None) -> ServedEngine | None:
+        entry = self._entries.get((project_id, name, version))
         if entry is None or time.monotonic() - entry[0] > self.ttl_s:
             return None
         return entry[1]
 
-    def lookup(self, name: str, version: str | None) -> ServedEngine:
-        """The engine `name` means now (ApiError 404 if none); queries the database on a miss."""
-        engine = self.cached(name, version)
+    def lookup(self, project_id: str, name: str, version: str | None) -> ServedEngine:
+        """The engine `name` means now in `project_id` (ApiError 404 if none); queries the database
+        on a miss."""
+        engine = self.cached(project_id, name, version)
         if engine is None:
             with get_sessionmaker(self.database_url)() as session:
-                engine = ServedEngine.of(find_engine(session, name, version), self.store)
-            self._entries[(name, version)] = (time.monotonic(), engine)
+                record = find_engine(session, name, version, project_id=project_id)
+                engine = ServedEngine.of(record, self.store)
+            self._entries[(project_id, name, version)] = (time.monotonic(), engine)
         return engine
 
     def invalidate(self) -> None:
@@ -117,7 +124,8 @@ class EngineDirectory:
 
 class Serving:
     """Everything serving holds, as one object the routes receive (`app.api.deps.ServingDep`):
-    the name directory, the engine pool, the in-flight limit, and the metrics it records to.
+    the name directory, the engine pool, the in-flight limit, what request bodies and JSON tensors
+    may hold in memory (app.serving.admission), and the metrics it records to.
 
     One path for /v1 and /v2: find the engine, load it through the pool, validate the feeds against
     its signature, run it (batched or not), record the metrics. Only the blocking parts leave the
@@ -131,12 +139,15 @@ class Serving:
         self.pool = EnginePool(settings.engine_pool_size, max_pool_bytes, threads, spin_wait)
         self.directory = EngineDirectory(settings.resolved_database_url, store, settings.engine_cache_ttl_s)
         self.inflight = InflightLimit(settings.max_inflight_requests)
+        self.bodies = BodyBudget(settings.max_buffered_body_bytes)
+        self.json_gate = JsonGate(settings.max_json_in_flight_bytes)
         self.metrics = Metrics(self.pool, settings.resolved_database_url)
 
-    async def lookup(self, name: str, version: str | None = None) -> ServedEngine:
-        """The engine `name` means now (ApiError 404 if none); the database only on a cache miss."""
-        return self.directory.cached(name, version) or await run_in_threadpool(
-            self.directory.lookup, name, version
+    async def lookup(self, name: str, version: str | None = None, *, project_id: str) -> ServedEngine:
+        """The engine `name` means now in the caller's project (ApiError 404 if none); the database
+        only on a cache miss."""
+        return self.directory.cached(project_id, name, version) or await run_in_threadpool(
+            self.directory.lookup, project_id, name, version
         )
 
     async def load(self, engine: ServedEngine) -> LoadedEngine:
@@ -195,7 +206,8 @@ class InflightLimit:
     """At most `limit` inference requests in this process at once; the rest get a 503 at once.
 
     Each request holds its tensors in memory (JSON ones many times their size), so this bounds
-    the memory a burst can take, as Triton's max_queue_size does.
+    the memory a burst can take, as Triton's max_queue_size does. A request takes its slot once its
+    body has arrived (app.api.body_reader): a client that sends slowly holds none.
     """
 
     def __init__(self, limit: int):
@@ -206,7 +218,10 @@ class InflightLimit:
     def slot(self) -> Iterator[None]:
         if not self._slots.acquire(blocking=False):
             raise ApiError(
-                503, "server_busy", f"{self.limit} inference requests are in progress; retry shortly"
+                503,
+                "server_busy",
+                f"{self.limit} inference requests are in progress; retry shortly",
+                headers={"Retry-After": "1"},
             )
         try:
             yield

@@ -1,4 +1,5 @@
-"""Zip archives from users (model bundles, `.npz` datasets): recognised by magic, size-checked."""
+"""Zip archives from users (model bundles, `.npz` datasets): recognised by magic, and size-checked
+from what their central directory declares before anything is inflated."""
 
 from __future__ import annotations
 
@@ -19,3 +20,13 @@ def declared_unpacked_bytes(archive: zipfile.ZipFile) -> int:
     """What the archive says it unpacks to. Reads never yield more than a member declares (a lie
     ends in a CRC error), so checking this bounds the disk and memory an archive can take."""
     return sum(info.file_size for info in archive.infolist())
+
+
+def unpacked_size_problem(archive: zipfile.ZipFile, limit: int, *, remedy: str) -> str | None:
+    """The sentence refusing an archive that declares more than `limit` bytes once unpacked (read
+    from its central directory: nothing is inflated), or None when it is within the limit. `remedy`
+    says what the uploader can do about it."""
+    total = declared_unpacked_bytes(archive)
+    if total <= limit:
+        return None
+    return f"the archive unpacks to {total} bytes, over the limit of {limit}: {remedy}"

@@ -12,15 +12,17 @@ numeric dtype: an `.npz` is a zip that can carry pickles, and user data is never
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from engines.errors import DatasetMismatchError, InvalidDatasetError
-from engines.ingest.archives import declared_unpacked_bytes, is_zip_archive
+from engines.ingest.archives import is_zip_archive, unpacked_size_problem
+from engines.ingest.npz_members import BLOCK_BYTES, NpyMember, Scan, iter_flat, read_members, scan
 from engines.ingest.signature import TensorSpec, ambiguous_batch_axes, check_rows_against_spec
 
 LABELS_KEY = "labels"
@@ -120,31 +122,29 @@ class Dataset:
         return 1 if self.varying_unbatched() else None
 
 
-def read_npz(path: Path, *, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
-    """Read every array of an `.npz` safely, or raise InvalidDatasetError saying why not.
-
-    Arrays come back in native byte order: a big-endian `>f4` array fed as float32 would be
-    read byte-swapped by every runtime, so it is converted here, once.
-    """
+def _open_npz(path: Path, max_unpacked_bytes: int) -> zipfile.ZipFile:
+    """The archive, once it is known to be a zip whose declared unpacked size is within the limit
+    (nothing is inflated before)."""
     if path.stat().st_size == 0:
         raise InvalidDatasetError("the uploaded file is empty", code="empty_file")
     if not is_zip_archive(path):
         raise InvalidDatasetError("the file is not an .npz archive (save it with numpy.savez)")
-    arrays: dict[str, np.ndarray] = {}
+    archive = zipfile.ZipFile(path)
+    problem = unpacked_size_problem(
+        archive, max_unpacked_bytes, remedy="split the dataset into several smaller uploads"
+    )
+    if problem:
+        archive.close()
+        raise InvalidDatasetError(problem, code="upload_too_large")
+    return archive
+
+
+@contextmanager
+def _reading(path: Path, max_unpacked_bytes: int) -> Iterator[zipfile.ZipFile]:
+    """Open the archive; turn whatever a damaged or hostile one raises into InvalidDatasetError."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            unpacked = declared_unpacked_bytes(archive)
-        if unpacked > max_unpacked_bytes:
-            raise InvalidDatasetError(
-                f"the archive unpacks to {unpacked} bytes, over the limit of {max_unpacked_bytes}",
-                code="upload_too_large",
-            )
-        with np.load(path, allow_pickle=False) as npz:
-            for key in npz.files:
-                value = npz[key]
-                if not isinstance(value, np.ndarray):
-                    raise InvalidDatasetError(f"member '{key}' is not a .npy array")
-                arrays[key] = value.astype(value.dtype.newbyteorder("="), copy=False)
+        with _open_npz(path, max_unpacked_bytes) as archive:
+            yield archive
     except InvalidDatasetError:
         raise
     except ValueError as exc:
@@ -154,28 +154,105 @@ def read_npz(path: Path, *, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
                 code="pickle_refused",
             ) from exc
         raise InvalidDatasetError(f"the archive could not be read: {exc}") from exc
-    except Exception as exc:  # damaged zips, truncated members, unsupported compression
+    except Exception as exc:  # damaged zips, bad CRCs, truncated members, unsupported compression
         raise InvalidDatasetError(f"the archive could not be read: {exc}") from exc
+
+
+def read_npz(path: Path, *, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
+    """Read every array of an `.npz` safely, or raise InvalidDatasetError saying why not.
+
+    Every member's header is checked against the archive's declared sizes before anything is
+    inflated. Arrays come back in native byte order: a big-endian `>f4` array fed as float32
+    would be read byte-swapped by every runtime, so it is converted here, once.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    with _reading(path, max_unpacked_bytes) as archive:
+        read_members(archive)
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                value = npz[key]
+                if not isinstance(value, np.ndarray):
+                    raise InvalidDatasetError(f"member '{key}' is not a .npy array")
+                arrays[key] = value.astype(value.dtype.newbyteorder("="), copy=False)
     if not arrays:
         raise InvalidDatasetError("the archive holds no arrays")
     return arrays
 
 
+def inspect_npz(path: Path, *, max_unpacked_bytes: int, block_bytes: int = BLOCK_BYTES) -> DatasetInfo:
+    """What `inspect_arrays(read_npz(path))` says, in a few blocks of memory whatever the arrays
+    weigh: shapes, dtypes and sample counts come from the members' headers (a dataset they already
+    condemn is never inflated), values are checked block by block. What an upload is checked with."""
+    with _reading(path, max_unpacked_bytes) as archive:
+        members = {member.key: member for member in read_members(archive)}
+        if not members:
+            raise InvalidDatasetError("the archive holds no arrays")
+        return _describe(_ArchiveValues(archive, members, block_bytes))
+
+
+class _Values(Protocol):
+    """A dataset's arrays as `_describe` reads them: their headers, then their values in blocks."""
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]: ...
+
+    def blocks(self, key: str) -> Iterator[np.ndarray]: ...
+
+    def scan(self, key: str) -> Scan: ...
+
+
+@dataclass(frozen=True)
+class _ArrayValues:
+    arrays: dict[str, np.ndarray]
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {key: (tuple(int(d) for d in value.shape), value.dtype) for key, value in self.arrays.items()}
+
+    def blocks(self, key: str) -> Iterator[np.ndarray]:
+        yield self.arrays[key]
+
+    def scan(self, key: str) -> Scan:
+        result = Scan(rows_uniform=rows_uniform(self.arrays[key]))
+        result.add(self.arrays[key])
+        return result
+
+
+@dataclass(frozen=True)
+class _ArchiveValues:
+    archive: zipfile.ZipFile
+    members: dict[str, NpyMember]
+    block_bytes: int
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {key: (member.shape, member.dtype) for key, member in self.members.items()}
+
+    def blocks(self, key: str) -> Iterator[np.ndarray]:
+        return iter_flat(self.archive, self.members[key], self.block_bytes)
+
+    def scan(self, key: str) -> Scan:
+        return scan(self.archive, self.members[key], self.block_bytes)
+
+
 def inspect_arrays(arrays: dict[str, np.ndarray]) -> DatasetInfo:
     """Check shapes, dtypes, values and labels; describe the dataset."""
-    inputs = {key: value for key, value in arrays.items() if key != LABELS_KEY}
+    return _describe(_ArrayValues(arrays))
+
+
+#: Distinct label values counted at most: labels are class indices, and counting them takes memory.
+MAX_CLASSES = 2**20
+
+
+def _describe(values: _Values) -> DatasetInfo:
+    """Every check of a dataset, shapes and dtypes first (from headers alone), then values."""
+    specs = values.specs()
+    inputs = {key: spec for key, spec in specs.items() if key != LABELS_KEY}
     if not inputs:
         raise InvalidDatasetError("the archive holds only labels; add one array per model input")
-    for key, value in inputs.items():
-        if value.dtype.kind not in _ALLOWED_KINDS:
-            raise InvalidDatasetError(
-                f"array '{key}' has dtype {value.dtype}; only numeric arrays are accepted"
-            )
-        if value.ndim == 0:
+    for key, (shape, dtype) in inputs.items():
+        if dtype.kind not in _ALLOWED_KINDS:
+            raise InvalidDatasetError(f"array '{key}' has dtype {dtype}; only numeric arrays are accepted")
+        if len(shape) == 0:
             raise InvalidDatasetError(f"array '{key}' is a scalar; the first dim must count samples")
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise InvalidDatasetError(f"array '{key}' holds NaN or Inf values", code="non_finite_values")
-    counts = {key: len(value) for key, value in inputs.items()}
+    counts = {key: shape[0] for key, (shape, _) in inputs.items()}
     if len(set(counts.values())) != 1:
         raise InvalidDatasetError(
             f"arrays disagree on the number of samples: {counts}; every array holds one row per sample, "
@@ -185,34 +262,50 @@ def inspect_arrays(arrays: dict[str, np.ndarray]) -> DatasetInfo:
     samples = next(iter(counts.values()))
     if samples == 0:
         raise InvalidDatasetError("the dataset has no samples")
-    labels = arrays.get(LABELS_KEY)
-    classes: int | None = None
-    if labels is not None:
-        if labels.dtype.kind not in ("i", "u") or labels.ndim != 1:
-            raise InvalidDatasetError(
-                f"labels must be a 1-D integer array, got dtype {labels.dtype} "
-                f"and shape {list(labels.shape)}",
-                code="invalid_labels",
-            )
-        if len(labels) != samples:
-            raise InvalidDatasetError(
-                f"labels has {len(labels)} entries, but the inputs have {samples} samples",
-                code="invalid_labels",
-            )
-        if (labels < 0).any():
-            raise InvalidDatasetError("labels must be class indices >= 0", code="invalid_labels")
-        classes = len(np.unique(labels))
-    uniform = tuple(key for key, value in inputs.items() if rows_uniform(value))
+    if LABELS_KEY in specs:
+        _check_label_spec(*specs[LABELS_KEY], samples)
+    scans = {key: values.scan(key) for key in inputs}
+    for key, found in scans.items():
+        if not found.finite:
+            raise InvalidDatasetError(f"array '{key}' holds NaN or Inf values", code="non_finite_values")
+    classes = _count_classes(values.blocks(LABELS_KEY)) if LABELS_KEY in specs else None
     return DatasetInfo(
         samples=samples,
+        # in native byte order, as read_npz gives them: `>f4` is float32
         arrays={
-            key: ArraySpec(tuple(int(d) for d in value.shape), value.dtype.name)
-            for key, value in inputs.items()
+            name: ArraySpec(shape, dtype.newbyteorder("=").name) for name, (shape, dtype) in inputs.items()
         },
-        has_labels=labels is not None,
+        has_labels=LABELS_KEY in specs,
         classes=classes,
-        uniform_arrays=uniform,
+        uniform_arrays=tuple(key for key, found in scans.items() if found.rows_uniform),
     )
+
+
+def _check_label_spec(shape: tuple[int, ...], dtype: np.dtype, samples: int) -> None:
+    if dtype.kind not in ("i", "u") or len(shape) != 1:
+        raise InvalidDatasetError(
+            f"labels must be a 1-D integer array, got dtype {dtype} and shape {list(shape)}",
+            code="invalid_labels",
+        )
+    if shape[0] != samples:
+        raise InvalidDatasetError(
+            f"labels has {shape[0]} entries, but the inputs have {samples} samples", code="invalid_labels"
+        )
+
+
+def _count_classes(blocks: Iterator[np.ndarray]) -> int:
+    """Distinct label values, refusing negative ones (labels are class indices)."""
+    seen: np.ndarray | None = None
+    for block in blocks:
+        if (block < 0).any():
+            raise InvalidDatasetError("labels must be class indices >= 0", code="invalid_labels")
+        seen = np.unique(block) if seen is None else np.union1d(seen, block)
+        if len(seen) > MAX_CLASSES:
+            raise InvalidDatasetError(
+                f"labels hold more than {MAX_CLASSES:,} distinct values; labels are class indices",
+                code="invalid_labels",
+            )
+    return 0 if seen is None else len(seen)
 
 
 def bind_arrays(array_names: Sequence[str], model_inputs: Sequence[TensorSpec]) -> dict[str, str]:

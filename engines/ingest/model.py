@@ -9,7 +9,6 @@ external-data locations that escape the bundle are all refused before anything i
 from __future__ import annotations
 
 import math
-import shutil
 import stat
 import tempfile
 import zipfile
@@ -20,8 +19,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engines.errors import InvalidModelError
-from engines.ingest.archives import declared_unpacked_bytes, is_zip_archive
+from engines.ingest.archives import is_zip_archive, unpacked_size_problem
+from engines.ingest.external_data import external_bytes, gather_external_data
 from engines.ingest.signature import Dim, TensorSpec, assign_batch_axes, onnx_value_to_spec
+from engines.ingest.sparse import copy_sparse
 
 #: Protobuf cannot serialize a single message over 2 GiB; bigger models keep external data.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -85,12 +86,11 @@ def _extract_bundle(bundle: zipfile.ZipFile, workdir: Path, max_unpacked_bytes: 
             f"the bundle holds {len(members)} files; at most {MAX_BUNDLE_MEMBERS} are accepted",
             code="invalid_bundle",
         )
-    total = declared_unpacked_bytes(bundle)
-    if total > max_unpacked_bytes:
-        raise InvalidModelError(
-            f"the bundle unpacks to {total} bytes, over the limit of {max_unpacked_bytes}",
-            code="upload_too_large",
-        )
+    problem = unpacked_size_problem(
+        bundle, max_unpacked_bytes, remedy="upload a smaller model, or ask the operator for a higher limit"
+    )
+    if problem:
+        raise InvalidModelError(problem, code="upload_too_large")
     root = workdir.resolve()
     targets = [_member_target(info, root) for info in members]
     onnx_targets = [target for target in targets if target.suffix.lower() == ".onnx"]
@@ -102,7 +102,7 @@ def _extract_bundle(bundle: zipfile.ZipFile, workdir: Path, max_unpacked_bytes: 
     for info, target in zip(members, targets, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         with bundle.open(info) as src, open(target, "xb") as dst:  # "x": a duplicate name fails
-            shutil.copyfileobj(src, dst)
+            copy_sparse(src, dst)  # runs of zeros stay holes: a 2 GiB placeholder costs no disk
     return onnx_targets[0]
 
 
@@ -215,11 +215,14 @@ def load_model_proto(path: Path, *, with_external_data: bool = False) -> Any:
         ) from exc
 
 
-def inspect_model(path: Path) -> ModelInfo:
+def inspect_model(path: Path, *, scratch_dir: Path | None = None) -> ModelInfo:
     """Validate an ONNX file fully (external-data paths, checker, shape inference) and describe it.
 
     External-data locations are checked before anything reads them: they must name files inside
-    the ONNX file's directory (the unpacked upload).
+    the ONNX file's directory (the unpacked upload). Weights are never loaded: the checker and
+    shape inference work on the path, so a model of 2 GiB or more (external data) is checked in the
+    memory its graph takes. Shape inference writes the model again (embedded weights included)
+    into a temporary folder in `scratch_dir` (default: the system's temporary folder).
     """
     import onnx
 
@@ -242,7 +245,7 @@ def inspect_model(path: Path) -> ModelInfo:
             "declared shapes disagree with ONNX shape inference "
             f"({str(full_exc).splitlines()[0][:300]}); ONNX Runtime runs it with the shapes it computes"
         )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch_dir) as tmp:
         inferred_path = Path(tmp) / "inferred.onnx"
         try:
             onnx.shape_inference.infer_shapes_path(str(path), str(inferred_path), strict_mode=False)
@@ -348,17 +351,36 @@ def count_macs(model: Any) -> int | None:
     return int(total)
 
 
-def write_normalized(path: Path, dest_dir: Path) -> list[Path]:
+def write_normalized(
+    path: Path, dest_dir: Path, *, keep_external_from: int = PROTOBUF_LIMIT_BYTES
+) -> list[Path]:
     """Write the model as `model.onnx` in `dest_dir`, external data (if any) in one known file.
 
     Downstream stages then never deal with the uploader's file layout. Returns the files written.
+    A model whose file and external data come to `keep_external_from` bytes or more (by default
+    2 GiB, what one protobuf message can hold) keeps its weights external and unread: they are
+    gathered into `model.onnx.data` file to file. Smaller models are loaded whole and written as
+    one self-contained file.
     """
     import onnx
+    from google.protobuf.message import EncodeError
 
-    model = load_model_proto(path, with_external_data=True)
+    model = load_model_proto(path)
+    external = [tensor for tensor in all_tensors(model) if tensor.data_location == onnx.TensorProto.EXTERNAL]
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / MODEL_FILENAME
-    if model.ByteSize() < PROTOBUF_LIMIT_BYTES:
+    if external and path.stat().st_size + external_bytes(external, path.parent) >= keep_external_from:
+        data_path = dest_dir / EXTERNAL_DATA_FILENAME
+        gather_external_data(external, path.parent, data_path)
+        target.write_bytes(model.SerializeToString())  # the graph alone: weights stay where they are
+        return [target, data_path]
+    if external:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    try:
+        fits = model.ByteSize() < PROTOBUF_LIMIT_BYTES
+    except EncodeError:  # protobuf refuses to even measure a message over 2 GiB
+        fits = False
+    if fits:
         onnx.save_model(model, str(target))
         return [target]
     onnx.save_model(

@@ -137,17 +137,34 @@ def _json_safe(values: dict[str, float | None]) -> dict[str, float | None]:
     }
 
 
+def count_non_finite(outputs: np.ndarray) -> int | None:
+    """How many of the values are NaN or ±infinity: 0 for integer and boolean outputs, None for
+    outputs that are not numbers (strings). An engine that overflows on some samples can still
+    average to a fine accuracy, and serving it sends those values to clients (as "NaN" in JSON):
+    the report says how many there are. Never raises: a diagnostic never fails the job it diagnoses.
+    """
+    try:
+        values = np.asarray(outputs)
+        if values.dtype.kind in "biu":
+            return 0
+        if values.dtype.kind not in "fc":
+            return None
+        return int(values.size - np.count_nonzero(np.isfinite(values)))
+    except (TypeError, ValueError):
+        return None
+
+
 def accuracy_report(
     outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None
 ) -> dict[str, Any]:
     """Accuracy against labels where there are labels; fidelity against the reference where given.
 
-    Non-finite outputs are counted and reported, never silently averaged into the metrics.
+    `non_finite_outputs` counts the NaN and ±infinity values of the scored output over the whole
+    evaluation set (0 when there are none), which are never silently averaged into the metrics.
+    A metric that does not apply, or cannot be computed on these outputs, is named under
+    `unavailable` instead of failing the job.
     """
-    report: dict[str, Any] = {"samples": len(outputs)}
-    non_finite = int(outputs.size - np.isfinite(outputs).sum())
-    if non_finite:
-        report["non_finite_outputs"] = non_finite
+    report: dict[str, Any] = {"samples": len(outputs), "non_finite_outputs": count_non_finite(outputs)}
     try:
         if labels is not None:
             report.update(classification_accuracy(outputs, labels))
@@ -156,6 +173,6 @@ def accuracy_report(
                 report["fidelity"] = _json_safe(fidelity(outputs, reference))
     except EngineError as exc:  # a metric that does not apply never fails the job
         report["unavailable"] = exc.detail
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, TypeError) as exc:  # TypeError: outputs that are not numbers
         report["unavailable"] = f"{type(exc).__name__}: {exc}"
     return report

@@ -6,6 +6,10 @@ and both clients execute it (see `client.py`).
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,7 @@ import numpy as np
 from optiforge_client import tensors
 from optiforge_client.errors import error_from_response
 from optiforge_client.models import Dataset, Engine, InferResult, Job, Model
+from optiforge_client.torch_export import export_module
 
 T = TypeVar("T")
 
@@ -32,6 +37,8 @@ class Call(Generic[T]):
     headers: dict[str, str] = field(default_factory=dict)
     data: dict[str, str] | None = None
     files: dict[str, tuple[str, IO[bytes]]] | None = None
+    #: Run once the call is done, whatever its outcome (a temporary export removed).
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
 
     def request_args(self) -> dict[str, Any]:
         args = {"method": self.method, "url": self.path, "params": self.params, "headers": self.headers}
@@ -41,9 +48,11 @@ class Call(Generic[T]):
         return args
 
     def close(self) -> None:
-        """Close the files opened for an upload."""
+        """Close the files opened for an upload, then run the clean-ups."""
         for _name, handle in (self.files or {}).values():
             handle.close()
+        while self.cleanup:
+            self.cleanup.pop()()
 
     def finish(self, response: httpx.Response) -> T:
         """Close uploaded files, raise the typed error of an error answer, else parse it."""
@@ -85,9 +94,45 @@ def capabilities() -> Call[dict[str, Any]]:
     return Call("GET", "/v1/capabilities", lambda response: response.json())
 
 
-def upload_model(path: str | Path, name: str | None = None) -> Call[Model]:
-    """Upload an .onnx file (or a .zip of one .onnx and its external data)."""
-    return _upload("/v1/models", path, name, Model)
+def upload_model(
+    path: str | os.PathLike[str] | Any,
+    name: str | None = None,
+    *,
+    example_inputs: Any = None,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+) -> Call[Model]:
+    """Upload a model: `path` is a file (`.onnx`, a `.zip` of one `.onnx` and its external data, or a
+    torch.export program `.pt2`) or a `torch.nn.Module`, with `example_inputs` (the positional
+    arguments of one call), exported here by `torch_export.export_module` into a temporary `.pt2`
+    (only this needs torch; `dynamic_batch`: dim 0 of every input is one dynamic `batch` dim).
+
+    A PyTorch upload answers at once with status `converting` while a worker converts it to ONNX:
+    `wait_for_model(model.id)` returns it `ready`. `opset` (18 or later): the ONNX opset to convert
+    a PyTorch program to (default: the exporter's)."""
+    if isinstance(path, (str, os.PathLike)):
+        if example_inputs is not None:
+            raise TypeError("example_inputs goes with an nn.Module; a file is uploaded as it is")
+        call = _upload("/v1/models", path, name, Model)
+    else:
+        if example_inputs is None:
+            raise TypeError(
+                f"upload_model takes a file path, or an nn.Module with example_inputs=(...), "
+                f"not a {type(path).__name__} alone"
+            )
+        folder = Path(tempfile.mkdtemp(prefix="optiforge-export-"))
+        try:
+            stem = re.sub(r"[^A-Za-z0-9._-]", "_", type(path).__name__)[:100] or "model"
+            target = folder / f"{stem}.pt2"
+            exported = export_module(path, example_inputs, target, dynamic_batch=dynamic_batch)
+            call = _upload("/v1/models", exported, name, Model)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        call.cleanup.append(lambda: shutil.rmtree(folder, ignore_errors=True))
+    if opset is not None:
+        call.data = {**(call.data or {}), "opset": str(opset)}
+    return call
 
 
 def list_models() -> Call[list[Model]]:

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from optiforge_client.client import Client, default_url
 from optiforge_client.errors import OptiforgeError
-from optiforge_client.models import Job
+from optiforge_client.models import Job, Model
 from optiforge_client.tensors import ProtocolError
 
 
@@ -144,10 +144,28 @@ def _run_search(
     return 0
 
 
+def _upload(
+    client: Client, file: str, name: str | None, opset: int | None = None, wait: bool = True
+) -> Model:
+    """Upload a model file; a PyTorch program (.pt2) is converted on the server: with `wait`, wait
+    until it is ready (a failed conversion raises its error: `unsupported_op` names the operators)."""
+    model = client.upload_model(file, name=name, opset=opset)
+    if wait and model.status == "converting":
+        print(f"model {model.id}: converting to ONNX (job {model.conversion_job_id})…", file=sys.stderr)
+        model = client.wait_for_model(model.id)
+    return model
+
+
+def cmd_upload_model(client: Client, args: argparse.Namespace) -> int:
+    _print_json(_upload(client, args.file, args.name, args.opset, wait=args.wait))
+    return 0
+
+
 def cmd_optimize(client: Client, args: argparse.Namespace) -> int:
     _check_choices(client, args)
-    model = client.upload_model(args.model, name=args.name)
-    print(f"model {model.id}: {model.name}, {model.parameters:,} parameters", file=sys.stderr)
+    model = _upload(client, args.model, args.name)
+    parameters = f"{model.parameters:,}" if model.parameters is not None else "?"
+    print(f"model {model.id}: {model.name}, {parameters} parameters", file=sys.stderr)
     calibration = client.upload_dataset(args.calib) if args.calib else None
     evaluation = client.upload_dataset(args.eval) if args.eval else None
     if args.budget:
@@ -219,9 +237,9 @@ def _list(rows: list[BaseModel], columns: Sequence[str]) -> int:
 def _commands() -> dict[str, Any]:
     """command path -> function(client, args)."""
     return {
-        "models upload": lambda c, a: _print_json(c.upload_model(a.file, name=a.name)),
+        "models upload": cmd_upload_model,
         "models list": lambda c, a: _list(
-            c.list_models(), ["id", "name", "parameters", "macs", "size_bytes"]
+            c.list_models(), ["id", "name", "status", "parameters", "macs", "size_bytes"]
         ),
         "models get": lambda c, a: _print_json(c.get_model(a.id)),
         "models delete": lambda c, a: c.delete_model(a.id),
@@ -276,6 +294,7 @@ def add_client_commands(sub: Any) -> None:
     common.add_argument(
         "--url", default=None, help="the server (default: $OPTIFORGE_URL or http://127.0.0.1:8000)"
     )
+    common.add_argument("--api-key", default=None, help="an API key (default: $OPTIFORGE_API_KEY)")
 
     def group(name: str, help: str) -> Any:
         return sub.add_parser(name, help=help).add_subparsers(dest="action", required=True)
@@ -286,11 +305,17 @@ def add_client_commands(sub: Any) -> None:
         return parser
 
     models = group("models", "upload, list, get, delete models")
-    upload = leaf(models, "models upload", "upload an .onnx (or .zip with external data)")
+    upload = leaf(
+        models, "models upload", "upload an .onnx (or .zip with external data), or a torch.export .pt2"
+    )
     upload.add_argument("file")
     upload.add_argument("--name")
+    upload.add_argument("--opset", type=int, help="a .pt2: the ONNX opset to convert to (18 or later)")
+    upload.add_argument(
+        "--wait", action="store_true", help="a .pt2: wait until it is converted (ready) or failed"
+    )
     leaf(models, "models list", "list models")
-    leaf(models, "models get", "describe a model").add_argument("id")
+    leaf(models, "models get", "describe a model (its status: ready, converting, failed)").add_argument("id")
     leaf(models, "models delete", "delete a model, its jobs and engines").add_argument("id")
 
     datasets = group("datasets", "upload and list datasets")
@@ -335,7 +360,7 @@ def add_client_commands(sub: Any) -> None:
         "optimize", help="upload a model (and data), optimize it, wait, print the report", parents=[common]
     )
     optimize.set_defaults(client_command="optimize")
-    optimize.add_argument("model", help=".onnx file")
+    optimize.add_argument("model", help=".onnx file, or a torch.export .pt2 (converted first)")
     optimize.add_argument("--calib", help="calibration .npz (needed for int8)")
     optimize.add_argument("--eval", help="evaluation .npz (default: the calibration set)")
     optimize.add_argument("--name")
@@ -370,7 +395,7 @@ def run_client_command(args: argparse.Namespace) -> int:
     command = _commands()[args.client_command]
     url = default_url(args.url)
     try:
-        with Client(url) as client:
+        with Client(url, api_key=args.api_key) as client:
             status = command(client, args)
     except OptiforgeError as exc:
         print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)

@@ -8,6 +8,12 @@
         job = client.wait_for_job(job.id)
         result = client.infer(job.engine_ids[0], {"input": batch})
 
+A PyTorch model goes up as an `nn.Module` with example inputs (exported here with torch.export;
+torch is needed for that call only) and is converted to ONNX on the server:
+
+        model = client.upload_model(module, example_inputs=(torch.randn(1, 3, 224, 224),))
+        model = client.wait_for_model(model.id)  # ready, or ModelFailed with the exporter's code
+
 Each method is a call of `optiforge_client.calls` sent by this client's transport; errors are
 the typed exceptions of `optiforge_client.errors`.
 """
@@ -25,8 +31,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import httpx
 
 from optiforge_client import calls
-from optiforge_client.errors import JobFailed, JobTimeout
-from optiforge_client.models import Job
+from optiforge_client.errors import JobFailed, JobTimeout, ModelFailed, ModelTimeout
+from optiforge_client.models import Job, Model
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -37,6 +43,18 @@ ProgressCallback = Callable[[Job], None]
 def default_url(url: str | None = None) -> str:
     """`url`, else $OPTIFORGE_URL, else the local default."""
     return (url or os.environ.get("OPTIFORGE_URL") or DEFAULT_URL).rstrip("/")
+
+
+def auth_headers(api_key: str | None = None) -> dict[str, str]:
+    """`Authorization: Bearer` with `api_key`, else $OPTIFORGE_API_KEY; none without a key (a
+    server with no key yet answers loopback clients without one)."""
+    key = api_key or os.environ.get("OPTIFORGE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _http_options(api_key: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    headers = {**auth_headers(api_key), **dict(options.pop("headers", None) or {})}
+    return {**options, "headers": headers}
 
 
 def _sync(build: Callable[P, calls.Call[T]]) -> Callable[Concatenate[Client, P], T]:
@@ -66,6 +84,21 @@ def _finished(job: Job, started: float, timeout: float | None) -> bool:
     return False
 
 
+def _model_ready(model: Model, started: float, timeout: float | None) -> bool:
+    """True once the model is ready; raises if its conversion failed, or the wait is over."""
+    if model.status == "ready":
+        return True
+    if model.status == "failed":
+        raise ModelFailed(model)
+    if timeout is not None and time.monotonic() - started > timeout:
+        raise ModelTimeout(model, timeout)
+    return False
+
+
+def _is_file(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike))
+
+
 def _triton_call(engines: Sequence[str] | str) -> calls.Call[None]:
     """GET /v1/triton for these engines (ids or aliases). Its answer is a zip streamed to a file,
     so the call is sent with `stream` and only its errors go through `Call.finish`."""
@@ -81,11 +114,15 @@ def _partial(path: Path) -> Path:
 
 
 class Client:
-    """Blocking client. `url` defaults to $OPTIFORGE_URL; `transport` lets tests pass an ASGI app."""
+    """Blocking client. `url` defaults to $OPTIFORGE_URL, `api_key` to $OPTIFORGE_API_KEY;
+    `transport` lets tests pass an ASGI app."""
 
-    def __init__(self, url: str | None = None, timeout: float = 300.0, **httpx_options: Any):
+    def __init__(
+        self, url: str | None = None, timeout: float = 300.0, api_key: str | None = None, **httpx_options: Any
+    ):
         self.url = default_url(url)
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, **httpx_options)
+        options = _http_options(api_key, httpx_options)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, **options)
 
     def send(self, call: calls.Call[T]) -> T:
         try:
@@ -135,6 +172,17 @@ class Client:
                 return job
             time.sleep(poll_s)
 
+    def wait_for_model(self, model_id: str, timeout: float | None = None, poll_s: float = 0.5) -> Model:
+        """Poll until the model is ready (returned): a PyTorch upload is `converting` until its
+        convert job ends. Its conversion failed: ModelFailed (`code`, e.g. `unsupported_op`);
+        still converting after `timeout` seconds: ModelTimeout."""
+        started = time.monotonic()
+        while True:
+            model = self.get_model(model_id)
+            if _model_ready(model, started, timeout):
+                return model
+            time.sleep(poll_s)
+
     def triton_repository(self, engines: Sequence[str] | str, path: str | Path) -> Path:
         """Download engines (ids or aliases) as one Triton model repository, a zip written to
         `path`: unpack it and serve it with `tritonserver --model-repository=DIR`. Each engine is a
@@ -167,9 +215,12 @@ class Client:
 class AsyncClient:
     """The same methods as `Client`, awaitable."""
 
-    def __init__(self, url: str | None = None, timeout: float = 300.0, **httpx_options: Any):
+    def __init__(
+        self, url: str | None = None, timeout: float = 300.0, api_key: str | None = None, **httpx_options: Any
+    ):
         self.url = default_url(url)
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, **httpx_options)
+        options = _http_options(api_key, httpx_options)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, **options)
 
     async def send(self, call: calls.Call[T]) -> T:
         try:
@@ -179,7 +230,14 @@ class AsyncClient:
             raise
         return call.finish(response)
 
-    upload_model = _async(calls.upload_model)
+    @functools.wraps(calls.upload_model)
+    async def upload_model(self, path: Any, name: str | None = None, **options: Any) -> Model:
+        if _is_file(path):
+            return await self.send(calls.upload_model(path, name, **options))
+        # An nn.Module is exported first (torch.export: seconds of CPU), off the event loop.
+        call = await asyncio.to_thread(calls.upload_model, path, name, **options)
+        return await self.send(call)
+
     capabilities = _async(calls.capabilities)
     list_models = _async(calls.list_models)
     get_model = _async(calls.get_model)
@@ -217,6 +275,15 @@ class AsyncClient:
                 on_progress(job)
             if _finished(job, started, timeout):
                 return job
+            await asyncio.sleep(poll_s)
+
+    async def wait_for_model(self, model_id: str, timeout: float | None = None, poll_s: float = 0.5) -> Model:
+        """Poll until the model is ready (returned); ModelFailed, ModelTimeout as `Client`'s."""
+        started = time.monotonic()
+        while True:
+            model = await self.get_model(model_id)
+            if _model_ready(model, started, timeout):
+                return model
             await asyncio.sleep(poll_s)
 
     async def triton_repository(self, engines: Sequence[str] | str, path: str | Path) -> Path:

@@ -17,6 +17,20 @@ class BadRequest(OptiforgeError):
     """400: tensors or a message the server cannot take."""
 
 
+class Unauthorized(OptiforgeError):
+    """401: no API key, or one the server does not know (revoked); pass `api_key=` or set
+    $OPTIFORGE_API_KEY."""
+
+
+class Forbidden(OptiforgeError):
+    """403: the key's scopes do not allow this (or a browser request from a foreign origin)."""
+
+
+class RateLimited(OptiforgeError):
+    """429: over the key's inference rate or the project's jobs in flight (the response's
+    `Retry-After` says when to try again)."""
+
+
 class NotFound(OptiforgeError):
     """404: no such model, dataset, job, engine or alias."""
 
@@ -60,12 +74,35 @@ class JobTimeout(OptiforgeError):
         self.job = job
 
 
+class ModelFailed(OptiforgeError):
+    """The model's conversion to ONNX failed (or was cancelled); `model` is its last state, `code`
+    and `detail` its error (`unsupported_op`: `model.error["operators"]` names them)."""
+
+    def __init__(self, model: Any):
+        error = model.error or {}
+        super().__init__(
+            0, error.get("code", "conversion_failed"), error.get("detail", f"model {model.id} failed"), model
+        )
+        self.model = model
+
+
+class ModelTimeout(OptiforgeError):
+    """The model was still converting when the wait gave up; `model` is its last state."""
+
+    def __init__(self, model: Any, seconds: float):
+        super().__init__(0, "timeout", f"model {model.id} still {model.status} after {seconds:.0f} s", model)
+        self.model = model
+
+
 _BY_STATUS = {
     400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: PayloadTooLarge,
     422: ValidationFailed,
+    429: RateLimited,
     503: Unavailable,
 }
 

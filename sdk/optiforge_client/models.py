@@ -21,15 +21,26 @@ class TensorSpec(_Resource):
 
 
 class Model(_Resource):
+    """A model. `status`: `ready` (usable), `converting` (a PyTorch upload whose convert job,
+    `conversion_job_id`, runs: its signature and figures are empty until then) or `failed` (`error`
+    says why, e.g. `{"code": "unsupported_op", "operators": [...]}`). `Client.wait_for_model` waits."""
+
     id: str
     name: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    parameters: int
+    status: str = "ready"  # a server from before conversions: every model is ready
+    error: dict[str, Any] | None = None
+    conversion_job_id: str | None = None
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    parameters: int | None = None
     macs: int | None = None
     size_bytes: int
     warnings: list[str] = []
     created_at: datetime
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
 
 
 class Dataset(_Resource):

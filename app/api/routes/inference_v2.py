@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from optiforge_client.tensors import (
     BINARY_CONTENT_TYPE,
@@ -28,13 +27,17 @@ from optiforge_client.tensors import (
 )
 
 from app import __version__
-from app.api.deps import serving_of
+from app.api.body_limit import SizeLimit, json_tensor_limit, request_limit
+from app.api.body_reader import read_body
+from app.api.deps import project_of, serving_of
 from app.api.direct_route import DirectRoute
 from app.core.db import get_sessionmaker
 from app.core.errors import ApiError
 from app.core.orm import EngineRecord, ModelRecord
+from app.core.settings import Settings
 from app.services.health import readiness_checks
 from app.serving import inference
+from app.serving.admission import json_text_bytes
 from app.serving.inference import ServedEngine, Serving
 from engines.backends.registry import unavailable_reason
 from engines.errors import EngineError
@@ -65,9 +68,10 @@ def server_metadata() -> dict[str, Any]:
 
 
 def _engine_row(request: Request, name: str, version: str | None) -> tuple[EngineRecord, list[str], dict]:
-    """The named engine, its model's engine ids (the versions) and the model's signature."""
+    """The named engine of the caller's project, its model's engine ids (the versions) and the
+    model's signature."""
     with get_sessionmaker(request.app.state.settings.resolved_database_url)() as session:
-        record = inference.find_engine(session, name, version)
+        record = inference.find_engine(session, name, version, project_id=project_of(request))
         if name in (record.id, record.alias):  # an engine's one version is itself
             versions = [record.id]
         else:  # a model's versions are its engines
@@ -141,31 +145,28 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     went on the server: `compute_ms`, `queue_ms` (dynamic batching) and `batch_size`.
 
     On the event loop for a loaded engine, through a DirectRoute (no dependency solving): only
-    the engine call leaves it (and the parsing of JSON tensors, which can be large), so the
-    protocol adds little to the engine's own time.
+    the engine call leaves it (and JSON tensors of more than a few KiB, parsed and written on a
+    worker thread in the JSON gate's turn), so the protocol adds little to the engine's own time.
+    The body is read whole (app.api.body_reader: a time limit, the JSON-tensor cap, the process's
+    body budget) before the request takes an in-flight slot: a slow client holds none.
     """
     serving = serving_of(request)
-    engine = await serving.lookup(name, version)  # an unknown name is a 404 whatever the body
-    with serving.inflight.slot():
-        return await _infer(request, serving, name, engine)
-
-
-async def _infer(request: Request, serving: Serving, name: str, engine: ServedEngine) -> Response:
+    # An unknown name is a 404 whatever the body.
+    engine = await serving.lookup(name, version, project_id=project_of(request))
     settings = request.app.state.settings
-    body = await request.body()
     header_length = request.headers.get(HEADER_LENGTH)
-    if json_part_bytes(body, header_length) > settings.max_json_tensor_bytes:
-        raise ApiError(
-            413,
-            "json_tensors_too_large",
-            f"JSON tensors over {settings.max_json_tensor_bytes} bytes: send binary tensors "
-            f"({HEADER_LENGTH}) for inputs this large",
-        )
+    limit = body_limit(settings, header_length)
+    async with read_body(request, serving.bodies, limit, settings.body_read_timeout_s) as body:
+        with serving.inflight.slot():
+            return await _infer(serving, name, engine, body, header_length)
+
+
+async def _infer(
+    serving: Serving, name: str, engine: ServedEngine, body: bytes | bytearray, header_length: str | None
+) -> Response:
     try:
-        if header_length is None:
-            message, feeds = await run_in_threadpool(_parse, body, header_length)
-        else:
-            message, feeds = _parse(body, header_length)
+        json_bytes = json_part_bytes(body, header_length)
+        message, feeds = await serving.json_gate.run(json_bytes, _parse, body, header_length)
         loaded = await serving.load(engine)
         available = [spec.name for spec in loaded.runner.output_metadata()]
         outputs = requested_outputs(message, available, default_binary=False)
@@ -186,10 +187,8 @@ async def _infer(request: Request, serving: Serving, name: str, engine: ServedEn
     }
     chosen = {output: result.outputs[output] for output in outputs}
     binary = [output for output, as_bytes in outputs.items() if as_bytes]
-    if len(binary) < len(chosen):  # JSON outputs: serializing them can take a while
-        payload, json_length = await run_in_threadpool(encode, header, "outputs", chosen, binary)
-    else:
-        payload, json_length = encode(header, "outputs", chosen, binary)
+    json_bytes = json_text_bytes(array for output, array in chosen.items() if output not in binary)
+    payload, json_length = await serving.json_gate.run(json_bytes, encode, header, "outputs", chosen, binary)
     headers = {"Server-Timing": f"queue;dur={result.queue_ms:.3f}, compute;dur={result.compute_ms:.3f}"}
     if json_length is None:
         return Response(payload, media_type="application/json", headers=headers)
@@ -216,18 +215,39 @@ hot_routes = [
 ]
 
 
-def json_part_bytes(body: bytes, header_length: str | None) -> int:
-    """How much of the body is JSON: all of it, or the header the client declares. The cap on JSON
-    tensors applies to that part whatever the headers say (a header as long as the whole body is
-    a JSON body; a header that is not a number is left to the parser's 400)."""
+def body_limit(settings: Settings, header_length: str | None) -> SizeLimit:
+    """The most bytes a request's body may have. The cap on JSON tensors applies to the JSON part
+    whatever the headers say: without a header length the whole body is JSON; with one, the JSON
+    it declares is refused here, before a byte is read, when over the cap (a header as long as the
+    body is a JSON body), and the body may then be as long as any request (binary tensors). A header
+    that is not a number is left to the parser's 400."""
+    json_cap = json_tensor_limit(settings.max_json_tensor_bytes)
+    if header_length is None:
+        return json_cap
+    if header_length.strip().isdigit() and int(header_length) > json_cap.max_bytes:
+        raise json_cap.refusal()
+    return request_limit(settings.max_request_bytes)
+
+
+def json_part_bytes(body: bytes | bytearray, header_length: str | None) -> int:
+    """How much of the body is JSON: all of it, or the header the client declares (0 when that is
+    not a number: the parser answers it)."""
     if header_length is None:
         return len(body)
     try:
-        return int(header_length)
+        return min(int(header_length), len(body))
     except ValueError:
         return 0
 
 
-def _parse(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _parse(
+    body: bytes | bytearray, header_length: str | None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The request's message and its inputs as arrays. The message keeps no `data` lists: they
+    would hold about 11× their text in memory until the response, and be freed on the event loop."""
     message, tail = split(body, header_length)
-    return message, decode(message.get("inputs"), tail, what="input")
+    feeds = decode(message.get("inputs"), tail, what="input")
+    for entry in message.get("inputs") or ():
+        if isinstance(entry, dict):
+            entry.pop("data", None)
+    return message, feeds

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.api.deps import get_db, get_settings_dep, get_store_dep
+from app.api.deps import PrincipalDep, ProjectDep, get_db, get_settings_dep, get_store_dep
 from app.api.schemas import JobCreate, JobOut
 from app.api.views import job_out
+from app.core.audit import audit
 from app.core.orm import JobRecord
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
@@ -28,6 +29,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 @router.post("", status_code=202, response_model=JobOut, summary="Start an optimization job")
 def create_job(
     body: JobCreate,
+    principal: PrincipalDep,
     session: Session = Depends(get_db),
     settings: Settings = Depends(get_settings_dep),
     store: ArtifactStore = Depends(get_store_dep),
@@ -41,22 +43,25 @@ def create_job(
         session,
         settings,
         store,
+        project_id=principal.project_id,
         model_id=body.model_id,
         recipe=body.recipe.to_config(),
         calibration_dataset_id=body.calibration_dataset_id,
         evaluation_dataset_id=body.evaluation_dataset_id,
         sensitivity=None if source is None else service.SensitivitySource(source.job_id, source.max_drop),
     )
+    audit(principal, "job.create", job.id, kind=job.kind, model_id=body.model_id)
     return job_out(session, job)
 
 
 @router.get("", response_model=list[JobOut], summary="List jobs")
 def list_jobs(
+    project: ProjectDep,
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
     model_id: str | None = None,
     session: Session = Depends(get_db),
 ) -> list[JobOut]:
-    query = select(JobRecord).order_by(JobRecord.created_at.desc())
+    query = select(JobRecord).where(JobRecord.project_id == project).order_by(JobRecord.created_at.desc())
     if status:
         query = query.where(JobRecord.status == status)
     if model_id:
@@ -67,20 +72,23 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Job status, progress and error")
-def get_job(job_id: str, session: Session = Depends(get_db)) -> JobOut:
-    return job_out(session, get_job_record(session, job_id))
+def get_job(job_id: str, project: ProjectDep, session: Session = Depends(get_db)) -> JobOut:
+    return job_out(session, get_job_record(session, job_id, project))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
 def cancel_job(
     job_id: str,
+    principal: PrincipalDep,
     session: Session = Depends(get_db),
     settings: Settings = Depends(get_settings_dep),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> JobOut:
     """A queued job, or a running one whose worker was lost, is cancelled at once; a running one
     stops at its next checkpoint (timed runs are checked twice a second) and stores nothing."""
-    return job_out(session, service.cancel_job(session, settings, store, job_id))
+    job = service.cancel_job(session, settings, store, job_id, principal.project_id)
+    audit(principal, "job.cancel", job_id)
+    return job_out(session, job)
 
 
 @router.get(
@@ -90,10 +98,11 @@ def cancel_job(
 )
 def job_report(
     job_id: str,
+    project: ProjectDep,
     format: Literal["json", "md"] = Query("json", description="json, or md for a markdown table"),
     session: Session = Depends(get_db),
 ) -> Response:
-    report = service.job_report(session, job_id)
+    report = service.job_report(session, job_id, project)
     if format == "md":
         return PlainTextResponse(
             render_markdown(report["rows"], report["hardware"]), media_type="text/markdown"
@@ -108,11 +117,12 @@ def job_report(
 )
 def get_sensitivity(
     job_id: str,
+    project: ProjectDep,
     format: Literal["json", "png"] = Query("json"),
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
-    report = service.sensitivity_report(session, store, job_id)
+    report = service.sensitivity_report(session, store, job_id, project_id=project)
     if format == "png":
         png = store.local_path(f"jobs/{job_id}/sensitivity") / SENSITIVITY_PNG
         return Response(png.read_bytes(), media_type="image/png")
@@ -126,11 +136,12 @@ def get_sensitivity(
 )
 def get_autotune(
     job_id: str,
+    project: ProjectDep,
     format: Literal["json", "md", "png"] = Query("json", description="json, md (a table) or png (the plot)"),
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
-    folder = service.autotune_report_dir(session, store, job_id)
+    folder = service.autotune_report_dir(session, store, job_id, project)
     if format == "png":
         return Response((folder / REPORT_PNG).read_bytes(), media_type="image/png")
     if format == "md":

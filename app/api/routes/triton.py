@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,8 +12,11 @@ from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.types import Receive, Scope, Send
 
-from app.api.deps import get_db, get_store_dep
+from app.api.deps import ProjectDep, get_db, get_settings_dep, get_store_dep
 from app.core.errors import ApiError
+from app.core.orm import new_id
+from app.core.scratch import EXPORT_KIND, OwnedFolder, claim_folder
+from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from app.services.triton import export_triton_zip
 
@@ -26,32 +27,35 @@ _RESPONSES = {200: {"content": {_ZIP: {"schema": {"type": "string", "format": "b
 
 
 class TemporaryFileResponse(FileResponse):
-    """A file response that removes the directory holding its file once sent, or once sending
-    stopped: a client that hangs up mid-download raises out of FileResponse before a background
-    task would run, which would leave a repository's worth of disk behind."""
+    """A file response that removes the folder holding its file once sent, or once sending stopped:
+    a client that hangs up mid-download raises out of FileResponse before a background task would
+    run, which would leave a repository's worth of disk behind."""
 
-    def __init__(self, path: Path, directory: Path, media_type: str, filename: str):
+    def __init__(self, path: Path, folder: OwnedFolder, media_type: str, filename: str):
         super().__init__(path, media_type=media_type, filename=filename)
-        self.directory = directory
+        self.folder = folder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await run_in_threadpool(shutil.rmtree, self.directory, True)
+            await run_in_threadpool(self.folder.release)
 
 
-def _zip_response(session: Session, store: ArtifactStore, names: Sequence[str]) -> TemporaryFileResponse:
-    """Build the repository in a temporary directory (on disk: engines can be gigabytes) and stream it."""
-    directory = Path(tempfile.mkdtemp(prefix="optiforge-triton-"))
+def _zip_response(
+    session: Session, settings: Settings, store: ArtifactStore, names: Sequence[str], project_id: str
+) -> TemporaryFileResponse:
+    """Build the repository in a scratch folder this process owns (on disk: engines can be
+    gigabytes; an API killed mid-export leaves it to the next start-up's clean-up) and stream it."""
+    folder = claim_folder(settings.scratch_dir, EXPORT_KIND, new_id("exp"))
     try:
-        export = export_triton_zip(session, store, names, directory)
+        export = export_triton_zip(session, store, names, folder.path, project_id=project_id)
     except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
+        folder.release()
         raise
     models = export.model_names
     filename = f"{models[0]}.triton.zip" if len(models) == 1 else "triton-model-repository.zip"
-    return TemporaryFileResponse(export.path, directory, media_type=_ZIP, filename=filename)
+    return TemporaryFileResponse(export.path, folder, media_type=_ZIP, filename=filename)
 
 
 @router.get(
@@ -61,13 +65,17 @@ def _zip_response(session: Session, store: ArtifactStore, names: Sequence[str]) 
     summary="One engine as a Triton model repository (zip)",
 )
 def engine_repository(
-    engine_id: str, session: Session = Depends(get_db), store: ArtifactStore = Depends(get_store_dep)
+    engine_id: str,
+    project: ProjectDep,
+    session: Session = Depends(get_db),
+    settings: Settings = Depends(get_settings_dep),
+    store: ArtifactStore = Depends(get_store_dep),
 ) -> TemporaryFileResponse:
     """`engine_id` is an engine id or alias; the model is named by the alias when the engine has one.
     The zip holds `<name>/config.pbtxt` and `<name>/1/model.onnx` (ONNX Runtime engines, with any
     external-data files) or `<name>/1/model.plan` (TensorRT, for the GPU it was built on). Engines of
     other backends cannot be exported (422 `not_exportable`)."""
-    return _zip_response(session, store, [engine_id])
+    return _zip_response(session, settings, store, [engine_id], project)
 
 
 @router.get(
@@ -77,8 +85,10 @@ def engine_repository(
     summary="Several engines as one Triton model repository (zip)",
 )
 def repository(
+    project: ProjectDep,
     engine: list[str] = Query(default=[], description="an engine id or alias; repeat for more"),
     session: Session = Depends(get_db),
+    settings: Settings = Depends(get_settings_dep),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> TemporaryFileResponse:
     """`/v1/triton?engine=a&engine=b`: each engine becomes a model named by its alias, else its id;
@@ -87,4 +97,4 @@ def repository(
         raise ApiError(
             422, "no_engines", "name the engines to export: /v1/triton?engine=ID_OR_ALIAS&engine=ID_OR_ALIAS"
         )
-    return _zip_response(session, store, engine)
+    return _zip_response(session, settings, store, engine, project)

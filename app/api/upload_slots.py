@@ -1,0 +1,51 @@
+"""At most N uploads received or checked at once in one API process; more are refused at once.
+
+An upload costs a request's worth of disk while its body is received, then CPU and memory while
+it is checked (unpacking a bundle, ONNX's checker, reading every array of a dataset). Unbounded,
+a burst of uploads takes the machine from the inference it serves. This ASGI middleware counts the
+uploads in progress and answers 503 `too_many_uploads` with `Retry-After` beyond the limit,
+before the body is read: a refused client has sent its headers and nothing else is spent on it.
+A slot is held until the response is sent (or the client goes away), so the count is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.api.errors import send_error
+
+#: Seconds a refused client is told to wait: about what checking a large upload takes.
+RETRY_AFTER_S = 5
+
+
+class UploadSlotsMiddleware:
+    """POSTs to `upload_paths` take one of `limit` slots for as long as they are handled."""
+
+    def __init__(self, app: Any, limit: int, upload_paths: tuple[str, ...]):
+        self.app, self.limit, self.upload_paths = app, limit, upload_paths
+        self.in_progress = 0  # touched only from the event loop, between awaits: no lock needed
+
+    def is_upload(self, scope: dict[str, Any]) -> bool:
+        return (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].rstrip("/") in self.upload_paths
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not self.is_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            detail = (
+                f"this server is already receiving {self.limit} uploads, its limit; "
+                f"send this one again in {RETRY_AFTER_S} s"
+            )
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            await send_error(send, scope["path"], 503, "too_many_uploads", detail, headers)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1

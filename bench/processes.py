@@ -1,0 +1,97 @@
+"""Processes a benchmark or a test starts and kills on purpose: a free port, a throw-away
+`redis-server` (no persistence), a process group stopped or SIGKILLed whole, and the resident
+memory of a process and its children. Shared by bench/chaos.py and tests/test_broker_restart.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(port: int, workdir: Path, executable: str = "redis-server") -> subprocess.Popen:
+    """A `redis-server` on `port` that keeps nothing on disk (`--save "" --appendonly no`): killing
+    it loses every message, as a broker restarted without persistence does. Returns once it answers."""
+    process = subprocess.Popen(
+        [executable, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True)
+        if ping.stdout.strip() == "PONG":
+            return process
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to the process and everything in its group (start it with start_new_session=True:
+    a Celery worker's pool children go with it, as they would with the machine)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    if sig == signal.SIGKILL:
+        process.wait()
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL of the whole group if it has not exited within `timeout` (for a process
+    started with start_new_session=True, whose group is its own)."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # pool children left behind by a parent that exited
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc (Linux)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                pending += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A `/proc/<pid>/status` field in KiB (VmRSS, VmHWM); 0 for a process that is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children together, in MB (10^6 bytes)."""
+    return sum(status_kib(member, "VmRSS") for member in process_tree(pid)) * 1024 / 1e6
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM (the peak resident set) of `pid` to its current RSS, so the next reading is the
+    peak since now (writing 5 to clear_refs, Linux ≥ 4.0); False where that is not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
