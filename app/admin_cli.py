@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -61,6 +62,7 @@ def _session() -> Any:
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the key, not the migration's chatter
     upgrade(settings.resolved_database_url)  # a key made before the first `serve` needs the tables
     return get_sessionmaker(settings.resolved_database_url)()
 

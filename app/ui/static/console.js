@@ -350,6 +350,8 @@ function latencyAccuracyPlot(rows, batch, front) {
   if (onFront.length > 1) {
     root.append(svg("polyline", { points: onFront.map((p) => `${sx(p.x)},${sy(p.y)}`).join(" "), class: "front" }));
   }
+  // The original last, so that an engine exactly as fast and accurate does not hide it.
+  points.sort((a, b) => (a.row.engine === "original") - (b.row.engine === "original"));
   points.forEach((p, index) => {
     const original = p.row.engine === "original";
     const classes = ["point", original ? "original" : "", front.has(p.row.engine) ? "on-front" : ""].join(" ");
