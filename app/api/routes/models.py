@@ -8,7 +8,7 @@ import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from fastapi.responses import FileResponse
@@ -103,22 +103,29 @@ def upload_model(
             write_normalized(onnx_path, normalized_dir)
         except InvalidModelError as exc:
             raise from_engine_error(exc) from exc
-        model_id = new_id("mdl")
-        prefix = f"models/{model_id}"
-        record = ModelRecord(
-            id=model_id,
-            project_id=principal.project_id,
-            name=name or Path(received.filename).stem,
-            filename=received.filename,
-            sha256=received.sha256,
-            size_bytes=received.size_bytes,
-            artifact_prefix=prefix,
-            info=info.to_dict(),
-            status=ModelStatus.READY,
-        )
-        commit_upload(session, store, received, prefix, normalized_dir, record)
+        record = _new_model_record(principal.project_id, received, name, info.to_dict(), ModelStatus.READY)
+        commit_upload(session, store, received, record.artifact_prefix, normalized_dir, record)
     audit(principal, "model.create", record.id, name=record.name, size_bytes=record.size_bytes)
     return model_out(record)
+
+
+def _new_model_record(
+    project_id: str, received: ReceivedFile, name: str | None, info: dict[str, Any], status: str
+) -> ModelRecord:
+    """The row of an uploaded model (its files go under `models/<id>`), named after the file unless
+    the upload names it."""
+    model_id = new_id("mdl")
+    return ModelRecord(
+        id=model_id,
+        project_id=project_id,
+        name=name or Path(received.filename).stem,
+        filename=received.filename,
+        sha256=received.sha256,
+        size_bytes=received.size_bytes,
+        artifact_prefix=f"models/{model_id}",
+        info=info,
+        status=status,
+    )
 
 
 #: What a torch.save or TorchScript file is, and what to upload instead.
@@ -207,23 +214,12 @@ def _upload_program(
         raise ApiError(
             422, "invalid_opset", f"opset {opset} cannot be written: choose one from {MIN_OPSET} to {newest}"
         )
-    model_id = new_id("mdl")
-    prefix = f"models/{model_id}"
     stored = received.subdir("stored")
     source = stored / ModelRecord.SOURCE_FILE
     source.parent.mkdir(parents=True)
     os.replace(received.path, source)
-    record = ModelRecord(
-        id=model_id,
-        project_id=principal.project_id,
-        name=name or Path(received.filename).stem,
-        filename=received.filename,
-        sha256=received.sha256,
-        size_bytes=received.size_bytes,
-        artifact_prefix=prefix,
-        info={},
-        status=ModelStatus.CONVERTING,
-    )
+    record = _new_model_record(principal.project_id, received, name, {}, ModelStatus.CONVERTING)
+    model_id, prefix = record.id, record.artifact_prefix
     session.add(record)  # first: its job refers to it
     job = new_convert_job(principal.project_id, model_id, opset)
     stage_job(session, settings, job)  # 429 past the project's jobs in flight: nothing stored yet
