@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.access_policy import ANY_KEY, DOC_PATHS, METRICS_PATH, OPEN_PATHS, AccessPolicy
+from app.api.auth import is_loopback_host
 from app.core.db import get_sessionmaker
 from app.core.migrate import upgrade
 from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, utcnow
@@ -602,3 +603,62 @@ def test_bootstrap_key_from_the_environment(tmp_path: Path) -> None:
     assert _optiforge(["migrate"], data, OPTIFORGE_BOOTSTRAP_API_KEY=key).returncode == 0  # idempotent
     listed = _optiforge(["keys", "list"], data).stdout.splitlines()
     assert len(listed) == 1 and "scopes=admin" in listed[0] and "project=default" in listed[0]
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost", "localhost:8000", "127.0.0.1:8000", "127.8.9.1", "[::1]:8000", "console.localhost:8000"],
+)
+def test_loopback_hosts(host: str) -> None:
+    assert is_loopback_host(host)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1.attacker.example",  # a public name its owner points at 127.0.0.1 (DNS rebinding)
+        "127.attacker.example:8000",
+        "[::1].evil.com",
+        "[::1]evil.com:80",
+        "localhost:80@evil",
+        "127.0.0.1:8000:9",
+        "localhost.evil.com",
+        "",
+        "10.0.0.5:8000",
+    ],
+)
+def test_names_that_only_look_local_are_not(host: str) -> None:
+    assert not is_loopback_host(host)
+
+
+def test_dns_rebinding_cannot_reach_a_server_without_keys(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", open_hosts="")
+    settings.data_dir.mkdir(parents=True)
+    upgrade(settings.resolved_database_url)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1.attacker.example:8000") as client:
+        origin = {"Origin": "http://127.0.0.1.attacker.example:8000"}
+        minted = client.post(
+            "/v1/admin/keys", json={"project": "default", "name": "x", "scopes": ["admin"]}, headers=origin
+        )
+        assert minted.status_code == 403 and minted.json()["code"] == "host_not_allowed"
+        assert client.get("/v1/models").status_code == 403
+
+
+def test_the_policy_reads_the_path_under_a_root_path(two_projects: TwoProjects) -> None:
+    """Behind a proxy that mounts the app under a prefix, /x/v1/admin/keys is still an admin route."""
+    with TestClient(two_projects.client.app, root_path="/x") as client:
+        read_only = two_projects.headers("a_read")
+        assert client.get("/x/v1/admin/keys", headers=read_only).status_code == 403
+        assert client.get("/x/metrics", headers=read_only).status_code == 403
+        assert client.get("/x/v1/models", headers=read_only).status_code == 200
+        infer = two_projects.headers("a_infer")
+        engine = two_projects.ids["engine_id"]
+        assert client.post(f"/x/v2/models/{engine}/infer", json=_v2_body(), headers=infer).status_code == 200
+
+
+def test_console_pages_take_record_ids_only(two_projects: TwoProjects) -> None:
+    """An id from the page's URL goes into API paths: one that could walk to another path is refused."""
+    client = two_projects.client
+    assert client.get("/ui/engines/eng_0123456789abcdef").status_code == 200
+    assert client.get("/ui/engines/..%5Cmodels%5Cmdl_0123456789abcdef%3F").status_code == 422
+    assert client.get("/ui/jobs/job_1%3F").status_code == 422

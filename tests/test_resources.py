@@ -259,7 +259,7 @@ def test_readyz_reports_an_unreachable_broker(tmp_path) -> None:
     upgrade(settings.resolved_database_url)
     with TestClient(create_app(settings)) as client:
         response = client.get("/readyz")
-    assert response.status_code == 503 and response.json()["checks"]["broker"].startswith("error")
+    assert response.status_code == 503 and response.json()["checks"]["broker"] == "error"  # the reason is logged, not shown
 
 
 def test_int8_and_fp16_jobs_and_their_guards(local_api: LocalApi, uploaded: dict[str, str], digits) -> None:

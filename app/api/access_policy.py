@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from app.core.keys import ADMIN, INFER, READ, WRITE
 
@@ -25,6 +26,15 @@ WHOAMI_PATH = "/v1/auth/me"
 UI_PREFIX = "/ui"
 _V1_INFER = re.compile(r"^/v1/engines/[^/]+/infer/?$")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def route_path(scope: dict[str, Any]) -> str:
+    """The path routing sees: without the `root_path` a proxy mounts the app under (`--root-path
+    /optiforge`). Deciding on the raw path would read `/optiforge/v1/admin/keys` as an unknown path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ rebinding its own domain name to 127.0.0.1).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.access_policy import ANY_KEY, AccessPolicy
+from app.api.access_policy import ANY_KEY, AccessPolicy, route_path
 from app.api.errors import send_error
 from app.api.rate_limit import RateLimiter, retry_after
 from app.core.keys import INFER, Principal
@@ -24,7 +26,6 @@ from app.services.access import KeyDirectory
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="optiforge"'}
 
 
@@ -38,21 +39,32 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
     return key or None
 
 
-def host_name(host_header: str) -> str:
-    """`Host` without its port (`[::1]:8000` → `[::1]`, `localhost:8000` → `localhost`)."""
-    if host_header.startswith("["):
-        return host_header.split("]", 1)[0] + "]"
-    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+#: `Host`: a name or IPv4 address, or an IPv6 address in brackets, then an optional port; nothing else.
+_HOST = re.compile(r"^(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.-]+))(?::[0-9]{1,5})?$")
 
 
-def is_loopback_host(host_header: str, extra_hosts: frozenset[str]) -> bool:
-    name = host_name(host_header.lower())
-    return (
-        name in LOOPBACK_HOSTS
-        or name in extra_hosts
-        or name.endswith(".localhost")
-        or name.startswith("127.")
-    )
+def host_name(host_header: str) -> str | None:
+    """The host a `Host` header names, without its port; None for anything that is not plainly a
+    host (`localhost:80@evil`, `[::1]evil.com`)."""
+    match = _HOST.match(host_header.strip().lower())
+    if match is None:
+        return None
+    return match.group("ipv6") or match.group("name")
+
+
+def is_loopback_host(host_header: str, extra_hosts: frozenset[str] = frozenset()) -> bool:
+    """Whether `Host` names this machine: `localhost`, `*.localhost`, a loopback address (127.0.0.0/8,
+    ::1), or one of `extra_hosts`. Checked as an address, not as text: `127.0.0.1.attacker.example`
+    is a public name its owner can point at 127.0.0.1 (DNS rebinding)."""
+    name = host_name(host_header)
+    if name is None:
+        return False
+    if name == "localhost" or name.endswith(".localhost") or name in extra_hosts:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class AuthMiddleware:
@@ -78,7 +90,7 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
         needed = self.policy.required_scope(scope["method"], path)
         if needed is None:
             await self.app(scope, receive, send)

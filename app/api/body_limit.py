@@ -18,6 +18,7 @@ from typing import Any
 
 from optiforge_client.tensors import HEADER_LENGTH
 
+from app.api.access_policy import route_path
 from app.api.errors import send_error
 from app.core.errors import ApiError
 
@@ -82,9 +83,9 @@ class BodySizeLimitMiddleware:
         """The request's limit, and the error code that says which one it broke."""
         if scope["method"] != "POST":
             return self.max_body_bytes, "upload_too_large"
-        if scope["path"].rstrip("/") in self.upload_paths:
+        if route_path(scope).rstrip("/") in self.upload_paths:
             return self.upload_bytes, "upload_too_large"
-        if JSON_TENSOR_PATH.match(scope["path"]) and self.json_tensor_bytes < self.max_body_bytes:
+        if JSON_TENSOR_PATH.match(route_path(scope)) and self.json_tensor_bytes < self.max_body_bytes:
             return self.json_tensor_bytes, "json_tensors_too_large"
         return self.max_body_bytes, "upload_too_large"
 

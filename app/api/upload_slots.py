@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.api.access_policy import route_path
 from app.api.errors import send_error
 
 #: Seconds a refused client is told to wait: about what checking a large upload takes.
@@ -29,7 +30,7 @@ class UploadSlotsMiddleware:
         return (
             scope["type"] == "http"
             and scope["method"] == "POST"
-            and scope["path"].rstrip("/") in self.upload_paths
+            and route_path(scope).rstrip("/") in self.upload_paths
         )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

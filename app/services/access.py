@@ -39,6 +39,8 @@ from app.core.orm import (
 
 #: `last_used_at` is written at most this often per key (a write per request would cost more than it tells).
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+#: Keys remembered per table (known, unknown); a full table starts again.
+MAX_CACHED_KEYS = 10_000
 
 
 def create_project(session: Session, project_id: str) -> ProjectRecord:
@@ -200,6 +202,7 @@ class KeyDirectory:
     def __init__(self, database_url: str, ttl_s: float):
         self.database_url, self.ttl_s = database_url, ttl_s
         self._principals: dict[str, tuple[float, Principal | None]] = {}
+        self._unknown: dict[str, tuple[float, Principal | None]] = {}
         self._open: tuple[float, bool] | None = None
 
     def cached(self, key: str | None) -> tuple[bool, Principal | None]:
@@ -209,7 +212,8 @@ class KeyDirectory:
             if self._open is not None and now - self._open[0] <= self.ttl_s:
                 return True, open_principal() if self._open[1] else None
             return False, None
-        entry = self._principals.get(hash_key(key))
+        hashed = hash_key(key)
+        entry = self._principals.get(hashed) or self._unknown.get(hashed)
         if entry is not None and now - entry[0] <= self.ttl_s:
             return True, entry[1]
         return False, None
@@ -223,9 +227,12 @@ class KeyDirectory:
                 self._open = (time.monotonic(), is_open)
                 return open_principal() if is_open else None
             principal = self._lookup(session, key)
-        if len(self._principals) > 10_000:  # random keys must not grow the cache without bound
-            self._principals.clear()
-        self._principals[hash_key(key)] = (time.monotonic(), principal)
+        # Unknown keys are remembered apart, in a bounded table: a caller spraying random keys
+        # must neither grow memory nor push real keys out of the cache.
+        table = self._principals if principal is not None else self._unknown
+        if len(table) >= MAX_CACHED_KEYS:
+            table.clear()
+        table[hash_key(key)] = (time.monotonic(), principal)
         return principal
 
     @staticmethod
@@ -245,4 +252,5 @@ class KeyDirectory:
 
     def invalidate(self) -> None:
         self._principals.clear()
+        self._unknown.clear()
         self._open = None

@@ -6,9 +6,10 @@ API calls they make do.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path as FilePath
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -16,7 +17,9 @@ from fastapi.templating import Jinja2Templates
 from app import __version__
 
 UI_PREFIX = "/ui"
-_HERE = Path(__file__).parent
+_HERE = FilePath(__file__).parent
+#: What an id in a console URL may be (the API's ids: `job_…`, `eng_…`); anything else is a 422.
+RecordId = Annotated[str, Path(pattern=r"^[a-z]+_[0-9a-f]{1,32}$", max_length=40)]
 templates = Jinja2Templates(directory=_HERE / "templates")
 static_files = StaticFiles(directory=_HERE / "static")
 
@@ -41,14 +44,14 @@ def jobs(request: Request) -> HTMLResponse:
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job(request: Request, job_id: str) -> HTMLResponse:
+def job(request: Request, job_id: RecordId) -> HTMLResponse:
     """Live progress and stage, cancel; once done, the report table and the latency-vs-accuracy
     plot, the sensitivity or auto-optimize plot, and the job's engines."""
     return _page(request, "job.html", "job", job_id=job_id)
 
 
 @router.get("/engines/{engine_id}", response_class=HTMLResponse)
-def engine(request: Request, engine_id: str) -> HTMLResponse:
+def engine(request: Request, engine_id: RecordId) -> HTMLResponse:
     """Metrics, per-layer INT8 errors, alias and batching settings, and a "try it" form."""
     return _page(request, "engine.html", "engine", engine_id=engine_id)
 

@@ -97,6 +97,9 @@ const fmt = {
 };
 
 const link = (href, text) => el("a", { href }, text);
+// Every id put into a path is one path segment, encoded: an id taken from the page's URL could
+// otherwise carry `\`, `/` or `?` and aim the request at another path with the visitor's key.
+const seg = (id) => encodeURIComponent(id);
 const uiPath = (suffix) => `/ui${suffix}`;
 
 // ------------------------------------------------------------------ the API key
@@ -206,7 +209,7 @@ function setUpUploads() {
     if (form.calibration_dataset_id.value) body.calibration_dataset_id = form.calibration_dataset_id.value;
     try {
       const job = await api("POST", "/v1/jobs", { json: body });
-      location.href = uiPath(`/jobs/${job.id}`);
+      location.href = uiPath(`/jobs/${seg(job.id)}`);
     } catch (error) {
       reportError(error);
     }
@@ -222,7 +225,7 @@ function progressBar(job) {
 async function jobsPage() {
   const jobs = await api("GET", "/v1/jobs");
   fillRows($("#jobs"), jobs.map((job) => el("tr", {},
-    el("td", {}, link(uiPath(`/jobs/${job.id}`), job.id)), el("td", {}, job.kind), el("td", {}, el("code", {}, job.model_id)),
+    el("td", {}, link(uiPath(`/jobs/${seg(job.id)}`), job.id)), el("td", {}, job.kind), el("td", {}, el("code", {}, job.model_id)),
     el("td", {}, el("span", { class: `badge ${job.status}` }, job.status)), el("td", {}, progressBar(job)),
     el("td", { class: "muted" }, job.stage), el("td", {}, fmt.when(job.created_at)))));
   if (jobs.some((job) => job.status === "queued" || job.status === "running")) setTimeout(() => jobsPage().catch(reportError), POLL_MS);
@@ -230,7 +233,7 @@ async function jobsPage() {
 
 async function jobPage() {
   const id = document.body.dataset.jobId;
-  const job = await api("GET", `/v1/jobs/${id}`);
+  const job = await api("GET", `/v1/jobs/${seg(id)}`);
   const status = $("#job-status");
   status.textContent = job.status;
   status.className = `badge ${job.status}`;
@@ -249,26 +252,26 @@ async function jobPage() {
   }
   if (job.status !== "succeeded") return;
   if (job.kind === "sensitivity") {
-    await showImage("#sensitivity-section", "#sensitivity-plot", `/v1/jobs/${id}/sensitivity?format=png`);
+    await showImage("#sensitivity-section", "#sensitivity-plot", `/v1/jobs/${seg(id)}/sensitivity?format=png`);
     return;
   }
   const [report, engines, autotune] = await Promise.all([
-    api("GET", `/v1/jobs/${id}/report`),
+    api("GET", `/v1/jobs/${seg(id)}/report`),
     api("GET", `/v1/engines?job_id=${encodeURIComponent(id)}`),
-    job.kind === "autotune" ? api("GET", `/v1/jobs/${id}/autotune`) : Promise.resolve(null),
+    job.kind === "autotune" ? api("GET", `/v1/jobs/${seg(id)}/autotune`) : Promise.resolve(null),
   ]);
   renderReport(report, autotune);
-  if (autotune) await showImage("#autotune-section", "#autotune-plot", `/v1/jobs/${id}/autotune?format=png`);
+  if (autotune) await showImage("#autotune-section", "#autotune-plot", `/v1/jobs/${seg(id)}/autotune?format=png`);
   $("#engines-section").hidden = false;
   fillRows($("#job-engines"), engines.map((e) => el("tr", {},
-    el("td", {}, link(uiPath(`/engines/${e.id}`), e.id)), el("td", {}, e.backend), el("td", {}, e.precision),
+    el("td", {}, link(uiPath(`/engines/${seg(e.id)}`), e.id)), el("td", {}, e.backend), el("td", {}, e.precision),
     el("td", {}, e.alias || "—"), el("td", {}, fmt.mb(e.size_bytes)))));
 }
 
 function setUpCancel() {
   $("#job-cancel").addEventListener("click", async () => {
     try {
-      await api("POST", `/v1/jobs/${document.body.dataset.jobId}/cancel`);
+      await api("POST", `/v1/jobs/${seg(document.body.dataset.jobId)}/cancel`);
       flash("cancel requested");
     } catch (error) {
       reportError(error);
@@ -296,7 +299,7 @@ function renderReport(report, autotune) {
   const head = ["Engine", "Precision", "Backend",
     ...sizes.flatMap((b) => [`p50 b=${b} ms`, `p99 b=${b} ms`, `Speedup b=${b}`]), "Top-1", "Δ top-1", "Agreement", "Size"];
   const rows = report.rows.map((row) => el("tr", { class: row.engine === "original" ? "original" : "" },
-    el("td", {}, row.engine === "original" ? "original" : link(uiPath(`/engines/${row.engine}`), row.engine)),
+    el("td", {}, row.engine === "original" ? "original" : link(uiPath(`/engines/${seg(row.engine)}`), row.engine)),
     el("td", {}, row.precision), el("td", {}, row.backend),
     ...sizes.flatMap((b) => {
       const stats = row.latency[b] || {};
@@ -372,10 +375,10 @@ function latencyAccuracyPlot(rows, batch, front) {
 async function enginePage() {
   const id = document.body.dataset.engineId;
   const [engine, metadata] = await Promise.all([
-    api("GET", `/v1/engines/${id}`), api("GET", `/v2/models/${id}`).catch(() => null),
+    api("GET", `/v1/engines/${seg(id)}`), api("GET", `/v2/models/${seg(id)}`).catch(() => null),
   ]);
   const facts = {
-    Backend: engine.backend, Precision: engine.precision, Job: link(uiPath(`/jobs/${engine.job_id}`), engine.job_id),
+    Backend: engine.backend, Precision: engine.precision, Job: link(uiPath(`/jobs/${seg(engine.job_id)}`), engine.job_id),
     Model: engine.model_id, Alias: engine.alias || "—", Size: fmt.mb(engine.size_bytes),
     "Build time": `${engine.build_seconds.toFixed(1)} s`,
     Batching: engine.batching ? `max ${engine.batching.max_batch_size}, ${engine.batching.max_queue_delay_ms} ms` : "off",
@@ -402,7 +405,7 @@ async function enginePage() {
   }
   if (engine.precision === "int8") {
     try {
-      const errors = await api("GET", `/v1/engines/${id}/layer-errors`);
+      const errors = await api("GET", `/v1/engines/${seg(id)}/layer-errors`);
       $("#layer-errors-section").hidden = false;
       fillRows($("#layer-errors"), [
         ...errors.activations.map((r) => ["activation", r]), ...errors.weights.map((r) => ["weight", r]),
@@ -428,17 +431,17 @@ function setUpEngineForms() {
   };
   $("#alias-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    act(() => api("PUT", `/v1/engines/${id}/alias`, { json: { alias: event.target.alias.value } }), "alias set");
+    act(() => api("PUT", `/v1/engines/${seg(id)}/alias`, { json: { alias: event.target.alias.value } }), "alias set");
   });
-  $("#alias-remove").addEventListener("click", () => act(() => api("DELETE", `/v1/engines/${id}/alias`), "alias removed"));
+  $("#alias-remove").addEventListener("click", () => act(() => api("DELETE", `/v1/engines/${seg(id)}/alias`), "alias removed"));
   $("#batching-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const form = event.target;
-    act(() => api("PUT", `/v1/engines/${id}/batching`, { json: {
+    act(() => api("PUT", `/v1/engines/${seg(id)}/batching`, { json: {
       max_batch_size: parseInt(form.max_batch_size.value, 10), max_queue_delay_ms: parseFloat(form.max_queue_delay_ms.value) } }),
     "batching on");
   });
-  $("#batching-off").addEventListener("click", () => act(() => api("DELETE", `/v1/engines/${id}/batching`), "batching off"));
+  $("#batching-off").addEventListener("click", () => act(() => api("DELETE", `/v1/engines/${seg(id)}/batching`), "batching off"));
   $("#try-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const form = event.target;
@@ -482,7 +485,7 @@ async function inferBinary(engineId, inputName, array) {
   });
   const headerBytes = new TextEncoder().encode(header);
   const body = new Blob([headerBytes, array.data]);
-  const response = await api("POST", `/v2/models/${engineId}/infer`, {
+  const response = await api("POST", `/v2/models/${seg(engineId)}/infer`, {
     body, as: "response",
     headers: { "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": String(headerBytes.length) },
   });
