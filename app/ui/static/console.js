@@ -255,13 +255,11 @@ async function jobPage() {
     await showImage("#sensitivity-section", "#sensitivity-plot", `/v1/jobs/${seg(id)}/sensitivity?format=png`);
     return;
   }
-  const [report, engines, autotune] = await Promise.all([
-    api("GET", `/v1/jobs/${seg(id)}/report`),
-    api("GET", `/v1/engines?job_id=${encodeURIComponent(id)}`),
-    job.kind === "autotune" ? api("GET", `/v1/jobs/${seg(id)}/autotune`) : Promise.resolve(null),
+  const [report, engines] = await Promise.all([
+    api("GET", `/v1/jobs/${seg(id)}/report`), api("GET", `/v1/engines?job_id=${encodeURIComponent(id)}`),
   ]);
-  renderReport(report, autotune);
-  if (autotune) await showImage("#autotune-section", "#autotune-plot", `/v1/jobs/${seg(id)}/autotune?format=png`);
+  renderReport(report, frontOf(engines));
+  if (job.kind === "autotune") await showImage("#autotune-section", "#autotune-plot", `/v1/jobs/${seg(id)}/autotune?format=png`);
   $("#engines-section").hidden = false;
   fillRows($("#job-engines"), engines.map((e) => el("tr", {},
     el("td", {}, link(uiPath(`/engines/${seg(e.id)}`), e.id)), el("td", {}, e.backend), el("td", {}, e.precision),
@@ -290,7 +288,7 @@ async function showImage(sectionSelector, imageSelector, path) {
 }
 
 // The comparison table, as the API's report gives it: one row per runner, latency per batch size.
-function renderReport(report, autotune) {
+function renderReport(report, front) {
   $("#report-section").hidden = false;
   const hw = report.hardware || {};
   $("#report-hardware").textContent = [hw.cpu_model, hw.threads && `${hw.threads} threads`, hw.runtime_version]
@@ -309,13 +307,12 @@ function renderReport(report, autotune) {
     el("td", {}, fmt.pct(row.top1)), el("td", {}, fmt.pt(row.top1_delta)), el("td", {}, fmt.pct(row.top1_agreement)),
     el("td", {}, row.size_mb === null ? "—" : `${row.size_mb.toFixed(2)} MB`)));
   $("#report").replaceChildren(el("thead", {}, el("tr", {}, head.map((h) => el("th", {}, h)))), el("tbody", {}, rows));
-  $("#plot").replaceChildren(latencyAccuracyPlot(report.rows, sizes[0], frontOf(autotune)));
+  $("#plot").replaceChildren(latencyAccuracyPlot(report.rows, sizes[0], front));
 }
 
-function frontOf(autotune) {
-  if (!autotune) return new Set();
-  const candidates = autotune.candidates || [];
-  return new Set(candidates.filter((c) => c.on_front && c.engine_id).map((c) => c.engine_id));
+// The engines of an auto-optimize job on its Pareto front (each engine's build_info says).
+function frontOf(engines) {
+  return new Set(engines.filter((e) => e.build_info?.autotune?.on_front || e.build_info?.autotune?.chosen).map((e) => e.id));
 }
 
 // Latency (p50 at the smallest batch) against accuracy (top-1, else agreement with the original),
