@@ -25,6 +25,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.core.migrate import upgrade
+from app.core.orm import DEFAULT_PROJECT, ModelRecord
 from app.core.settings import Settings
 from app.core.store import LocalArtifactStore
 from app.main import create_app
@@ -259,6 +260,23 @@ def postgres_redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
 def live_stack(request: pytest.FixtureRequest) -> LiveStack:
     fixture = "embedded_stack" if request.param == "embedded" else "postgres_redis_stack"
     return request.getfixturevalue(fixture)
+
+
+def placeholder_model(session, artifact_prefix: str = "models/m") -> ModelRecord:
+    """A model row with no file behind it, in the default project, for tests of job bookkeeping
+    (sweepers, scratch clean-up) that never read the model."""
+    model = ModelRecord(
+        project_id=DEFAULT_PROJECT,
+        name="m",
+        filename="m.onnx",
+        sha256="0" * 64,
+        size_bytes=1,
+        artifact_prefix=artifact_prefix,
+        info={},
+    )
+    session.add(model)
+    session.flush()
+    return model
 
 
 def wait_for_job(client: httpx.Client | TestClient, job_id: str, timeout: float = 180) -> dict:

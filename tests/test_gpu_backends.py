@@ -17,7 +17,7 @@ import pytest
 from app.core.db import session_scope
 from app.core.job_queue import queue_for
 from app.core.migrate import upgrade
-from app.core.orm import JobRecord, JobStatus, ModelRecord, utcnow
+from app.core.orm import JobRecord, JobStatus, utcnow
 from app.core.presence import beat, live_workers_by_queue
 from engines.backends.base import CompileOptions
 from engines.backends.registry import check_precision, get_backend, unavailable_reason
@@ -28,7 +28,7 @@ from engines.ingest.signature import TensorSpec, assign_batch_axes
 from engines.measure.latency import MeasureConfig
 from engines.pipeline import run_recipe
 from engines.recipe import Recipe
-from tests.conftest import DigitsArtifacts, make_settings
+from tests.conftest import DigitsArtifacts, make_settings, placeholder_model
 from tests.quirk_graphs import external_data_matmul
 from workers.recovery import fail_jobs_without_workers
 
@@ -195,17 +195,7 @@ def test_a_job_with_a_gpu_target_goes_to_the_gpu_queue() -> None:
 
 def _queued_job(settings, targets: list[str], age_s: float) -> str:
     with session_scope(settings.resolved_database_url) as session:
-        model = ModelRecord(
-            project_id="default",
-            name="m",
-            filename="m.onnx",
-            sha256="0" * 64,
-            size_bytes=1,
-            artifact_prefix="models/m",
-            info={},
-        )
-        session.add(model)
-        session.flush()
+        model = placeholder_model(session)
         job = JobRecord(project_id="default", model_id=model.id, recipe={"targets": targets}, messages=[])
         job.created_at = utcnow() - timedelta(seconds=age_s)
         session.add(job)

@@ -98,22 +98,13 @@ def test_a_starting_worker_removes_scratch_no_live_attempt_owns(local_api) -> No
     from datetime import timedelta
 
     from app.core.db import session_scope
-    from app.core.orm import JobRecord, JobStatus, ModelRecord, utcnow
+    from app.core.orm import JobRecord, JobStatus, utcnow
+    from tests.conftest import placeholder_model
     from workers.recovery import remove_orphaned_scratch
 
     settings = local_api.settings
     with session_scope(settings.resolved_database_url) as session:
-        model = ModelRecord(
-            project_id="default",
-            name="m",
-            filename="m.onnx",
-            sha256="0" * 64,
-            size_bytes=1,
-            artifact_prefix="m",
-            info={},
-        )
-        session.add(model)
-        session.flush()
+        model = placeholder_model(session, artifact_prefix="m")
         running = JobRecord(
             project_id="default",
             model_id=model.id,

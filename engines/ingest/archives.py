@@ -6,6 +6,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+from engines.errors import InvalidDatasetError
+
 _LOCAL_FILE_HEADER = b"PK\x03\x04"
 
 
@@ -30,3 +32,22 @@ def unpacked_size_problem(archive: zipfile.ZipFile, limit: int, *, remedy: str) 
     if total <= limit:
         return None
     return f"the archive unpacks to {total} bytes, over the limit of {limit}: {remedy}"
+
+
+def open_dataset_zip(path: Path, max_unpacked_bytes: int, *, not_a_zip: str, remedy: str) -> zipfile.ZipFile:
+    """A dataset archive (`.npz`, a zip of images), opened once it is known to be a readable zip that
+    declares at most `max_unpacked_bytes` (nothing is inflated before): InvalidDatasetError with
+    `empty_file`, `invalid_dataset` (`not_a_zip` says what was expected) or `upload_too_large`."""
+    if path.stat().st_size == 0:
+        raise InvalidDatasetError("the uploaded file is empty", code="empty_file")
+    if not is_zip_archive(path):
+        raise InvalidDatasetError(not_a_zip)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InvalidDatasetError(f"the archive could not be read: {exc}") from exc
+    problem = unpacked_size_problem(archive, max_unpacked_bytes, remedy=remedy)
+    if problem:
+        archive.close()
+        raise InvalidDatasetError(problem, code="upload_too_large")
+    return archive

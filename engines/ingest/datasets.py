@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engines.errors import DatasetMismatchError, InvalidDatasetError
-from engines.ingest.archives import is_zip_archive, unpacked_size_problem
+from engines.ingest.archives import open_dataset_zip
 from engines.ingest.npz_members import BLOCK_BYTES, NpyMember, Scan, iter_flat, read_members, scan
 from engines.ingest.signature import TensorSpec, ambiguous_batch_axes, check_rows_against_spec
 
@@ -122,28 +122,16 @@ class Dataset:
         return 1 if self.varying_unbatched() else None
 
 
-def _open_npz(path: Path, max_unpacked_bytes: int) -> zipfile.ZipFile:
-    """The archive, once it is known to be a zip whose declared unpacked size is within the limit
-    (nothing is inflated before)."""
-    if path.stat().st_size == 0:
-        raise InvalidDatasetError("the uploaded file is empty", code="empty_file")
-    if not is_zip_archive(path):
-        raise InvalidDatasetError("the file is not an .npz archive (save it with numpy.savez)")
-    archive = zipfile.ZipFile(path)
-    problem = unpacked_size_problem(
-        archive, max_unpacked_bytes, remedy="split the dataset into several smaller uploads"
-    )
-    if problem:
-        archive.close()
-        raise InvalidDatasetError(problem, code="upload_too_large")
-    return archive
-
-
 @contextmanager
 def _reading(path: Path, max_unpacked_bytes: int) -> Iterator[zipfile.ZipFile]:
     """Open the archive; turn whatever a damaged or hostile one raises into InvalidDatasetError."""
     try:
-        with _open_npz(path, max_unpacked_bytes) as archive:
+        with open_dataset_zip(
+            path,
+            max_unpacked_bytes,
+            not_a_zip="the file is not an .npz archive (save it with numpy.savez)",
+            remedy="split the dataset into several smaller uploads",
+        ) as archive:
             yield archive
     except InvalidDatasetError:
         raise

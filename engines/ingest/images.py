@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engines.errors import InvalidDatasetError, InvalidImageError
-from engines.ingest.archives import is_zip_archive, unpacked_size_problem
+from engines.ingest.archives import is_zip_archive, open_dataset_zip
 from engines.ingest.datasets import LABELS_KEY
 
 ResizePolicy = Literal["resize_shorter_then_center_crop", "resize", "none"]
@@ -366,7 +366,12 @@ def read_image_folder(
     """
     pixel_limit = max_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485
     class_list = _class_list(classes)
-    archive = _open(zip_path, max_unpacked_bytes)
+    archive = open_dataset_zip(
+        zip_path,
+        max_unpacked_bytes,
+        not_a_zip="the file is not a zip archive of images, nor an .npz",
+        remedy="split the images into several smaller uploads",
+    )
     with archive:
         members, folders = _members(archive, max_image_bytes)
         if not members:
@@ -406,24 +411,6 @@ def _class_list(classes: Sequence[str] | None) -> tuple[str, ...] | None:
     if twice:
         raise InvalidDatasetError(f"the class list names {twice} more than once", code="invalid_labels")
     return names
-
-
-def _open(path: Path, max_unpacked_bytes: int) -> zipfile.ZipFile:
-    if path.stat().st_size == 0:
-        raise InvalidDatasetError("the uploaded file is empty", code="empty_file")
-    if not is_zip_archive(path):
-        raise InvalidDatasetError("the file is not a zip archive of images, nor an .npz")
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise InvalidDatasetError(f"the archive could not be read: {exc}") from exc
-    problem = unpacked_size_problem(
-        archive, max_unpacked_bytes, remedy="split the images into several smaller uploads"
-    )
-    if problem:
-        archive.close()
-        raise InvalidDatasetError(problem, code="upload_too_large")
-    return archive
 
 
 def _split(info: zipfile.ZipInfo) -> tuple[str, ...]:
