@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from optiforge_client.cli import add_client_commands, run_client_command
 
 from app.admin_cli import add_admin_commands
-from app.api.request_log import configure_logging
+from app.api.middleware.request_log import configure_logging
 from app.core.settings import get_settings
 
 #: Addresses a server with no API key may listen on: only this machine can reach it.

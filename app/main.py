@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
-from optiforge_client.tensors import HEADER_LENGTH
 
 from app import __version__
-from app.api.access_policy import DOCS_ASSETS_PATH, AccessPolicy
-from app.api.auth import AuthMiddleware
-from app.api.body_limit import BodySizeLimitMiddleware
-from app.api.control_chars import ControlCharacterMiddleware
+from app.api.access_policy import DOCS_ASSETS_PATH
 from app.api.errors import install_error_handlers
+from app.api.middleware import install_middleware
 from app.api.openapi import install_openapi
-from app.api.origin import OriginMiddleware
-from app.api.request_log import RequestLogMiddleware
 from app.api.routes import (
     admin,
     capabilities,
@@ -27,8 +21,7 @@ from app.api.routes import (
     models,
     triton,
 )
-from app.api.upload_slots import UploadSlotsMiddleware
-from app.api.uploads import MULTIPART_SLACK_BYTES, remove_abandoned_uploads
+from app.api.uploads import remove_abandoned_uploads
 from app.core.settings import Settings, get_settings
 from app.core.store import get_store
 from app.services.access import KeyDirectory
@@ -67,39 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.serving = Serving(settings, app.state.store)
     install_error_handlers(app)
     install_openapi(app)
-    app.add_middleware(
-        BodySizeLimitMiddleware,
-        max_body_bytes=settings.max_request_bytes,
-        upload_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
-        upload_paths=(models.router.prefix, datasets.router.prefix),
-        json_tensor_bytes=settings.max_json_tensor_bytes,
-    )
-    app.add_middleware(  # after the key check, before the body is read
-        UploadSlotsMiddleware,
-        limit=settings.max_concurrent_uploads,
-        upload_paths=(models.router.prefix, datasets.router.prefix),
-    )
     app.state.keys = KeyDirectory(settings.resolved_database_url, settings.auth_cache_ttl_s)
-    app.add_middleware(
-        AuthMiddleware,
-        keys=app.state.keys,
-        policy=AccessPolicy(public_docs=settings.public_docs, public_metrics=settings.public_metrics),
-        default_infer_rps=settings.infer_rate_limit_rps,
-        open_hosts=settings.extra_open_hosts,
-    )
-    app.add_middleware(OriginMiddleware, allowed_origins=settings.allowed_origins)
-    app.add_middleware(ControlCharacterMiddleware)
-    if settings.allowed_origins:  # a browser's preflight carries no key: answered before the check
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=sorted(settings.allowed_origins),
-            allow_methods=["*"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type", HEADER_LENGTH, "X-Request-ID"],
-            expose_headers=["Retry-After", HEADER_LENGTH, "X-Request-ID", "Server-Timing"],
-        )
-    app.add_middleware(
-        RequestLogMiddleware, metrics=app.state.serving.metrics
-    )  # outermost: sees every response
+    install_middleware(app, settings, upload_paths=(models.router.prefix, datasets.router.prefix))
     app.router.routes[:0] = inference_v2.hot_routes
     for module in (health, capabilities, models, datasets, jobs, engines, triton, inference_v2, admin):
         app.include_router(module.router)

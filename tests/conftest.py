@@ -33,7 +33,7 @@ from engines.ingest.datasets import Dataset
 from examples import digits as digits_model
 
 # Starlette's test client sends `Host: testserver`; a server with no API key (most tests) answers
-# loopback names only, and this one (app.api.auth).
+# loopback names only, and this one (app.api.middleware.auth).
 os.environ.setdefault("OPTIFORGE_OPEN_HOSTS", "testserver")
 
 POSTGRES_URL = os.environ.get(

@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.access_policy import ANY_KEY, DOC_PATHS, METRICS_PATH, OPEN_PATHS, AccessPolicy
-from app.api.auth import is_loopback_host
+from app.api.middleware.auth import is_loopback_host
 from app.core.db import get_sessionmaker
 from app.core.migrate import upgrade
 from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, utcnow

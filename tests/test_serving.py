@@ -451,7 +451,7 @@ def test_structured_log_lines_carry_the_request_id(served: Served) -> None:
     import io
     import logging
 
-    from app.api.request_log import JsonFormatter, RequestIdFilter
+    from app.api.middleware.request_log import JsonFormatter, RequestIdFilter
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

@@ -1,6 +1,6 @@
 """Which scope a request needs, from its method and path: the one table of who may do what.
 
-Kept apart from the middleware that enforces it (app.api.auth) so that it can be read at a glance
+Kept apart from the middleware that enforces it (app.api.middleware.auth) so that it can be read at a glance
 and tested against every route of the OpenAPI document (tests/test_auth.py walks them all).
 """
 

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Request
 
-from app.api.body_limit import SizeLimit
+from app.api.middleware.body_limit import SizeLimit
 from app.core.errors import ApiError
 from app.serving.admission import BodyBudget
 

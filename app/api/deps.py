@@ -1,5 +1,5 @@
 """Request-scoped dependencies: settings, a DB session, the artifact store and serving, from
-app.state; the caller's principal and project, from what app.api.auth put in the request."""
+app.state; the caller's principal and project, from what app.api.middleware.auth put in the request."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def get_db(request: Request) -> Iterator[Session]:
 
 
 def principal_of(request: Request) -> Principal:
-    """Who the request acts as (set by app.api.auth); a route reached without it refuses (fail closed)."""
+    """Who the request acts as (set by app.api.middleware.auth); a route reached without it refuses
+    (fail closed)."""
     principal = request.scope.get("state", {}).get("principal")
     if principal is None:
         raise ApiError(401, "api_key_required", "this route needs an API key")

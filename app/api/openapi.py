@@ -115,7 +115,7 @@ _BODIES = _on("post put patch")
 
 
 #: Which operations answer which error status, and why: read from the middleware
-#: (app.api.control_chars, body limits, upload slots, API keys), the handlers (app.api.errors), the
+#: (app.api.middleware.control_chars, body limits, upload slots, API keys), the handlers (app.api.errors), the
 #: routes, and the services and serving they call (`ApiError(...)`, `not_found(...)`,
 #: `from_engine_error(...)`). Several rules for one status make one response.
 # fmt: off

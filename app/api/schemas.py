@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.api.control_chars import TEXT_CONTROL_CHARACTERS
+from app.api.middleware.control_chars import TEXT_CONTROL_CHARACTERS
 from engines.backends.registry import backend_names
 from engines.measure.latency import MeasureConfig
 from engines.prune.criteria import CRITERIA
@@ -37,7 +37,7 @@ NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 class InputModel(BaseModel):
     """A request body: no string in it, key or value, at any depth, holds a control character
-    (NUL above all: PostgreSQL refuses it; see app.api.control_chars). Strict: a value is taken as
+    (NUL above all: PostgreSQL refuses it; see app.api.middleware.control_chars). Strict: a value is taken as
     the OpenAPI document types it, not coerced (`true` is no batch size, `"8"` no integer; an
     integer is still a number), which schemathesis checks (tests/test_schemathesis.py)."""
 

@@ -1,5 +1,5 @@
 """API keys as material: how one is made, hashed and recognised, what its scopes allow, and who a
-request acts as (`Principal`). No database here (app.services.access stores keys; app.api.auth
+request acts as (`Principal`). No database here (app.services.access stores keys; app.api.middleware.auth
 checks them on every request).
 """
 

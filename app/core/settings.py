@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     max_json_tensor_bytes: int = 16 * MIB
     max_inflight_requests: int = 64  # inference requests in progress per API process; more get 503
     #: Model and dataset uploads received or checked at once per API process; more get 503
-    #: `too_many_uploads` with Retry-After, before their body is read (app.api.upload_slots).
+    #: `too_many_uploads` with Retry-After, before their body is read (app.api.middleware.upload_slots).
     max_concurrent_uploads: int = Field(default=4, ge=1)
     #: Images one image-folder dataset may hold (each is decoded in the API at upload).
     max_dataset_images: int = Field(default=50_000, ge=1)
@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     #: another replica reach this one within this time).
     engine_cache_ttl_s: float = 2.0
     log_format: str = Field(default="json", pattern="^(json|text)$", description="json: one object per line")
-    # Access (app.api.auth, app.services.access).
+    # Access (app.api.middleware.auth, app.services.access).
     #: An admin key of the default project made at start-up when absent (compose and the Docker
     #: image require one): how a server that listens beyond loopback gets its first key.
     bootstrap_api_key: str | None = Field(default=None, repr=False)

@@ -1,7 +1,7 @@
 """Projects and API keys in the database: create, list, revoke, and find who a key is.
 
 One place for these rules, used by the admin API (app.api.routes.admin), the server-side CLI
-(`optiforge keys …`, `optiforge projects …`) and the request check (app.api.auth).
+(`optiforge keys …`, `optiforge projects …`) and the request check (app.api.middleware.auth).
 """
 
 from __future__ import annotations

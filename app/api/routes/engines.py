@@ -8,9 +8,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api import json_infer
-from app.api.body_limit import json_tensor_limit
 from app.api.body_reader import read_body
 from app.api.deps import PrincipalDep, ProjectDep, ServingDep, get_db, get_store_dep
+from app.api.middleware.body_limit import json_tensor_limit
 from app.api.schemas import AliasIn, BatchingIn, EngineOut, InferResponse
 from app.api.views import engine_out
 from app.core.audit import audit

@@ -27,10 +27,10 @@ from optiforge_client.tensors import (
 )
 
 from app import __version__
-from app.api.body_limit import SizeLimit, json_tensor_limit, request_limit
 from app.api.body_reader import read_body
 from app.api.deps import project_of, serving_of
 from app.api.direct_route import DirectRoute
+from app.api.middleware.body_limit import SizeLimit, json_tensor_limit, request_limit
 from app.core.db import get_sessionmaker
 from app.core.errors import ApiError
 from app.core.orm import EngineRecord, ModelRecord

@@ -64,7 +64,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
 
 
 def _key_id(scope: dict[str, Any]) -> str | None:
-    """The id of the API key the request was made with (app.api.auth), never the key."""
+    """The id of the API key the request was made with (app.api.middleware.auth), never the key."""
     principal = scope.get("state", {}).get("principal")
     return getattr(principal, "key_id", None)
 

@@ -20,7 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.access_policy import ANY_KEY, AccessPolicy, route_path
 from app.api.errors import send_error
-from app.api.rate_limit import RateLimiter, retry_after
+from app.api.middleware.rate_limit import RateLimiter, retry_after
 from app.core.keys import INFER, Principal
 from app.services.access import KeyDirectory
 
