@@ -21,7 +21,10 @@ without anything else's files. Then, with a digits CNN trained on the spot:
 5. big JSON bodies: 4 concurrent 60 MB JSON bodies to /v1 and /v2 infer (two without
    Content-Length, /v2 with `Inference-Header-Content-Length` = the body length), three times
    (once with --quick), while /healthz is polled every 20 ms from a process of its own
-   (targets: API peak RSS < 1.5 GB, /healthz within 100 ms throughout).
+   (targets: API peak RSS < 1.5 GB, /healthz within 100 ms throughout);
+6-9. database outage, disk full, slow connections and big batches: bench/chaos_faults.py says
+   what each does and its targets. The API reaches PostgreSQL through a TCP proxy of this
+   benchmark's (bench.tcp_proxy), so an outage can be made without stopping the server.
 
 Every request carries `Authorization: Bearer <key>` when OPTIFORGE_API_KEY or --api-key is set
 (ensure_api_key). Prints a table per scenario and the machine; writes the results as JSON
@@ -69,6 +72,7 @@ from bench.processes import (
     tree_rss_mb,
 )
 from bench.serve import RawHttp, export_model
+from bench.tcp_proxy import TcpProxy
 from engines.hardware import cpu_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +80,17 @@ RESULTS = REPO_ROOT / "bench" / "results"
 POSTGRES_URL = os.environ.get(
     "OPTIFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-SCENARIOS = ("worker-kill", "broker-restart", "api-kill-upload", "slow-clients", "big-json")
+SCENARIOS = (
+    "worker-kill",
+    "broker-restart",
+    "api-kill-upload",
+    "slow-clients",
+    "big-json",
+    "db-outage",
+    "disk-full",
+    "slow-connections",
+    "big-batch",
+)
 JOB_LEASE_S = 4
 QUEUE_REPUBLISH_S = 3
 MB = 1_000_000
@@ -171,6 +185,8 @@ class Stack:
         self.redis: subprocess.Popen | None = None
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        #: The API reaches PostgreSQL through this proxy, which the database-outage scenario cuts.
+        self.db_proxy: TcpProxy | None = None
         self.key: str | None = None
         self._started: Counter[str] = Counter()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPTIFORGE_", "REDIS_URL"))}
@@ -208,6 +224,8 @@ class Stack:
             capture_output=True,
         )
         self.key = ensure_api_key(self.env)
+        self.db_proxy = TcpProxy((self.admin_url.host or "127.0.0.1", self.admin_url.port or 5432))
+        self.db_proxy.start()
         self.start_api()
         self.start_worker()
         self.wait_for_live_worker()
@@ -221,15 +239,22 @@ class Stack:
         if self.redis is not None:
             self.redis.kill()
             self.redis.wait()
+        if self.db_proxy is not None:
+            self.db_proxy.close()
         with contextlib.suppress(Exception), psycopg.connect(self._admin_conninfo(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
 
     # -- processes
 
     def _spawn(self, role: str, argv: list[str]) -> subprocess.Popen:
+        from sqlalchemy.engine import make_url
+
         self._started[role] += 1
         log = self.logs / f"{role}-{self._started[role]}.log"
         env = {**self.env, "TMPDIR": str(self.tmp[role])}
+        if role == "api" and self.db_proxy is not None:
+            proxied = make_url(self.db_url).set(host="127.0.0.1", port=self.db_proxy.port)
+            env["OPTIFORGE_DATABASE_URL"] = proxied.render_as_string(hide_password=False)
         with log.open("wb") as handle:
             return subprocess.Popen(
                 [sys.executable, "-m", "app.cli", *argv],
@@ -1233,6 +1258,36 @@ def workspace(keep: bool) -> Iterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def fault_scenarios(
+    stack: Stack, assets: Assets, args: argparse.Namespace, need_engine: Callable[[], None]
+) -> list[tuple[str, str, Callable[[Scenario, PeakRss], None]]]:
+    """Scenarios 6-9, in bench/chaos_faults.py (imported here: that module builds on this one)."""
+    from bench import chaos_faults as faults
+
+    return [
+        (
+            "db-outage",
+            "PostgreSQL unreachable for 10 s under load, then back",
+            lambda s, _p: (need_engine(), faults.scenario_db_outage(stack, assets, args, s)),
+        ),
+        (
+            "disk-full",
+            "a full disk (64 MB tmpfs, embedded defaults): every request answered, deletes work",
+            lambda s, _p: faults.scenario_disk_full(stack, assets, args, s),
+        ),
+        (
+            "slow-connections",
+            "3 000 partial-header connections at a 1 024 descriptor limit; silent uploads",
+            lambda s, _p: (need_engine(), faults.scenario_slow_connections(stack, assets, args, s)),
+        ),
+        (
+            "big-batch",
+            "6 concurrent 58.6 MiB binary /v2 requests (batch 15 000)",
+            lambda s, p: (need_engine(), faults.scenario_big_batch(stack, assets, args, s, p)),
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: a 40 MB upload, 3 s load points")
@@ -1321,6 +1376,7 @@ def main(argv: list[str] | None = None) -> int:
                     lambda s, p: (need_engine(), scenario_big_json(stack, assets, args, s, p)),
                 ),
             ]
+            plan += fault_scenarios(stack, assets, args, need_engine)
             for key, title, body in plan:
                 if key in args.scenarios:
                     run_scenario(key, title, body, stack, scenarios)
