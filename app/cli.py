@@ -90,8 +90,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from app.server.config import run_server
     from app.supervisor import WorkerSupervisor
 
     settings = get_settings()
@@ -116,19 +115,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # the `finally` below still stops the worker.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            log_level=args.loglevel.lower(),
-            log_config=None,  # keep the structured logging set up in main()
-            access_log=False,  # app.request_log writes one line per request, with its request id
-        )
+        started = run_server(settings, args.host, args.port, args.loglevel.lower())
     finally:
         if supervisor is not None:
             supervisor.stop()
-    return 0
+    return 0 if started else 3  # uvicorn's exit status for a server that could not start
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,8 @@ from app.api.routes import (
     triton,
 )
 from app.api.uploads import remove_abandoned_uploads
-from app.core.settings import Settings, get_settings
+from app.core.settings import MIB, Settings, get_settings
+from app.core.space import disk_reserve
 from app.core.store import get_store
 from app.services.access import KeyDirectory
 from app.serving.inference import Serving
@@ -60,7 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.serving = Serving(settings, app.state.store)
     install_error_handlers(app)
     install_openapi(app)
-    app.state.keys = KeyDirectory(settings.resolved_database_url, settings.auth_cache_ttl_s)
+    app.state.keys = KeyDirectory(
+        settings.resolved_database_url, settings.auth_cache_ttl_s, settings.database_outage_grace_s
+    )
     install_middleware(app, settings, upload_paths=(models.router.prefix, datasets.router.prefix))
     app.router.routes[:0] = inference_v2.hot_routes
     for module in (health, capabilities, models, datasets, jobs, engines, triton, inference_v2, admin):
@@ -69,5 +72,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui.router)  # the web console: pages only, its data comes from the API above
     app.mount(ui.UI_PREFIX + "/static", ui.static_files, name="ui-static")
     app.router.add_event_handler("startup", lambda: remove_abandoned_uploads(settings, app.state.store))
+    # The space a delete may need on a full disk, set aside while there is room (app.core.space).
+    app.router.add_event_handler(
+        "startup", lambda: disk_reserve(settings).ensure(keep_free_bytes=settings.min_free_disk_mb * MIB)
+    )
     app.router.add_event_handler("shutdown", app.state.serving.close)
     return app

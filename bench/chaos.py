@@ -164,6 +164,14 @@ class Scenario:
 # ---------------------------------------------------------------- the stack
 
 
+def _limit_descriptors(limit: int) -> None:
+    """In a child before it runs the API: soft and hard descriptor limits of `limit` (an
+    unprivileged server's `ulimit -n`), which the server cannot raise."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
 class Stack:
     """Redis, a PostgreSQL database, a data dir, the API and workers: separate processes, each
     with its own log under <root>/logs and its own TMPDIR under <root>/tmp-*."""
@@ -185,6 +193,8 @@ class Stack:
         self.redis: subprocess.Popen | None = None
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        #: The API's descriptor limit (soft and hard), when a scenario starts it under one.
+        self.api_descriptor_limit: int | None = None
         #: The API reaches PostgreSQL through this proxy, which the database-outage scenario cuts.
         self.db_proxy: TcpProxy | None = None
         self.key: str | None = None
@@ -255,6 +265,7 @@ class Stack:
         if role == "api" and self.db_proxy is not None:
             proxied = make_url(self.db_url).set(host="127.0.0.1", port=self.db_proxy.port)
             env["OPTIFORGE_DATABASE_URL"] = proxied.render_as_string(hide_password=False)
+        limit = self.api_descriptor_limit if role == "api" else None
         with log.open("wb") as handle:
             return subprocess.Popen(
                 [sys.executable, "-m", "app.cli", *argv],
@@ -263,6 +274,7 @@ class Stack:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: killed whole, pool children included
+                preexec_fn=None if limit is None else lambda: _limit_descriptors(limit),
             )
 
     def log_tail(self, role: str, chars: int = 3000) -> str:

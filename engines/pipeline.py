@@ -16,11 +16,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from engines.backends.base import Backend, CompileOptions, EngineArtifact, Runner
+from engines.backends.base import STATED_AXES_KEY, Backend, CompileOptions, EngineArtifact, Runner
 from engines.backends.registry import check_precision, get_backend
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
-from engines.ingest.signature import TensorSpec, ambiguous_batch_axes
+from engines.ingest.signature import StatedAxes, TensorSpec, ambiguous_batch_axes, stated_batch_axes
 from engines.measure.accuracy import accuracy_report, run_dataset, unfaithful_reason
 from engines.measure.latency import make_batch, measure_latency, memory_of
 from engines.prune.criteria import criterion
@@ -31,6 +31,8 @@ from engines.variants import ModelVariant, build_variant
 Progress = Callable[[float, str], None]
 BASELINE_BACKEND = "onnxruntime-cpu"
 BASELINE = "original"
+#: What a target falls back to when the recipe's precision cannot be built there: the model as it is.
+FALLBACK_PRECISION = "fp32"
 
 
 @dataclass(frozen=True)
@@ -193,12 +195,32 @@ def compare(baseline: Measurement, candidate: Measurement) -> dict[str, Any]:
     return result
 
 
-def built_runner(backend: Backend, checks_dir: Path, threads: int | None, onnx_path: Path) -> Runner:
+def compile_engine(
+    backend: Backend, onnx_path: Path, out_dir: Path, options: CompileOptions
+) -> EngineArtifact:
+    """`backend.compile`, with the batch axes the user stated (`options.batch_axes`) kept in the
+    engine's metadata (its record's build_info): the engine file knows the graph only, and whoever
+    loads the engine later (serving) loads it with them."""
+    artifact = backend.compile(onnx_path, out_dir, options)
+    if options.batch_axes:
+        artifact.metadata[STATED_AXES_KEY] = dict(options.batch_axes)
+    return artifact
+
+
+def built_runner(
+    backend: Backend,
+    checks_dir: Path,
+    threads: int | None,
+    onnx_path: Path,
+    batch_axes: StatedAxes | None = None,
+) -> Runner:
     """`onnx_path` compiled by `backend` and loaded: an accuracy check during a build runs what the
-    target will run (for ONNX Runtime, cheap; for a GPU backend, its own engine)."""
+    target will run (for ONNX Runtime, cheap; for a GPU backend, its own engine), batched along the
+    axes the user stated (`batch_axes`, engines.ingest.signature.decide_batch_axes)."""
     out_dir = checks_dir / onnx_path.stem
-    artifact = backend.compile(onnx_path, out_dir, CompileOptions(threads=threads))
-    return backend.load(artifact.path, backend.options(threads=threads))
+    batch_axes = batch_axes or {}
+    artifact = backend.compile(onnx_path, out_dir, CompileOptions(threads=threads, batch_axes=batch_axes))
+    return backend.load(artifact.path, backend.options(threads=threads, batch_axes=batch_axes))
 
 
 def verdict_messages(
@@ -237,9 +259,17 @@ def run_recipe(
     calibration: Dataset | None = None,
     progress: Progress = lambda fraction, stage: None,
     check_cancelled: Callable[[], None] = lambda: None,
+    model_inputs: Sequence[TensorSpec] = (),
 ) -> PipelineResult:
-    """Build every target of the recipe, then measure them side by side with the original model."""
+    """Build every target of the recipe, then measure them side by side with the original model.
+
+    `model_inputs` are the model's stored input specs: the batch axes a user stated among them
+    (engines.ingest.signature.stated_batch_axes) are the ones every runner, build and measurement
+    uses, and each engine's build_info keeps them (`batch_axes`) for serving; the others come from
+    the graph, as the datasets were laid out with the same specs.
+    """
     threads = recipe.measure.threads
+    stated = stated_batch_axes(model_inputs)
     baseline_backend = get_backend(BASELINE_BACKEND)
     memory: dict[str, float] = {}
 
@@ -251,7 +281,9 @@ def run_recipe(
     runners: dict[str, Runner] = {}
     try:
         runners[BASELINE], memory[BASELINE] = memory_of(
-            lambda: baseline_backend.load(model_path, baseline_backend.options(threads=threads)),
+            lambda: baseline_backend.load(
+                model_path, baseline_backend.options(threads=threads, batch_axes=stated)
+            ),
             largest_batch,
         )
         inputs = runners[BASELINE].input_metadata()
@@ -320,35 +352,64 @@ def run_recipe(
         ] = {}  # by (precision, profile): targets that share one, share it
         plan = [(precision, target) for precision in precisions for target in recipe.targets]
         first_fp32_failure: EngineError | None = None
-        for index, (precision, target) in enumerate(plan):
+
+        def build(index: int, precision: str, target: str) -> tuple[ModelVariant, EngineArtifact]:
             backend = get_backend(target)
             model_precision = backend.model_precision(precision)
             key, name = (model_precision, backend.quantization_profile), f"{target}/{precision}"
-            try:
-                if key not in variants:
-                    progress(
-                        0.3 + 0.3 * index / len(plan),
-                        f"preparing the {model_precision} model ({key[1]} profile)",
-                    )
-                    variants[key] = build_variant(
-                        source,
-                        replace(recipe, precision=model_precision),
-                        key[1],
-                        workdir,
-                        calibration=calibration,
-                        evaluation=evaluation,
-                        batch_size=_calibration_batch(inputs, calibration, recipe),
-                        check_cancelled=check_cancelled,
-                        runner_for=partial(built_runner, backend, workdir / target / "checks", threads),
-                    )
-                    messages += variants[key].messages
-                variant = variants[key]
-                progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
-                options = CompileOptions(precision=precision, batch_sizes=recipe.batch_sizes, threads=threads)
-                artifact = backend.compile(variant.path, workdir / target / precision, options)
-                runners[name], memory[name] = memory_of(
-                    partial(backend.load, artifact.path, backend.options(threads=threads)), largest_batch
+            if key not in variants:
+                progress(
+                    0.3 + 0.3 * index / len(plan),
+                    f"preparing the {model_precision} model ({key[1]} profile)",
                 )
+                variants[key] = build_variant(
+                    source,
+                    replace(recipe, precision=model_precision),
+                    key[1],
+                    workdir,
+                    calibration=calibration,
+                    evaluation=evaluation,
+                    batch_size=_calibration_batch(inputs, calibration, recipe),
+                    check_cancelled=check_cancelled,
+                    runner_for=partial(
+                        built_runner, backend, workdir / target / "checks", threads, batch_axes=stated
+                    ),
+                )
+                messages.extend(variants[key].messages)
+            variant = variants[key]
+            progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
+            options = CompileOptions(
+                precision=precision, batch_sizes=recipe.batch_sizes, threads=threads, batch_axes=stated
+            )
+            artifact = compile_engine(backend, variant.path, workdir / target / precision, options)
+            runners[name], memory[name] = memory_of(
+                partial(backend.load, artifact.path, backend.options(threads=threads, batch_axes=stated)),
+                largest_batch,
+            )
+            return variant, artifact
+
+        for index, (precision, target) in enumerate(plan):
+            name = f"{target}/{precision}"
+            try:
+                try:
+                    variant, artifact = build(index, precision, target)
+                except InvalidRecipeError:
+                    raise
+                except EngineError as exc:
+                    if precision == "fp32" or (FALLBACK_PRECISION, target) in plan:
+                        raise
+                    # INT8 (or fp16) that cannot be built: the faithful float engine, with the reason
+                    variant, artifact = build(index, FALLBACK_PRECISION, target)
+                    name = f"{target}/{FALLBACK_PRECISION}"
+                    artifact.metadata[f"{precision}_fallback"] = {
+                        "precision": precision,
+                        "code": exc.code,
+                        "reason": exc.detail,
+                    }
+                    messages.append(
+                        f"{target}: the {precision} engine could not be built ({exc.code}: {exc.detail}); "
+                        f"the {FALLBACK_PRECISION} engine, faithful to the original, is handed over instead"
+                    )
             except InvalidRecipeError:
                 raise
             except EngineError as exc:
@@ -362,7 +423,7 @@ def run_recipe(
             artifact.metadata.update({**variant.metadata, **stage_metadata})
             variant.write_layer_errors(artifact.path.parent)
             artifacts[name] = artifact
-            hardware[name] = backend.hardware(threads)
+            hardware[name] = get_backend(target).hardware(threads)
             check_cancelled()
         if not artifacts:
             if first_fp32_failure is not None:

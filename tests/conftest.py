@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from examples import digits as digits_model
 # Starlette's test client sends `Host: testserver`; a server with no API key (most tests) answers
 # loopback names only, and this one (app.api.middleware.auth).
 os.environ.setdefault("OPTIFORGE_OPEN_HOSTS", "testserver")
+# ... and its socket peer is "testclient", not a loopback address: a server with no key answers
+# loopback peers only, and this one.
+os.environ.setdefault("OPTIFORGE_OPEN_PEERS", "testclient")
 
 POSTGRES_URL = os.environ.get(
     "OPTIFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -200,13 +204,13 @@ def _optiforge() -> list[str]:
     return [sys.executable, "-m", "app.cli"]
 
 
-@pytest.fixture(scope="session")
-def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+@contextmanager
+def _embedded(root: Path, extra_env: Mapping[str, str]) -> Iterator[LiveStack]:
     """`optiforge serve` on the embedded defaults: the README's first command, minus the install."""
-    data_dir = tmp_path_factory.mktemp("embedded") / "data"
+    data_dir = root / "data"
     port = free_port()
-    env = _base_env(data_dir)
-    log = data_dir.parent / "serve.log"
+    env = {**_base_env(data_dir), **extra_env}
+    log = root / "serve.log"
     process = _start([*_optiforge(), "serve", "--port", str(port)], env, log)
     stack = LiveStack("embedded", f"http://127.0.0.1:{port}", env, data_dir, [process], [log])
     try:
@@ -216,8 +220,8 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSta
         _stop(stack)
 
 
-@pytest.fixture(scope="session")
-def postgres_redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+@contextmanager
+def _postgres_redis(root: Path, extra_env: Mapping[str, str]) -> Iterator[LiveStack]:
     """API and a separate worker on a fresh PostgreSQL database and a Redis broker."""
     import psycopg
     import redis
@@ -231,29 +235,57 @@ def postgres_redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     conninfo = admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(conninfo, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{db_name}"')
-    data_dir = tmp_path_factory.mktemp("pgredis") / "data"
+    data_dir = root / "data"
     env = _base_env(data_dir)
     env["OPTIFORGE_DATABASE_URL"] = admin_url.set(database=db_name).render_as_string(hide_password=False)
     env["OPTIFORGE_BROKER_URL"] = REDIS_URL
     env["OPTIFORGE_QUEUE_PREFIX"] = f"test-{secrets.token_hex(4)}-"
+    env.update(extra_env)
     port = free_port()
-    logs = [data_dir.parent / "api.log", data_dir.parent / "worker.log"]
-    subprocess.run([*_optiforge(), "migrate"], env=env, check=True, cwd=REPO_ROOT, capture_output=True)
-    processes = [
-        _start([*_optiforge(), "serve", "--no-worker", "--port", str(port)], env, logs[0]),
-        _start([*_optiforge(), "worker", "--queues", "cpu"], env, logs[1]),
-    ]
-    stack = LiveStack("postgres-redis", f"http://127.0.0.1:{port}", env, data_dir, processes, logs)
+    logs = [root / "api.log", root / "worker.log"]
+    processes: list[subprocess.Popen] = []
     try:
+        subprocess.run([*_optiforge(), "migrate"], env=env, check=True, cwd=REPO_ROOT, capture_output=True)
+        processes += [
+            _start([*_optiforge(), "serve", "--no-worker", "--port", str(port)], env, logs[0]),
+            _start([*_optiforge(), "worker", "--queues", "cpu"], env, logs[1]),
+        ]
+        stack = LiveStack("postgres-redis", f"http://127.0.0.1:{port}", env, data_dir, processes, logs)
         _wait_ready(stack)
         yield stack
     finally:
-        _stop(stack)
+        _stop(LiveStack("postgres-redis", "", env, data_dir, processes, logs))
         with psycopg.connect(conninfo, autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(f"{env['OPTIFORGE_QUEUE_PREFIX']}*"):
             client.delete(key)
+
+
+#: The kinds of live stack, by name: what `start_stack` starts.
+STACK_KINDS = {"embedded": _embedded, "postgres-redis": _postgres_redis}
+
+
+def start_stack(kind: str, root: Path, **extra_env: str) -> AbstractContextManager[LiveStack]:
+    """A live stack of `kind` (a STACK_KINDS name) in `root`, its processes started with `extra_env`
+    over the base environment, stopped (and its database dropped) when the context ends: for tests
+    that need a stack of their own, e.g. one with an API key (`OPTIFORGE_BOOTSTRAP_API_KEY`), which
+    the shared open stacks below can never be (the first key closes a stack for good)."""
+    return STACK_KINDS[kind](root, extra_env)
+
+
+@pytest.fixture(scope="session")
+def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    """The shared open embedded stack (`_embedded`)."""
+    with start_stack("embedded", tmp_path_factory.mktemp("embedded")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def postgres_redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    """The shared open PostgreSQL + Redis stack (`_postgres_redis`)."""
+    with start_stack("postgres-redis", tmp_path_factory.mktemp("pgredis")) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="session", params=["embedded", "postgres-redis"])

@@ -269,3 +269,73 @@ def op_onnx2torch_lacks(path: Path) -> Path:
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
+
+
+def static_batch_dynamic_sequence(path: Path) -> Path:
+    """A token model exported with its batch fixed at 1 and only the sequence dynamic
+    (`input_ids` [1, 2, "seq_len"], int64): the one dynamic dim is a length, not the batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(_weights(32, 8), "embedding"),
+        numpy_helper.from_array(_weights(8, 5), "head"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embedding", "input_ids"], ["embedded"]),  # [1, 2, seq, 8]
+        helper.make_node("ReduceMean", ["embedded"], ["pooled"], axes=[2], keepdims=0),  # [1, 2, 8]
+        helper.make_node("MatMul", ["pooled", "head"], ["logits"]),  # [1, 2, 5]
+    ]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 2, "seq_len"])
+    return _save(nodes, "static_batch_seq", [ids], [_tensor("logits", [1, 2, 5])], inits, path, 13)
+
+
+def float16_islands(path: Path) -> Path:
+    """A U-Net decoder step converted to float16 in part: the upsampling (Resize) and the skip
+    connection's Concat run in float16 between Cast nodes, and the decoder's weights are stored in
+    float16 behind a Cast. Float32 in and out, float16 inside (Concat has a float16 kernel on the
+    CPU, so ONNX Runtime's optimizer leaves it in float16 for the quantizer to meet)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(_weights(8, 3, 3, 3), "enc.w"),
+        numpy_helper.from_array(_weights(8), "enc.b"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "scales"),
+        numpy_helper.from_array(_weights(4, 16, 3, 3).astype(np.float16), "dec.w16"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "enc.w", "enc.b"], ["enc"], pads=[1] * 4),  # [N, 8, 16, 16]
+        helper.make_node("Relu", ["enc"], ["skip"]),
+        helper.make_node("MaxPool", ["skip"], ["down"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Cast", ["down"], ["down16"], to=TensorProto.FLOAT16),
+        helper.make_node("Resize", ["down16", "", "scales"], ["up16"], mode="nearest"),
+        helper.make_node("Cast", ["skip"], ["skip16"], to=TensorProto.FLOAT16),
+        helper.make_node("Concat", ["up16", "skip16"], ["cat16"], axis=1),
+        helper.make_node("Cast", ["cat16"], ["cat"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["dec.w16"], ["dec.w"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["cat", "dec.w"], ["y"], pads=[1] * 4),
+    ]
+    return _save(
+        nodes,
+        "fp16_unet",
+        [_tensor("x", ["batch", 3, 16, 16])],
+        [_tensor("y", ["batch", 4, 16, 16])],
+        inits,
+        path,
+        13,
+    )
+
+
+def time_major_sequence(path: Path) -> Path:
+    """A sequence model exported time-major, `x` ["T", "N", 4] with both dims dynamic (what
+    torch.nn.GRU/LSTM without batch_first take): the graph alone says dim 0 (the first dynamic dim),
+    the samples stack along dim 1 (a user states it). `logits` [N, 3] (mean over time) and
+    `frames` [T, N, 3] (one score per time step)."""
+    from onnx import helper, numpy_helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["frames"]),  # [T, N, 3]
+        helper.make_node("ReduceMean", ["frames"], ["logits"], axes=[0], keepdims=0),  # [N, 3]
+    ]
+    inits = [numpy_helper.from_array(_weights(4, 3), "w")]
+    outputs = [_tensor("logits", ["N", 3]), _tensor("frames", ["T", "N", 3])]
+    return _save(nodes, "time_major", [_tensor("x", ["T", "N", 4])], outputs, inits, path, 13)

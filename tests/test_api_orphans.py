@@ -139,9 +139,14 @@ def _kill_once_checking(server: ApiServer) -> list[str]:
     return left
 
 
+#: The 2 GiB dataset these tests send holds 2 million rows: over the default sample cap, which
+#: would refuse it before the checks these tests kill the API in.
+MANY_SAMPLES = {"max_dataset_samples": str(10_000_000)}
+
+
 def test_an_api_killed_mid_upload_leaves_nothing_after_its_next_start(tmp_path: Path) -> None:
     temp_before = old_upload_temp_files()
-    server = ApiServer(tmp_path)
+    server = ApiServer(tmp_path, **MANY_SAMPLES)
     server.start()
     try:
         # 1. killed while receiving the body (sent slowly): the framework's spool has no name.
@@ -193,7 +198,7 @@ def test_an_api_killed_mid_upload_leaves_nothing_after_its_next_start(tmp_path: 
 
 def test_a_restarting_api_leaves_the_uploads_of_another_live_api_alone(tmp_path: Path) -> None:
     """Two API processes on one data dir: one restarts while the other checks a 2 GiB dataset."""
-    busy, restarting = ApiServer(tmp_path / "a"), ApiServer(tmp_path / "b")
+    busy, restarting = ApiServer(tmp_path / "a", **MANY_SAMPLES), ApiServer(tmp_path / "b", **MANY_SAMPLES)
     restarting.env["OPTIFORGE_DATA_DIR"] = busy.env["OPTIFORGE_DATA_DIR"]
     restarting.data_dir = busy.data_dir
     busy.start()

@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.access_policy import ANY_KEY, DOC_PATHS, METRICS_PATH, OPEN_PATHS, AccessPolicy
-from app.api.middleware.auth import is_loopback_host
+from app.api.middleware.host import is_loopback_host
 from app.core.db import get_sessionmaker
 from app.core.migrate import upgrade
 from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, utcnow
@@ -67,7 +67,9 @@ def _make_key(database_url: str, project: str, scopes: list[str], **options: obj
 @pytest.fixture(scope="module")
 def two_projects(tmp_path_factory: pytest.TempPathFactory, digits: DigitsArtifacts) -> Iterator[TwoProjects]:
     data_dir = tmp_path_factory.mktemp("auth") / "data"
-    settings = make_settings(data_dir, max_jobs_in_flight_per_project=1000)
+    # Every operation is tried with an unknown key, from one client address: not throttled here
+    # (tests/test_access_hardening.py tests the throttle).
+    settings = make_settings(data_dir, max_jobs_in_flight_per_project=1000, auth_failures_per_client=10_000)
     data_dir.mkdir(parents=True)
     upgrade(settings.resolved_database_url)
     url = settings.resolved_database_url

@@ -560,7 +560,7 @@ def test_limits_and_not_a_dataset(tmp_path: Path) -> None:
     assert refused(three, max_unpacked_bytes=declared - 1).code == "upload_too_large"
     # the arrays the images make are held to the same limit, before they are allocated
     error = refused(three, max_unpacked_bytes=3 * 3 * 224 * 224 * 4 - 1)
-    assert error.code == "upload_too_large" and "float16" in error.detail
+    assert error.code == "dataset_too_large" and "float16" in error.detail
     assert read(three, ImagePreprocessing(dtype="uint8"), max_unpacked_bytes=3 * 3 * 224 * 224).samples == 3
 
     (tmp_path / "empty.zip").write_bytes(b"")

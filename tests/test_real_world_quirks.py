@@ -30,7 +30,7 @@ from engines.quantize.int8 import QuantizeConfig, prepare_float_model, quantize_
 from engines.quantize.layer_errors import layer_errors
 from engines.recipe import Recipe
 from tests import quirk_graphs
-from tests.conftest import LocalApi
+from tests.conftest import LiveStack, LocalApi, wait_for_job
 from workers.job_runner import run_job_by_id
 
 QUICK = {"warmup_runs": 1, "timed_runs": 3, "min_seconds": 0.0}
@@ -443,3 +443,177 @@ def test_scalar_input_over_http(api: LocalApi, tmp_path: Path) -> None:
     )
     assert v2.status_code == 200, v2.text
     assert v2.json()["outputs"][0]["shape"] == [3, 4] and v2.json()["parameters"]["batch_size"] == 3
+
+
+# ---------------------------------------------------------------- issue 19: items 12 and 13
+
+
+def test_static_batch_one_with_a_dynamic_sequence_over_http(api: LocalApi, tmp_path: Path) -> None:
+    """`input_ids` [1, 2, "seq_len"]: the static leading 1 is the batch, the sequence is not; rows of
+    [2, 64] fit, and the job builds and measures an engine (the previous release ran this model)."""
+    model = _upload(api.client, "models", quirk_graphs.static_batch_dynamic_sequence(tmp_path / "seq.onnx"))
+    assert [spec["batch_axis"] for spec in model["inputs"]] == [0]
+    assert [spec["batch_axis"] for spec in model["outputs"]] == [0]
+    ids = np.random.default_rng(0).integers(0, 32, size=(8, 2, 64), dtype=np.int64)
+    dataset = _upload(api.client, "datasets", _npz(tmp_path / "ids.npz", input_ids=ids))
+    body = {
+        "model_id": model["id"],
+        "evaluation_dataset_id": dataset["id"],
+        "calibration_dataset_id": dataset["id"],
+        "recipe": {"precision": "int8", "batch_sizes": [1], "measure": QUICK},
+    }
+    job = _job(api, body)
+    assert job["status"] == "succeeded", job
+    engine = api.client.get(f"/v1/engines/{job['engine_ids'][0]}").json()
+    assert engine["precision"] == "int8", engine
+    response = api.client.post(
+        f"/v1/engines/{engine['id']}/infer", json={"inputs": {"input_ids": ids[:1, :, :10].tolist()}}
+    )
+    assert response.status_code == 200, response.text
+    assert np.asarray(response.json()["outputs"]["logits"]).shape == (1, 2, 5)
+
+
+def test_batch_axis_rule_for_a_static_leading_one() -> None:
+    def axes(*shapes: tuple) -> list[int | None]:
+        specs = [TensorSpec(f"t{i}", "int64", shape) for i, shape in enumerate(shapes)]
+        return [spec.batch_axis for spec in assign_batch_axes(specs)]
+
+    assert axes((1, 2, "seq_len")) == [0]
+    assert axes((1, "seq"), (1, "seq"), (1, "seq")) == [0, 0, 0]  # a static-batch BERT export
+    assert axes(("batch", 4), (1, "batch", 8)) == [0, 1]  # one-layer recurrent state: named like the batch
+    assert axes((1, "batch", 4), (1, "batch", 8)) == [1, 1]  # sequence-first, the batch named as one
+    specs = [TensorSpec("ids", "int64", (1, 2, "seq_len"))]
+    outputs = assign_batch_axes(specs, [TensorSpec("y", "float32", (1, "seq_len", 5))])
+    assert [spec.batch_axis for spec in outputs] == [0]
+
+
+def test_stated_batch_axis_at_upload(api: LocalApi, tmp_path: Path) -> None:
+    """A user states an input's batch axis at upload: validated against the inputs (422 otherwise),
+    stored and shown, and used to lay out datasets; a mismatch that another axis would fit says so."""
+    path = quirk_graphs.recurrent_state(tmp_path / "rnn.onnx", named=False)
+
+    def upload(batch_axis: str) -> object:
+        with path.open("rb") as handle:
+            return api.client.post(
+                "/v1/models", files={"file": (path.name, handle)}, data={"batch_axis": batch_axis}
+            )
+
+    for wrong in ('{"nope": 0}', '{"h": 3}', '{"h": "one"}', "[1]", "not json"):
+        refused = upload(wrong)
+        assert refused.status_code == 422 and refused.json()["code"] == "invalid_batch_axis", refused.text
+    assert api.client.get("/v1/models").json() == []  # nothing half-stored
+
+    stated = upload('{"h": null}')
+    assert stated.status_code == 201, stated.text
+    inputs = {spec["name"]: spec for spec in stated.json()["inputs"]}
+    assert inputs["h"]["batch_axis"] is None and inputs["h"]["batch_axis_stated"] is True
+    assert inputs["x"]["batch_axis"] == 0 and not inputs["x"].get("batch_axis_stated")
+    assert api.client.get(f"/v1/models/{stated.json()['id']}").json()["inputs"] == stated.json()["inputs"]
+
+    # rows shaped for another axis: the error names the axis that would fit and how to state it
+    inferred = _upload(api.client, "models", path)
+    rng = np.random.default_rng(0)
+    rows = {"x": rng.random((8, 4), dtype=np.float32), "h": rng.random((8, 2, 8), dtype=np.float32)}
+    stacked_on_dim_0 = {"x": rows["x"], "h": rng.random((8, 7, 8), dtype=np.float32)}  # h rows: [7, 8]
+    dataset = _upload(api.client, "datasets", _npz(tmp_path / "d.npz", **stacked_on_dim_0))
+    body = {
+        "model_id": inferred["id"],
+        "evaluation_dataset_id": dataset["id"],
+        "recipe": {"batch_sizes": [1]},
+    }
+    refused = api.client.post("/v1/jobs", json=body)
+    assert refused.status_code == 422 and refused.json()["code"] == "dataset_mismatch", refused.text
+    assert 'batch_axis={"h": 0}' in refused.json()["detail"], refused.text
+
+
+def test_float16_inside_int8_over_http(api: LocalApi, tmp_path: Path) -> None:
+    """fp16 weights behind Cast nodes and a float16 Resize: INT8 quantizes the float32 parts only
+    (no QuantizeLinear on a float16 tensor, which ONNX Runtime refuses) and says so."""
+    model = _upload(api.client, "models", quirk_graphs.float16_islands(tmp_path / "unet.onnx"))
+    x = np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32)
+    dataset = _upload(api.client, "datasets", _npz(tmp_path / "x.npz", x=x))
+    job = _job(
+        api,
+        {
+            "model_id": model["id"],
+            "calibration_dataset_id": dataset["id"],
+            "evaluation_dataset_id": dataset["id"],
+            "recipe": {"precision": "int8", "batch_sizes": [1, 4], "measure": QUICK},
+        },
+    )
+    assert job["status"] == "succeeded", job
+    engines = [api.client.get(f"/v1/engines/{engine_id}").json() for engine_id in job["engine_ids"]]
+    assert [engine["precision"] for engine in engines] == ["int8"], engines
+    assert any("float16" in message for message in job["messages"]), job["messages"]
+    kept = engines[0]["build_info"]["float16_nodes_kept_float"]
+    assert any("Concat" in name for name in kept), kept
+
+
+def test_int8_that_cannot_be_built_hands_over_the_float_engine(api: LocalApi, tmp_path: Path) -> None:
+    """When INT8 cannot be built (here: ONNX Runtime's entropy calibration cannot histogram a
+    calibration set with a 3e38 outlier), the job still succeeds with the faithful fp32 engine, and
+    says why, with the failure's code, in its messages and the engine's build_info."""
+    model = _upload(api.client, "models", quirk_graphs.minus_one_batch(tmp_path / "cnn.onnx"))
+    rng = np.random.default_rng(0)
+    clean = rng.random((16, 3, 8, 8), dtype=np.float32)
+    outlier = clean.copy()
+    outlier[0, 0, 0, 0] = 3e38
+    evaluation = _upload(api.client, "datasets", _npz(tmp_path / "clean.npz", x=clean))
+    calibration = _upload(api.client, "datasets", _npz(tmp_path / "outlier.npz", x=outlier))
+    job = _job(
+        api,
+        {
+            "model_id": model["id"],
+            "calibration_dataset_id": calibration["id"],
+            "evaluation_dataset_id": evaluation["id"],
+            "recipe": {
+                "precision": "int8",
+                "quantize": {"calibration": "entropy"},
+                "batch_sizes": [1],
+                "measure": QUICK,
+            },
+        },
+    )
+    assert job["status"] == "succeeded", job
+    engines = [api.client.get(f"/v1/engines/{engine_id}").json() for engine_id in job["engine_ids"]]
+    assert [engine["precision"] for engine in engines] == ["fp32"], engines
+    fallback = engines[0]["build_info"]["int8_fallback"]
+    assert fallback["code"] == "quantization_failed" and "INT8 quantization failed" in fallback["reason"]
+    assert any("int8 engine could not be built" in message for message in job["messages"]), job["messages"]
+    fidelity = engines[0]["metrics"]["accuracy"]["fidelity"]
+    assert fidelity["cosine_similarity"] > 0.999, fidelity
+
+
+def test_static_batch_sequence_model_on_both_stacks(live_stack: LiveStack, tmp_path: Path) -> None:
+    """Item 12 on SQLite + embedded broker and on PostgreSQL + Redis with a real worker: a stated
+    batch axis is validated (nothing stored when refused), stored and shown; the job runs."""
+    path = quirk_graphs.static_batch_dynamic_sequence(tmp_path / "seq.onnx")
+    ids = np.random.default_rng(0).integers(0, 32, size=(8, 2, 64), dtype=np.int64)
+    with live_stack.client() as client:
+        before = client.get("/v1/models").json()
+        with path.open("rb") as handle:
+            refused = client.post(
+                "/v1/models", files={"file": ("seq.onnx", handle)}, data={"batch_axis": '{"input_ids": 3}'}
+            )
+        assert refused.status_code == 422 and refused.json()["code"] == "invalid_batch_axis", refused.text
+        assert client.get("/v1/models").json() == before
+        with path.open("rb") as handle:
+            response = client.post(
+                "/v1/models", files={"file": ("seq.onnx", handle)}, data={"batch_axis": '{"input_ids": 0}'}
+            )
+        assert response.status_code == 201, response.text
+        model = client.get(f"/v1/models/{response.json()['id']}").json()
+        assert model["inputs"][0]["batch_axis"] == 0 and model["inputs"][0]["batch_axis_stated"] is True
+        np.savez(tmp_path / "ids.npz", input_ids=ids)
+        with (tmp_path / "ids.npz").open("rb") as handle:
+            dataset = client.post("/v1/datasets", files={"file": ("ids.npz", handle)})
+        assert dataset.status_code == 201, dataset.text
+        body = {
+            "model_id": model["id"],
+            "evaluation_dataset_id": dataset.json()["id"],
+            "recipe": {"batch_sizes": [1], "measure": QUICK},
+        }
+        created = client.post("/v1/jobs", json=body)
+        assert created.status_code == 202, created.text
+        job = wait_for_job(client, created.json()["id"])
+        assert job["status"] == "succeeded", job

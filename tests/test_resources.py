@@ -168,6 +168,7 @@ def test_health_and_docs(local_api: LocalApi) -> None:
         "database": "ok",
         "broker": "ok",
         "artifact_store": "ok",
+        "disk": "ok",
     }
     assert local_api.client.get("/docs").status_code == 200
     paths = local_api.client.get("/openapi.json").json()["paths"]

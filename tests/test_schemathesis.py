@@ -1,20 +1,31 @@
-"""schemathesis over the OpenAPI document, on both live stacks (embedded; PostgreSQL + Redis).
+"""schemathesis over the OpenAPI document, on both kinds of live stack, with an API key and without.
 
 The promise: no request the document allows, nor the malformed ones schemathesis derives from it
 (negative data, NUL and other odd characters, undocumented methods), gets a 5xx, and every
-response has a documented status, content type, headers and body (`CHECKS`). Schema-valid data may
-still be refused (an empty file, a recipe that does not fit the model): the document describes
-shapes, not meaning, so `positive_data_acceptance` is not among the checks.
+response has a documented status, content type, headers and body (`CHECKS`), and a request the
+document allows is not refused as malformed (`positive_data_acceptance`): whatever the document can
+say (minimums, lengths, patterns, enums from the registries) it says. What it cannot (an empty file,
+a recipe that does not fit the model, a Triton export of a project with no engine) is a refusal
+with a code the operation declares for that status (`_declared_refusal`); `validation_error`, the
+code of a request that does not match the document, never is.
 
-Bounded for CI (about a minute a stack on 2 cores): `MAX_EXAMPLES` per operation besides the
-coverage phase's cases, no shrinking, a timeout per request. Ids in paths and bodies often name
-real records (a model, datasets, a succeeded job, engines and an alias that `fuzz_target` makes on
-each stack), and inference bodies often hold tensors that fit, so success paths and their bodies
-are checked too, not only 404s and 422s. A DELETE takes spare records, so the others live through
-the run; a job the fuzzer starts is cancelled at once, and batching it turns on is turned off
-again (its queue delay would slow every later inference). Every request carries `api_headers`,
-where an API key goes. Both stacks get the same cases; each run draws new ones, and its seed is in
-its summary line (OPTIFORGE_FUZZ_SEED replays it).
+Four stacks: the shared open ones (`live_stack`: embedded; PostgreSQL + Redis), fuzzed without a
+key, and one of each kind of its own started with an admin key (`keyed_stack`, `API_KEY`), fuzzed
+with it: a key closes a stack for good, so the shared ones never get one (and making a key is left
+out there, `CLOSES_AN_OPEN_STACK`). With a key every request also passes its look-up and scopes,
+and the admin operations (keys, projects) run too.
+
+Bounded for CI (about half a minute of requests a stack on 2 cores): `MAX_EXAMPLES` per operation
+without a key and `KEYED_EXAMPLES` with one (the same server code behind a different door), besides
+the coverage phase's cases, no shrinking, a timeout per request. OPTIFORGE_FUZZ_EXAMPLES runs
+both deeper. Ids in paths and bodies often name real records (a model, datasets, a succeeded job,
+engines and an alias that `_seeded` makes on each stack), and inference bodies often hold tensors
+that fit, so success paths and their bodies are checked too, not only 404s and 422s. A DELETE
+takes spare records, so the others live through the run; a job the fuzzer starts is cancelled at
+once, and batching it turns on is turned off again (its queue delay would slow every later
+inference). Every request carries the target's headers (the key, on a keyed stack). The stacks
+of a kind get the same cases; each run draws new ones, and its seed is in its summary line
+(OPTIFORGE_FUZZ_SEED replays it).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import secrets
 import tempfile
 import time
 from collections import Counter
@@ -36,16 +48,54 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from app.main import create_app
-from tests.conftest import QUICK_MEASURE, DigitsArtifacts, LiveStack, make_settings, wait_for_job
+from tests.conftest import (
+    QUICK_MEASURE,
+    DigitsArtifacts,
+    LiveStack,
+    make_settings,
+    start_stack,
+    wait_for_job,
+)
 
 #: Examples per operation (besides the coverage phase's); OPTIFORGE_FUZZ_EXAMPLES for a deeper run.
-MAX_EXAMPLES = int(os.environ.get("OPTIFORGE_FUZZ_EXAMPLES", "25"))
+DEEPER = os.environ.get("OPTIFORGE_FUZZ_EXAMPLES")
+MAX_EXAMPLES = int(DEEPER or "25")
+#: ... with a key: fewer by default (the key only changes the door), as many in a deeper run.
+KEYED_EXAMPLES = int(DEEPER or "8")
+#: The admin key of the keyed stacks (`keyed_stack`), made at their start (a bootstrap key).
+API_KEY = "fuzz_" + secrets.token_urlsafe(32)
 REQUEST_TIMEOUT_S = 30
+
+
+def _declared_refusal(case: schemathesis.Case, response: Any) -> bool:
+    """Whether `response` refuses for a reason the operation declares (its code is named in the
+    description of that status in the document), other than not matching the document."""
+    try:
+        code = response.json().get("code")
+    except ValueError:
+        return False
+    declared = case.operation.definition.raw.get("responses", {}).get(str(response.status_code), {})
+    return code not in (None, "validation_error") and f"`{code}`" in declared.get("description", "")
+
+
+@schemathesis.check
+def positive_data_accepted(ctx: Any, response: Any, case: schemathesis.Case) -> bool | None:
+    """schemathesis's `positive_data_acceptance`, but for the refusals the document declares."""
+    try:
+        return openapi_checks.positive_data_acceptance(ctx, response, case)
+    except RejectedPositiveData:
+        if _declared_refusal(case, response):
+            return None
+        raise
+
+
 CHECKS = [
     not_a_server_error,
+    positive_data_accepted,
     openapi_checks.status_code_conformance,
     openapi_checks.content_type_conformance,
     openapi_checks.response_headers_conformance,
@@ -77,8 +127,8 @@ SPARES = {
     "/v1/datasets/{dataset_id}": "dataset",
     "/v1/engines/{engine_id}": "engine",
 }
-#: Left out while the stacks run open (`api_headers` empty): the first API key made on a stack would
-#: close it to every test that shares it.
+#: Left out on the shared open stacks: the first API key made on a stack would close it to every
+#: test that shares it (the keyed stacks run it).
 CLOSES_AN_OPEN_STACK = {"POST /v1/admin/keys"}
 #: Bodies that run the digits engine: a placeholder for the tensors of its one input.
 TENSORS = PLACEHOLDER + "tensors"
@@ -130,11 +180,14 @@ def _bodies_naming_seeded_records(context: Any, body: Any) -> st.SearchStrategy:
     return st.sampled_from([body, seeded])
 
 
-@pytest.fixture(scope="session")
-def api_headers() -> dict[str, str]:
-    """Headers every fuzzed request carries: none while the API runs open (a loopback client and
-    no key configured). With API keys, a key with every scope: {"Authorization": "Bearer …"}."""
-    return {}
+@pytest.fixture(scope="session", params=["embedded", "postgres-redis"])
+def keyed_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveStack]:
+    """A stack of the kind of its own, closed from the start: its admin key is `API_KEY`."""
+    root = tmp_path_factory.mktemp(f"keyed-{request.param}")
+    with start_stack(request.param, root, OPTIFORGE_BOOTSTRAP_API_KEY=API_KEY) as stack:
+        yield stack
 
 
 @dataclass
@@ -142,6 +195,7 @@ class FuzzTarget:
     """One live stack and its seeded records (role -> id), with what the run did to it."""
 
     stack: LiveStack
+    headers: dict[str, str]  # what every request carries: the key, if any
     client: httpx.Client
     records: dict[str, str]
     statuses: Counter[int] = field(default_factory=Counter)
@@ -198,14 +252,29 @@ def _engine(client: httpx.Client, model_id: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def fuzz_target(
-    live_stack: LiveStack,
-    digits: DigitsArtifacts,
-    api_headers: dict[str, str],
-    request: pytest.FixtureRequest,
+def open_target(
+    live_stack: LiveStack, digits: DigitsArtifacts, request: pytest.FixtureRequest
+) -> Iterator[FuzzTarget]:
+    """The shared open stack, seeded; no key."""
+    yield from _seeded(live_stack, {}, digits, request)
+
+
+@pytest.fixture(scope="session")
+def keyed_target(
+    keyed_stack: LiveStack, digits: DigitsArtifacts, request: pytest.FixtureRequest
+) -> Iterator[FuzzTarget]:
+    """A keyed stack, seeded with its key; every request sends it (both ways a key is sent, so
+    that any schemathesis makes up for the security schemes is replaced)."""
+    yield from _seeded(
+        keyed_stack, {"Authorization": f"Bearer {API_KEY}", "X-API-Key": API_KEY}, digits, request
+    )
+
+
+def _seeded(
+    live_stack: LiveStack, headers: dict[str, str], digits: DigitsArtifacts, request: pytest.FixtureRequest
 ) -> Iterator[FuzzTarget]:
     """Seed the stack with real records; afterwards, cancel what is left and print what the run did."""
-    with httpx.Client(base_url=live_stack.base_url, headers=api_headers, timeout=REQUEST_TIMEOUT_S) as client:
+    with httpx.Client(base_url=live_stack.base_url, headers=headers, timeout=REQUEST_TIMEOUT_S) as client:
         model = _upload(client, "models", digits.onnx_path)
         job, engine = _engine(client, model)
         _job, spare_engine = _engine(client, model)
@@ -221,7 +290,7 @@ def fuzz_target(
             "spare_engine": spare_engine,
             "alias": alias,
         }
-        target = FuzzTarget(live_stack, client, records)
+        target = FuzzTarget(live_stack, headers, client, records)
         started = time.monotonic()
         yield target
         elapsed = time.monotonic() - started
@@ -232,7 +301,8 @@ def fuzz_target(
                 client.post(f"/v1/jobs/{item['id']}/cancel")
     summary = ", ".join(f"{status}: {count}" for status, count in sorted(target.statuses.items()))
     line = (
-        f"schemathesis on {live_stack.name}: {sum(target.statuses.values())} requests in {elapsed:.0f} s "
+        f"schemathesis on {live_stack.name} {'with' if headers else 'without'} a key: "
+        f"{sum(target.statuses.values())} requests in {elapsed:.0f} s "
         f"({summary}); {target.jobs_cancelled} jobs started and cancelled; "
         f"OPTIFORGE_FUZZ_SEED={schema.config.seed}"
     )
@@ -243,32 +313,39 @@ def fuzz_target(
             reporter.write_line("\n" + line)
 
 
-def test_each_stack_serves_the_document_under_test(
-    live_stack: LiveStack, api_headers: dict[str, str]
-) -> None:
+def test_each_stack_serves_the_document_under_test(live_stack: LiveStack) -> None:
     """The tests below are made from the in-process document: the one each stack serves."""
-    response = httpx.get(
-        f"{live_stack.base_url}/openapi.json", headers=api_headers, timeout=REQUEST_TIMEOUT_S
-    )
+    response = httpx.get(f"{live_stack.base_url}/openapi.json", timeout=REQUEST_TIMEOUT_S)
     assert response.status_code == 200
     assert response.json() == DOCUMENT
 
 
-@schema.parametrize()
-@settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,  # a shared 2-core machine: the request timeout bounds a call instead
-    database=None,  # no example database: each run draws afresh (the seed in its summary replays it)
-    phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported as found
-    suppress_health_check=list(HealthCheck),
-)
-def test_api_conforms_to_its_document(
-    case: schemathesis.Case, fuzz_target: FuzzTarget, api_headers: dict[str, str]
-) -> None:
-    if not api_headers and case.operation.label in CLOSES_AN_OPEN_STACK:
-        pytest.skip("would make the first API key, closing the shared open stack to the other tests")
-    fuzz_target.fill(case)
+#: How the fuzz runs, with a key or without.
+FUZZ_SETTINGS: dict[str, Any] = {
+    "deadline": None,  # a shared 2-core machine: the request timeout bounds a call instead
+    "database": None,  # no example database: each run draws afresh (the seed in its summary replays it)
+    "phases": [Phase.explicit, Phase.generate],  # no shrinking: a failure is reported as found
+    "suppress_health_check": list(HealthCheck),
+}
+
+
+def _fuzz(case: schemathesis.Case, target: FuzzTarget) -> None:
+    target.fill(case)
     response = case.call_and_validate(
-        base_url=fuzz_target.stack.base_url, headers=api_headers, checks=CHECKS, timeout=REQUEST_TIMEOUT_S
+        base_url=target.stack.base_url, headers=target.headers, checks=CHECKS, timeout=REQUEST_TIMEOUT_S
     )
-    fuzz_target.settle(case, response)
+    target.settle(case, response)
+
+
+@schema.parametrize()
+@settings(max_examples=MAX_EXAMPLES, **FUZZ_SETTINGS)
+def test_api_conforms_to_its_document(case: schemathesis.Case, open_target: FuzzTarget) -> None:
+    if case.operation.label in CLOSES_AN_OPEN_STACK:
+        pytest.skip("would make the first API key, closing the shared open stack to the other tests")
+    _fuzz(case, open_target)
+
+
+@schema.parametrize()
+@settings(max_examples=KEYED_EXAMPLES, **FUZZ_SETTINGS)
+def test_api_with_a_key_conforms_to_its_document(case: schemathesis.Case, keyed_target: FuzzTarget) -> None:
+    _fuzz(case, keyed_target)

@@ -99,6 +99,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         "OPTIFORGE_DATA_DIR": str(settings.data_dir),
         "OPTIFORGE_BODY_READ_TIMEOUT_S": str(BODY_READ_TIMEOUT_S),
         "OPTIFORGE_INFERENCE_THREADS": "1",
+        # The JSON test sends tens of thousands of rows in one request: over the default batch limit.
+        "OPTIFORGE_MAX_INFERENCE_BATCH": str(1_000_000),
         "PYTHONUNBUFFERED": "1",
     }
     command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]

@@ -18,6 +18,7 @@ from app.core.orm import EngineRecord, JobRecord, JobStatus, lease_cutoff, utcno
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from engines.errors import Cancelled
+from workers.fairness import fair_candidates, hold_project, under_running_limit
 
 logger = logging.getLogger(__name__)
 _CANCEL_POLL_SECONDS = 0.5
@@ -111,8 +112,33 @@ class Attempt:
             )
 
 
+def claim_next(
+    settings: Settings, store: ArtifactStore, queue: str, named: str | None = None
+) -> tuple[str, int] | None:
+    """What a delivered message starts: (job id, attempt number), or None when nothing can start.
+
+    The message's own job (`named`) is taken over at once only when it is running with an expired
+    lease (its worker was lost and the broker re-delivered it); otherwise the message is a wake-up,
+    and the job to start is the fair choice among the queue's (workers.fairness)."""
+    if named is not None:
+        with session_scope(settings.resolved_database_url) as session:
+            status = session.scalar(select(JobRecord.status).where(JobRecord.id == named))
+        if status == JobStatus.RUNNING:
+            number = claim(settings, store, named)
+            if number is not None:
+                return named, number
+    with session_scope(settings.resolved_database_url) as session:
+        candidates = fair_candidates(session, settings, queue)
+    for job_id in candidates:
+        number = claim(settings, store, job_id)
+        if number is not None:
+            return job_id, number
+    return None
+
+
 def claim(settings: Settings, store: ArtifactStore, job_id: str) -> int | None:
-    """Start a new attempt at the job; its number, or None when there is nothing to do."""
+    """Start a new attempt at the job; its number, or None when there is nothing to do (it ended,
+    runs elsewhere, was cancelled, or its project runs `max_running_jobs_per_project` jobs)."""
     db_url = settings.resolved_database_url
     with session_scope(db_url) as session:
         job = session.get(JobRecord, job_id)
@@ -154,6 +180,9 @@ def claim(settings: Settings, store: ArtifactStore, job_id: str) -> int | None:
                 session.execute(delete(EngineRecord).where(EngineRecord.job_id == job_id))
                 store.delete(f"jobs/{job_id}")
             return None
+        if job.status == JobStatus.QUEUED:  # a new start: one more running job of its project
+            hold_project(session, job.project_id)
+            current = current & under_running_limit(settings, job.project_id)
         attempt = job.attempts + 1
         messages = list(job.messages or [])
         if job.attempts:
@@ -178,7 +207,7 @@ def claim(settings: Settings, store: ArtifactStore, job_id: str) -> int | None:
             )
         ).rowcount
         if not claimed:
-            logger.info("job %s was claimed by another delivery", job_id)
+            logger.info("job %s was claimed by another delivery, or its project is at its limit", job_id)
             return None
         if job.attempts:  # what an earlier, lost attempt left behind
             session.execute(delete(EngineRecord).where(EngineRecord.job_id == job_id))

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,10 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.core.dataset_limits import dataset_limits
 from app.core.orm import (
     DatasetRecord,
+    DatasetStatus,
     EngineRecord,
     JobKind,
     JobRecord,
@@ -38,7 +41,9 @@ from app.core.store import ArtifactStore
 from engines.backends.base import engine_size
 from engines.convert import convert_exported_program
 from engines.errors import Cancelled, ConversionError, EngineError
-from engines.ingest.datasets import Dataset, load_dataset
+from engines.ingest.datasets import Dataset, inspect_npz, load_dataset
+from engines.ingest.image_npz import write_image_npz
+from engines.ingest.images import ImagePreprocessing, plan_image_folder
 from engines.ingest.model import inspect_model, write_normalized
 from engines.ingest.signature import TensorSpec
 from engines.pipeline import BuiltEngine, run_recipe
@@ -74,6 +79,7 @@ class JobContext:
             self.store.local_path(record.artifact_key),
             self.inputs,
             max_unpacked_bytes=self.settings.max_unpacked_bytes,
+            scratch_dir=self.workdir / "datasets",  # memory-mapped: memory does not grow with the set
         )
 
 
@@ -97,6 +103,7 @@ def run_optimize(context: JobContext) -> Outcome:
         calibration=context.dataset(context.calibration),
         progress=context.attempt.progress,
         check_cancelled=context.attempt.check_cancelled,
+        model_inputs=context.inputs,  # the batch axes a user stated: what the datasets were laid out by
     )
     return Outcome(
         messages=result.messages,
@@ -122,6 +129,7 @@ def run_autotune(context: JobContext) -> Outcome:
         calibration=context.dataset(context.calibration),
         progress=context.attempt.progress,
         check_cancelled=context.attempt.check_cancelled,
+        model_inputs=context.inputs,
     )
     report = result.report(request.objective, request.budget)
     out = context.workdir / "autotune"
@@ -229,16 +237,86 @@ def conversion_ended(session: Session, job: JobRecord, status: str, error: dict[
     )
 
 
+#: Seconds between two progress reports of a decode_images job (each is a database write).
+_PROGRESS_EVERY_S = 1.0
+
+
+def run_decode_images(context: JobContext) -> Outcome:
+    """A large image folder (`context.evaluation`, `processing`; its zip at `SOURCE_FILE`) decoded
+    into its `.npz` in bounded memory (engines.ingest.image_npz), with progress per image and the
+    cancellation checked as often. The folder is checked again as at upload (the same plan, the
+    same limits), each image's pixels from its header before it is decoded. The `.npz` replaces
+    the zip under the dataset's prefix, and the dataset is `ready` in the transaction that marks
+    the job succeeded; a refusal fails the job (and the dataset) with the upload's code."""
+    record = context.evaluation
+    assert record is not None, "a decode_images job is created with its dataset"
+    settings, attempt = context.settings, context.attempt
+    limits = dataset_limits(settings)
+    prefix, npz_name = record.artifact_key.rsplit("/", 1)
+    archive = context.store.local_path(f"{prefix}/{DatasetRecord.SOURCE_FILE}")
+    options = context.recipe
+    attempt.progress(0.02, "checking the archive (members, layout, sizes), as at upload")
+    spec = ImagePreprocessing.from_dict(json.loads(options["preprocessing"] or "{}"))
+    plan = plan_image_folder(
+        archive,
+        spec,
+        max_unpacked_bytes=settings.max_unpacked_bytes,
+        max_images=settings.max_dataset_images,
+        input_name=options.get("input_name") or "input",
+        classes=json.loads(options["classes"]) if options.get("classes") else None,
+        limits=limits,
+    )
+    stored = context.workdir / "stored"
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        attempt.check_cancelled()
+        now = time.monotonic()
+        if now - last[0] >= _PROGRESS_EVERY_S or done == total:
+            last[0] = now
+            attempt.progress(0.05 + 0.85 * done / total, f"decoding images: {done} of {total}")
+
+    write_image_npz(archive, plan, stored / npz_name, max_pixels=limits.max_image_pixels, progress=progress)
+    attempt.progress(0.92, "checking the arrays, as an uploaded .npz is checked")
+    info = inspect_npz(stored / npz_name, max_unpacked_bytes=settings.max_unpacked_bytes, limits=limits)
+    description = {**info.to_dict(), "image_folder": plan.describe(), "processing_job_id": context.job_id}
+
+    def record_ready(session: Session, job: JobRecord) -> None:
+        dataset = session.get(DatasetRecord, record.id)
+        assert dataset is not None, "a dataset with active jobs cannot be deleted"
+        context.store.put_dir(prefix, stored, move=True)  # the .npz replaces the zip at once
+        dataset.info, dataset.status, dataset.error = description, DatasetStatus.READY, None
+
+    return Outcome(
+        messages=[f"decoded {plan.samples} images into {list(plan.shape)} {spec.dtype}"], record=record_ready
+    )
+
+
+def decoding_ended(session: Session, job: JobRecord, status: str, error: dict[str, Any] | None) -> None:
+    """A decode_images job that did not succeed leaves its dataset `failed` with the job's error."""
+    if status == JobStatus.CANCELLED:
+        error = DatasetStatus.cancelled_error(job.id)
+    session.execute(
+        update(DatasetRecord)
+        .where(
+            DatasetRecord.id == job.evaluation_dataset_id, DatasetRecord.status == DatasetStatus.PROCESSING
+        )
+        .values(status=DatasetStatus.FAILED, error=error or {"code": "decoding_failed", "detail": status})
+    )
+
+
 HANDLERS: dict[str, Handler] = {
     JobKind.OPTIMIZE: run_optimize,
     JobKind.SENSITIVITY: run_sensitivity,
     JobKind.AUTOTUNE: run_autotune,
     JobKind.CONVERT: run_convert,
+    JobKind.DECODE_IMAGES: run_decode_images,
 }
 #: What to record elsewhere when a job of a kind fails or is cancelled (in the worker: the API and
 #: the sweeper end jobs too, and app.services.jobs.model_state reads those from the job).
 ENDED_UNSUCCESSFULLY: dict[str, Callable[[Session, JobRecord, str, dict[str, Any] | None], None]] = {
     JobKind.CONVERT: conversion_ended,
+    JobKind.DECODE_IMAGES: decoding_ended,
 }
 
 

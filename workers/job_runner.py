@@ -11,6 +11,8 @@ sometimes while the first delivery is still running. So the row, not the message
   (`workers.recovery`) puts it back in the queue;
 - every later write of the attempt is conditional on still owning the row (same attempt number,
   still running), so an attempt that was superseded or cancelled cannot overwrite the outcome;
+- a message is a wake-up for its queue: the job started is the fair choice across projects among
+  the queue's queued jobs (workers.fairness), within `max_running_jobs_per_project`;
 - files go under `jobs/<job id>/`, written atomically; an attempt that does not succeed removes the
   files it wrote, and a restarted job first removes its predecessors'.
 """
@@ -26,13 +28,15 @@ from pathlib import Path
 from sqlalchemy import update
 
 from app.core.db import session_scope
+from app.core.job_queue import enqueue_wakeup, job_queue
 from app.core.orm import DatasetRecord, JobKind, JobRecord, JobStatus, ModelRecord, utcnow
 from app.core.settings import Settings
 from app.core.store import ArtifactStore, get_store
 from engines.errors import Cancelled, EngineError, scrub_paths
 from engines.ingest.model import MODEL_FILENAME
 from engines.ingest.signature import specs_from_dicts
-from workers.attempts import Attempt, Superseded, claim, owned
+from workers.attempts import Attempt, Superseded, claim, claim_next, owned
+from workers.fairness import fair_candidates
 from workers.handlers import ENDED_UNSUCCESSFULLY, HANDLERS, JobContext
 from workers.recovery import remove_scratch
 
@@ -54,18 +58,57 @@ def temporary_files_in(folder: Path) -> Iterator[None]:
         tempfile.tempdir = previous
 
 
+def run_from_message(settings: Settings, job_id: str | None, queue: str | None) -> None:
+    """The Celery task's body. A message is a wake-up for its queue: the job started is the fair
+    choice among the queue's queued jobs (workers.fairness), not necessarily the one it names.
+    When the attempt ends, the queue is woken again if a job of it can now start."""
+    queue = queue or _queue_of(settings, job_id)
+    store = get_store(settings.resolved_artifact_dir)
+    chosen = claim_next(settings, store, queue, named=job_id)
+    if chosen is None:
+        return
+    try:
+        _run_claimed(settings, store, *chosen)
+    finally:
+        wake_if_waiting(settings, queue)
+
+
 def run_job_by_id(settings: Settings, job_id: str) -> None:
-    """The Celery task's body: claim the job, run the handler of its kind, record the outcome."""
-    db_url = settings.resolved_database_url
+    """Claim this very job and run it (tests and benchmarks run a job in process with it; the
+    workers go through `run_from_message`, which chooses fairly)."""
     store = get_store(settings.resolved_artifact_dir)
     number = claim(settings, store, job_id)
-    if number is None:
-        return
+    if number is not None:
+        _run_claimed(settings, store, job_id, number)
+
+
+def wake_if_waiting(settings: Settings, queue: str) -> None:
+    """Send the queue a wake-up when one of its queued jobs may start now (this attempt's end freed
+    a slot, and one running job of its project): the message that named it may be long consumed."""
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            waiting = bool(fair_candidates(session, settings, queue))
+        if waiting:
+            enqueue_wakeup(settings, queue)
+    except Exception:  # the sweeper re-sends what stays queued (`queue_republish_s`)
+        logger.exception("could not wake the '%s' queue", queue)
+
+
+def _queue_of(settings: Settings, job_id: str | None) -> str:
+    """The queue of a message sent before messages named their queue: its job's."""
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get(JobRecord, job_id) if job_id else None
+        return job_queue(job.kind, job.recipe or {}) if job is not None else "cpu"
+
+
+def _run_claimed(settings: Settings, store: ArtifactStore, job_id: str, number: int) -> None:
+    """Run the handler of the job's kind under attempt `number`, and record the outcome."""
+    db_url = settings.resolved_database_url
     with session_scope(db_url) as session:
         job = session.get(JobRecord, job_id)
         assert job is not None
         kind, recipe, messages = job.kind, dict(job.recipe), list(job.messages or [])
-        model = session.get(ModelRecord, job.model_id)
+        model = session.get(ModelRecord, job.model_id) if job.model_id else None  # none: decode_images
         calibration = (
             session.get(DatasetRecord, job.calibration_dataset_id) if job.calibration_dataset_id else None
         )
@@ -82,7 +125,7 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
                     "run a worker of the same version as the API",
                     code="job_kind_unsupported",
                 )
-            assert model is not None, "a model with active jobs cannot be deleted"
+            assert model is not None or kind in JobKind.WITHOUT_MODEL, "a model with jobs cannot be deleted"
             remove_scratch(settings, job_id)  # a lost attempt's folder: this attempt owns the job now
             settings.scratch_dir.mkdir(parents=True, exist_ok=True)
             with (
@@ -94,8 +137,10 @@ def run_job_by_id(settings: Settings, job_id: str) -> None:
                     store=store,
                     job_id=job_id,
                     recipe=recipe,
-                    inputs=specs_from_dicts(model.info.get("inputs", [])),  # none before a conversion
-                    model_path=store.local_path(
+                    inputs=specs_from_dicts(model.info.get("inputs", []) if model else []),  # none yet
+                    model_path=Path(workdir) / "no-model"
+                    if model is None
+                    else store.local_path(
                         f"{model.artifact_prefix}/"
                         + (ModelRecord.SOURCE_FILE if kind == JobKind.CONVERT else MODEL_FILENAME)
                     ),

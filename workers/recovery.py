@@ -65,8 +65,9 @@ def requeue_lost_jobs(settings: Settings) -> list[str]:
 def republish_queued_jobs(settings: Settings) -> list[str]:
     """Send again the message of each job queued longer than `queue_republish_s` since it was last
     sent, on a queue some live worker takes: its message may be gone (a broker restarted without
-    persistence). Compare-and-swap on `published_at`, so two sweepers send it once; a delivery of a
-    job that another delivery already claimed is a no-op (the row decides)."""
+    persistence), or the wake-up a job's end sends (workers.fairness) may have died with its worker.
+    Compare-and-swap on `published_at`, so two sweepers send it once; a message is a wake-up, and
+    one that finds nothing to start is a no-op (the rows decide)."""
     cutoff = utcnow() - timedelta(seconds=settings.queue_republish_s)
     sent = []
     with session_scope(settings.resolved_database_url) as session:

@@ -12,13 +12,14 @@ from celery.signals import worker_ready
 from app.core.job_queue import RUN_JOB_TASK
 from app.core.settings import get_settings
 from app.core.store import get_store
-from workers.job_runner import run_job_by_id
+from workers.job_runner import run_from_message
 from workers.recovery import node_hardware, remove_orphaned_scratch, start_sweeper
 
 
 @shared_task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
-def run_job(job_id: str) -> None:
-    run_job_by_id(get_settings(), job_id)
+def run_job(job_id: str | None = None, queue: str | None = None) -> None:
+    """A wake-up for `queue`: it runs the fair choice among the queue's jobs (workers.fairness)."""
+    run_from_message(get_settings(), job_id, queue)
 
 
 @worker_ready.connect

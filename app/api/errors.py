@@ -9,9 +9,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.body_errors import bounded_issues, unreadable_body
 from app.core.errors import ApiError, from_engine_error
+from app.core.outages import as_storage_fault
 from engines.errors import EngineError
 
 #: Paths whose errors follow the Open Inference Protocol: `{"error": message}`, what its clients read.
@@ -26,22 +29,21 @@ def error_body(path: str, code: str, detail: str, **extra: Any) -> dict[str, Any
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """Every method some route of the app takes at `path` (read from its OpenAPI document, which
-    lists every route whatever router it is in), for a 405's `Allow` header."""
-    table = getattr(app.state, "route_methods", None)
-    if table is None:
-        from starlette.routing import compile_path
+    """Every method some route of the app takes at `path`, for a 405's `Allow` header: asked of
+    the router itself (its routes' own matching, nested routers and the routes left out of the
+    OpenAPI document, such as the console's pages, included). Mounts take any method: skipped."""
+    from starlette.routing import Match, Mount
 
-        table = [
-            (compile_path(template)[0], {method.upper() for method in operations})
-            for template, operations in app.openapi()["paths"].items()
-        ]
-        app.state.route_methods = table
-    methods: set[str] = set()
-    for pattern, verbs in table:
-        if pattern.match(path):
-            methods |= verbs
-    return sorted(methods)
+    methods = []
+    for method in _METHODS:
+        scope = {"type": "http", "path": path, "method": method, "root_path": "", "headers": []}
+        routes = (route for route in app.router.routes if not isinstance(route, Mount))
+        if any(route.matches(scope)[0] == Match.FULL for route in routes):
+            methods.append(method)
+    return methods
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 async def send_error(
@@ -53,6 +55,20 @@ async def send_error(
     raw_headers += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _storage_fault(request: Request, exc: Exception) -> JSONResponse | None:
+    """A storage fault (database unreachable, disk full: app.core.outages) is the server's
+    condition, answered 503 `database_unavailable` / 507 `insufficient_storage` on every route, the
+    /v2 DirectRoutes included (they run inside the handlers' middleware); None for other errors."""
+    fault = as_storage_fault(exc)
+    if fault is None:
+        return None
+    logging.getLogger("optiforge.api").warning(
+        "%s on %s: %s", fault.code, request.url.path, type(exc).__name__, exc_info=True
+    )
+    body = error_body(request.url.path, fault.code, fault.detail)
+    return JSONResponse(body, status_code=fault.status, headers=fault.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -72,19 +88,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"loc": list(item.get("loc", ())), "msg": item.get("msg", ""), "type": item.get("type", "")}
-            for item in exc.errors()
-        ]
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        issues = exc.errors()
+        errors, detail = bounded_issues(issues, len(issues))  # a few KB, however many problems
         body = error_body(request.url.path, "validation_error", detail, errors=errors)
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        fault = _storage_fault(request, exc)  # a multipart body that could not be spooled: disk full
+        if fault is not None:
+            return fault
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
-        if exc.status_code == 405:  # the framework names the methods of the first route that matched
+        if exc.status_code == 400:  # the framework could not parse the body
+            code, detail = unreadable_body(request.headers.get("content-type", ""), str(exc.detail))
+        elif exc.status_code == 405:  # the framework names the methods of the first route that matched
             allowed = allowed_methods(app, request.url.path)
             headers["Allow"] = ", ".join(allowed)
             detail = f"{request.method} is not allowed here; this path takes {', '.join(allowed)}"
@@ -93,8 +111,15 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body(request.url.path, code, detail)
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
+    @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(OSError)
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # SQLAlchemyError and OSError are registered by name so that storage faults are answered
+        # here, inside the middleware stack, rather than by the outermost catch-all.
+        fault = _storage_fault(request, exc)
+        if fault is not None:
+            return fault
         # Logged with the request id; the caller gets JSON, never a traceback.
         logging.getLogger("optiforge.api").exception("unhandled error on %s", request.url.path)
         body = error_body(request.url.path, "internal_error", f"internal error: {type(exc).__name__}")

@@ -122,19 +122,38 @@ _BODIES = _on("post put patch")
 RULES: tuple[Rule, ...] = (
     # every operation
     Rule(400, ("control_characters",), "a control character (NUL…) in the path or query string"),
+    Rule(400, ("duplicate_host",), "more than one Host header"),
     Rule(500, ("internal_error",), "a bug: logged with the request id; the body holds no traceback"),
+    Rule(503, ("database_unavailable",), "the database is unreachable or locked for now (app.core.outages); "
+         "retry after Retry-After", headers=_RETRY_AFTER),
+    Rule(507, ("insufficient_storage",), "the server's disk is full (ENOSPC/EDQUOT): nothing was stored; "
+         "deletes still work"),
     Rule(422, ("validation_error",), "the request does not match this document: `errors` lists each problem",
          with_input=True),
     Rule(413, ("upload_too_large", "json_tensors_too_large"),
          "the body is over the request limit, the upload limit or the JSON-tensor cap", methods=_BODIES),
+    Rule(408, ("body_too_slow",), "the body arrived below the minimum rate (OPTIFORGE_BODY_MIN_RATE_BYTES_S) "
+         "for a whole window (OPTIFORGE_BODY_RATE_WINDOW_S)", methods=_BODIES, headers=_CONNECTION_CLOSE),
     Rule(404, ("…_not_found",), "an id in the path names nothing in the key's project", r"\{[a-z_]*id\}"),
+    Rule(400, ("invalid_json",), "a body that cannot be read as JSON (nested too deep, not UTF-8)",
+         methods=_BODIES, with_input=True),
+    Rule(409, ("unrenderable_record",), "the record holds text stored before such text was refused (an "
+         "unpaired surrogate) and cannot be shown; listings leave it out",
+         r"^/v1/(models|datasets|jobs|engines)"),
     # API keys and projects: every operation but the probes
     Rule(401, ("api_key_required", "invalid_api_key"), "no API key, or not a valid one", closed=True,
          headers=_WWW_AUTHENTICATE),
-    Rule(403, ("insufficient_scope", "foreign_origin", "host_not_allowed"),
-         "the key lacks the scope; a state-changing request from a foreign Origin; a server with no key "
-         "yet, asked by another name than a loopback one", closed=True),
+    Rule(403, ("insufficient_scope", "foreign_origin", "host_not_allowed", "client_not_allowed"),
+         "the key lacks the scope; a state-changing request from a foreign Origin; a server that has never "
+         "had a key, asked by another name than a loopback one or from another machine", closed=True),
     Rule(429, ("rate_limited",), "over the key's rate limit", closed=True, headers=_RETRY_AFTER),
+    Rule(503, ("auth_unavailable",), "the API key cannot be checked now (the database is unreachable): "
+         "retry after Retry-After", closed=True, headers=_RETRY_AFTER),
+    Rule(429, ("too_many_failed_keys",), "this client address sent too many unknown keys lately "
+         "(OPTIFORGE_AUTH_FAILURES_PER_CLIENT per OPTIFORGE_AUTH_FAILURE_WINDOW_S)", closed=True,
+         headers=_RETRY_AFTER),
+    Rule(409, ("last_admin_key",), "it would leave the server without an active admin key: create another "
+         "first", r"^/v1/admin/(keys/\{key_id\}|projects/\{project_id\})$", _on("delete")),
     Rule(404, ("project_not_found",), "the key's project does not exist", r"^/v1/admin/keys$", _on("post")),
     Rule(409, ("project_exists",), "a project of that name exists", r"^/v1/admin/projects$", _on("post")),
     Rule(409, ("project_in_use",), "the default project, or one that still holds records",
@@ -142,17 +161,38 @@ RULES: tuple[Rule, ...] = (
     Rule(422, ("invalid_scopes", "invalid_rate_limit", "weak_api_key"), "a key that cannot be made",
          r"^/v1/admin/keys$", _on("post")),
     # uploads
-    Rule(400, ("http_error",), "a multipart body that cannot be parsed", _UPLOADS, _on("post")),
-    Rule(422, ("invalid_model", "invalid_dataset", "invalid_bundle", "empty_file", "invalid_torch_program",
-               "unsupported_op", "pickle_refused", "invalid_opset", "…"),
-         "not a valid, self-contained model (ONNX, or a torch.export program of built-in operators), or "
-         "not a safe, consistent dataset", _UPLOADS, _on("post")),
+    Rule(400, ("invalid_multipart",), "a multipart body that cannot be parsed (a part's header line over "
+         "4 KB, such as a very long file name)", _UPLOADS, _on("post")),
+    Rule(422, ("invalid_model", "onnx_check_failed", "invalid_bundle", "empty_file", "archive_path_traversal",
+               "external_data_missing", "external_data_outside_upload", "input_too_large",
+               "unsupported_io_type", "invalid_torch_program", "unsupported_op", "pickle_refused",
+               "invalid_opset"),
+         "not a valid, self-contained model (ONNX, or a torch.export program of built-in operators)",
+         _MODEL_UPLOAD, _on("post")),
+    Rule(422, ("invalid_dataset", "empty_file", "pickle_refused", "invalid_labels", "non_finite_values",
+               "too_many_arrays", "archive_path_traversal", "not_an_image", "image_decode_failed",
+               "image_size_mismatch", "image_too_large", "mixed_layout", "too_many_images",
+               "invalid_preprocessing"),
+         "not a safe, consistent dataset (an .npz of arrays, or a .zip of images)", r"^/v1/datasets$",
+         _on("post")),
+    Rule(422, ("invalid_batch_axis",), "a stated batch_axis that is not a JSON object of the model's input "
+         "names to an axis in range (or null), or one sent with a .pt2", _MODEL_UPLOAD, _on("post")),
     Rule(429, ("too_many_jobs",), "a .pt2 is converted by a job, and the project has as many jobs queued or "
          "running as it may", _MODEL_UPLOAD, _on("post"), headers=_RETRY_AFTER),
     Rule(503, ("broker_unavailable",), "a .pt2's convert job cannot be queued (the model and its job are "
          "kept, failed)", _MODEL_UPLOAD, _on("post")),
     Rule(503, ("too_many_uploads",), "the server is receiving as many uploads as it takes at once",
          _UPLOADS, _on("post"), headers=_RETRY_AFTER),
+    Rule(413, ("dataset_too_large", "too_many_samples"), "the dataset's arrays once decoded, or its samples, "
+         "are over the server's limits (the numbers are in the body)", r"^/v1/datasets$", _on("post")),
+    Rule(429, ("too_many_jobs",), "a large image folder is decoded by a job, and the project has as many "
+         "jobs queued or running as it may", r"^/v1/datasets$", _on("post"), headers=_RETRY_AFTER),
+    Rule(503, ("broker_unavailable",), "a large image folder's decode_images job cannot be queued (the "
+         "dataset and its job are kept, failed)", r"^/v1/datasets$", _on("post")),
+    Rule(409, ("dataset_not_ready",), "the dataset's images are still being decoded, or decoding failed",
+         r"^/v1/datasets/\{dataset_id\}/download$", _on("get")),
+    Rule(409, ("dataset_not_ready",), "a dataset's images are still being decoded, or decoding failed",
+         _JOB_CREATING, _on("post")),
     Rule(409, ("model_in_use", "dataset_in_use"), "a queued or running job still uses it",
          r"^/v1/(models|datasets)/\{[a-z_]+\}$", _on("delete")),
     # jobs
@@ -164,6 +204,8 @@ RULES: tuple[Rule, ...] = (
     Rule(409, ("model_not_ready",), _NOT_READY, r"^/v1/models/\{model_id\}/download$", _on("get")),
     Rule(422, ("invalid_recipe", "dataset_mismatch", "…"),
          "the recipe or the datasets do not fit the model or the machine", _JOB_CREATING, _on("post")),
+    Rule(422, ("time_budget_too_long",), "the time budget is over the server's `max_time_budget_minutes`",
+         r"^/v1/models/\{model_id\}/optimize$", _on("post")),
     Rule(429, ("too_many_jobs",), "the project has as many jobs queued or running as it may",
          _JOB_CREATING, _on("post"), headers=_RETRY_AFTER),
     Rule(503, ("broker_unavailable",), "the job queue is unreachable (the job is kept, failed)",
@@ -190,8 +232,10 @@ RULES: tuple[Rule, ...] = (
     Rule(400, ("body_incomplete",), "the client closed before its body was complete", _INFER),
     Rule(408, ("body_timeout",), "the body did not arrive within the read timeout", _INFER,
          headers=_CONNECTION_CLOSE),
-    Rule(503, ("server_busy",), "every inference slot, or the memory for bodies, is taken: retry shortly",
-         _INFER, headers=_RETRY_AFTER),
+    Rule(503, ("server_busy",), "every inference slot, the memory for bodies, or the activation budget is "
+         "taken: retry shortly", _INFER, headers=_RETRY_AFTER),
+    Rule(413, ("batch_too_large",), "a batch over the engine's largest (`max_batch` in the body; /v2 model "
+         "metadata's `parameters.max_batch_size`)", _INFER),
     Rule(503, ("backend_unavailable", "engine_incompatible", "engine_file_missing"),
          "this node cannot run the engine", _V2_INFER),
 )
@@ -310,6 +354,26 @@ def declare_errors(
     return document
 
 
+def forms_without_null(document: dict[str, Any]) -> dict[str, Any]:
+    """Optional fields of multipart forms (`document`'s, in place, and returned) lose their `null`.
+
+    FastAPI writes an optional form field as `anyOf: [<its type>, null]`, but a form has no null:
+    an optional field is left out, and one that is sent is text (an `opset` of "null" is no
+    integer). Generated clients and schemathesis sent "null"; the document now says what is read."""
+    schemas = document.get("components", {}).get("schemas", {})
+    for operations in document.get("paths", {}).values():
+        for method, operation in operations.items():
+            content = operation.get("requestBody", {}).get("content", {}) if method in METHODS else {}
+            form = content.get("multipart/form-data", {}).get("schema", {})
+            form = schemas.get(form.get("$ref", "").rpartition("/")[2], form)
+            for name, spec in form.get("properties", {}).items():
+                kinds = [kind for kind in spec.get("anyOf", ()) if kind != {"type": "null"}]
+                if len(kinds) == 1 and len(spec["anyOf"]) == 2:
+                    rest = {key: value for key, value in spec.items() if key not in ("anyOf", "default")}
+                    form["properties"][name] = {**kinds[0], **rest}
+    return document
+
+
 def direct_operations(app: FastAPI) -> set[tuple[str, str]]:
     """(path, method) of the app's DirectRoutes."""
     return {
@@ -327,7 +391,7 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = declare_errors(generate(), direct_operations(app))
+            app.openapi_schema = forms_without_null(declare_errors(generate(), direct_operations(app)))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

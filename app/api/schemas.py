@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from app.api.middleware.control_chars import TEXT_CONTROL_CHARACTERS
 from engines.backends.registry import backend_names
@@ -28,6 +37,7 @@ PruneCriterion = Literal[tuple(CRITERIA)]  # type: ignore[valid-type]
 _SENSITIVITY_CRITERIA = tuple(name for name, item in CRITERIA.items() if item.in_sensitivity)
 SensitivityCriterion = Literal[_SENSITIVITY_CRITERIA]  # type: ignore[valid-type]
 Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
+BackendName = Literal[tuple(backend_names())]  # type: ignore[valid-type]
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
@@ -35,32 +45,114 @@ ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 
+def _text_pattern() -> str:
+    """TEXT_CONTROL_CHARACTERS (one character class) turned into the pattern of text without them."""
+    forbidden = TEXT_CONTROL_CHARACTERS.pattern
+    if not (forbidden.startswith("[") and forbidden.endswith("]") and not forbidden.startswith("[^")):
+        raise ValueError(f"TEXT_CONTROL_CHARACTERS must be one character class: {forbidden}")
+    return f"^[^{forbidden[1:-1]}]*$"
+
+
+#: Text in a request body (ids, names, options), as the OpenAPI document states it: no control
+#: character but tab, newline and carriage return (the rule of `unstorable_text`, from the same
+#: class), so a generated client or schemathesis does not send what is refused. Unpaired surrogates
+#: are refused too but left out of the pattern: a JSON Schema validator without Unicode mode reads
+#: UTF-16 code units, where every character beyond the BMP (an emoji) is a surrogate pair, and a
+#: lone surrogate is no Unicode text, which JSON Schema strings are anyway.
+TEXT_PATTERN = _text_pattern()
+Text = Annotated[str, Field(pattern=TEXT_PATTERN)]
+#: An object whose keys are client text (input names): the same rule, for its property names.
+TEXT_KEYS = {"propertyNames": {"pattern": TEXT_PATTERN}}
+
+
+def _whole_number(value: Any) -> Any:
+    """1.0 as 1: JSON Schema's `integer` is any number without a fraction, so the document's
+    integers take it (JSON has one number type; some clients write every number with a point).
+    Anything else goes on to the strict check: `true` or `"8"` is still no integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WHOLE_NUMBER = BeforeValidator(_whole_number)
+#: An integer of a request body, as JSON Schema means it (`_whole_number`). Bounds given by the
+#: field (`x: Integer = Field(1, ge=1)`) reach the document; inside a union or a list, give them
+#: before WHOLE_NUMBER (`Annotated[int, Field(ge=1), WHOLE_NUMBER] | None`), or pydantic writes
+#: them as `ge`/`le`, which JSON Schema does not read (tests/test_contract_bounds.py checks).
+Integer = Annotated[int, WHOLE_NUMBER]
+
+#: Ids start with these (app.core.orm.new_id): an alias that did would be read as an id.
+ID_PREFIXES = ("eng_", "mdl_")
+
+
+def _not_an_id(alias: str) -> str:
+    if alias.startswith(ID_PREFIXES):
+        raise ValueError(f"an alias cannot start with {' or '.join(ID_PREFIXES)}: names like that are ids")
+    return alias
+
+
+#: A name to infer with instead of an engine id. Checked as ALIAS_PATTERN plus `_not_an_id` (the
+#: look-ahead is no pattern pydantic's regex engine takes); the document states both in one pattern.
+Alias = Annotated[
+    str,
+    Field(
+        pattern=ALIAS_PATTERN,
+        json_schema_extra={"pattern": f"^(?!{'|'.join(ID_PREFIXES)}){ALIAS_PATTERN[1:]}"},
+        description=f"letters, digits, '.', '_', '-'; not starting with {' or '.join(ID_PREFIXES)} "
+        "(those are ids)",
+    ),
+    AfterValidator(_not_an_id),
+]
+
+
+#: An unpaired UTF-16 surrogate: `"\\ud800"` is a valid JSON escape, but no UTF-8 text holds it, and
+#: UTF-8 is what both databases store and every JSON response is written in. Taken in, it was stored
+#: (in a JSON column, which escapes it) and then broke every listing that showed it.
+SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def unstorable_text(value: str) -> str | None:
+    """Why `value` cannot be taken in as an id, name or option (None: it can). The one rule for text
+    in request bodies and form fields (`InputModel`, `InferRequest`'s names, `check_text`)."""
+    if TEXT_CONTROL_CHARACTERS.search(value):
+        return "control characters (such as NUL) are not allowed in ids, names or options"
+    if SURROGATES.search(value):
+        return (
+            "unpaired UTF-16 surrogates (such as \\ud800) are not allowed: they are no Unicode "
+            "characters and cannot be stored; send the text as proper UTF-8"
+        )
+    return None
+
+
 class InputModel(BaseModel):
     """A request body: no string in it, key or value, at any depth, holds a control character
-    (NUL above all: PostgreSQL refuses it; see app.api.middleware.control_chars). Strict: a value is taken as
-    the OpenAPI document types it, not coerced (`true` is no batch size, `"8"` no integer; an
-    integer is still a number), which schemathesis checks (tests/test_schemathesis.py)."""
+    (NUL above all: PostgreSQL refuses it; see app.api.middleware.control_chars) or an unpaired
+    surrogate (`unstorable_text`), so nothing is stored that a response could not show. Strict: a
+    value is taken as the OpenAPI document types it, not coerced (`true` is no batch size, `"8"` no
+    integer; an integer is still a number), which schemathesis checks (tests/test_schemathesis.py)."""
 
     model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
-    def _no_control_characters(cls, data: Any) -> Any:
-        _check_text(data)
+    def _storable_text(cls, data: Any) -> Any:
+        check_text(data)
         return data
 
 
-def _check_text(value: Any) -> None:
-    if isinstance(value, str):
-        if TEXT_CONTROL_CHARACTERS.search(value):
-            raise ValueError("control characters (such as NUL) are not allowed in ids, names or options")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check_text(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _check_text(item)
+def check_text(value: Any) -> None:
+    """ValueError when a string in `value` (keys and values, at any depth) is `unstorable_text`:
+    for request bodies (through pydantic, a 422) and JSON sent in form fields. A loop, not
+    recursion: JSON as deep as the parser takes must not exhaust the stack here."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if (reason := unstorable_text(item)) is not None:
+                raise ValueError(reason)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
 
 
 class TensorSpecOut(BaseModel):
@@ -73,6 +165,11 @@ class TensorSpecOut(BaseModel):
         0,
         description="the dim samples stack along (recurrent state: often 1); null: none (a scalar, or a "
         "tensor every sample shares). A dataset holds one row per sample: the shape without this dim",
+    )
+    batch_axis_stated: bool | None = Field(
+        None,
+        exclude_if=lambda stated: stated is None,
+        description="present (true) only when batch_axis was stated at upload (form field batch_axis)",
     )
 
 
@@ -147,17 +244,30 @@ class DatasetOut(BaseModel):
         default=None,
         description="for a .zip of images: images, the preprocessing spec applied, class_names",
     )
+    status: Literal["ready", "processing", "failed"] = Field(
+        default="ready",
+        description="processing: a large image folder being decoded by its job (processing_job_id); "
+        "jobs can use the dataset once it is ready",
+    )
+    error: dict[str, Any] | None = Field(default=None, description="why decoding failed: code, detail")
+    processing_job_id: str | None = Field(
+        default=None, description="the decode_images job of an image folder decoded by a worker"
+    )
     created_at: datetime
 
 
 class MeasureIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
-    warmup_runs: int = Field(10, ge=0, le=10_000)
-    timed_runs: int = Field(50, ge=1, le=100_000, description="at least this many timed runs per batch size")
+    warmup_runs: Integer = Field(10, ge=0, le=10_000)
+    timed_runs: Integer = Field(
+        50, ge=1, le=100_000, description="at least this many timed runs per batch size"
+    )
     min_seconds: float = Field(1.0, ge=0, le=600, description="and at least this long timing each batch size")
-    max_runs: int = Field(100_000, ge=1, le=1_000_000, description="but never more runs than this")
-    threads: int | None = Field(None, ge=1, le=1024, description="null: all cores")
+    max_runs: Integer = Field(100_000, ge=1, le=1_000_000, description="but never more runs than this")
+    threads: Annotated[int, Field(ge=1, le=1024), WHOLE_NUMBER] | None = Field(
+        None, description="null: all cores"
+    )
 
     def to_config(self) -> MeasureConfig:
         return MeasureConfig(**self.model_dump())
@@ -170,9 +280,11 @@ class QuantizeIn(InputModel):
 
     calibration: CalibrationName = "minmax"
     per_channel: bool = True
-    calibration_samples: int | None = Field(None, ge=1, description="null: the whole calibration set")
+    calibration_samples: Annotated[int, Field(ge=1), WHOLE_NUMBER] | None = Field(
+        None, description="null: the whole calibration set"
+    )
     reduce_range: bool | None = Field(None, description="7-bit weights; null: chosen from the CPU's features")
-    nodes_to_exclude: list[str] = Field(default_factory=list, description="node names kept in float")
+    nodes_to_exclude: list[Text] = Field(default_factory=list, description="node names kept in float")
 
     def to_config(self) -> QuantizeConfig:
         return QuantizeConfig(**{**self.model_dump(), "nodes_to_exclude": tuple(self.nodes_to_exclude)})
@@ -196,7 +308,7 @@ class AccuracyBudgetIn(InputModel):
 class RatiosFromSensitivityIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
-    job_id: str | None = Field(
+    job_id: Text | None = Field(
         None, description="a succeeded sensitivity job of this model; null: the latest"
     )
     max_drop: float = Field(0.01, ge=0, le=1)
@@ -207,15 +319,15 @@ class SensitivityCreate(InputModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: str
+    dataset_id: Text
     method: SensitivityCriterion = "l1"
-    ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7], min_length=1, max_length=10)
+    ratios: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 0.7], min_length=1, max_length=10
+    )
 
     @field_validator("ratios")
     @classmethod
-    def _in_range(cls, ratios: list[float]) -> list[float]:
-        if any(not 0 < ratio < 1 for ratio in ratios):
-            raise ValueError("ratios must be in (0, 1)")
+    def _sorted(cls, ratios: list[float]) -> list[float]:
         return sorted(set(ratios))
 
 
@@ -227,10 +339,12 @@ class PruneIn(InputModel):
     method: PruneCriterion = "l1"
     ratio: float = Field(0.5, gt=0, lt=1, description="structured: fraction of channels removed")
     scope: Literal["uniform", "global"] = "uniform"
-    round_to: int = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
-    ignore: list[str] = Field(default_factory=list, description="layer (node) names never pruned")
+    round_to: Integer = Field(8, ge=1, le=256, description="keep channel counts multiples of this")
+    ignore: list[Text] = Field(default_factory=list, description="layer (node) names never pruned")
     sparsity: float = Field(0.8, gt=0, lt=1, description="magnitude: fraction of weights set to zero")
-    sparsity_epochs: int = Field(0, ge=0, le=200, description="slimming: epochs of L1 on BatchNorm γ first")
+    sparsity_epochs: Integer = Field(
+        0, ge=0, le=200, description="slimming: epochs of L1 on BatchNorm γ first"
+    )
     sparsity_lambda: float = Field(1e-4, ge=0, le=1, description="slimming: weight of that L1 penalty")
     ratios_from_sensitivity: RatiosFromSensitivityIn | None = Field(
         None, description="per-layer ratios: the largest each layer took within max_drop in that analysis"
@@ -247,14 +361,14 @@ class FinetuneIn(InputModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(FinetuneConfig.epochs, ge=1, le=200)
+    epochs: Integer = Field(FinetuneConfig.epochs, ge=1, le=200)
     lr: float = Field(FinetuneConfig.lr, gt=0, le=1, description="peak of the one-cycle schedule (Adam)")
     distill: bool = FinetuneConfig.distill
     temperature: float = Field(FinetuneConfig.temperature, gt=0, le=100)
     alpha: float = Field(
         FinetuneConfig.alpha, ge=0, le=1, description="weight of distillation vs cross-entropy"
     )
-    batch_size: int = Field(FinetuneConfig.batch_size, ge=1, le=4096)
+    batch_size: Integer = Field(FinetuneConfig.batch_size, ge=1, le=4096)
     reinsert_batchnorm: bool = Field(
         FinetuneConfig.reinsert_batchnorm,
         description="train with a BatchNorm after each convolution that has none (exports with BatchNorm "
@@ -268,9 +382,11 @@ class FinetuneIn(InputModel):
 class RecipeIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
-    targets: list[str] = Field(default_factory=lambda: ["onnxruntime-cpu"], min_length=1)
+    targets: list[BackendName] = Field(default_factory=lambda: ["onnxruntime-cpu"], min_length=1)  # type: ignore[valid-type]
     precision: Precision = "fp32"
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, max_length=16)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096), WHOLE_NUMBER]] = Field(
+        default_factory=lambda: [1, 8], min_length=1, max_length=16
+    )
     quantize: QuantizeIn = Field(default_factory=QuantizeIn)
     accuracy_budget: AccuracyBudgetIn | None = None
     prune: PruneIn | None = None
@@ -279,17 +395,12 @@ class RecipeIn(InputModel):
 
     @field_validator("targets")
     @classmethod
-    def _known_targets(cls, targets: list[str]) -> list[str]:
-        unknown = [target for target in targets if target not in backend_names()]
-        if unknown:
-            raise ValueError(f"unknown target(s) {unknown}; known targets: {backend_names()}")
+    def _distinct_targets(cls, targets: list[str]) -> list[str]:
         return list(dict.fromkeys(targets))
 
     @field_validator("batch_sizes")
     @classmethod
-    def _sane_batch_sizes(cls, sizes: list[int]) -> list[int]:
-        if any(size < 1 or size > 4096 for size in sizes):
-            raise ValueError("batch sizes must be between 1 and 4096")
+    def _sorted_batch_sizes(cls, sizes: list[int]) -> list[int]:
         return sorted(set(sizes))
 
     def to_config(self) -> Recipe:
@@ -308,9 +419,9 @@ class RecipeIn(InputModel):
 class JobCreate(InputModel):
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str
-    calibration_dataset_id: str | None = None
-    evaluation_dataset_id: str | None = None
+    model_id: Text
+    calibration_dataset_id: Text | None = None
+    evaluation_dataset_id: Text | None = None
     recipe: RecipeIn = Field(default_factory=RecipeIn)
 
 
@@ -320,7 +431,7 @@ class ObjectiveIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: Literal[OBJECTIVE_METRICS] = "latency"  # type: ignore[valid-type]
-    batch_size: int = Field(1, ge=1, le=4096)
+    batch_size: Integer = Field(1, ge=1, le=4096)
 
 
 class SearchBudgetIn(InputModel):
@@ -340,31 +451,19 @@ class SearchSpaceIn(InputModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backends: list[str] | None = None
+    backends: list[BackendName] | None = None  # type: ignore[valid-type]
     precisions: list[Precision] | None = None  # type: ignore[valid-type]
     calibrations: list[CalibrationName] | None = None  # type: ignore[valid-type]
-    prune_ratios: list[float] | None = Field(None, max_length=6)
+    prune_ratios: list[Annotated[float, Field(ge=0, lt=1)]] | None = Field(None, max_length=6)
     prune_method: PruneCriterion = "l1"  # type: ignore[valid-type]
-    finetune_epochs: int = Field(4, ge=0, le=50)
+    finetune_epochs: Integer = Field(4, ge=0, le=50)
     float_fallback: bool = True
-    max_full_evaluations: int = Field(30, ge=1, le=200)
+    max_full_evaluations: Integer = Field(30, ge=1, le=200)
 
     @field_validator("backends")
     @classmethod
-    def _known_backends(cls, backends: list[str] | None) -> list[str] | None:
-        if backends is None:
-            return None
-        unknown = [name for name in backends if name not in backend_names()]
-        if unknown:
-            raise ValueError(f"unknown backend(s) {unknown}; known backends: {backend_names()}")
-        return list(dict.fromkeys(backends))
-
-    @field_validator("prune_ratios")
-    @classmethod
-    def _ratios_in_range(cls, ratios: list[float] | None) -> list[float] | None:
-        if ratios is not None and any(not 0 <= ratio < 1 for ratio in ratios):
-            raise ValueError("prune ratios must be in [0, 1)")
-        return ratios
+    def _distinct_backends(cls, backends: list[str] | None) -> list[str] | None:
+        return None if backends is None else list(dict.fromkeys(backends))
 
     def to_config(self) -> SearchSpace:
         defaults = SearchSpace()
@@ -389,32 +488,15 @@ class AutotuneCreate(InputModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    evaluation_dataset_id: str = Field(description="scores every candidate; labels for a top1 budget")
-    calibration_dataset_id: str | None = Field(
+    evaluation_dataset_id: Text = Field(description="scores every candidate; labels for a top1 budget")
+    calibration_dataset_id: Text | None = Field(
         None, description="calibrates INT8 and trains pruned models; without it, no INT8 or pruning"
     )
     objective: ObjectiveIn = Field(default_factory=ObjectiveIn)
     accuracy_budget: SearchBudgetIn = Field(default_factory=SearchBudgetIn)
-    time_budget_minutes: float = Field(30.0, le=24 * 60)
+    time_budget_minutes: float = Field(30.0, ge=MIN_TIME_BUDGET_MINUTES, le=24 * 60)
     space: SearchSpaceIn = Field(default_factory=SearchSpaceIn)
-    alias: str | None = Field(None, pattern=ALIAS_PATTERN, description="given to the chosen engine")
-
-    @field_validator("time_budget_minutes")
-    @classmethod
-    def _enough_time(cls, minutes: float) -> float:
-        if minutes < MIN_TIME_BUDGET_MINUTES:
-            raise ValueError(
-                f"a time budget of {minutes:g} minutes cannot build even one candidate; the minimum is "
-                f"{MIN_TIME_BUDGET_MINUTES:g} minute"
-            )
-        return minutes
-
-    @field_validator("alias")
-    @classmethod
-    def _alias_not_an_id(cls, alias: str | None) -> str | None:
-        if alias is not None and alias.startswith(("eng_", "mdl_")):
-            raise ValueError("an alias cannot start with eng_ or mdl_ (those are ids)")
-        return alias
+    alias: Alias | None = Field(None, description="given to the chosen engine")
 
     def to_config(self, sensitivity_ratios: dict[str, float] | None = None) -> AutotuneRequest:
         return AutotuneRequest(
@@ -437,7 +519,7 @@ class JobError(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    model_id: str
+    model_id: str | None = Field(description="null for a decode_images job (it decodes a dataset)")
     kind: str = Field(
         description="optimize (a recipe), sensitivity (a pruning sensitivity analysis), autotune "
         "(POST /v1/models/{id}/optimize: the fastest engine within an accuracy budget), convert (a "
@@ -482,18 +564,7 @@ class EngineOut(BaseModel):
 class AliasIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
-    alias: str = Field(
-        pattern=ALIAS_PATTERN,
-        description="letters, digits, '.', '_', '-'; not starting with eng_ or mdl_ (those are ids)",
-        examples=["digits-prod"],
-    )
-
-    @field_validator("alias")
-    @classmethod
-    def _not_an_id(cls, alias: str) -> str:
-        if alias.startswith(("eng_", "mdl_")):
-            raise ValueError("aliases must not start with eng_ or mdl_: names like that are ids")
-        return alias
+    alias: Alias = Field(examples=["digits-prod"])
 
 
 class BatchingIn(InputModel):
@@ -501,19 +572,21 @@ class BatchingIn(InputModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(16, ge=1, le=4096, description="samples per engine call, at most")
+    max_batch_size: Integer = Field(16, ge=1, le=4096, description="samples per engine call, at most")
     max_queue_delay_ms: float = Field(
         2.0, ge=0, le=10_000, description="how long the first request of a batch waits for company"
     )
 
 
 class InferRequest(BaseModel):
-    inputs: dict[str, Any] = Field(description="input name -> nested list of numbers, batch first")
+    inputs: dict[str, Any] = Field(
+        description="input name -> nested list of numbers, batch first", json_schema_extra=TEXT_KEYS
+    )
 
     @field_validator("inputs")
     @classmethod
     def _names_without_control_characters(cls, inputs: dict[str, Any]) -> dict[str, Any]:
-        _check_text(list(inputs))  # the names only: the values are numbers, possibly millions
+        check_text(list(inputs))  # the names only: the values are numbers, possibly millions
         return inputs
 
 
@@ -556,7 +629,7 @@ class ProjectOut(BaseModel):
 class ApiKeyIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
-    project: str = Field(max_length=64, description="the project the key acts in", examples=["default"])
+    project: Text = Field(max_length=64, description="the project the key acts in", examples=["default"])
     name: str = Field(
         min_length=1, max_length=255, pattern=NAME_PATTERN, description="for people", examples=["ci"]
     )

@@ -4,6 +4,11 @@ An upload works in `<data dir>/scratch/upload-<upload id>-…` (beside the worke
 folders), which it holds locked until it is done (app.core.scratch): an API process killed while
 receiving, checking or storing an upload leaves a folder that the next start-up removes, with what
 the artifact store had staged for it.
+
+Before that, while the framework parses the multipart body, the file part spools (past 1 MiB) to
+a temporary file: in the scratch dir too (`spooling_in`), on the data volume sized for uploads,
+not in the system temp directory (often a small tmpfs: a 1 GiB upload would fill it, or RAM).
+The file is unnamed (O_TMPFILE, or unlinked at once), so a killed process leaves nothing there.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import starlette.formparsers
 from fastapi import UploadFile
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
@@ -52,6 +60,32 @@ class ReceivedFile:
         path = self.workdir / name
         path.mkdir()
         return path
+
+
+#: Where the multipart parser of the request being handled spools its files; None: the system's.
+_SPOOL_DIR: ContextVar[str | None] = ContextVar("spool_dir", default=None)
+
+
+def _spooled_file(max_size: int = 0, **options: object) -> tempfile.SpooledTemporaryFile[bytes]:
+    """Starlette's multipart parser makes its files with this (`install_spooling`)."""
+    return tempfile.SpooledTemporaryFile(max_size=max_size, dir=_SPOOL_DIR.get(), **options)  # type: ignore[call-overload]
+
+
+def install_spooling() -> None:
+    """Make Starlette's multipart parser spool where `spooling_in` says. It names
+    `SpooledTemporaryFile` as a module global and takes no directory, hence the substitution."""
+    starlette.formparsers.SpooledTemporaryFile = _spooled_file  # type: ignore[attr-defined, misc]
+
+
+@contextmanager
+def spooling_in(folder: Path) -> Iterator[None]:
+    """Multipart files parsed in this context (this request's task) spool under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    token = _SPOOL_DIR.set(str(folder))
+    try:
+        yield
+    finally:
+        _SPOOL_DIR.reset(token)
 
 
 def too_large(limit: int) -> ApiError:

@@ -1,23 +1,80 @@
-"""Rows as the API shows them: database records turned into response schemas."""
+"""Rows as the API shows them: database records turned into response schemas.
+
+A row may hold what no response can show: text with an unpaired surrogate ("\\ud800"), which a
+JSON column stores escaped but no UTF-8 response can hold (the API took such text in until it was
+refused at the door, app.api.schemas.unstorable_text). Such a row never takes a listing down: the
+listing leaves it out and logs its id (`json_array`); asked for alone, it is a 409
+`unrenderable_record` that says so (`shown`), not a 500.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 from sqlalchemy.orm import Session
 
 from app.api.schemas import BatchingIn, DatasetOut, EngineOut, JobOut, ModelOut
+from app.core.errors import ApiError
 from app.core.orm import DatasetRecord, EngineRecord, JobRecord, ModelRecord
+from app.services.datasets import DatasetState
 from app.services.jobs import ModelState, conversion_jobs, engine_ids_by_job, model_state
 from engines.ingest.signature import assign_batch_axes, specs_from_dicts
 
+logger = logging.getLogger(__name__)
+Out = TypeVar("Out", bound=BaseModel)
 
-def model_outs(session: Session, records: list[ModelRecord]) -> list[ModelOut]:
+
+def unrenderable(out: BaseModel) -> ApiError:
+    """The 409 of a record that cannot be written as JSON."""
+    kind = type(out).__name__.removesuffix("Out").lower()
+    record_id = getattr(out, "id", "?")
+    return ApiError(
+        409,
+        "unrenderable_record",
+        f"{kind} '{record_id}' holds text that cannot be written as JSON (an unpaired UTF-16 surrogate, "
+        "stored before the API refused such text); listings leave it out. Delete it, or have an "
+        "administrator repair the row",
+        record_id=record_id,
+    )
+
+
+def shown(out: Out) -> Out:
+    """`out`, once it is known to serialize (ApiError 409 `unrenderable_record` if it does not)."""
+    try:
+        out.__pydantic_serializer__.to_json(out)
+    except PydanticSerializationError:
+        logger.warning("%s cannot be written as JSON", getattr(out, "id", out))
+        raise unrenderable(out) from None
+    return out
+
+
+def json_array(outs: Iterable[BaseModel]) -> bytes:
+    """A listing's body: each record serialized once; one that cannot be is left out and logged."""
+    parts = []
+    for out in outs:
+        try:
+            parts.append(out.__pydantic_serializer__.to_json(out))
+        except PydanticSerializationError:
+            logger.warning("left out of a listing: %s cannot be written as JSON", getattr(out, "id", out))
+    return b"[" + b",".join(parts) + b"]"
+
+
+def model_list(session: Session, records: list[ModelRecord]) -> bytes:
     """Models with their state (a converting model's conversion job decides it), in two queries."""
     conversions = conversion_jobs(session, [record.id for record in records])
-    return [model_out(record, model_state(record, conversions.get(record.id))) for record in records]
+    return json_array(_model(record, model_state(record, conversions.get(record.id))) for record in records)
 
 
 def model_out(record: ModelRecord, state: ModelState | None = None) -> ModelOut:
     """`state`: from `app.services.jobs.model_state` (default: the row's own status and error)."""
+    return shown(_model(record, state))
+
+
+def _model(record: ModelRecord, state: ModelState | None) -> ModelOut:
     if state is None:
         state = ModelState(record.status, record.error, None)
     info = record.info or {}  # empty until a converted model is ready
@@ -41,7 +98,20 @@ def model_out(record: ModelRecord, state: ModelState | None = None) -> ModelOut:
     )
 
 
-def dataset_out(record: DatasetRecord) -> DatasetOut:
+def dataset_list(records: Iterable[DatasetRecord], states: Mapping[str, DatasetState] | None = None) -> bytes:
+    """`states`: what the decoding jobs say of the datasets still `processing` (one query for the
+    page: app.services.datasets.processing_states), so a listing agrees with the single GET."""
+    states = states or {}
+    return json_array(_dataset(record, states.get(record.id)) for record in records)
+
+
+def dataset_out(record: DatasetRecord, state: DatasetState | None = None) -> DatasetOut:
+    """`state` (app.services.datasets.state_of): what its decoding job says, when it has one."""
+    return shown(_dataset(record, state))
+
+
+def _dataset(record: DatasetRecord, state: DatasetState | None = None) -> DatasetOut:
+    status, error = (record.status, record.error) if state is None else (state.status, state.error)
     return DatasetOut(
         id=record.id,
         name=record.name,
@@ -49,11 +119,21 @@ def dataset_out(record: DatasetRecord) -> DatasetOut:
         sha256=record.sha256,
         size_bytes=record.size_bytes,
         created_at=record.created_at,
+        status=status or "ready",
+        error=error,
         **record.info,
     )
 
 
+def engine_list(records: Iterable[EngineRecord]) -> bytes:
+    return json_array(_engine(record) for record in records)
+
+
 def engine_out(record: EngineRecord) -> EngineOut:
+    return shown(_engine(record))
+
+
+def _engine(record: EngineRecord) -> EngineOut:
     batching = (
         BatchingIn(max_batch_size=record.max_batch_size, max_queue_delay_ms=record.max_queue_delay_ms or 0.0)
         if record.max_batch_size
@@ -63,9 +143,17 @@ def engine_out(record: EngineRecord) -> EngineOut:
     return EngineOut.model_validate({**fields, "batching": batching})
 
 
-def job_out(session: Session, job: JobRecord, engine_ids: list[str] | None = None) -> JobOut:
-    if engine_ids is None:
-        engine_ids = engine_ids_by_job(session, [job.id])[job.id]
+def job_list(session: Session, jobs: list[JobRecord]) -> bytes:
+    """Jobs with their engines' ids, in two queries."""
+    engine_ids = engine_ids_by_job(session, [job.id for job in jobs])
+    return json_array(_job(job, engine_ids[job.id]) for job in jobs)
+
+
+def job_out(session: Session, job: JobRecord) -> JobOut:
+    return shown(_job(job, engine_ids_by_job(session, [job.id])[job.id]))
+
+
+def _job(job: JobRecord, engine_ids: list[str]) -> JobOut:
     return JobOut(
         id=job.id,
         model_id=job.model_id,

@@ -5,8 +5,10 @@ the data directory, so one machine needs no broker server at all. Jobs are long:
 prefetch one, and a job whose worker dies is re-delivered (the task is idempotent and counts
 attempts, so a job that keeps killing workers is failed rather than looping).
 
-The API only ever sends a job id, never data, and refers to the worker's task by its name: the
-workers import this module to build their Celery app; nothing here imports them.
+The API only ever sends a job id and its queue, never data, and refers to the worker's task by its
+name: the workers import this module to build their Celery app; nothing here imports them. A
+message is a wake-up, not an order: the worker that receives it starts the queued job that is
+fairest across projects (workers.fairness), since the broker itself is first come, first served.
 """
 
 from __future__ import annotations
@@ -88,4 +90,15 @@ def job_queue(kind: str, recipe: dict[str, Any]) -> str:
 
 
 def enqueue_job(settings: Settings, job_id: str, queue: str) -> None:
-    get_celery(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue(queue))
+    """Wake a worker of `queue` for a new or re-queued job. The message names the job, but the
+    worker starts the fair choice among the queue's jobs (workers.fairness), which may be another."""
+    get_celery(settings).send_task(
+        RUN_JOB_TASK, args=[job_id], kwargs={"queue": queue}, queue=settings.queue(queue)
+    )
+
+
+def enqueue_wakeup(settings: Settings, queue: str) -> None:
+    """Wake a worker of `queue` for whichever of its jobs may start now (a job ended)."""
+    get_celery(settings).send_task(
+        RUN_JOB_TASK, args=[None], kwargs={"queue": queue}, queue=settings.queue(queue)
+    )

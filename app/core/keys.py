@@ -68,8 +68,8 @@ def check_scopes(scopes: list[str]) -> list[str]:
 class Principal:
     """Who a request acts as: a key (its id, never the key) of a project, with its scopes.
 
-    `key_id` is None on a server that has no key yet (loopback only), where every request acts in
-    the default project with every scope.
+    `key_id` is None on a server that has never had a key (loopback peers only), where every
+    request acts in the default project with every scope.
     """
 
     key_id: str | None

@@ -85,6 +85,17 @@ class ApiKeyRecord(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
 
 
+class ServerFlagRecord(Base):
+    """A fact about the whole server that, once true, stays true (app.services.access): e.g.
+    `keys_required`, written with the server's first API key, so that revoking or deleting every
+    key can never re-open the server to keyless requests."""
+
+    __tablename__ = "server_flags"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    set_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 def _project_column() -> Mapped[str]:
     """No default: a record made without its project fails to insert instead of landing in one."""
     return mapped_column(ForeignKey("projects.id"), index=True)
@@ -123,8 +134,28 @@ class ModelRecord(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class DatasetStatus:
+    """Whether a dataset can be used: an `.npz` or a small image folder is `ready` at once; a large
+    image folder is `processing` while its `decode_images` job runs, then `ready` or `failed`."""
+
+    READY = "ready"
+    PROCESSING = "processing"
+    FAILED = "failed"
+    ALL = (READY, PROCESSING, FAILED)
+
+    @staticmethod
+    def cancelled_error(job_id: str) -> dict[str, Any]:
+        """The error of a dataset whose decode_images job was cancelled (by whoever ended it)."""
+        return {
+            "code": "decoding_cancelled",
+            "detail": f"decoding job '{job_id}' was cancelled; upload the images again",
+        }
+
+
 class DatasetRecord(Base):
     __tablename__ = "datasets"
+    #: Where a large image folder waits for its decode_images job (`<prefix>/source/images.zip`).
+    SOURCE_FILE: ClassVar[str] = "source/images.zip"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ds"))
     project_id: Mapped[str] = _project_column()
@@ -135,6 +166,12 @@ class DatasetRecord(Base):
     artifact_key: Mapped[str] = mapped_column(String(255))
     info: Mapped[dict[str, Any]] = mapped_column(JSON)  # engines.ingest.datasets.DatasetInfo.to_dict()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: DatasetStatus; while `processing`, `info` is what the decoded arrays will be.
+    status: Mapped[str] = mapped_column(
+        String(16), default=DatasetStatus.READY, server_default=DatasetStatus.READY
+    )
+    #: Why decoding failed: {"code", "detail", ...} as the decode_images job's error.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 def lease_cutoff(lease_seconds: float) -> datetime:
@@ -159,7 +196,12 @@ class JobKind:
     SENSITIVITY = "sensitivity"  # each layer pruned alone at each ratio, the drop measured
     CONVERT = "convert"  # a torch.export program (.pt2) to ONNX: the model is `converting` meanwhile
     AUTOTUNE = "autotune"  # to come: the fastest engine within an accuracy budget
-    ALL = (OPTIMIZE, SENSITIVITY, CONVERT, AUTOTUNE)
+    #: A large image folder decoded into its dataset's arrays (no model; the dataset is its
+    #: `evaluation_dataset_id`, `processing` meanwhile).
+    DECODE_IMAGES = "decode_images"
+    ALL = (OPTIMIZE, SENSITIVITY, CONVERT, AUTOTUNE, DECODE_IMAGES)
+    #: Kinds that work on no model (their model_id is null).
+    WITHOUT_MODEL = (DECODE_IMAGES,)
 
 
 class JobRecord(Base):
@@ -167,7 +209,10 @@ class JobRecord(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("job"))
     project_id: Mapped[str] = _project_column()
-    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    #: Null for the kinds in JobKind.WITHOUT_MODEL.
+    model_id: Mapped[str | None] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), index=True, nullable=True
+    )
     kind: Mapped[str] = mapped_column(
         String(16), default=JobKind.OPTIMIZE, server_default=JobKind.OPTIMIZE, index=True
     )

@@ -35,11 +35,38 @@ class Settings(BaseSettings):
     #: Model and dataset uploads received or checked at once per API process; more get 503
     #: `too_many_uploads` with Retry-After, before their body is read (app.api.middleware.upload_slots).
     max_concurrent_uploads: int = Field(default=4, ge=1)
-    #: Images one image-folder dataset may hold (each is decoded in the API at upload).
+    #: Images one image-folder dataset may hold (a large folder is decoded by a worker job).
     max_dataset_images: int = Field(default=50_000, ge=1)
+    #: Pixels one image may have (width × height, read from its header before it is decoded).
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
+    #: Bytes a dataset's arrays may hold once decoded (an image folder: images × size × channels ×
+    #: dtype, checked before any image is decoded). A few bytes of PNG can ask for gigabytes.
+    max_dataset_bytes: int = Field(default=1024 * MIB, ge=1)
+    #: Samples one dataset may hold (.npz or images); evaluation streams them in batches.
+    max_dataset_samples: int = Field(default=100_000, ge=1)
+    #: Arrays one .npz may hold: one per model input, plus labels.
+    max_dataset_arrays: int = Field(default=256, ge=1)
+    #: An image folder whose images hold at most this many pixels in all (read from their headers)
+    #: is decoded at upload (201); a larger one by a `decode_images` job (202, `processing`).
+    image_inline_max_pixels: int = Field(default=16_000_000, ge=0)
+    #: ... and at most this many images (their headers are read in the API to count the pixels).
+    image_inline_max_images: int = Field(default=512, ge=0)
     #: Seconds an inference request's whole body may take to arrive; then 408 `body_timeout`. The
     #: body is read before the request takes an in-flight slot, so a slow client holds no slot.
     body_read_timeout_s: float = 30.0
+    #: Any request body (uploads included) must arrive at this many bytes per second at least,
+    #: averaged over each `body_rate_window_s`; a slower one gets 408 `body_too_slow` and frees its
+    #: slot. A floor, not a deadline, so a big upload on a slow link still passes.
+    body_min_rate_bytes_s: int = Field(default=32 * 1024, ge=1)
+    body_rate_window_s: float = Field(default=30.0, gt=0)
+    #: Connections (app.server.connections): a connection's request line and headers must be
+    #: complete this many seconds after its first byte (or after it opened); then it is closed.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_timeout_s: int = Field(default=5, ge=1)  # an idle keep-alive connection is closed after this
+    #: Open connections per API process; None: 7/8 of the file-descriptor limit. Over it, or over the
+    #: per-client cap (a socket peer's), the oldest connection still waiting for its headers is closed.
+    max_connections: int | None = Field(default=None, ge=1)
+    max_connections_per_client: int = Field(default=128, ge=1)
     #: Bytes of inference request bodies one API process holds at once, counted as they arrive;
     #: a request that would go over it gets 503 `server_busy` with Retry-After.
     max_buffered_body_bytes: int = 256 * MIB
@@ -68,6 +95,18 @@ class Settings(BaseSettings):
     #: Spinning idle inference threads cut latency a little but take the cores the server's own
     #: threads need (HTTP parsing, the event loop); worth turning on for a dedicated many-core box.
     inference_spin_wait: bool = False
+    #: The largest batch one inference request may carry (413 `batch_too_large` above it), unless
+    #: an engine was measured at a larger one, or has a fixed profile (TensorRT: its maximum).
+    max_inference_batch: int = Field(default=1024, ge=1)
+    #: Estimated activation bytes of engine calls running at once per API process; more wait their
+    #: turn (app.serving.admission). One call over the whole budget runs alone.
+    inference_activation_budget_mb: int = Field(default=512, ge=1)
+    #: The estimate of a call's activations: this many times its input and output bytes.
+    inference_activation_factor: float = Field(default=32.0, gt=0)
+    #: Seconds a request waits for the activation budget before 503 `server_busy` with Retry-After.
+    inference_queue_timeout_s: float = Field(default=30.0, gt=0)
+    #: After a call estimated at this many MiB or more, free memory is given back to the system.
+    inference_trim_mb: int = Field(default=16, ge=0)
     #: How long an API process trusts what it looked up for an engine name (alias changes made on
     #: another replica reach this one within this time).
     engine_cache_ttl_s: float = 2.0
@@ -85,10 +124,33 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     #: Host names, besides loopback ones, that a server with no key yet answers (a test client's).
     open_hosts: str = ""
+    #: Socket peers, besides loopback addresses, that a server with no key yet answers (a test client's).
+    open_peers: str = ""
+    #: Unknown API keys a client address may send per window; past it, 429 without a database query
+    #: (app.api.middleware.failed_keys; per API process, at most 10 000 addresses remembered).
+    auth_failures_per_client: int = Field(default=20, ge=1)
+    auth_failure_window_s: float = Field(default=60.0, gt=0)
+    #: Addresses or networks (comma-separated) of the reverse proxies whose `X-Forwarded-For` and
+    #: `X-Forwarded-Proto` are believed; from anyone else they are ignored (the client is the socket peer).
+    trusted_proxies: str = ""
     #: Inference requests per second per key, unless the key sets its own; None: no limit.
     infer_rate_limit_rps: float | None = None
     #: Jobs queued or running at once per project; more are refused with 429 until one finishes.
     max_jobs_in_flight_per_project: int = 32
+    #: Jobs of one project running at once across all workers; its others wait queued while free
+    #: slots go to other projects (workers.fairness). None: no limit but the workers' slots.
+    max_running_jobs_per_project: int | None = Field(default=None, ge=1)
+    #: The longest time budget an auto-optimize job may ask for; more is a 422 naming this limit.
+    max_time_budget_minutes: float = Field(default=240.0, gt=0)
+    # Storage faults (app.core.outages, app.core.space, app.services.health).
+    #: /readyz answers not ready while the data directory's file system has less free space.
+    min_free_disk_mb: int = Field(default=256, ge=0)
+    #: A file of this size kept in the data directory and given up when the disk is full, so a
+    #: delete can still write the database's journal (deletes are how space is won back); 0: none.
+    disk_reserve_mb: int = Field(default=8, ge=0)
+    #: While the database is unreachable, /v2 inference keeps serving engine names and API keys it
+    #: looked up at most this long ago (a short outage does not stop a hot model); 0: never.
+    database_outage_grace_s: float = Field(default=60.0, ge=0)
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Settings:
@@ -137,6 +199,10 @@ class Settings(BaseSettings):
     @property
     def extra_open_hosts(self) -> frozenset[str]:
         return _comma_separated(self.open_hosts.lower())
+
+    @property
+    def extra_open_peers(self) -> frozenset[str]:
+        return _comma_separated(self.open_peers.lower())
 
     def queue(self, name: str) -> str:
         return f"{self.queue_prefix}{name}"

@@ -6,11 +6,13 @@ One place for these rules, used by the admin API (app.api.routes.admin), the ser
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.core.db import get_sessionmaker
@@ -34,13 +36,20 @@ from app.core.orm import (
     JobRecord,
     ModelRecord,
     ProjectRecord,
+    ServerFlagRecord,
     utcnow,
 )
+from app.core.outages import usable_during_outage
+
+logger = logging.getLogger(__name__)
 
 #: `last_used_at` is written at most this often per key (a write per request would cost more than it tells).
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 #: Keys remembered per table (known, unknown); a full table starts again.
 MAX_CACHED_KEYS = 10_000
+#: The server flag written with the first key: from then on every request needs a key, for good
+#: (revoking or deleting every key must not bring keyless "open mode" back).
+KEYS_REQUIRED = "keys_required"
 
 
 def create_project(session: Session, project_id: str) -> ProjectRecord:
@@ -109,7 +118,9 @@ def delete_project(session: Session, project_id: str) -> None:
                 "project_in_use",
                 f"project '{project_id}' still holds {kind.__tablename__}; delete them first",
             )
-    for key in session.scalars(select(ApiKeyRecord).where(ApiKeyRecord.project_id == project_id)):
+    keys = list(session.scalars(select(ApiKeyRecord).where(ApiKeyRecord.project_id == project_id)))
+    _keep_an_admin_key(session, leaving={key.id for key in keys})
+    for key in keys:
         session.delete(key)
     session.delete(project)
     session.commit()
@@ -147,7 +158,18 @@ def create_key(
         infer_rps=infer_rps,
     )
     session.add(record)
-    session.commit()
+    if session.get(ServerFlagRecord, KEYS_REQUIRED) is None:
+        session.add(ServerFlagRecord(name=KEYS_REQUIRED))  # in the key's own transaction
+    try:
+        session.commit()
+    except IntegrityError:
+        # Two first keys at once: the other one wrote the flag first. The flag is what matters, and
+        # it is there now: store this key without it.
+        session.rollback()
+        if session.get(ServerFlagRecord, KEYS_REQUIRED) is None:
+            raise
+        session.add(record)
+        session.commit()
     return record, key
 
 
@@ -165,9 +187,35 @@ def revoke_key(session: Session, key_id: str) -> ApiKeyRecord:
     if record is None:
         raise ApiError(404, "key_not_found", f"no API key with id '{key_id}'")
     if record.revoked_at is None:
+        _keep_an_admin_key(session, leaving={record.id})
         record.revoked_at = utcnow()
         session.commit()
     return record
+
+
+def _keep_an_admin_key(session: Session, leaving: set[str]) -> None:
+    """Refuse (409) a change that would leave the server without an active admin key: nobody could
+    manage keys over the API any more, and the server does not re-open (`keys_required`). The
+    active keys are read FOR UPDATE (PostgreSQL), so two revocations cannot both pass the check."""
+    active = session.scalars(
+        select(ApiKeyRecord).where(ApiKeyRecord.revoked_at.is_(None)).with_for_update()
+    ).all()
+    admins = {key.id for key in active if ADMIN in key.scopes}
+    if admins and admins <= leaving:
+        raise ApiError(
+            409,
+            "last_admin_key",
+            "this would leave the server without an active admin key: create another admin key "
+            "first (POST /v1/admin/keys or `optiforge keys create`), then revoke this one",
+        )
+
+
+def keys_required(session: Session) -> bool:
+    """Whether this server has ever had an API key: then every request needs one, for good. A key
+    row also counts (a database written before the flag existed, or by hand)."""
+    if session.get(ServerFlagRecord, KEYS_REQUIRED) is not None:
+        return True
+    return session.scalar(select(ApiKeyRecord.id).limit(1)) is not None
 
 
 def any_active_key(session: Session) -> bool:
@@ -196,19 +244,22 @@ class KeyDirectory:
     """Keys to principals, remembered for `ttl_s`: a request with a known key needs no query.
 
     A revoked key, and the server's first key (which turns open mode off), take effect on every
-    API process within `ttl_s`.
+    API process within `ttl_s`. Once closed, a process remembers it for good: it cannot re-open.
     """
 
-    def __init__(self, database_url: str, ttl_s: float):
-        self.database_url, self.ttl_s = database_url, ttl_s
+    def __init__(self, database_url: str, ttl_s: float, outage_grace_s: float = 0.0):
+        self.database_url, self.ttl_s, self.outage_grace_s = database_url, ttl_s, outage_grace_s
         self._principals: dict[str, tuple[float, Principal | None]] = {}
         self._unknown: dict[str, tuple[float, Principal | None]] = {}
         self._open: tuple[float, bool] | None = None
+        self._closed = False  # keys_required seen: final
 
     def cached(self, key: str | None) -> tuple[bool, Principal | None]:
         """(hit, principal) without a query; `key` None asks whether the server is open."""
         now = time.monotonic()
         if key is None:
+            if self._closed:
+                return True, None
             if self._open is not None and now - self._open[0] <= self.ttl_s:
                 return True, open_principal() if self._open[1] else None
             return False, None
@@ -218,12 +269,32 @@ class KeyDirectory:
             return True, entry[1]
         return False, None
 
+    def known(self, key: str) -> bool:
+        """Whether `key` was a valid key when last looked up, however long ago: not a guess, so a
+        client throttled for unknown keys may still have it checked (app.api.middleware.failed_keys)."""
+        entry = self._principals.get(hash_key(key))
+        return entry is not None and entry[1] is not None
+
     def resolve(self, key: str | None) -> Principal | None:
         """The principal of `key` (None: unknown or revoked), or for no key the open principal
-        while the server has no key at all; queries the database (call it off the event loop)."""
+        while the server has never had a key; queries the database (call it off the event loop).
+        While the database is unreachable, what was looked up within `outage_grace_s` still holds
+        (a key revoked on another replica just before the outage works that much longer)."""
+        try:
+            return self._resolve(key)
+        except Exception as exc:
+            entry = self._open if key is None else self._principals.get(hash_key(key))
+            if entry is None or not usable_during_outage(exc, entry[0], self.outage_grace_s):
+                raise
+            if key is None:
+                return open_principal() if entry[1] else None
+            return entry[1]
+
+    def _resolve(self, key: str | None) -> Principal | None:
         with get_sessionmaker(self.database_url)() as session:
             if key is None:
-                is_open = not any_active_key(session)
+                is_open = not keys_required(session)
+                self._closed = not is_open
                 self._open = (time.monotonic(), is_open)
                 return open_principal() if is_open else None
             principal = self._lookup(session, key)
@@ -245,10 +316,15 @@ class KeyDirectory:
         if record is None:
             return None
         now = utcnow()
+        principal = Principal(record.id, record.project_id, granted(record.scopes), record.infer_rps)
         if record.last_used_at is None or now - record.last_used_at > LAST_USED_RESOLUTION:
             record.last_used_at = now
-            session.commit()
-        return Principal(record.id, record.project_id, granted(record.scopes), record.infer_rps)
+            try:
+                session.commit()
+            except SQLAlchemyError:  # a full disk or a locked database must not lock keys out
+                session.rollback()
+                logger.warning("could not record when key %s was last used", principal.key_id, exc_info=True)
+        return principal
 
     def invalidate(self) -> None:
         self._principals.clear()

@@ -1,4 +1,5 @@
-"""Is this node ready: the database, the job broker and the artifact store, each "ok" or "error".
+"""Is this node ready: the database, the job broker, the artifact store and free disk space, each
+"ok" or "error".
 
 The probes answer without a key, so the reason (host names, user names of a failed login) is
 logged, not returned."""
@@ -10,7 +11,8 @@ import logging
 from sqlalchemy import text
 
 from app.core.db import get_engine
-from app.core.settings import Settings
+from app.core.settings import MIB, Settings
+from app.core.space import disk_reserve, free_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -39,4 +41,29 @@ def readiness_checks(settings: Settings, include_broker: bool = True) -> dict[st
     if not store_root.is_dir():
         logger.warning("readiness: the artifact directory is missing")
     checks["artifact_store"] = "ok" if store_root.is_dir() else "error"
+    checks["disk"] = disk_check(settings)
     return checks
+
+
+def disk_check(settings: Settings) -> str:
+    """ "error" while the data directory or the artifact directory has less than
+    `min_free_disk_mb` free: a node that cannot store an upload or an engine should take no new
+    work (a load balancer sends it elsewhere). Being liveness-neutral, /healthz does not read it.
+    Also writes the disk reserve back (app.core.space) once there is room again."""
+    threshold = settings.min_free_disk_mb * MIB
+    status = "ok"
+    for folder in dict.fromkeys((settings.data_dir, settings.resolved_artifact_dir)):
+        try:
+            free = free_bytes(folder)
+        except OSError:
+            continue  # a missing folder is reported by its own check
+        if free < threshold:
+            logger.warning(
+                "readiness: %s has %.1f MiB free, under min_free_disk_mb=%d",
+                folder,
+                free / MIB,
+                settings.min_free_disk_mb,
+            )
+            status = "error"
+    disk_reserve(settings).ensure(keep_free_bytes=threshold)
+    return status

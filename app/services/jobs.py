@@ -6,6 +6,7 @@ is sent to the workers by task name (app.core.job_queue).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.core.errors import ApiError, from_engine_error
@@ -29,9 +31,11 @@ from app.core.orm import (
     new_id,
     utcnow,
 )
+from app.core.outages import insufficient_storage, is_storage_full
 from app.core.presence import largest_worker_cores, live_workers_by_queue
 from app.core.settings import Settings
 from app.core.store import ArtifactStore
+from app.services.datasets import require_dataset_ready
 from app.services.records import get_dataset_record, get_job_record, get_model_record
 from engines.backends.registry import check_precision
 from engines.errors import EngineError, InvalidRecipeError
@@ -167,7 +171,9 @@ def _dataset_fitting(
     `varying_unbatched` the inputs without a batch axis whose rows differ in it."""
     if dataset_id is None:
         return None
-    info = DatasetInfo.from_dict(get_dataset_record(session, dataset_id, project_id).info)
+    record = get_dataset_record(session, dataset_id, project_id)
+    require_dataset_ready(session, record)
+    info = DatasetInfo.from_dict(record.info)
     varying_unbatched.update(check_fits_model(info, inputs))
     return info
 
@@ -257,6 +263,20 @@ def check_machine_limits(session: Session, settings: Settings, recipe: Recipe) -
         )
 
 
+def check_time_budget(settings: Settings, time_budget_s: float) -> None:
+    """A search holds a worker slot for its whole time budget: past `max_time_budget_minutes`, one
+    project could keep the workers from everyone else for a day, so the request is a 422."""
+    limit = settings.max_time_budget_minutes
+    if time_budget_s > limit * 60.0:
+        raise ApiError(
+            422,
+            "time_budget_too_long",
+            f"time_budget_minutes {time_budget_s / 60.0:g} is over this server's limit of {limit:g} "
+            f"minutes; ask for at most {limit:g}",
+            max_time_budget_minutes=limit,
+        )
+
+
 def create_autotune_job(
     session: Session,
     settings: Settings,
@@ -275,6 +295,7 @@ def create_autotune_job(
     an objective batch the model's static batch refuses. The latest succeeded sensitivity analysis
     of the model, when there is one, gives the search a pruning candidate with its per-layer ratios.
     """
+    check_time_budget(settings, request.time_budget_s)
     model = get_model_record(session, model_id, project_id)
     require_ready(session, model)
     inputs = specs_from_dicts(model.info["inputs"])
@@ -330,6 +351,7 @@ def create_sensitivity_job(
     model = get_model_record(session, model_id, project_id)
     require_ready(session, model)
     dataset = get_dataset_record(session, dataset_id, project_id)
+    require_dataset_ready(session, dataset)
     try:
         inputs = specs_from_dicts(model.info["inputs"])
         check_fits_model(DatasetInfo.from_dict(dataset.info), inputs)
@@ -393,13 +415,24 @@ def publish_job(session: Session, settings: Settings, job: JobRecord) -> None:
     try:
         enqueue_job(settings, job.id, queue)
     except Exception as exc:
+        # The broker's own words stay in the log: they name hosts, or a path on a filesystem broker.
         logger.exception("could not enqueue job %s", job.id)
+        refusal = (
+            insufficient_storage()
+            if is_storage_full(exc)
+            else ApiError(
+                503,
+                "broker_unavailable",
+                "the job queue is unreachable; retry shortly",
+                headers={"Retry-After": "5"},
+            )
+        )
         job.status, job.finished_at = JobStatus.FAILED, utcnow()
-        job.error = {"code": "broker_unavailable", "detail": f"the job queue is unreachable: {exc}"}
-        session.commit()
-        raise ApiError(
-            503, "broker_unavailable", f"the job queue is unreachable: {exc}", job_id=job.id
-        ) from exc
+        job.error = {"code": refusal.code, "detail": refusal.detail}
+        with contextlib.suppress(SQLAlchemyError):  # on a full disk this write may fail too
+            session.commit()
+        refusal.extra["job_id"] = job.id
+        raise refusal from exc
 
 
 def check_jobs_in_flight(session: Session, settings: Settings, project_id: str) -> None:

@@ -4,12 +4,16 @@ nothing about what other projects hold."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
 from app.core.errors import not_found
 from app.core.orm import DatasetRecord, EngineRecord, JobRecord, ModelRecord
+from app.core.outages import is_storage_full
+from app.core.space import DiskReserve
+from app.core.store import ArtifactStore
 
 Record = TypeVar("Record", ModelRecord, DatasetRecord, JobRecord, EngineRecord)
 
@@ -35,3 +39,43 @@ def get_job_record(session: Session, job_id: str, project_id: str) -> JobRecord:
 
 def get_engine_record(session: Session, engine_id: str, project_id: str) -> EngineRecord:
     return _get(session, EngineRecord, "engine", engine_id, project_id)
+
+
+def delete_records(
+    session: Session,
+    store: ArtifactStore,
+    reserve: DiskReserve,
+    records: Sequence[object],
+    prefixes: Sequence[str],
+    after_commit: Callable[[], None] = lambda: None,
+) -> None:
+    """Delete `records` (committed), call `after_commit`, then remove their files under `prefixes`;
+    on a full disk too, since deleting is how space is won back.
+
+    The rows go first: a row never points at files that are gone. When the disk is too full for
+    the database to write its journal (or the store its trash folder), the data directory's reserve
+    (app.core.space) is given up and the step tried once more; the reserve is written back after
+    the files are gone, if there is room."""
+
+    def commit() -> None:
+        for record in records:
+            session.delete(record)
+        session.commit()
+
+    _with_reserve(reserve, commit, before_retry=session.rollback)
+    after_commit()
+    for prefix in prefixes:
+        _with_reserve(reserve, lambda prefix=prefix: store.delete(prefix))
+    reserve.ensure(keep_free_bytes=reserve.size_bytes)
+
+
+def _with_reserve(
+    reserve: DiskReserve, step: Callable[[], None], before_retry: Callable[[], None] = lambda: None
+) -> None:
+    try:
+        step()
+    except Exception as exc:
+        before_retry()
+        if not (is_storage_full(exc) and reserve.release()):
+            raise
+        step()

@@ -13,6 +13,13 @@ holds no inference slot. These two bound the bytes, for the whole process:
 - `JsonGate`: bytes of JSON tensors being parsed or written at once. A conversion waits its turn
   instead of failing: it holds the GIL, so conversions side by side are no faster than in turn,
   only bigger. Small ones run on the event loop, without a turn.
+
+And one bounds what engine calls hold, which grows with the batch rather than the body:
+
+- the activation gate (a `ByteGate` of `inference_activation_budget_mb`): an engine call waits
+  until its estimated activation bytes (app.serving.limits.activation_estimate) fit beside those
+  running; one over the whole budget runs alone. A call that waits longer than
+  `inference_queue_timeout_s` gets 503 `server_busy` with Retry-After.
 """
 
 from __future__ import annotations
@@ -73,14 +80,18 @@ class BodyBudget:
             self._held -= size
 
 
-class JsonGate:
-    """At most `capacity` bytes of JSON parsed or written at once across the process; the rest wait
+class GateTimeout(TimeoutError):
+    """A turn of a `ByteGate` did not come in time (nothing is held)."""
+
+
+class ByteGate:
+    """At most `capacity` bytes of some work in memory at once across the process; the rest wait
     in order.
 
-    A conversion weighs its JSON's length, capped at `capacity` so that the largest JSON the API
-    accepts still runs (alone). Waiters are served first come, first served, so a big parse is not
-    starved by a stream of small ones. Works across event loops and threads (a waiter is woken on
-    its own loop), as the budget does.
+    A turn weighs its bytes, capped at `capacity` so that the largest one still runs (alone).
+    Waiters are served first come, first served, so a big turn is not starved by a stream of small
+    ones. Works across event loops and threads (a waiter is woken on its own loop), as the budget
+    does.
     """
 
     def __init__(self, capacity: int):
@@ -89,20 +100,21 @@ class JsonGate:
         self._waiters: deque[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
         self._lock = threading.Lock()
 
-    async def run(self, size: int, convert: Callable[..., T], *args: Any) -> T:
-        """`convert(*args)`, which parses or writes about `size` bytes of JSON: on the event loop
-        when small, else on a worker thread once the gate has room for it (so the event loop never
-        converts big JSON)."""
-        if size <= INLINE_JSON_BYTES:
-            return convert(*args)
-        async with self.turn(size):
-            return await run_in_threadpool(convert, *args)
+    @property
+    def in_use(self) -> int:
+        """Bytes held now (for metrics and tests)."""
+        return self._in_use
 
     @asynccontextmanager
-    async def turn(self, size: int) -> AsyncIterator[None]:
-        """Hold `size` bytes of the gate while the body of the `async with` runs."""
+    async def turn(self, size: int, timeout_s: float | None = None) -> AsyncIterator[None]:
+        """Hold `size` bytes of the gate while the body of the `async with` runs; GateTimeout
+        when the turn does not come within `timeout_s` (nothing held then)."""
         weight = min(max(size, 0), self.capacity)
-        await self._acquire(weight)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._acquire(weight)
+        except TimeoutError:
+            raise GateTimeout(f"no turn for {weight} bytes within {timeout_s} s") from None
         try:
             yield
         finally:
@@ -146,6 +158,20 @@ class JsonGate:
                 loop.call_soon_threadsafe(_resolve, future)
             except RuntimeError:  # its loop is closed: nobody will use the turn, give it back
                 self._release(weight)
+
+
+class JsonGate(ByteGate):
+    """At most `capacity` bytes of JSON parsed or written at once across the process (a conversion
+    weighs its JSON's length); small conversions run on the event loop without a turn."""
+
+    async def run(self, size: int, convert: Callable[..., T], *args: Any) -> T:
+        """`convert(*args)`, which parses or writes about `size` bytes of JSON: on the event loop
+        when small, else on a worker thread once the gate has room for it (so the event loop never
+        converts big JSON)."""
+        if size <= INLINE_JSON_BYTES:
+            return convert(*args)
+        async with self.turn(size):
+            return await run_in_threadpool(convert, *args)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

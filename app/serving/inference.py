@@ -1,7 +1,8 @@
 """Serving: from an engine's row to outputs, shared by the /v1 and the /v2 (Open Inference Protocol) routes.
 
 The route decodes tensors; this module finds the engine, loads it through the pool, checks the
-inputs against its signature, runs it (batched or not) and records the metrics.
+inputs against its signature and the engine's largest batch, runs it (batched or not) in the
+activation gate's turn, gives big calls' memory back, and records the metrics.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ from app.core.db import get_sessionmaker
 from app.core.errors import ApiError
 from app.core.metrics import Metrics
 from app.core.orm import EngineRecord, ModelRecord
+from app.core.outages import usable_during_outage
 from app.core.settings import MIB, Settings
 from app.core.store import ArtifactStore
-from app.serving.admission import BodyBudget, JsonGate
+from app.serving.admission import BodyBudget, ByteGate, GateTimeout, JsonGate
+from app.serving.limits import activation_estimate, check_batch, engine_max_batch
+from app.serving.memory import give_back_memory
 from app.serving.pool import EnginePool, LoadedEngine
+from engines.backends.base import STATED_AXES_KEY
 from engines.backends.batching import BatchingConfig, InferResult
 from engines.backends.registry import unavailable_reason
 from engines.errors import BackendUnavailableError, EngineError
-from engines.ingest.signature import validate_feeds
+from engines.ingest.signature import feed_batch_size, validate_feeds
 
 
 @dataclass(frozen=True)
@@ -40,16 +45,23 @@ class ServedEngine:
     backend: str
     artifact_key: str  # the engine file in the artifact store
     batching: BatchingConfig | None
+    max_batch: int  # the largest batch one request may carry (app.serving.limits)
+    #: The batch axes a user stated for the model's inputs, as the engine was built and measured with
+    #: them (its build_info): the runner is loaded with them, so requests batch along them.
+    batch_axes: tuple[tuple[str, int | None], ...] = ()
 
     @classmethod
-    def of(cls, record: EngineRecord, store: ArtifactStore) -> ServedEngine:
+    def of(cls, record: EngineRecord, store: ArtifactStore, default_max_batch: int) -> ServedEngine:
         batching = (
             BatchingConfig(record.max_batch_size, record.max_queue_delay_ms or 0.0)
             if record.max_batch_size
             else None
         )
         key = f"{record.artifact_prefix}/{record.engine_file}"
-        return cls(record.id, record.model_id, record.backend, key, batching)
+        max_batch = engine_max_batch(record.metrics, record.build_info, default_max_batch)
+        stated = (record.build_info or {}).get(STATED_AXES_KEY) or {}
+        axes = tuple(sorted(stated.items())) if isinstance(stated, dict) else ()
+        return cls(record.id, record.model_id, record.backend, key, batching, max_batch, axes)
 
 
 def find_engine(session: Session, name: str, version: str | None = None, *, project_id: str) -> EngineRecord:
@@ -97,8 +109,18 @@ class EngineDirectory:
     through another replica reach this one within `ttl_s`.
     """
 
-    def __init__(self, database_url: str, store: ArtifactStore, ttl_s: float):
+    def __init__(
+        self,
+        database_url: str,
+        store: ArtifactStore,
+        ttl_s: float,
+        outage_grace_s: float = 0.0,
+        *,
+        default_max_batch: int,
+    ):
         self.database_url, self.store, self.ttl_s = database_url, store, ttl_s
+        self.outage_grace_s = outage_grace_s
+        self.default_max_batch = default_max_batch
         self._entries: dict[tuple[str, str, str | None], tuple[float, ServedEngine]] = {}
 
     def cached(self, project_id: str, name: str, version: str | None) -> ServedEngine | None:
@@ -109,12 +131,19 @@ class EngineDirectory:
 
     def lookup(self, project_id: str, name: str, version: str | None) -> ServedEngine:
         """The engine `name` means now in `project_id` (ApiError 404 if none); queries the database
-        on a miss."""
+        on a miss. While the database is unreachable, a name looked up within `outage_grace_s`
+        keeps its engine: a short outage does not stop a hot model (README, Reliability)."""
         engine = self.cached(project_id, name, version)
         if engine is None:
-            with get_sessionmaker(self.database_url)() as session:
-                record = find_engine(session, name, version, project_id=project_id)
-                engine = ServedEngine.of(record, self.store)
+            try:
+                with get_sessionmaker(self.database_url)() as session:
+                    record = find_engine(session, name, version, project_id=project_id)
+                    engine = ServedEngine.of(record, self.store, self.default_max_batch)
+            except Exception as exc:
+                stamp, last = self._entries.get((project_id, name, version), (None, None))
+                if last is None or not usable_during_outage(exc, stamp, self.outage_grace_s):
+                    raise
+                return last
             self._entries[(project_id, name, version)] = (time.monotonic(), engine)
         return engine
 
@@ -124,8 +153,8 @@ class EngineDirectory:
 
 class Serving:
     """Everything serving holds, as one object the routes receive (`app.api.deps.ServingDep`):
-    the name directory, the engine pool, the in-flight limit, what request bodies and JSON tensors
-    may hold in memory (app.serving.admission), and the metrics it records to.
+    the name directory, the engine pool, the in-flight limit, what request bodies, JSON tensors
+    and engine calls may hold in memory (app.serving.admission), and the metrics it records to.
 
     One path for /v1 and /v2: find the engine, load it through the pool, validate the feeds against
     its signature, run it (batched or not), record the metrics. Only the blocking parts leave the
@@ -137,10 +166,20 @@ class Serving:
         self.store = store
         threads, spin_wait = settings.inference_threads, settings.inference_spin_wait
         self.pool = EnginePool(settings.engine_pool_size, max_pool_bytes, threads, spin_wait)
-        self.directory = EngineDirectory(settings.resolved_database_url, store, settings.engine_cache_ttl_s)
+        self.directory = EngineDirectory(
+            settings.resolved_database_url,
+            store,
+            settings.engine_cache_ttl_s,
+            settings.database_outage_grace_s,
+            default_max_batch=settings.max_inference_batch,
+        )
         self.inflight = InflightLimit(settings.max_inflight_requests)
         self.bodies = BodyBudget(settings.max_buffered_body_bytes)
         self.json_gate = JsonGate(settings.max_json_in_flight_bytes)
+        self.activations = ByteGate(settings.inference_activation_budget_mb * MIB)
+        self.activation_factor = settings.inference_activation_factor
+        self.queue_timeout_s = settings.inference_queue_timeout_s
+        self.trim_bytes = settings.inference_trim_mb * MIB
         self.metrics = Metrics(self.pool, settings.resolved_database_url)
 
     async def lookup(self, name: str, version: str | None = None, *, project_id: str) -> ServedEngine:
@@ -169,16 +208,36 @@ class Serving:
                     f"engine '{engine.id}': its file '{engine.artifact_key}' is not in the artifact store",
                     code="engine_file_missing",
                 ) from None
-            return self.pool.get(engine.id, engine.backend, path, engine.batching)
+            return self.pool.get(engine.id, engine.backend, path, engine.batching, dict(engine.batch_axes))
 
     async def run(
         self, engine: ServedEngine, loaded: LoadedEngine, feeds: Mapping[str, np.ndarray], protocol: str
     ) -> InferResult:
-        """Validate `feeds` against the engine's inputs and run them (batched when it batches);
-        errors are EngineErrors with a code, counted against the engine."""
+        """Validate `feeds` against the engine's inputs and its largest batch (ApiError 413
+        `batch_too_large`), and run them (batched when it batches) once their estimated activations
+        fit in the process's budget (ApiError 503 `server_busy` after waiting too long); engine
+        errors are EngineErrors with a code, counted against the engine. Memory a big call took is
+        given back to the system after it."""
         with self._counting_errors(engine):
             validate_feeds(feeds, loaded.runner.input_metadata())
-            result = await loaded.infer_async(feeds)
+            batch = feed_batch_size(feeds, loaded.runner.input_metadata())
+            check_batch(batch, engine.max_batch, engine.id)
+            estimate = activation_estimate(
+                feeds, loaded.runner.output_metadata(), batch, self.activation_factor
+            )
+            try:
+                async with self.activations.turn(estimate, self.queue_timeout_s):
+                    result = await loaded.infer_async(feeds)
+            except GateTimeout:
+                raise ApiError(
+                    503,
+                    "server_busy",
+                    f"inference memory is at this server's budget of {self.activations.capacity} bytes "
+                    "of activations; retry shortly",
+                    headers={"Retry-After": "1"},
+                ) from None
+        if self.trim_bytes and estimate >= self.trim_bytes:
+            await run_in_threadpool(give_back_memory)
         self.metrics.observe_inference(engine.id, protocol, result)
         return result
 

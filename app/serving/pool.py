@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from engines.backends.base import Runner, engine_size
 from engines.backends.batching import BatchingConfig, DynamicBatcher, InferResult, run_unbatched
 from engines.backends.registry import get_backend
+from engines.ingest.signature import StatedAxes
 
 
 @dataclass
@@ -108,13 +109,20 @@ class EnginePool:
         self._lock = threading.Lock()
 
     def get(
-        self, engine_id: str, backend_name: str, engine_path: Path, batching: BatchingConfig | None = None
+        self,
+        engine_id: str,
+        backend_name: str,
+        engine_path: Path,
+        batching: BatchingConfig | None = None,
+        batch_axes: StatedAxes | None = None,
     ) -> LoadedEngine:
         """The loaded engine, loading it on first use (BackendUnavailableError if this node can't).
 
         Loading happens outside the pool's lock, so requests to loaded engines never wait for a
         load; concurrent first requests to one engine load it once. A changed batching config
         takes effect here: the engine gets a new batcher, and the old one finishes its queue.
+        `batch_axes`: the axes a user stated for the model's inputs (its record's build_info), which
+        the runner's signature, the batcher and the request checks go by.
         """
         with self._lock:
             engine = self._cached(engine_id)
@@ -125,7 +133,7 @@ class EnginePool:
                 with self._lock:
                     engine = self._cached(engine_id)
                 if engine is None:
-                    engine = self._load(engine_id, backend_name, engine_path)
+                    engine = self._load(engine_id, backend_name, engine_path, batch_axes or {})
         if engine.batching != batching:
             self._rebatch(engine, batching)
         return engine
@@ -136,9 +144,16 @@ class EnginePool:
             engine = self._cached(engine_id)
         return engine if engine is not None and engine.batching == batching else None
 
-    def _load(self, engine_id: str, backend_name: str, engine_path: Path) -> LoadedEngine:
+    def _load(
+        self, engine_id: str, backend_name: str, engine_path: Path, batch_axes: StatedAxes
+    ) -> LoadedEngine:
         backend = get_backend(backend_name)
-        runner = backend.load(engine_path, backend.options(threads=self.threads, spin_wait=self.spin_wait))
+        # No memory arena: an arena keeps its largest batch's activations for the session's life
+        # (app.serving.memory); backends without one ignore the knob.
+        options = backend.options(
+            threads=self.threads, spin_wait=self.spin_wait, memory_arena=False, batch_axes=batch_axes
+        )
+        runner = backend.load(engine_path, options)
         engine = LoadedEngine(engine_id, runner, engine_size(engine_path))
         with self._lock:
             self._engines[engine_id] = engine

@@ -24,6 +24,9 @@ templates = Jinja2Templates(directory=_HERE / "templates")
 static_files = StaticFiles(directory=_HERE / "static")
 
 router = APIRouter(prefix=UI_PREFIX, include_in_schema=False)
+#: A page answers HEAD as it answers GET (link checkers and monitors ask HEAD; FastAPI's routes
+#: take only the methods they name).
+PAGE_METHODS = ["GET", "HEAD"]
 
 
 def _page(request: Request, template: str, page: str, **context: str) -> HTMLResponse:
@@ -32,25 +35,25 @@ def _page(request: Request, template: str, page: str, **context: str) -> HTMLRes
     )
 
 
-@router.get("", response_class=HTMLResponse)
+@router.api_route("", methods=PAGE_METHODS, response_class=HTMLResponse)
 def overview(request: Request) -> HTMLResponse:
     """Models and datasets (upload from the browser), and a form to start a job."""
     return _page(request, "overview.html", "overview")
 
 
-@router.get("/jobs", response_class=HTMLResponse)
+@router.api_route("/jobs", methods=PAGE_METHODS, response_class=HTMLResponse)
 def jobs(request: Request) -> HTMLResponse:
     return _page(request, "jobs.html", "jobs")
 
 
-@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+@router.api_route("/jobs/{job_id}", methods=PAGE_METHODS, response_class=HTMLResponse)
 def job(request: Request, job_id: RecordId) -> HTMLResponse:
     """Live progress and stage, cancel; once done, the report table and the latency-vs-accuracy
     plot, the sensitivity or auto-optimize plot, and the job's engines."""
     return _page(request, "job.html", "job", job_id=job_id)
 
 
-@router.get("/engines/{engine_id}", response_class=HTMLResponse)
+@router.api_route("/engines/{engine_id}", methods=PAGE_METHODS, response_class=HTMLResponse)
 def engine(request: Request, engine_id: RecordId) -> HTMLResponse:
     """Metrics, per-layer INT8 errors, alias and batching settings, and a "try it" form."""
     return _page(request, "engine.html", "engine", engine_id=engine_id)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from engines.ingest.signature import TensorSpec, validate_feeds
+from engines.ingest.signature import StatedAxes, TensorSpec, validate_feeds
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,14 @@ class CompileOptions:
     precision: str = "fp32"
     batch_sizes: tuple[int, ...] = (1,)
     threads: int | None = None  # None: the backend's default (all cores)
+    #: The batch axes a user stated for the model's inputs (engines.ingest.signature.stated_batch_axes):
+    #: a build that shapes by the batch (TensorRT's profile, CUDA graphs) uses them, not the graph's.
+    batch_axes: StatedAxes = field(default_factory=dict)
+
+
+#: The metadata (an engine record's build_info) key of the batch axes a user stated for the model's
+#: inputs: an engine is loaded with them (LoadOptions.batch_axes) wherever it runs.
+STATED_AXES_KEY = "batch_axes"
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,10 @@ def engine_size(engine_path: Path) -> int:
 class LoadOptions:
     """How a backend loads an engine; each backend subclasses it with its own knobs (threads and
     spinning for a CPU runtime, a device and a stream for a GPU one)."""
+
+    #: The batch axes a user stated for the model's inputs: the runner's signature takes them over
+    #: the graph's (engines.ingest.signature.decide_batch_axes); the engine file does not know them.
+    batch_axes: StatedAxes = field(default_factory=dict)
 
 
 class Runner(abc.ABC):

@@ -36,7 +36,7 @@ from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadO
 from engines.errors import EngineError
 from engines.hardware import cpu_hardware
 from engines.ingest.model import onnx_signature
-from engines.ingest.signature import TensorSpec, assign_batch_axes
+from engines.ingest.signature import TensorSpec, decide_batch_axes
 
 ENGINE_FILENAME = "engine.xml"
 #: Where the IR's runtime info keeps what is ours.
@@ -163,9 +163,10 @@ class OpenVinoRunner(Runner):
                 f"OpenVINO cannot read this engine: {_openvino_sentence(exc)}", code="model_not_runnable"
             ) from exc
         signature = json.loads(model.get_rt_info([RT_INFO_SECTION, "signature"]).astype(str))
-        self._inputs = assign_batch_axes([TensorSpec.from_dict(item) for item in signature["inputs"]])
-        self._outputs = assign_batch_axes(
-            self._inputs, [TensorSpec.from_dict(item) for item in signature["outputs"]]
+        self._inputs, self._outputs = decide_batch_axes(
+            [TensorSpec.from_dict(item) for item in signature["inputs"]],
+            [TensorSpec.from_dict(item) for item in signature["outputs"]],
+            self._options.batch_axes,
         )
         precision = model.get_rt_info([RT_INFO_SECTION, "inference_precision"]).astype(str)
         config: dict[str, Any] = {
@@ -246,7 +247,7 @@ class OpenVinoCpuBackend(Backend):
         capabilities = list(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         hint, note = inference_precision_for(options.precision, capabilities)
         started = time.perf_counter()
-        inputs, outputs = onnx_signature(onnx_path)
+        inputs, outputs = decide_batch_axes(*onnx_signature(onnx_path), options.batch_axes)  # kept in the IR
         model = _read_onnx(onnx_path)
         _check_names(model, inputs, outputs)
         signature = {

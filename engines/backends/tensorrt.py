@@ -39,7 +39,7 @@ import numpy as np
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
 from engines.hardware import cpu_info, cuda_usable, gpu_info, nvidia_device_present
-from engines.ingest.signature import TensorSpec
+from engines.ingest.signature import StatedAxes, TensorSpec, decide_batch_axes
 
 ENGINE_FILENAME = "engine.plan"
 PLAN_INFO_FILENAME = "tensorrt_plan.json"
@@ -144,15 +144,15 @@ def _parse(trt: Any, builder: Any, onnx_path: Path) -> Any:
     return network, parser
 
 
-def _input_specs(network: Any) -> list[TensorSpec]:
-    from engines.ingest.signature import assign_batch_axes, normalize_dim
+def _input_specs(network: Any, stated: StatedAxes) -> list[TensorSpec]:
+    from engines.ingest.signature import normalize_dim
 
     specs = []
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
         dtype = np.dtype(_trt().nptype(tensor.dtype)).name
         specs.append(TensorSpec(tensor.name, dtype, tuple(normalize_dim(dim) for dim in tensor.shape)))
-    return assign_batch_axes(specs)
+    return decide_batch_axes(specs, [], stated)[0]
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class TensorRtRunner(Runner):
             self._contexts.put((self._engine.create_execution_context(), torch.cuda.Stream()))
 
     def _signature(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        from engines.ingest.signature import assign_batch_axes, normalize_dim
+        from engines.ingest.signature import normalize_dim
 
         trt = _trt()
         inputs, outputs = [], []
@@ -204,8 +204,7 @@ class TensorRtRunner(Runner):
             spec = TensorSpec(name, dtype, shape)
             is_input = self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (inputs if is_input else outputs).append(spec)
-        inputs = assign_batch_axes(inputs)
-        return inputs, assign_batch_axes(inputs, outputs)
+        return decide_batch_axes(inputs, outputs, self._options.batch_axes)
 
     def _deactivate(self) -> None:
         self._contexts = queue.Queue()
@@ -266,7 +265,7 @@ class TensorRtBackend(Backend):
         network, _parser = _parse(trt, builder, onnx_path)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, DEFAULT_WORKSPACE_BYTES)
-        shapes = optimization_profile(_input_specs(network), options.batch_sizes)
+        shapes = optimization_profile(_input_specs(network, options.batch_axes), options.batch_sizes)
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
             profile.set_shape(name, low, opt, high)

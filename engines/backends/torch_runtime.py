@@ -34,7 +34,7 @@ from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadO
 from engines.errors import EngineError
 from engines.hardware import cpu_hardware, cpu_info, cuda_usable, gpu_info, nvidia_device_present
 from engines.ingest.model import onnx_signature
-from engines.ingest.signature import TensorSpec
+from engines.ingest.signature import TensorSpec, decide_batch_axes
 
 ENGINE_FILENAME = "engine.onnx"
 SETTINGS_FILENAME = "torch_engine.json"
@@ -84,7 +84,7 @@ class TorchRunner(Runner):
     def __init__(self, engine_path: Path, settings: TorchEngineSettings, options: TorchLoadOptions):
         super().__init__()
         self._path, self.settings, self._options = engine_path, settings, options
-        self._inputs, self._outputs = onnx_signature(engine_path)
+        self._inputs, self._outputs = decide_batch_axes(*onnx_signature(engine_path), options.batch_axes)
         self._module: Any = None
         self._graphs: dict[tuple[tuple[int, ...], ...], tuple[Any, list[Any], list[Any]]] = {}
         self.notes: list[str] = list(settings.notes)
@@ -236,7 +236,9 @@ class _TorchBackend(Backend):
         """The engine's settings, after a trial run at the largest batch (an op the precision breaks
         is an EngineError here, at build time, not at the first request)."""
         eager = TorchEngineSettings(self.device, options.precision)
-        runner = TorchRunner(engine_path, eager, self.load_options(threads=options.threads)).activate()
+        runner = TorchRunner(
+            engine_path, eager, self.load_options(threads=options.threads, batch_axes=options.batch_axes)
+        ).activate()
         try:
             seconds = _trial_seconds(runner, max(options.batch_sizes))
         finally:
@@ -292,7 +294,7 @@ class TorchCudaBackend(_TorchBackend):
         """CUDA graphs for every static batch size of the recipe; torch.compile when it is faster."""
         notes = list(eager.notes)
         compiled = replace(eager, compile=True)
-        runner = TorchRunner(engine_path, compiled, self.load_options())
+        runner = TorchRunner(engine_path, compiled, self.load_options(batch_axes=options.batch_axes))
         try:
             runner.activate()
             compiled_seconds = _trial_seconds(runner, max(options.batch_sizes))

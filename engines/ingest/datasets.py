@@ -22,6 +22,8 @@ import numpy as np
 
 from engines.errors import DatasetMismatchError, InvalidDatasetError
 from engines.ingest.archives import open_dataset_zip
+from engines.ingest.limits import DatasetLimits
+from engines.ingest.mapped_npz import map_members
 from engines.ingest.npz_members import BLOCK_BYTES, NpyMember, Scan, iter_flat, read_members, scan
 from engines.ingest.signature import TensorSpec, ambiguous_batch_axes, check_rows_against_spec
 
@@ -167,15 +169,24 @@ def read_npz(path: Path, *, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def inspect_npz(path: Path, *, max_unpacked_bytes: int, block_bytes: int = BLOCK_BYTES) -> DatasetInfo:
+def inspect_npz(
+    path: Path,
+    *,
+    max_unpacked_bytes: int,
+    block_bytes: int = BLOCK_BYTES,
+    limits: DatasetLimits | None = None,
+) -> DatasetInfo:
     """What `inspect_arrays(read_npz(path))` says, in a few blocks of memory whatever the arrays
-    weigh: shapes, dtypes and sample counts come from the members' headers (a dataset they already
-    condemn is never inflated), values are checked block by block. What an upload is checked with."""
+    weigh: the number of members (from the zip's directory), shapes, dtypes and sample counts
+    (from the members' headers: a dataset they already condemn is never inflated) are checked
+    against `limits` first, values block by block. What an upload is checked with."""
+    limits = limits or DatasetLimits()
     with _reading(path, max_unpacked_bytes) as archive:
+        limits.check_arrays(len(archive.infolist()))
         members = {member.key: member for member in read_members(archive)}
         if not members:
             raise InvalidDatasetError("the archive holds no arrays")
-        return _describe(_ArchiveValues(archive, members, block_bytes))
+        return _describe(_ArchiveValues(archive, members, block_bytes), limits)
 
 
 class _Values(Protocol):
@@ -220,16 +231,16 @@ class _ArchiveValues:
         return scan(self.archive, self.members[key], self.block_bytes)
 
 
-def inspect_arrays(arrays: dict[str, np.ndarray]) -> DatasetInfo:
+def inspect_arrays(arrays: dict[str, np.ndarray], limits: DatasetLimits | None = None) -> DatasetInfo:
     """Check shapes, dtypes, values and labels; describe the dataset."""
-    return _describe(_ArrayValues(arrays))
+    return _describe(_ArrayValues(arrays), limits or DatasetLimits())
 
 
 #: Distinct label values counted at most: labels are class indices, and counting them takes memory.
 MAX_CLASSES = 2**20
 
 
-def _describe(values: _Values) -> DatasetInfo:
+def _describe(values: _Values, limits: DatasetLimits) -> DatasetInfo:
     """Every check of a dataset, shapes and dtypes first (from headers alone), then values."""
     specs = values.specs()
     inputs = {key: spec for key, spec in specs.items() if key != LABELS_KEY}
@@ -250,6 +261,7 @@ def _describe(values: _Values) -> DatasetInfo:
     samples = next(iter(counts.values()))
     if samples == 0:
         raise InvalidDatasetError("the dataset has no samples")
+    limits.check_samples(samples)
     if LABELS_KEY in specs:
         _check_label_spec(*specs[LABELS_KEY], samples)
     scans = {key: values.scan(key) for key in inputs}
@@ -333,9 +345,21 @@ def check_fits_model(info: DatasetInfo, model_inputs: Sequence[TensorSpec]) -> l
     ]
 
 
-def load_dataset(path: Path, model_inputs: Sequence[TensorSpec], *, max_unpacked_bytes: int) -> Dataset:
-    """Load a stored dataset with its arrays keyed by the model's input names."""
-    arrays = read_npz(path, max_unpacked_bytes=max_unpacked_bytes)
+def load_dataset(
+    path: Path,
+    model_inputs: Sequence[TensorSpec],
+    *,
+    max_unpacked_bytes: int,
+    scratch_dir: Path | None = None,
+) -> Dataset:
+    """A stored dataset with its arrays keyed by the model's input names. With `scratch_dir` (a
+    job's), the arrays are memory-mapped (engines.ingest.mapped_npz): a batch reads its rows from
+    disk, and the job's memory does not grow with the dataset; without, they are read into memory."""
+    if scratch_dir is None:
+        arrays = read_npz(path, max_unpacked_bytes=max_unpacked_bytes)
+    else:
+        with _reading(path, max_unpacked_bytes) as archive:
+            arrays = map_members(path, archive, scratch_dir)
     array_for = {
         input_name: array_name for array_name, input_name in bind_arrays(list(arrays), model_inputs).items()
     }

@@ -50,17 +50,18 @@ import numbers
 import stat
 import zipfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, cast, get_args
+from typing import IO, Any, Literal, cast, get_args
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engines.errors import InvalidDatasetError, InvalidImageError
 from engines.ingest.archives import is_zip_archive, open_dataset_zip
-from engines.ingest.datasets import LABELS_KEY
+from engines.ingest.datasets import LABELS_KEY, ArraySpec, DatasetInfo
+from engines.ingest.limits import DatasetLimits
 
 ResizePolicy = Literal["resize_shorter_then_center_crop", "resize", "none"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
@@ -102,6 +103,7 @@ _RESAMPLING = {
 _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _ORIENTATION = 0x0112  # the EXIF tag
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})  # orientations that swap width and height
 
 
 def _refuse(detail: str) -> InvalidDatasetError:
@@ -343,7 +345,51 @@ class _Member:
     parts: tuple[str, ...]  # the path, split, with any wrapper folders removed
 
 
-def read_image_folder(
+@dataclass(frozen=True)
+class ImageFolderPlan:
+    """What an image folder will become, known before any pixel is decoded: its members in row
+    order, their labels, and the output's shape, checked against the limits. Decoding it is then
+    work of a known size (inline for a small one, a worker job for a large one)."""
+
+    members: tuple[str, ...]  # member names, in row order
+    labels: np.ndarray | None
+    classes: tuple[str, ...] | None
+    spec: ImagePreprocessing
+    size: tuple[int, int]  # each row's (height, width)
+    input_name: str
+
+    @property
+    def samples(self) -> int:
+        return len(self.members)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.samples, *self.spec.sample_shape(self.size))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.spec.dtype).itemsize
+
+    def describe(self) -> dict[str, Any]:
+        """What to store with the dataset and show beside its DatasetInfo."""
+        return {
+            "format": "image_folder",
+            "images": self.samples,
+            "preprocessing": self.spec.to_dict(),
+            "class_names": None if self.classes is None else list(self.classes),
+        }
+
+    def info(self) -> DatasetInfo:
+        """The dataset's description before it is decoded (what a `processing` dataset shows)."""
+        return DatasetInfo(
+            samples=self.samples,
+            arrays={self.input_name: ArraySpec(self.shape, self.spec.dtype)},
+            has_labels=self.labels is not None,
+            classes=None if self.labels is None else len(np.unique(self.labels)),
+        )
+
+
+def plan_image_folder(
     zip_path: Path,
     spec: ImagePreprocessing,
     *,
@@ -353,18 +399,13 @@ def read_image_folder(
     classes: Sequence[str] | None = None,
     max_pixels: int | None = None,
     max_image_bytes: int = MAX_IMAGE_BYTES,
-) -> ImageFolder:
-    """Read a zip of images (see the module's docstring) into one array `[samples, ...]` keyed by
-    `input_name`, with labels from class folders; raise InvalidDatasetError (InvalidImageError for
-    one member) saying why not.
-
-    `classes` is the model's class list, in the order of its outputs: folder names map onto it.
-    `max_unpacked_bytes` bounds both what the archive declares it unpacks to (checked before
-    anything is inflated) and the output array (checked before it is allocated); `max_images` the
-    number of images; `max_pixels` each image's pixels (default: Pillow's `Image.MAX_IMAGE_PIXELS`),
-    checked from its header before its pixels are decoded; `max_image_bytes` each image file.
-    """
-    pixel_limit = max_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485
+    limits: DatasetLimits | None = None,
+) -> ImageFolderPlan:
+    """Everything `read_image_folder` checks before it decodes a pixel: the archive (paths, declared
+    sizes, member types), the layout and labels, the number of images, and the bytes the arrays
+    will take (images × size × channels × dtype, against `limits.max_bytes` and
+    `max_unpacked_bytes`). With `resize: none` and no size, the first image's header gives it."""
+    limits = limits or DatasetLimits(max_image_pixels=max_pixels or _pillow_limit())
     class_list = _class_list(classes)
     archive = open_dataset_zip(
         zip_path,
@@ -384,18 +425,124 @@ def read_image_folder(
                 "split it into several datasets",
                 code="too_many_images",
             )
+        limits.check_samples(len(members))
         members, folders = _strip_wrappers(members, folders)
         ordered, labels, class_names = _label(members, folders, class_list)
-        output = _Output(spec, len(ordered), max_unpacked_bytes)
-        for index, member in enumerate(ordered):
-            pixels = _decode(archive, member.info, spec, pixel_limit)
-            output.put(index, pixels, member.info.filename)
-    return ImageFolder(
-        arrays={input_name: output.array()},
+        size = spec.size
+        if size is None:  # resize 'none', no size: every image must be as large as the first
+            first = ordered[0].info
+            width, height = image_size(
+                archive, first, limits.max_image_pixels, oriented=spec.exif_orientation
+            )
+            size = (height, width)
+    plan = ImageFolderPlan(
+        members=tuple(member.info.filename for member in ordered),
         labels=labels,
         classes=class_names,
-        files=tuple(member.info.filename for member in ordered),
         spec=spec,
+        size=size,
+        input_name=input_name,
+    )
+    bounded = replace(limits, max_bytes=min(limits.max_bytes, max_unpacked_bytes))
+    bounded.check_bytes(
+        plan.nbytes,
+        f"{plan.samples} images of {size[0]}x{size[1]} (height x width) in {spec.dtype}",
+        "upload fewer images per dataset, choose a smaller size, or use float16 or uint8",
+    )
+    return plan
+
+
+def _pillow_limit() -> int:
+    return Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def image_size(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_pixels: int, *, oriented: bool = False
+) -> tuple[int, int]:
+    """(width, height) from the image's header, read lazily by Pillow (the pixels are not decoded,
+    the member is inflated only as far as its header), refused over `max_pixels`; `oriented`: as
+    its EXIF orientation turns it (a quarter turn swaps the sides)."""
+    with archive.open(info) as stream, _opened(stream, info.filename, max_pixels) as image:
+        width, height = image.size
+        if oriented:
+            with contextlib.suppress(Exception):  # a damaged EXIF block: used as stored, as _pixels does
+                if image.getexif().get(_ORIENTATION, 1) in _QUARTER_TURNS:
+                    return height, width
+        return width, height
+
+
+def header_pixels(zip_path: Path, plan: ImageFolderPlan, max_pixels: int) -> int:
+    """The pixels of every image in all, from their headers (each refused over `max_pixels`): what
+    decoding the folder will cost, known before it is done."""
+    total = 0
+    with zipfile.ZipFile(zip_path) as archive:
+        for name in plan.members:
+            width, height = image_size(archive, archive.getinfo(name), max_pixels)
+            total += width * height
+    return total
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def decode_image_folder(
+    zip_path: Path,
+    plan: ImageFolderPlan,
+    out: np.ndarray,
+    *,
+    max_pixels: int,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Decode every image of the plan into `out` (`plan.shape`, in memory or a memory-mapped
+    `.npy`), one at a time: memory is one image beside the output. `progress(done, total)` is
+    called after each image (a job reports it and checks for cancellation there)."""
+    writer = _Output(plan.spec, out, plan.size)
+    with zipfile.ZipFile(zip_path) as archive:
+        for index, name in enumerate(plan.members):
+            pixels = _decode(archive, archive.getinfo(name), plan.spec, max_pixels)
+            writer.put(index, pixels, name)
+            if progress is not None:
+                progress(index + 1, plan.samples)
+
+
+def read_image_folder(
+    zip_path: Path,
+    spec: ImagePreprocessing,
+    *,
+    max_unpacked_bytes: int,
+    max_images: int,
+    input_name: str = "input",
+    classes: Sequence[str] | None = None,
+    max_pixels: int | None = None,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    limits: DatasetLimits | None = None,
+) -> ImageFolder:
+    """Read a zip of images (see the module's docstring) into one array `[samples, ...]` keyed by
+    `input_name`, with labels from class folders; raise InvalidDatasetError (InvalidImageError for
+    one member) saying why not.
+
+    `classes` is the model's class list, in the order of its outputs: folder names map onto it.
+    `max_unpacked_bytes` bounds both what the archive declares it unpacks to (checked before
+    anything is inflated) and the output array (checked before it is allocated, with
+    `limits.max_bytes`); `max_images` the number of images; `max_pixels` each image's pixels
+    (default: Pillow's `Image.MAX_IMAGE_PIXELS`), checked from its header before its pixels are
+    decoded; `max_image_bytes` each image file.
+    """
+    limits = limits or DatasetLimits(max_image_pixels=max_pixels or _pillow_limit())
+    plan = plan_image_folder(
+        zip_path,
+        spec,
+        max_unpacked_bytes=max_unpacked_bytes,
+        max_images=max_images,
+        input_name=input_name,
+        classes=classes,
+        max_image_bytes=max_image_bytes,
+        limits=limits,
+    )
+    array = np.empty(plan.shape, dtype=spec.dtype)
+    decode_image_folder(zip_path, plan, array, max_pixels=limits.max_image_pixels)
+    return ImageFolder(
+        arrays={input_name: array}, labels=plan.labels, classes=plan.classes, files=plan.members, spec=spec
     )
 
 
@@ -544,36 +691,17 @@ def _label(
 
 
 class _Output:
-    """The output array, allocated once its size is known and checked."""
+    """Writes each image's pixels into its row of the output, through the value table."""
 
-    def __init__(self, spec: ImagePreprocessing, samples: int, max_bytes: int):
-        self.spec, self.samples, self.max_bytes = spec, samples, max_bytes
+    def __init__(self, spec: ImagePreprocessing, array: np.ndarray, size: tuple[int, int]):
+        self.spec, self.size, self._array = spec, size, array
         self.lut = spec.value_table()
-        self.size = spec.size
-        self._array: np.ndarray | None = None
-        if self.size is not None:
-            self._allocate(self.size)
-
-    def _allocate(self, size: tuple[int, int]) -> None:
-        shape = (self.samples, *self.spec.sample_shape(size))
-        nbytes = math.prod(shape) * np.dtype(self.spec.dtype).itemsize
-        if nbytes > self.max_bytes:
-            raise InvalidDatasetError(
-                f"{self.samples} images of {size[0]}x{size[1]} (height x width) in {self.spec.dtype} "
-                f"make {nbytes} bytes of arrays, over the limit of {self.max_bytes}: upload fewer "
-                "images per dataset, or use float16 or uint8",
-                code="upload_too_large",
-            )
-        self.size = size
-        self._array = np.empty(shape, dtype=self.spec.dtype)
 
     def put(self, index: int, pixels: np.ndarray, member: str) -> None:
         """One image's pixels, `[H, W, C]` uint8 in the output's channel order."""
         height, width = pixels.shape[:2]
-        if self.size is None:
-            self._allocate((height, width))
         if (height, width) != self.size:
-            expected = self.size or (0, 0)
+            expected = self.size
             raise InvalidImageError(
                 f"image '{member}' is {width}x{height} (width x height), but "
                 + (
@@ -586,7 +714,6 @@ class _Output:
                 member=member,
                 code="image_size_mismatch",
             )
-        assert self._array is not None
         nchw = self.spec.layout == "NCHW"
         if self.lut is None:  # uint8: the pixels themselves
             self._array[index] = pixels.transpose(2, 0, 1) if nchw else pixels
@@ -595,21 +722,11 @@ class _Output:
             target = self._array[index, channel] if nchw else self._array[index, :, :, channel]
             np.take(self.lut[channel], pixels[:, :, channel], out=target, mode="clip")
 
-    def array(self) -> np.ndarray:
-        assert self._array is not None
-        return self._array
 
-
-def _decode(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, spec: ImagePreprocessing, max_pixels: int
-) -> np.ndarray:
-    """One member as `[H, W, C]` uint8 after orientation, colour conversion, resizing and cropping,
-    in the output's channel order."""
-    name = info.filename
-    try:
-        data = _read_member(archive, info)
-    except Exception as exc:  # bad CRC, truncated member, damaged compressed stream
-        raise InvalidDatasetError(f"archive member '{name}' could not be read: {exc}") from exc
+@contextlib.contextmanager
+def _opened(data: IO[bytes], name: str, max_pixels: int) -> Iterator[Image.Image]:
+    """The image Pillow opens lazily (its header only), refused over `max_pixels` or when its
+    pixels are not 8 or 16 bits, before anything is decoded."""
     try:
         image: Image.Image = Image.open(data, formats=list(PILLOW_FORMATS))
     except Image.DecompressionBombError as exc:
@@ -631,6 +748,20 @@ def _decode(
                 "with 8-bit channels",
                 member=name,
             )
+        yield image
+
+
+def _decode(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, spec: ImagePreprocessing, max_pixels: int
+) -> np.ndarray:
+    """One member as `[H, W, C]` uint8 after orientation, colour conversion, resizing and cropping,
+    in the output's channel order."""
+    name = info.filename
+    try:
+        data = _read_member(archive, info)
+    except Exception as exc:  # bad CRC, truncated member, damaged compressed stream
+        raise InvalidDatasetError(f"archive member '{name}' could not be read: {exc}") from exc
+    with _opened(data, name, max_pixels) as image:
         try:
             return _pixels(image, spec)
         except Image.DecompressionBombError as exc:

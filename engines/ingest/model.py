@@ -14,14 +14,20 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engines.errors import InvalidModelError
 from engines.ingest.archives import is_zip_archive, unpacked_size_problem
 from engines.ingest.external_data import external_bytes, gather_external_data
-from engines.ingest.signature import Dim, TensorSpec, assign_batch_axes, onnx_value_to_spec
+from engines.ingest.signature import (
+    Dim,
+    TensorSpec,
+    assign_batch_axes,
+    onnx_value_to_spec,
+    parse_stated_batch_axes,
+)
 from engines.ingest.sparse import copy_sparse
 
 #: Protobuf cannot serialize a single message over 2 GiB; bigger models keep external data.
@@ -60,6 +66,11 @@ class ModelInfo:
             "op_types": self.op_types,
             "warnings": list(self.warnings),
         }
+
+    def with_stated_batch_axes(self, text: str) -> ModelInfo:
+        """This model with the batch axes a user stated at upload (see
+        `engines.ingest.signature.parse_stated_batch_axes`; InvalidModelError when they do not fit)."""
+        return replace(self, inputs=tuple(parse_stated_batch_axes(text, self.inputs)))
 
 
 def unpack_upload(upload: Path, workdir: Path, *, max_unpacked_bytes: int) -> Path:

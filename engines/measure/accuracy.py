@@ -7,6 +7,7 @@ only) and the largest error against the original's outputs otherwise.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from engines.errors import EngineError
 from engines.ingest.datasets import Dataset
 from engines.ingest.signature import TensorSpec, feed_batch_size
 from engines.measure.latency import StopCheck
+from engines.measure.spill import row_blocks, rows_array
 
 
 def scored_output(outputs: list[TensorSpec]) -> TensorSpec:
@@ -39,33 +41,51 @@ def _samples_axis(result: np.ndarray, declared: int | None, rows: int) -> int | 
 def run_dataset(
     runner: Runner, dataset: Dataset, batch_size: int, check_stop: StopCheck | None = None
 ) -> np.ndarray:
-    """The scored output of the runner over the whole dataset, samples first, in order."""
+    """The scored output of the runner over the whole dataset, samples first, in order.
+
+    Batch by batch into one array allocated after the first (engines.measure.spill: on disk when
+    large), so memory holds a batch and not the dataset's outputs twice over."""
     output, specs = scored_output(runner.output_metadata()), runner.input_metadata()
-    chunks = []
+    collected: np.ndarray | None = None
+    done = 0
     for start in range(0, dataset.samples, batch_size):
         if check_stop is not None:
             check_stop()
         feeds = dataset.batch(start, start + batch_size)
         result = np.asarray(runner.infer(feeds)[output.name])
         axis = _samples_axis(result, output.batch_axis, feed_batch_size(feeds, specs))
-        chunks.append(result[None] if axis is None else np.moveaxis(result, axis, 0))
-    shapes = {chunk.shape[1:] for chunk in chunks}
-    if len(shapes) > 1:  # e.g. a detector whose box count depends on the image
-        raise EngineError(
-            f"output '{output.name}' has a different shape per batch ({sorted(map(list, shapes))[:3]}), "
-            "so its outputs cannot be compared sample by sample",
-            code="outputs_not_comparable",
-        )
-    return np.concatenate(chunks, axis=0)
+        chunk = result[None] if axis is None else np.moveaxis(result, axis, 0)
+        if collected is None:
+            rows = len(chunk) * -(-dataset.samples // batch_size)  # at most; trimmed at the end
+            collected = rows_array((rows, *chunk.shape[1:]), chunk.dtype)
+        elif chunk.shape[1:] != collected.shape[1:]:  # e.g. a detector whose box count depends on the image
+            shapes = sorted([list(collected.shape[1:]), list(chunk.shape[1:])])
+            raise EngineError(
+                f"output '{output.name}' has a different shape per batch ({shapes}), "
+                "so its outputs cannot be compared sample by sample",
+                code="outputs_not_comparable",
+            )
+        collected[done : done + len(chunk)] = chunk
+        done += len(chunk)
+    assert collected is not None, "a dataset has at least one sample"
+    return collected[:done]
 
 
 def classification_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Top-1 (and top-5 when there are at least 5 classes) of class scores against labels."""
-    scores = logits.reshape(len(logits), -1)
-    result = {"top1": float((scores.argmax(axis=1) == labels).mean())}
-    if scores.shape[1] >= 5:
-        top5 = np.argsort(-scores, axis=1)[:, :5]
-        result["top5"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    """Top-1 (and top-5 when there are at least 5 classes) of class scores against labels, counted
+    a block of rows at a time (the scores may be a disk-backed array of the whole dataset)."""
+    classes = math.prod(logits.shape[1:])
+    top1 = top5 = 0
+    for rows in row_blocks(logits):
+        scores = np.asarray(logits[rows]).reshape(rows.stop - rows.start, -1)
+        expected = np.asarray(labels[rows])
+        top1 += int((scores.argmax(axis=1) == expected).sum())
+        if classes >= 5:
+            best = np.argpartition(-scores, 4, axis=1)[:, :5]  # the five best, in any order
+            top5 += int((best == expected[:, None]).any(axis=1).sum())
+    result = {"top1": top1 / len(logits)}
+    if classes >= 5:
+        result["top5"] = top5 / len(logits)
     return result
 
 
@@ -89,25 +109,43 @@ def fidelity(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float | 
         )
     if candidate.size == 0:  # e.g. a detector that found nothing, in both
         return {"top1_agreement": None, "cosine_similarity": 1.0, "max_abs_error": 0.0}
-    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    if cand.shape[1] == 1:  # one value per sample (a score, a probability): the cosine of the columns
-        cand, ref = cand.T, ref.T
+    class_scores = candidate.ndim == 2 and candidate.shape[1] > 1
+    if math.prod(candidate.shape[1:]) == 1:
+        # one value per sample (a score, a probability): the cosine of the columns, over all samples
+        cand, ref = (np.asarray(a, dtype=np.float64).reshape(1, -1) for a in (candidate, reference))
+        cosine = _cosines(cand, ref)
+        return {
+            "top1_agreement": None,
+            "cosine_similarity": float(cosine.mean()),
+            "max_abs_error": float(np.abs(cand - ref).max()),
+        }
+    cosine_sum, agreeing, max_error = 0.0, 0, 0.0
+    for rows in row_blocks(candidate):  # a block at a time: the outputs may be disk-backed
+        cand = np.asarray(candidate[rows], dtype=np.float64).reshape(rows.stop - rows.start, -1)
+        ref = np.asarray(reference[rows], dtype=np.float64).reshape(rows.stop - rows.start, -1)
+        cosine_sum += float(_cosines(cand, ref).sum())
+        if class_scores:
+            agreeing += int((cand.argmax(axis=1) == ref.argmax(axis=1)).sum())
+        max_error = float(np.maximum(max_error, np.abs(cand - ref).max()))  # NaN stays NaN
+    samples = len(candidate)
+    return {
+        "top1_agreement": agreeing / samples if class_scores else None,
+        "cosine_similarity": cosine_sum / samples,
+        "max_abs_error": max_error,
+    }
+
+
+def _cosines(cand: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """The cosine of each row pair. An engine that outputs zeros where the original does not is as
+    far from it as can be: 0, not 1; non-finite norms give NaN, reported as null and judged
+    unfaithful."""
     cand_norm, ref_norm = np.linalg.norm(cand, axis=1), np.linalg.norm(ref, axis=1)
     both_zero = (cand_norm == 0) & (ref_norm == 0)
-    # an engine that outputs zeros where the original does not is as far from it as can be: 0, not 1;
-    # non-finite norms give NaN, reported as null and judged unfaithful
-    cosine = np.where(
+    return np.where(
         (cand_norm > 0) & (ref_norm > 0),
         (cand * ref).sum(axis=1) / np.maximum(cand_norm * ref_norm, 1e-300),
         np.where(both_zero, 1.0, np.where(np.isfinite(cand_norm) & np.isfinite(ref_norm), 0.0, np.nan)),
     )
-    class_scores = candidate.ndim == 2 and candidate.shape[1] > 1
-    return {
-        "top1_agreement": float((cand.argmax(axis=1) == ref.argmax(axis=1)).mean()) if class_scores else None,
-        "cosine_similarity": float(cosine.mean()),
-        "max_abs_error": float(np.abs(cand - ref).max()),
-    }
 
 
 def fidelity_score(values: dict[str, float | None]) -> float:
@@ -144,13 +182,17 @@ def count_non_finite(outputs: np.ndarray) -> int | None:
     the report says how many there are. Never raises: a diagnostic never fails the job it diagnoses.
     """
     try:
-        values = np.asarray(outputs)
-        if values.dtype.kind in "biu":
+        if outputs.dtype.kind in "biu":
             return 0
-        if values.dtype.kind not in "fc":
+        if outputs.dtype.kind not in "fc":
             return None
-        return int(values.size - np.count_nonzero(np.isfinite(values)))
-    except (TypeError, ValueError):
+        if outputs.ndim == 0:
+            return int(not np.isfinite(outputs))
+        return sum(
+            int(np.asarray(outputs[rows]).size - np.count_nonzero(np.isfinite(outputs[rows])))
+            for rows in row_blocks(outputs)
+        )
+    except (TypeError, ValueError, AttributeError):
         return None
 
 

@@ -38,6 +38,29 @@ def report_row(
     }
 
 
+#: Characters that mean something inside a markdown table cell, backslash-escaped.
+_MARKDOWN_SPECIALS = frozenset("\\`*_[]|~")
+#: And in the HTML that markdown passes through: as entities.
+_HTML_SPECIALS = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+
+
+def markdown_text(text: object) -> str:
+    """`text` as one markdown table cell, shown as written: a user's model name may hold a pipe
+    (a new column), a line break (a new row), HTML (`<img onerror=…>` in a viewer that renders it)
+    or emphasis and link syntax. Control characters become spaces."""
+    out = []
+    for char in str(text):
+        if char in _HTML_SPECIALS:
+            out.append(_HTML_SPECIALS[char])
+        elif char in _MARKDOWN_SPECIALS:
+            out.append("\\" + char)
+        elif char < " " or char == "\x7f" or char in "\u2028\u2029\x85":
+            out.append(" ")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def _cell(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
@@ -51,7 +74,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | N
     header += ["Top-1", "Δ top-1 vs baseline", "Agreement", "Size (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["network"], row["engine"], row["precision"], row["backend"]]
+        cells = [markdown_text(row[name]) for name in ("network", "engine", "precision", "backend")]
         cells += [
             _cell(row["params"] and row["params"] / 1e6, ".3f"),
             _cell(row["macs"] and row["macs"] / 1e6, ".1f"),

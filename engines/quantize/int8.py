@@ -268,6 +268,39 @@ def _count_quantize_nodes(graph: Any) -> int:
     return count
 
 
+#: Float element types other than float32, which QuantizeLinear does not take at opset 13.
+_OTHER_FLOATS = frozenset({10, 11, 16})  # FLOAT16, DOUBLE, BFLOAT16
+
+
+@lru_cache(maxsize=8)
+def _non_float32_nodes(path: Path, _mtime_ns: int) -> tuple[tuple[str, str], ...]:
+    """(name, op type) of the nodes that read or write a float tensor other than float32.
+
+    Models converted to float16 in part (a U-Net whose weights sit in float16 behind Cast nodes, a
+    float16 Resize feeding a float16 Concat) have such tensors between float32 ones. ONNX Runtime's
+    quantizer takes float16 tensors as quantizable and puts a QuantizeLinear on them, which no
+    session loads (`Type 'tensor(float16)' of input parameter … of operator (QuantizeLinear)`).
+    These nodes are kept in float; the float32 rest is quantized. Types come from ONNX's shape
+    inference (not strict: what it cannot type is left alone)."""
+    import onnx
+
+    model = _load_graph_only(path)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model shape inference cannot take keeps its declared types
+        logger.info("shape inference failed while looking for float16 tensors", exc_info=True)
+    graph = model.graph
+    types = {tensor.name: tensor.data_type for tensor in graph.initializer}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if value.type.WhichOneof("value") == "tensor_type":
+            types[value.name] = value.type.tensor_type.elem_type
+    return tuple(
+        (node.name, node.op_type)
+        for node in graph.node
+        if any(types.get(name) in _OTHER_FLOATS for name in [*node.input, *node.output] if name)
+    )
+
+
 @lru_cache(maxsize=8)
 def _opset_of(path: Path, _mtime_ns: int) -> int:
     """The opset of a model file, parsed once per version of the file: the budget search quantizes
@@ -351,6 +384,16 @@ def quantize_int8(
         if config.reduce_range is not None:
             reduce_range, reason = config.reduce_range, "set by the recipe"
     method = getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration])
+    non_float32 = _non_float32_nodes(float_path, float_path.stat().st_mtime_ns)
+    exclude = list(dict.fromkeys([*config.nodes_to_exclude, *(name for name, _ in non_float32)]))
+    if non_float32:
+        ops = sorted({op for _, op in non_float32})
+        result.messages.append(
+            f"{len(non_float32)} node(s) compute in float16 or another float than float32 "
+            f"({', '.join(ops)}): they are kept in float, since INT8 quantization takes float32 tensors "
+            "only; the float32 rest "
+            "of the model is quantized"
+        )
     # ONNX Runtime's step that widens weight scales for tiny int32 bias scales breaks on some real
     # graphs (a per-tensor weight scale meeting a per-channel bias, in tf2onnx/jax2tf exports):
     # quantize again without that step rather than fail, and say so.
@@ -368,7 +411,7 @@ def quantize_int8(
                 activation_type=activation_type,
                 weight_type=QuantType.QInt8,
                 calibrate_method=method,
-                nodes_to_exclude=list(config.nodes_to_exclude),
+                nodes_to_exclude=exclude,
                 op_types_to_quantize=op_types,
                 extra_options=options,
             )
@@ -400,5 +443,6 @@ def quantize_int8(
         "activation_type": "int8" if profile == "tensorrt" else "uint8",
         "weight_type": "int8 symmetric",
         "nodes_kept_float": list(config.nodes_to_exclude),
+        "float16_nodes_kept_float": [name for name, _ in non_float32],
     }
     return result

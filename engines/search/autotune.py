@@ -27,7 +27,7 @@ and why, skipped for time).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -39,9 +39,18 @@ from engines.backends.base import CompileOptions, EngineArtifact, Runner, engine
 from engines.backends.registry import backend_class, get_backend
 from engines.errors import Cancelled, EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
+from engines.ingest.signature import StatedAxes, TensorSpec, stated_batch_axes
 from engines.measure.accuracy import accuracy_report, run_dataset
 from engines.measure.latency import MeasureConfig, measure_latency
-from engines.pipeline import BASELINE, BASELINE_BACKEND, BuiltEngine, Measurement, built_runner, compare
+from engines.pipeline import (
+    BASELINE,
+    BASELINE_BACKEND,
+    BuiltEngine,
+    Measurement,
+    built_runner,
+    compare,
+    compile_engine,
+)
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig
 from engines.prune.stage import run_prune_stage
@@ -179,8 +188,10 @@ class _Search:
         progress: Progress,
         check_cancelled: Callable[[], None],
         clock: Callable[[], float],
+        stated: StatedAxes,
     ):
         self.model_path, self.request, self.workdir = model_path, request, workdir
+        self.stated = stated  # the batch axes a user stated: every runner and build goes by them
         self.calibration, self.evaluation = calibration, evaluation
         self.progress, self.check_cancelled, self.clock = progress, check_cancelled, clock
         self.started = clock()
@@ -198,7 +209,7 @@ class _Search:
 
     def measure_original(self) -> None:
         backend = get_backend(BASELINE_BACKEND)
-        self.original = backend.load(self.model_path, backend.options())
+        self.original = backend.load(self.model_path, backend.options(batch_axes=self.stated))
         self.inputs = self.original.input_metadata()
         self.output_names = [spec.name for spec in self.original.output_metadata()]
         self.eval_batch = max(1, min(self.objective.batch_size, self.evaluation.samples))
@@ -278,13 +289,16 @@ class _Search:
             evaluation=self.evaluation if candidate.float_fallback else None,
             batch_size=min(16, (self.calibration.samples if self.calibration else 16)),
             check_cancelled=self.check_cancelled,
-            runner_for=partial(built_runner, backend, workdir / "checks", None),  # the target scores it
+            # the target scores it
+            runner_for=partial(built_runner, backend, workdir / "checks", None, batch_axes=self.stated),
         )
-        options = CompileOptions(precision=precision, batch_sizes=(self.objective.batch_size,))
-        artifact = backend.compile(variant.path, workdir / "engine", options)
+        options = CompileOptions(
+            precision=precision, batch_sizes=(self.objective.batch_size,), batch_axes=self.stated
+        )
+        artifact = compile_engine(backend, variant.path, workdir / "engine", options)
         artifact.metadata.update({**variant.metadata, "lineage": candidate.lineage()})
         variant.write_layer_errors(artifact.path.parent)
-        return artifact, backend.load(artifact.path, backend.options())
+        return artifact, backend.load(artifact.path, backend.options(batch_axes=self.stated))
 
     # ------------------------------------------------------------ one candidate
 
@@ -516,8 +530,12 @@ def autotune(
     progress: Progress = lambda fraction, stage: None,
     check_cancelled: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.monotonic,
+    model_inputs: Sequence[TensorSpec] = (),
 ) -> AutotuneResult:
-    """Search the space for the engine that best meets the objective within the accuracy budget."""
+    """Search the space for the engine that best meets the objective within the accuracy budget.
+
+    `model_inputs`: the model's stored input specs, whose stated batch axes every runner and build
+    of the search uses (as engines.pipeline.run_recipe does)."""
     if request.budget.metric == "top1" and evaluation.labels is None:
         raise InvalidRecipeError("a top1 budget needs labels in the evaluation set; use metric 'fidelity'")
     space = request.space
@@ -526,7 +544,10 @@ def autotune(
     needs_calibration = calibration is None and bool(space.calibrations or space.prune_ratios)
     if needs_calibration:
         space = replace(space, calibrations=(), prune_ratios=())
-    search = _Search(model_path, request, workdir, calibration, evaluation, progress, check_cancelled, clock)
+    stated = stated_batch_axes(model_inputs)
+    search = _Search(
+        model_path, request, workdir, calibration, evaluation, progress, check_cancelled, clock, stated
+    )
     progress(0.0, "measuring the original")
     search.measure_original()
     if needs_calibration:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engines.measure.report import markdown_text
+
 REPORT_JSON, REPORT_MD, REPORT_PNG = "autotune.json", "autotune.md", "autotune.png"
 _COST_UNITS = {"latency": "p50 ms", "throughput": "ms per sample", "size": "MB"}
 
@@ -46,16 +48,16 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["candidates"]:
         cost = None if row["cost"] is None else _cost_value(metric, row["cost"], batch)
         cells = [
-            ("**" + row["label"] + "**") if row["chosen"] else row["label"],
+            ("**" + markdown_text(row["label"]) + "**") if row["chosen"] else markdown_text(row["label"]),
             "chosen" if row["chosen"] else row["status"].replace("_", " "),
             "—" if cost is None else f"{cost:.3f}",
             _versus_original(row, original, cost),
             "—" if row["drop"] is None else f"{row['drop'] * 100:.2f}",
             "yes" if row["on_front"] else "",
-            row["reason"].replace("|", "/"),
+            markdown_text(row["reason"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *(f"- {message}" for message in report["messages"])]
+    lines += ["", *(f"- {markdown_text(message)}" for message in report["messages"])]
     return "\n".join(lines) + "\n"
 
 

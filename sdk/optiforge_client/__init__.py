@@ -7,6 +7,8 @@ from optiforge_client.client import AsyncClient, Client
 from optiforge_client.errors import (
     BadRequest,
     Conflict,
+    DatasetFailed,
+    DatasetTimeout,
     Forbidden,
     JobFailed,
     JobTimeout,
@@ -30,6 +32,8 @@ __all__ = [
     "Client",
     "Conflict",
     "Dataset",
+    "DatasetFailed",
+    "DatasetTimeout",
     "Engine",
     "Forbidden",
     "InferResult",

@@ -6,6 +6,7 @@ and both clients execute it (see `client.py`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -39,6 +40,8 @@ class Call(Generic[T]):
     files: dict[str, tuple[str, IO[bytes]]] | None = None
     #: Run once the call is done, whatever its outcome (a temporary export removed).
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    #: A listing whose later pages the client fetches too (the server answers a page at a time).
+    paged: bool = False
 
     def request_args(self) -> dict[str, Any]:
         args = {"method": self.method, "url": self.path, "params": self.params, "headers": self.headers}
@@ -53,6 +56,13 @@ class Call(Generic[T]):
             handle.close()
         while self.cleanup:
             self.cleanup.pop()()
+
+    def next_page(self, response: httpx.Response) -> Call[T] | None:
+        """The call for the page after `response`'s, if the listing has one (its `X-Next-Cursor`)."""
+        cursor = response.headers.get(NEXT_CURSOR_HEADER) if self.paged else None
+        if not cursor:
+            return None
+        return Call(self.method, self.path, self.parse, {**(self.params or {}), "cursor": cursor}, paged=True)
 
     def finish(self, response: httpx.Response) -> T:
         """Close uploaded files, raise the typed error of an error answer, else parse it."""
@@ -72,6 +82,19 @@ def _as(model: type[T]) -> Callable[[httpx.Response], T]:
 
 def _list_of(model: type[T]) -> Callable[[httpx.Response], list[T]]:
     return lambda response: [model.model_validate(item) for item in response.json()]  # type: ignore[attr-defined]
+
+
+#: The header of a listing's response naming where its next page starts (app.api.pagination).
+NEXT_CURSOR_HEADER = "X-Next-Cursor"
+#: Records a page the client asks for when it reads every page (the server's maximum).
+PAGE_LIMIT = 1000
+
+
+def _listing(path: str, model: type[T], limit: int | None, params: dict[str, Any]) -> Call[list[T]]:
+    """A listing: every record, a page at a time (`limit` None), or the newest `limit` (one page)."""
+    query = {key: value for key, value in params.items() if value is not None}
+    query["limit"] = PAGE_LIMIT if limit is None else limit
+    return Call("GET", path, _list_of(model), params=query, paged=limit is None)
 
 
 def _nothing(_response: httpx.Response) -> None:
@@ -135,8 +158,9 @@ def upload_model(
     return call
 
 
-def list_models() -> Call[list[Model]]:
-    return Call("GET", "/v1/models", _list_of(Model))
+def list_models(limit: int | None = None) -> Call[list[Model]]:
+    """Newest first: every model, or the newest `limit` (at most 1000)."""
+    return _listing("/v1/models", Model, limit, {})
 
 
 def get_model(model_id: str) -> Call[Model]:
@@ -148,13 +172,38 @@ def delete_model(model_id: str) -> Call[None]:
     return Call("DELETE", f"/v1/models/{model_id}", _nothing)
 
 
-def upload_dataset(path: str | Path, name: str | None = None) -> Call[Dataset]:
-    """Upload a .npz of the model's inputs by name (and optional `labels`); never pickled."""
-    return _upload("/v1/datasets", path, name, Dataset)
+def upload_dataset(
+    path: str | Path,
+    name: str | None = None,
+    *,
+    preprocessing: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    input_name: str | None = None,
+) -> Call[Dataset]:
+    """Upload a .npz of the model's inputs by name (and optional `labels`; never pickled), or a
+    .zip of images with a `preprocessing` spec (size, resize, mean, std, channel_order, layout,
+    dtype), the model's `classes` in output order and the array's `input_name`. A large image
+    folder answers `processing` while a worker decodes it: `Client.upload_dataset` waits for it
+    by default, `wait_for_dataset(dataset.id)` does on demand."""
+    call = _upload("/v1/datasets", path, name, Dataset)
+    form = dict(call.data or {})
+    if preprocessing is not None:
+        form["preprocessing"] = json.dumps(dict(preprocessing))
+    if classes is not None:
+        form["classes"] = json.dumps(list(classes))
+    if input_name is not None:
+        form["input_name"] = input_name
+    call.data = form or None
+    return call
 
 
-def list_datasets() -> Call[list[Dataset]]:
-    return Call("GET", "/v1/datasets", _list_of(Dataset))
+def get_dataset(dataset_id: str) -> Call[Dataset]:
+    return Call("GET", f"/v1/datasets/{dataset_id}", _as(Dataset))
+
+
+def list_datasets(limit: int | None = None) -> Call[list[Dataset]]:
+    """Newest first: every dataset, or the newest `limit` (at most 1000)."""
+    return _listing("/v1/datasets", Dataset, limit, {})
 
 
 def create_job(
@@ -218,8 +267,9 @@ def get_job(job_id: str) -> Call[Job]:
     return Call("GET", f"/v1/jobs/{job_id}", _as(Job))
 
 
-def list_jobs(status: str | None = None) -> Call[list[Job]]:
-    return Call("GET", "/v1/jobs", _list_of(Job), params={"status": status} if status else None)
+def list_jobs(status: str | None = None, limit: int | None = None) -> Call[list[Job]]:
+    """Newest first: every job (of that status), or the newest `limit` (at most 1000)."""
+    return _listing("/v1/jobs", Job, limit, {"status": status or None})
 
 
 def cancel_job(job_id: str) -> Call[Job]:
@@ -232,9 +282,11 @@ def job_report(job_id: str, format: Literal["json", "md"] = "json") -> Call[Any]
     return Call("GET", f"/v1/jobs/{job_id}/report", parse, params={"format": format})
 
 
-def list_engines(model_id: str | None = None, job_id: str | None = None) -> Call[list[Engine]]:
-    params = {key: value for key, value in (("model_id", model_id), ("job_id", job_id)) if value}
-    return Call("GET", "/v1/engines", _list_of(Engine), params=params or None)
+def list_engines(
+    model_id: str | None = None, job_id: str | None = None, limit: int | None = None
+) -> Call[list[Engine]]:
+    """Newest first: every engine (of that model or job), or the newest `limit` (at most 1000)."""
+    return _listing("/v1/engines", Engine, limit, {"model_id": model_id or None, "job_id": job_id or None})
 
 
 def get_engine(engine_id: str) -> Call[Engine]:

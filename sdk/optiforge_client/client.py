@@ -24,15 +24,22 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 
 from optiforge_client import calls
-from optiforge_client.errors import JobFailed, JobTimeout, ModelFailed, ModelTimeout
-from optiforge_client.models import Job, Model
+from optiforge_client.errors import (
+    DatasetFailed,
+    DatasetTimeout,
+    JobFailed,
+    JobTimeout,
+    ModelFailed,
+    ModelTimeout,
+)
+from optiforge_client.models import Dataset, Job, Model
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -84,6 +91,17 @@ def _finished(job: Job, started: float, timeout: float | None) -> bool:
     return False
 
 
+def _dataset_ready(dataset: Dataset, started: float, timeout: float | None) -> bool:
+    """True once the dataset is ready; raises if decoding its images failed, or the wait is over."""
+    if dataset.status == "ready":
+        return True
+    if dataset.status == "failed":
+        raise DatasetFailed(dataset)
+    if timeout is not None and time.monotonic() - started > timeout:
+        raise DatasetTimeout(dataset, timeout)
+    return False
+
+
 def _model_ready(model: Model, started: float, timeout: float | None) -> bool:
     """True once the model is ready; raises if its conversion failed, or the wait is over."""
     if model.status == "ready":
@@ -130,15 +148,50 @@ class Client:
         except BaseException:
             call.close()
             raise
-        return call.finish(response)
+        result = call.finish(response)
+        while (call := call.next_page(response)) is not None:  # a listing's later pages
+            response = self._http.request(**call.request_args())
+            result += call.finish(response)  # type: ignore[operator]
+        return result
 
     upload_model = _sync(calls.upload_model)
     capabilities = _sync(calls.capabilities)
     list_models = _sync(calls.list_models)
     get_model = _sync(calls.get_model)
     delete_model = _sync(calls.delete_model)
-    upload_dataset = _sync(calls.upload_dataset)
     list_datasets = _sync(calls.list_datasets)
+    get_dataset = _sync(calls.get_dataset)
+
+    def upload_dataset(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        preprocessing: Mapping[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
+        input_name: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> Dataset:
+        """Upload a dataset (calls.upload_dataset); a large image folder is decoded by a job:
+        with `wait` (the default) this returns it ready (DatasetFailed, DatasetTimeout), without,
+        as it is (`status` `processing`; `wait_for_dataset` later)."""
+        call = calls.upload_dataset(
+            path, name, preprocessing=preprocessing, classes=classes, input_name=input_name
+        )
+        dataset = self.send(call)
+        return self.wait_for_dataset(dataset.id, timeout) if wait and dataset.status != "ready" else dataset
+
+    def wait_for_dataset(self, dataset_id: str, timeout: float | None = None, poll_s: float = 0.5) -> Dataset:
+        """Poll until the dataset is ready (returned): a large image folder is `processing` until
+        its decode_images job ends. Decoding failed: DatasetFailed; still processing: DatasetTimeout."""
+        started = time.monotonic()
+        while True:
+            dataset = self.get_dataset(dataset_id)
+            if _dataset_ready(dataset, started, timeout):
+                return dataset
+            time.sleep(poll_s)
+
     create_job = _sync(calls.create_job)
     optimize = _sync(calls.optimize)
     autotune_report = _sync(calls.autotune_report)
@@ -228,7 +281,11 @@ class AsyncClient:
         except BaseException:
             call.close()
             raise
-        return call.finish(response)
+        result = call.finish(response)
+        while (call := call.next_page(response)) is not None:  # a listing's later pages
+            response = await self._http.request(**call.request_args())
+            result += call.finish(response)  # type: ignore[operator]
+        return result
 
     @functools.wraps(calls.upload_model)
     async def upload_model(self, path: Any, name: str | None = None, **options: Any) -> Model:
@@ -242,8 +299,40 @@ class AsyncClient:
     list_models = _async(calls.list_models)
     get_model = _async(calls.get_model)
     delete_model = _async(calls.delete_model)
-    upload_dataset = _async(calls.upload_dataset)
     list_datasets = _async(calls.list_datasets)
+    get_dataset = _async(calls.get_dataset)
+
+    async def upload_dataset(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        preprocessing: Mapping[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
+        input_name: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> Dataset:
+        """As `Client.upload_dataset`."""
+        call = calls.upload_dataset(
+            path, name, preprocessing=preprocessing, classes=classes, input_name=input_name
+        )
+        dataset = await self.send(call)
+        if wait and dataset.status != "ready":
+            return await self.wait_for_dataset(dataset.id, timeout)
+        return dataset
+
+    async def wait_for_dataset(
+        self, dataset_id: str, timeout: float | None = None, poll_s: float = 0.5
+    ) -> Dataset:
+        """As `Client.wait_for_dataset`."""
+        started = time.monotonic()
+        while True:
+            dataset = await self.get_dataset(dataset_id)
+            if _dataset_ready(dataset, started, timeout):
+                return dataset
+            await asyncio.sleep(poll_s)
+
     create_job = _async(calls.create_job)
     optimize = _async(calls.optimize)
     autotune_report = _async(calls.autotune_report)

@@ -94,6 +94,26 @@ class ModelTimeout(OptiforgeError):
         self.model = model
 
 
+class DatasetFailed(OptiforgeError):
+    """Decoding the dataset's images failed (or was cancelled); `dataset` is its last state, `code`
+    and `detail` its error (e.g. `image_decode_failed`, with `dataset.error["member"]`)."""
+
+    def __init__(self, dataset: Any):
+        error = dataset.error or {}
+        detail = error.get("detail", f"dataset {dataset.id} failed")
+        super().__init__(0, error.get("code", "decoding_failed"), detail, dataset)
+        self.dataset = dataset
+
+
+class DatasetTimeout(OptiforgeError):
+    """The dataset was still processing when the wait gave up; `dataset` is its last state."""
+
+    def __init__(self, dataset: Any, seconds: float):
+        detail = f"dataset {dataset.id} still {dataset.status} after {seconds:.0f} s"
+        super().__init__(0, "timeout", detail, dataset)
+        self.dataset = dataset
+
+
 _BY_STATUS = {
     400: BadRequest,
     401: Unauthorized,

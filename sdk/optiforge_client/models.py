@@ -44,8 +44,14 @@ class Model(_Resource):
 
 
 class Dataset(_Resource):
+    """A dataset. `status`: `ready`, `processing` (a large image folder its job,
+    `processing_job_id`, decodes) or `failed` (`error` says why). `Client.wait_for_dataset` waits."""
+
     id: str
     name: str
+    status: str = "ready"  # a server from before image jobs: every dataset is ready
+    error: dict[str, Any] | None = None
+    processing_job_id: str | None = None
     samples: int
     has_labels: bool
     classes: int | None = None
@@ -55,7 +61,7 @@ class Dataset(_Resource):
 
 class Job(_Resource):
     id: str
-    model_id: str
+    model_id: str | None = None  # none for a decode_images job
     kind: str = "optimize"
     status: str
     stage: str

@@ -3,23 +3,30 @@ request (app.api.access_policy), and whether its inference rate does.
 
 A key comes as `Authorization: Bearer <key>` (what tritonclient and most HTTP tools send) or
 `X-API-Key: <key>`. The principal goes into the request's scope (`request.state.principal`), where
-routes read their project from (app.api.deps). A server with no key yet is open, to loopback
-clients only: `optiforge serve` refuses any other address until a key exists, and here a request
-whose `Host` is not a loopback name is refused (a web page cannot reach such a server by
-rebinding its own domain name to 127.0.0.1).
+routes read their project from (app.api.deps).
+
+A server that has never had a key is open, to loopback clients only: `optiforge serve` refuses
+any other address until a key exists, and here a request is refused unless both its socket peer
+is a loopback address (a server bound to 0.0.0.0 is not opened to a remote client that writes
+`Host: localhost`) and its `Host` is a loopback name (a web page cannot reach such a server by
+rebinding its own domain name to 127.0.0.1). The first key closes the server for good
+(app.services.access.keys_required).
+
+Unknown keys are counted per client address (app.api.middleware.failed_keys): past the limit, the
+client's next unknown key is a 429 answered without a database query.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
 from app.api.access_policy import ANY_KEY, AccessPolicy, route_path
 from app.api.errors import send_error
+from app.api.middleware.failed_keys import FailedKeyThrottle
+from app.api.middleware.host import is_loopback_address, is_loopback_host
 from app.api.middleware.rate_limit import RateLimiter, retry_after
 from app.core.keys import INFER, Principal
 from app.services.access import KeyDirectory
@@ -39,34 +46,6 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
     return key or None
 
 
-#: `Host`: a name or IPv4 address, or an IPv6 address in brackets, then an optional port; nothing else.
-_HOST = re.compile(r"^(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.-]+))(?::[0-9]{1,5})?$")
-
-
-def host_name(host_header: str) -> str | None:
-    """The host a `Host` header names, without its port; None for anything that is not plainly a
-    host (`localhost:80@evil`, `[::1]evil.com`)."""
-    match = _HOST.match(host_header.strip().lower())
-    if match is None:
-        return None
-    return match.group("ipv6") or match.group("name")
-
-
-def is_loopback_host(host_header: str, extra_hosts: frozenset[str] = frozenset()) -> bool:
-    """Whether `Host` names this machine: `localhost`, `*.localhost`, a loopback address (127.0.0.0/8,
-    ::1), or one of `extra_hosts`. Checked as an address, not as text: `127.0.0.1.attacker.example`
-    is a public name its owner can point at 127.0.0.1 (DNS rebinding)."""
-    name = host_name(host_header)
-    if name is None:
-        return False
-    if name == "localhost" or name.endswith(".localhost") or name in extra_hosts:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 class AuthMiddleware:
     """ASGI middleware: 401 without a valid key, 403 without the scope, 429 over the key's rate.
 
@@ -80,11 +59,14 @@ class AuthMiddleware:
         keys: KeyDirectory,
         policy: AccessPolicy,
         default_infer_rps: float | None,
+        failed_keys: FailedKeyThrottle,
         open_hosts: frozenset[str] = frozenset(),
+        open_peers: frozenset[str] = frozenset(),
     ):
         self.app, self.keys, self.policy = app, keys, policy
-        self.default_infer_rps, self.open_hosts = default_infer_rps, open_hosts
+        self.default_infer_rps, self.open_hosts, self.open_peers = default_infer_rps, open_hosts, open_peers
         self.limiter = RateLimiter()
+        self.failed_keys = failed_keys
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -97,8 +79,16 @@ class AuthMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         key = presented_key(headers)
+        peer = (scope.get("client") or ("", 0))[0] or ""
+        hit, principal = self.keys.cached(key)
+        if principal is None and key is not None and not self.keys.known(key):
+            wait = self.failed_keys.wait(peer)
+            if wait > 0:  # before any query: a guesser costs a dictionary look-up
+                await _too_many_failures(send, path, wait)
+                return
         try:
-            principal = await self._principal(key)
+            if not hit:
+                principal = await run_in_threadpool(self.keys.resolve, key)
             if principal is None and key is not None:
                 principal = await self._principal(None)  # a key sent to a server that has none yet
         except Exception:  # the database is down or not migrated: nobody can be let in
@@ -107,6 +97,8 @@ class AuthMiddleware:
             await send_error(send, path, 503, "auth_unavailable", detail, headers={"Retry-After": "5"})
             return
         if principal is None:
+            if key is not None:
+                self.failed_keys.failed(peer)
             code, detail = (
                 ("invalid_api_key", "the API key is unknown or revoked")
                 if key is not None
@@ -116,6 +108,13 @@ class AuthMiddleware:
                 )
             )
             await send_error(send, path, 401, code, detail, headers=_CHALLENGE)
+            return
+        if principal.key_id is None and not (is_loopback_address(peer) or peer in self.open_peers):
+            detail = (
+                "this server has no API key yet and answers only clients on this machine "
+                "(a loopback address); create a key with `optiforge keys create`"
+            )
+            await send_error(send, path, 403, "client_not_allowed", detail)
             return
         if principal.key_id is None and not is_loopback_host(
             headers.get(b"host", b"").decode("latin-1"), self.open_hosts
@@ -149,3 +148,9 @@ class AuthMiddleware:
         if hit:
             return principal
         return await run_in_threadpool(self.keys.resolve, key)
+
+
+async def _too_many_failures(send: Any, path: str, wait: float) -> None:
+    seconds = retry_after(wait)
+    detail = f"too many unknown API keys from this address; retry in {seconds} s with a valid key"
+    await send_error(send, path, 429, "too_many_failed_keys", detail, headers={"Retry-After": seconds})

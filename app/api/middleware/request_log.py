@@ -3,6 +3,10 @@
 The id comes from the caller's `X-Request-ID` header (so a trace can cross services) or is made
 here, and is echoed in the response. A contextvar carries it into the thread-pool code that runs
 the route, so a warning logged deep inside inference still names the request.
+
+The logged `client` is the request's `scope["client"]`: the socket peer, unless the peer is one of
+`OPTIFORGE_TRUSTED_PROXIES`, whose `X-Forwarded-For` the server (app.server.config) believes. From
+anyone else that header is ignored, so a client cannot choose the address it is logged under.
 """
 
 from __future__ import annotations

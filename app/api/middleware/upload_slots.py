@@ -6,14 +6,17 @@ a burst of uploads takes the machine from the inference it serves. This ASGI mid
 uploads in progress and answers 503 `too_many_uploads` with `Retry-After` beyond the limit,
 before the body is read: a refused client has sent its headers and nothing else is spent on it.
 A slot is held until the response is sent (or the client goes away), so the count is exact.
+While it is held, the multipart parser spools the upload under `spool_dir` (app.api.uploads).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from app.api.access_policy import route_path
 from app.api.errors import send_error
+from app.api.uploads import install_spooling, spooling_in
 
 #: Seconds a refused client is told to wait: about what checking a large upload takes.
 RETRY_AFTER_S = 5
@@ -22,9 +25,11 @@ RETRY_AFTER_S = 5
 class UploadSlotsMiddleware:
     """POSTs to `upload_paths` take one of `limit` slots for as long as they are handled."""
 
-    def __init__(self, app: Any, limit: int, upload_paths: tuple[str, ...]):
-        self.app, self.limit, self.upload_paths = app, limit, upload_paths
+    def __init__(self, app: Any, limit: int, upload_paths: tuple[str, ...], spool_dir: Path | None = None):
+        self.app, self.limit, self.upload_paths, self.spool_dir = app, limit, upload_paths, spool_dir
         self.in_progress = 0  # touched only from the event loop, between awaits: no lock needed
+        if spool_dir is not None:
+            install_spooling()
 
     def is_upload(self, scope: dict[str, Any]) -> bool:
         return (
@@ -47,6 +52,10 @@ class UploadSlotsMiddleware:
             return
         self.in_progress += 1
         try:
-            await self.app(scope, receive, send)
+            if self.spool_dir is None:
+                await self.app(scope, receive, send)
+            else:
+                with spooling_in(self.spool_dir):
+                    await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1

@@ -102,7 +102,9 @@ def revoke_key(
     key_id: str, request: Request, principal: PrincipalDep, session: Session = Depends(get_db)
 ) -> ApiKeyOut:
     """Revoked keys stay listed, with when; every API process refuses the key within
-    `OPTIFORGE_AUTH_CACHE_TTL_S` (this one at once)."""
+    `OPTIFORGE_AUTH_CACHE_TTL_S` (this one at once). The server's last active admin key cannot be
+    revoked (409 `last_admin_key`): the server never re-opens to keyless requests, so nobody could
+    manage keys over the API again."""
     record = access.revoke_key(session, key_id)
     request.app.state.keys.invalidate()
     audit(principal, "key.revoke", key_id, key_project=record.project_id)

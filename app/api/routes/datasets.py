@@ -8,31 +8,61 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.api.deps import PrincipalDep, ProjectDep, get_db, get_settings_dep, get_store_dep
-from app.api.schemas import NAME_PATTERN, DatasetOut
+from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
+from app.api.schemas import NAME_PATTERN, DatasetOut, check_text
 from app.api.uploads import commit_upload, receive_upload
-from app.api.views import dataset_out
+from app.api.views import dataset_list, dataset_out
 from app.core.audit import audit
+from app.core.dataset_limits import dataset_limits
 from app.core.errors import ApiError, from_engine_error
-from app.core.orm import DatasetRecord, JobRecord, JobStatus, new_id
+from app.core.orm import DatasetRecord, DatasetStatus, JobRecord, JobStatus, new_id
 from app.core.settings import Settings
+from app.core.space import disk_reserve
 from app.core.store import ArtifactStore
-from app.services.records import get_dataset_record
+from app.services.datasets import (
+    DatasetState,
+    new_decode_job,
+    processing_states,
+    require_dataset_ready,
+    state_of,
+)
+from app.services.jobs import publish_job, stage_job
+from app.services.records import delete_records, get_dataset_record
 from engines.errors import InvalidDatasetError
-from engines.ingest.datasets import DatasetInfo, inspect_arrays, inspect_npz
-from engines.ingest.images import ImagePreprocessing, is_image_folder_archive, read_image_folder
+from engines.ingest.datasets import inspect_npz
+from engines.ingest.image_npz import write_image_npz
+from engines.ingest.images import (
+    ImageFolderPlan,
+    ImagePreprocessing,
+    header_pixels,
+    is_image_folder_archive,
+    plan_image_folder,
+)
+from engines.ingest.limits import TOO_LARGE_CODES, DatasetLimits
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 DATASET_FILENAME = "dataset.npz"
 
 
-@router.post("", status_code=201, response_model=DatasetOut, summary="Upload a dataset (.npz or images)")
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={
+        202: {
+            "model": DatasetOut,
+            "description": "a large image folder: stored, `processing` while its decode_images job "
+            "(processing_job_id) decodes it; jobs can use it once it is ready",
+        }
+    },
+    summary="Upload a dataset (.npz or images)",
+)
 def upload_dataset(
     file: Annotated[
         UploadFile,
@@ -42,6 +72,7 @@ def upload_dataset(
         ),
     ],
     principal: PrincipalDep,
+    response: Response,
     name: Annotated[str | None, Form(max_length=255, pattern=NAME_PATTERN)] = None,
     preprocessing: Annotated[
         str | None,
@@ -67,18 +98,32 @@ def upload_dataset(
     store: ArtifactStore = Depends(get_store_dep),
     session: Session = Depends(get_db),
 ) -> DatasetOut:
-    """Read every array without unpickling anything (or decode every image with the spec), check
-    samples, dtypes and labels, and store it as an `.npz`."""
+    """Read every array without unpickling anything, check the number of arrays and samples,
+    dtypes and labels, and store it as an `.npz`. A `.zip` of images is checked whole before a
+    pixel is decoded (members, layout, images, the bytes its arrays will take, each image's pixels
+    from its header); a small one is decoded now (201), a large one is stored and decoded by a
+    `decode_images` job (202, `processing`)."""
     image_options = {"preprocessing": preprocessing, "classes": classes, "input_name": input_name}
+    limits = dataset_limits(settings)
+    job: JobRecord | None = None
     with receive_upload(file, settings, DATASET_FILENAME) as received:
         dataset_id = new_id("ds")
         prefix = f"datasets/{dataset_id}"
         staged = received.subdir("stored")
+        status = DatasetStatus.READY
         try:
             if is_image_folder_archive(received.path):
-                info = _store_image_folder(
-                    received.path, staged / DATASET_FILENAME, settings, **image_options
-                )
+                plan = _plan_image_folder(received.path, settings, limits, **image_options)
+                if _decode_now(received.path, plan, settings, limits):
+                    info = _decode_image_folder(received.path, plan, staged / DATASET_FILENAME, settings)
+                else:
+                    job = new_decode_job(principal.project_id, dataset_id, image_options)
+                    info = {**plan.info().to_dict(), "image_folder": plan.describe()}
+                    info["processing_job_id"] = job.id
+                    source = staged / DatasetRecord.SOURCE_FILE
+                    source.parent.mkdir(parents=True)
+                    shutil.move(received.path, source)
+                    status = DatasetStatus.PROCESSING
             else:
                 given = sorted(option for option, value in image_options.items() if value is not None)
                 if given:
@@ -86,10 +131,12 @@ def upload_dataset(
                         f"{given} apply to a .zip of images; an .npz holds its arrays as they are",
                         code="invalid_preprocessing",
                     )
-                info = inspect_npz(received.path, max_unpacked_bytes=settings.max_unpacked_bytes).to_dict()
+                info = inspect_npz(
+                    received.path, max_unpacked_bytes=settings.max_unpacked_bytes, limits=limits
+                ).to_dict()
                 shutil.move(received.path, staged / DATASET_FILENAME)
         except InvalidDatasetError as exc:
-            raise from_engine_error(exc) from exc
+            raise dataset_refusal(exc) from exc
         record = DatasetRecord(
             id=dataset_id,
             project_id=principal.project_id,
@@ -99,64 +146,116 @@ def upload_dataset(
             size_bytes=received.size_bytes,
             artifact_key=f"{prefix}/{DATASET_FILENAME}",
             info=info,
+            status=status,
         )
+        if job is not None:
+            session.add(record)  # first: its job refers to it
+            stage_job(session, settings, job)  # 429 past the project's jobs in flight: nothing stored yet
         commit_upload(session, store, received, prefix, staged, record)
     audit(principal, "dataset.create", record.id, name=record.name, size_bytes=record.size_bytes)
-    return dataset_out(record)
+    if job is None:
+        return dataset_out(record)
+    audit(principal, "job.create", job.id, kind=job.kind, dataset_id=record.id)
+    response.status_code = 202
+    try:
+        publish_job(session, settings, job)
+    except ApiError as exc:  # the broker is down: the job is recorded failed, and so is the dataset
+        record.status, record.error = DatasetStatus.FAILED, job.error
+        session.commit()
+        raise ApiError(
+            exc.status,
+            exc.code,
+            f"{exc.detail}; dataset '{record.id}' is kept, failed: delete it, and upload again later",
+            dataset_id=record.id,
+            **exc.extra,
+        ) from exc
+    return dataset_out(record, DatasetState(record.status, None, job.id))
 
 
-def _store_image_folder(
+def dataset_refusal(exc: InvalidDatasetError) -> ApiError:
+    """413 for a dataset over a size bound (engines.ingest.limits.TOO_LARGE_CODES), else 422."""
+    return from_engine_error(exc, 413 if exc.code in TOO_LARGE_CODES else 422)
+
+
+#: An image folder decoded at upload makes arrays of at most this many bytes (the rest: a job).
+INLINE_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _plan_image_folder(
     archive: Path,
-    npz_path: Path,
     settings: Settings,
+    limits: DatasetLimits,
     *,
     preprocessing: str | None,
     classes: str | None,
     input_name: str | None,
-) -> dict[str, Any]:
-    """Decode the images with the spec into arrays, check them like any `.npz`, and write the
-    `.npz` every job reads; the spec and class names are kept in the dataset's description."""
+) -> ImageFolderPlan:
+    """The upload's image folder checked whole, before a pixel is decoded (engines.ingest.images)."""
     spec = ImagePreprocessing.from_dict(_json_form(preprocessing, "preprocessing", dict) or {})
-    class_names = _json_form(classes, "classes", list)
-    folder = read_image_folder(
+    return plan_image_folder(
         archive,
         spec,
         max_unpacked_bytes=settings.max_unpacked_bytes,
         max_images=settings.max_dataset_images,
         input_name=input_name or "input",
-        classes=class_names,
+        classes=_json_form(classes, "classes", list),
+        limits=limits,
     )
-    arrays = folder.npz_arrays()
-    info: DatasetInfo = inspect_arrays(arrays)
-    np.savez(npz_path, **arrays)
-    return {**info.to_dict(), "image_folder": folder.describe()}
+
+
+def _decode_now(archive: Path, plan: ImageFolderPlan, settings: Settings, limits: DatasetLimits) -> bool:
+    """Whether the folder is small enough to decode in the request: few images (their headers are
+    read here, a few KB each), few pixels in all (decoding costs about its input pixels: 16 MP is
+    well under a second), small arrays. Anything more would hold the API's CPU for its client: a
+    job. Each image's pixels are checked against the limit on the way (413/422 now, not later)."""
+    if plan.samples > settings.image_inline_max_images or plan.nbytes > INLINE_MAX_BYTES:
+        return False
+    return header_pixels(archive, plan, limits.max_image_pixels) <= settings.image_inline_max_pixels
+
+
+def _decode_image_folder(
+    archive: Path, plan: ImageFolderPlan, npz_path: Path, settings: Settings
+) -> dict[str, Any]:
+    """Decode the images with the plan's spec into the `.npz` every job reads, checked like any
+    `.npz`; the spec and class names are kept in the dataset's description."""
+    limits = dataset_limits(settings)
+    write_image_npz(archive, plan, npz_path, max_pixels=limits.max_image_pixels)
+    info = inspect_npz(npz_path, max_unpacked_bytes=settings.max_unpacked_bytes, limits=limits)
+    return {**info.to_dict(), "image_folder": plan.describe()}
 
 
 def _json_form(value: str | None, field: str, kind: type) -> Any:
+    """The form field read as JSON of `kind`. Its escapes (`"\\ud800"`, `"\\u0000"`) are text that
+    multipart decoding never saw: the rule of a JSON body (`check_text`) holds for it too."""
     if value is None:
         return None
     try:
         parsed = json.loads(value)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise InvalidDatasetError(f"{field} is not valid JSON: {exc}", code="invalid_preprocessing") from exc
+    try:
+        check_text(parsed)
+    except ValueError as exc:
+        raise InvalidDatasetError(f"{field}: {exc}", code="invalid_preprocessing") from exc
     if not isinstance(parsed, kind):
         raise InvalidDatasetError(f"{field} must be a JSON {kind.__name__}", code="invalid_preprocessing")
     return parsed
 
 
-@router.get("", response_model=list[DatasetOut], summary="List datasets")
-def list_datasets(project: ProjectDep, session: Session = Depends(get_db)) -> list[DatasetOut]:
-    records = session.scalars(
-        select(DatasetRecord)
-        .where(DatasetRecord.project_id == project)
-        .order_by(DatasetRecord.created_at.desc())
-    )
-    return [dataset_out(record) for record in records]
+@router.get("", response_model=list[DatasetOut], responses=PAGE_RESPONSES, summary="List datasets")
+def list_datasets(
+    request: Request, project: ProjectDep, page: PageDep, session: Session = Depends(get_db)
+) -> Response:
+    """Newest first, a page at a time (app.api.pagination)."""
+    query = select(DatasetRecord).where(DatasetRecord.project_id == project)
+    records, next_cursor = fetch_page(session, query, DatasetRecord, page)
+    return page_response(request, dataset_list(records, processing_states(session, records)), next_cursor)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="Describe a dataset")
 def get_dataset(dataset_id: str, project: ProjectDep, session: Session = Depends(get_db)) -> DatasetOut:
-    return dataset_out(get_dataset_record(session, dataset_id, project))
+    record = get_dataset_record(session, dataset_id, project)
+    return dataset_out(record, state_of(session, record))
 
 
 @router.get(
@@ -172,6 +271,7 @@ def download_dataset(
     store: ArtifactStore = Depends(get_store_dep),
 ) -> FileResponse:
     record = get_dataset_record(session, dataset_id, project)
+    require_dataset_ready(session, record)  # no arrays before its images are decoded
     return FileResponse(
         store.local_path(record.artifact_key),
         media_type="application/octet-stream",
@@ -185,8 +285,10 @@ def delete_dataset(
     principal: PrincipalDep,
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
+    settings: Settings = Depends(get_settings_dep),
 ) -> Response:
-    """Finished jobs keep their results; a dataset that a queued or running job reads is refused (409)."""
+    """Finished jobs keep their results; a dataset that a queued or running job reads is refused (409).
+    Works on a full disk (app.services.records.delete_records)."""
     record = get_dataset_record(session, dataset_id, principal.project_id)
     active = session.scalars(
         select(JobRecord.id).where(
@@ -201,8 +303,6 @@ def delete_dataset(
             409, "dataset_in_use", f"jobs {list(active)} still use this dataset; cancel them first"
         )
     prefix = record.artifact_key.rsplit("/", 1)[0]
-    session.delete(record)
-    session.commit()
-    store.delete(prefix)
+    delete_records(session, store, disk_reserve(settings), [record], [prefix])
     audit(principal, "dataset.delete", dataset_id)
     return Response(status_code=204)

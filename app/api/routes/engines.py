@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -11,13 +13,15 @@ from app.api import json_infer
 from app.api.body_reader import read_body
 from app.api.deps import PrincipalDep, ProjectDep, ServingDep, get_db, get_store_dep
 from app.api.middleware.body_limit import json_tensor_limit
+from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
 from app.api.schemas import AliasIn, BatchingIn, EngineOut, InferResponse
-from app.api.views import engine_out
+from app.api.views import engine_list, engine_out
 from app.core.audit import audit
 from app.core.errors import ApiError, from_engine_error, not_found
 from app.core.orm import EngineRecord, ModelRecord, take_alias
+from app.core.space import disk_reserve
 from app.core.store import ArtifactStore
-from app.services.records import get_engine_record
+from app.services.records import delete_records, get_engine_record
 from app.serving.admission import json_text_bytes
 from engines.errors import EngineError
 from engines.ingest.signature import assign_batch_axes, specs_from_dicts
@@ -26,23 +30,23 @@ from engines.variants import LAYER_ERRORS_FILENAME
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
 
-@router.get("", response_model=list[EngineOut], summary="List engines")
+@router.get("", response_model=list[EngineOut], responses=PAGE_RESPONSES, summary="List engines")
 def list_engines(
+    request: Request,
     project: ProjectDep,
+    page: PageDep,
     model_id: str | None = None,
     job_id: str | None = None,
     session: Session = Depends(get_db),
-) -> list[EngineOut]:
-    query = (
-        select(EngineRecord)
-        .where(EngineRecord.project_id == project)
-        .order_by(EngineRecord.created_at.desc())
-    )
+) -> Response:
+    """Newest first, a page at a time (app.api.pagination)."""
+    query = select(EngineRecord).where(EngineRecord.project_id == project)
     if model_id:
         query = query.where(EngineRecord.model_id == model_id)
     if job_id:
         query = query.where(EngineRecord.job_id == job_id)
-    return [engine_out(record) for record in session.scalars(query)]
+    records, next_cursor = fetch_page(session, query, EngineRecord, page)
+    return page_response(request, engine_list(records), next_cursor)
 
 
 @router.get("/{engine_id}", response_model=EngineOut, summary="An engine with its hardware and metrics")
@@ -55,14 +59,15 @@ def delete_engine(
     engine_id: str,
     serving: ServingDep,
     principal: PrincipalDep,
+    request: Request,
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
+    """Works on a full disk (app.services.records.delete_records)."""
     record = get_engine_record(session, engine_id, principal.project_id)
-    session.delete(record)
-    session.commit()
-    serving.forget(engine_id)
-    store.delete(record.artifact_prefix)
+    reserve = disk_reserve(request.app.state.settings)
+    forget = partial(serving.forget, engine_id)
+    delete_records(session, store, reserve, [record], [record.artifact_prefix], after_commit=forget)
     audit(principal, "engine.delete", engine_id)
     return Response(status_code=204)
 
@@ -180,7 +185,8 @@ async def infer(engine_id: str, request: Request, serving: ServingDep, project: 
 
     The same serving path as /v2: the body is read whole before the request takes an in-flight
     slot (app.api.body_reader), JSON is parsed and written on a worker thread in the JSON gate's
-    turn (app.api.json_infer), and only the blocking parts leave the event loop.
+    turn (app.api.json_infer), and only the blocking parts leave the event loop. A batch over the
+    engine's `max_batch` is a 413 `batch_too_large` (app.serving.limits).
     """
     settings = request.app.state.settings
     limit = json_tensor_limit(settings.max_json_tensor_bytes)

@@ -39,6 +39,7 @@ from app.services.health import readiness_checks
 from app.serving import inference
 from app.serving.admission import json_text_bytes
 from app.serving.inference import ServedEngine, Serving
+from app.serving.limits import engine_max_batch
 from engines.backends.registry import unavailable_reason
 from engines.errors import EngineError
 from engines.export.triton import PLATFORMS
@@ -95,7 +96,12 @@ def _tensor_metadata(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs with datatype and shape")
 @router.get("/models/{name}/versions/{version}", summary="Metadata of one version")
 def model_metadata(name: str, request: Request, version: str | None = None) -> dict[str, Any]:
+    """`parameters.max_batch_size` is the largest batch one request may carry (as in a Triton
+    model's configuration); a larger one is a 413 `batch_too_large`."""
     record, versions, model_info = _engine_row(request, name, version)
+    max_batch = engine_max_batch(
+        record.metrics, record.build_info, request.app.state.settings.max_inference_batch
+    )
     return {
         "name": name,
         "versions": versions,
@@ -104,6 +110,7 @@ def model_metadata(name: str, request: Request, version: str | None = None) -> d
         ),  # Triton's names, for tools that branch on them
         "inputs": _tensor_metadata(model_info["inputs"]),
         "outputs": _tensor_metadata(model_info["outputs"]),
+        "parameters": {"max_batch_size": max_batch},
     }
 
 
@@ -148,7 +155,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     the engine call leaves it (and JSON tensors of more than a few KiB, parsed and written on a
     worker thread in the JSON gate's turn), so the protocol adds little to the engine's own time.
     The body is read whole (app.api.body_reader: a time limit, the JSON-tensor cap, the process's
-    body budget) before the request takes an in-flight slot: a slow client holds none.
+    body budget) before the request takes an in-flight slot: a slow client holds none. A batch over
+    the model's `max_batch_size` (its metadata's parameters) is a 413 `batch_too_large`; the engine
+    call waits for the process's activation budget (503 `server_busy` after a while).
     """
     serving = serving_of(request)
     # An unknown name is a 404 whatever the body.

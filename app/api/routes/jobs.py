@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.deps import PrincipalDep, ProjectDep, get_db, get_settings_dep, get_store_dep
+from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
 from app.api.schemas import JobCreate, JobOut
-from app.api.views import job_out
+from app.api.views import job_list, job_out
 from app.core.audit import audit
 from app.core.orm import JobRecord
 from app.core.settings import Settings
@@ -54,21 +55,23 @@ def create_job(
     return job_out(session, job)
 
 
-@router.get("", response_model=list[JobOut], summary="List jobs")
+@router.get("", response_model=list[JobOut], responses=PAGE_RESPONSES, summary="List jobs")
 def list_jobs(
+    request: Request,
     project: ProjectDep,
+    page: PageDep,
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
     model_id: str | None = None,
     session: Session = Depends(get_db),
-) -> list[JobOut]:
-    query = select(JobRecord).where(JobRecord.project_id == project).order_by(JobRecord.created_at.desc())
+) -> Response:
+    """Newest first, a page at a time (app.api.pagination)."""
+    query = select(JobRecord).where(JobRecord.project_id == project)
     if status:
         query = query.where(JobRecord.status == status)
     if model_id:
         query = query.where(JobRecord.model_id == model_id)
-    jobs = list(session.scalars(query))
-    engine_ids = service.engine_ids_by_job(session, [job.id for job in jobs])
-    return [job_out(session, job, engine_ids[job.id]) for job in jobs]
+    jobs, next_cursor = fetch_page(session, query, JobRecord, page)
+    return page_response(request, job_list(session, jobs), next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Job status, progress and error")

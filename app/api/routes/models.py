@@ -7,24 +7,27 @@ import json
 import os
 import zipfile
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.deps import PrincipalDep, ProjectDep, ServingDep, get_db, get_settings_dep, get_store_dep
+from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
 from app.api.schemas import NAME_PATTERN, AutotuneCreate, JobOut, ModelOut, SensitivityCreate
 from app.api.uploads import ReceivedFile, commit_upload, receive_upload
-from app.api.views import job_out, model_out, model_outs
+from app.api.views import job_out, model_list, model_out
 from app.api.zip_stream import zip_response
 from app.core.audit import audit
 from app.core.errors import ApiError, from_engine_error
 from app.core.keys import Principal
 from app.core.orm import EngineRecord, JobRecord, JobStatus, ModelRecord, ModelStatus, new_id
 from app.core.settings import Settings
+from app.core.space import disk_reserve
 from app.core.store import ArtifactStore
 from app.services.jobs import (
     ModelState,
@@ -37,7 +40,7 @@ from app.services.jobs import (
     require_ready,
     stage_job,
 )
-from app.services.records import get_model_record
+from app.services.records import delete_records, get_model_record
 from engines.convert.pt2_archive import (
     MAX_JSON_BYTES,
     PROGRAM_NAME,
@@ -70,6 +73,16 @@ def upload_model(
         int | None,
         Form(ge=MIN_OPSET, description="a .pt2 only: the ONNX opset to convert to (default: the exporter's)"),
     ] = None,
+    batch_axis: Annotated[
+        str | None,
+        Form(
+            min_length=2,
+            max_length=65536,
+            description='an ONNX model only: JSON {"input name": axis or null}, the dim each named input\'s '
+            "samples stack along (null: none, every sample shares the input), where the inferred one "
+            "(shown in `inputs`) is wrong; kept as stated",
+        ),
+    ] = None,
     settings: Settings = Depends(get_settings_dep),
     store: ArtifactStore = Depends(get_store_dep),
     session: Session = Depends(get_db),
@@ -84,6 +97,13 @@ def upload_model(
     with receive_upload(file, settings, "model.onnx") as received:
         kind = _upload_kind(received.path, received.filename)
         if kind == "pt2":
+            if batch_axis is not None:
+                raise ApiError(
+                    422,
+                    "invalid_batch_axis",
+                    "batch_axis applies to ONNX models; a .pt2's batch dim comes from its export's dynamic "
+                    "shapes: upload it without batch_axis",
+                )
             return _upload_program(received, principal, name, opset, settings, store, session)
         if opset is not None:
             raise ApiError(
@@ -99,6 +119,8 @@ def upload_model(
                 received.path, workdir / "bundle", max_unpacked_bytes=settings.max_unpacked_bytes
             )
             info = inspect_model(onnx_path, scratch_dir=workdir)
+            if batch_axis is not None:
+                info = info.with_stated_batch_axes(batch_axis)
             normalized_dir = workdir / "normalized"
             write_normalized(onnx_path, normalized_dir)
         except InvalidModelError as exc:
@@ -241,12 +263,14 @@ def _upload_program(
     return model_out(record, ModelState(record.status, None, job.id))
 
 
-@router.get("", response_model=list[ModelOut], summary="List models")
-def list_models(project: ProjectDep, session: Session = Depends(get_db)) -> list[ModelOut]:
-    records = session.scalars(
-        select(ModelRecord).where(ModelRecord.project_id == project).order_by(ModelRecord.created_at.desc())
-    )
-    return model_outs(session, list(records))
+@router.get("", response_model=list[ModelOut], responses=PAGE_RESPONSES, summary="List models")
+def list_models(
+    request: Request, project: ProjectDep, page: PageDep, session: Session = Depends(get_db)
+) -> Response:
+    """Newest first, a page at a time (app.api.pagination)."""
+    query = select(ModelRecord).where(ModelRecord.project_id == project)
+    records, next_cursor = fetch_page(session, query, ModelRecord, page)
+    return page_response(request, model_list(session, records), next_cursor)
 
 
 @router.get("/{model_id}", response_model=ModelOut, summary="Describe a model")
@@ -286,7 +310,9 @@ def delete_model(
     principal: PrincipalDep,
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
+    settings: Settings = Depends(get_settings_dep),
 ) -> Response:
+    """Works on a full disk (app.services.records.delete_records)."""
     record = get_model_record(session, model_id, principal.project_id)
     jobs = session.scalars(select(JobRecord).where(JobRecord.model_id == model_id)).all()
     active = [job.id for job in jobs if job.status in JobStatus.ACTIVE]
@@ -296,13 +322,8 @@ def delete_model(
         )
     prefixes = [record.artifact_prefix] + [f"jobs/{job.id}" for job in jobs]
     engine_ids = session.scalars(select(EngineRecord.id).where(EngineRecord.model_id == model_id)).all()
-    for job in jobs:
-        session.delete(job)
-    session.delete(record)
-    session.commit()
-    serving.forget(*engine_ids)
-    for prefix in prefixes:
-        store.delete(prefix)
+    forget = partial(serving.forget, *engine_ids)
+    delete_records(session, store, disk_reserve(settings), [*jobs, record], prefixes, after_commit=forget)
     audit(principal, "model.delete", model_id, jobs=len(jobs), engines=len(engine_ids))
     return Response(status_code=204)
 

@@ -47,6 +47,20 @@ async function api(method, path, { json, form, body, headers = {}, as = "json" }
   return response.json();
 }
 
+// Every record of a listing: the server answers a page at a time, naming the next in X-Next-Cursor.
+async function listAll(path) {
+  const records = [];
+  const base = `${path}${path.includes("?") ? "&" : "?"}limit=1000`;
+  let url = base;
+  for (;;) {
+    const response = await api("GET", url, { as: "response" });
+    records.push(...await response.json());
+    const cursor = response.headers.get("X-Next-Cursor");
+    if (!cursor) return records;
+    url = `${base}&cursor=${encodeURIComponent(cursor)}`;
+  }
+}
+
 // ------------------------------------------------------------------ small DOM helpers
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -145,7 +159,7 @@ function setUpKeyForm() {
 
 async function overviewPage() {
   const [models, datasets, capabilities] = await Promise.all([
-    api("GET", "/v1/models"), api("GET", "/v1/datasets"), api("GET", "/v1/capabilities"),
+    listAll("/v1/models"), listAll("/v1/datasets"), api("GET", "/v1/capabilities"),
   ]);
   fillRows($("#models"), models.map((m) => el("tr", {},
     el("td", {}, m.name), el("td", {}, el("code", {}, m.id)),
@@ -157,14 +171,17 @@ async function overviewPage() {
     el("td", {}, d.name), el("td", {}, el("code", {}, d.id)), el("td", {}, fmt.int(d.samples)),
     el("td", {}, d.has_labels ? `${d.classes ?? "?"} classes` : "none"),
     el("td", {}, Object.entries(d.arrays || {}).map(([name, a]) => `${name} ${a.dtype} ${fmt.shape(a.shape)}`).join("; ")),
-    el("td", {}, d.image_folder ? `${d.image_folder.images} images, ${imageSpec(d.image_folder.preprocessing)}` : ".npz"),
+    el("td", {}, d.image_folder ? `${d.image_folder.images} images, ${imageSpec(d.image_folder.preprocessing)}` : ".npz",
+      (d.status || "ready") === "ready" ? "" : el("span", { class: `badge ${d.status === "failed" ? "failed" : "running"}`,
+        title: d.error ? `${d.error.code}: ${d.error.detail}` : `decoded by job ${d.processing_job_id}` }, d.status)),
     el("td", {}, fmt.when(d.created_at)))));
 
   const form = $("#start-job");
   form.model_id.replaceChildren(...models.filter((m) => (m.status || "ready") === "ready").map((m) => el("option", { value: m.id }, `${m.name} (${m.id})`)));
   for (const select of [form.evaluation_dataset_id, form.calibration_dataset_id]) {
     select.replaceChildren(el("option", { value: "" }, "none"),
-      ...datasets.map((d) => el("option", { value: d.id }, `${d.name} (${d.samples} samples)`)));
+      ...datasets.filter((d) => (d.status || "ready") === "ready")
+        .map((d) => el("option", { value: d.id }, `${d.name} (${d.samples} samples)`)));
   }
   form.precision.replaceChildren(...capabilities.precisions.map((p) => el("option", { value: p }, p)));
   form.targets.replaceChildren(...capabilities.backends.filter((b) => b.queue === "cpu" || b.available_here)
@@ -186,7 +203,8 @@ function setUpUploads() {
       button.disabled = true;
       try {
         const made = await api("POST", path, { form: data });
-        flash(`${what} ${made.name} stored as ${made.id}`);
+        const pending = made.status === "processing" || made.status === "converting";
+        flash(`${what} ${made.name} stored as ${made.id}` + (pending ? `: ${made.status} (job ${made.processing_job_id || made.conversion_job_id})` : ""));
         form.reset();
         await overviewPage();
       } catch (error) {
@@ -219,11 +237,13 @@ function setUpUploads() {
 // ------------------------------------------------------------------ jobs
 
 function progressBar(job) {
-  return el("div", { class: "progress small" }, el("div", { style: `width:${Math.round(100 * job.progress)}%` }));
+  const bar = el("div");
+  bar.style.width = `${Math.round(100 * job.progress)}%`; // through CSSOM: the CSP forbids style attributes
+  return el("div", { class: "progress small" }, bar);
 }
 
 async function jobsPage() {
-  const jobs = await api("GET", "/v1/jobs");
+  const jobs = await listAll("/v1/jobs");
   fillRows($("#jobs"), jobs.map((job) => el("tr", {},
     el("td", {}, link(uiPath(`/jobs/${seg(job.id)}`), job.id)), el("td", {}, job.kind), el("td", {}, el("code", {}, job.model_id)),
     el("td", {}, el("span", { class: `badge ${job.status}` }, job.status)), el("td", {}, progressBar(job)),
@@ -256,7 +276,7 @@ async function jobPage() {
     return;
   }
   const [report, engines] = await Promise.all([
-    api("GET", `/v1/jobs/${seg(id)}/report`), api("GET", `/v1/engines?job_id=${encodeURIComponent(id)}`),
+    api("GET", `/v1/jobs/${seg(id)}/report`), listAll(`/v1/engines?job_id=${encodeURIComponent(id)}`),
   ]);
   renderReport(report, frontOf(engines));
   if (job.kind === "autotune") await showImage("#autotune-section", "#autotune-plot", `/v1/jobs/${seg(id)}/autotune?format=png`);
