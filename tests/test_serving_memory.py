@@ -97,9 +97,13 @@ def test_a_batch_over_the_engine_limit_is_refused_with_the_limit(limited: TestCl
     assert accepted.status_code == 200, accepted.text
 
 
-def test_v2_metadata_states_the_largest_batch(limited: TestClient) -> None:
-    metadata = limited.get(f"/v2/models/{limited.engine_id}").json()  # type: ignore[attr-defined]
+def test_v2_metadata_and_v1_engines_state_the_largest_batch(limited: TestClient) -> None:
+    engine_id = limited.engine_id  # type: ignore[attr-defined]
+    metadata = limited.get(f"/v2/models/{engine_id}").json()
     assert metadata["parameters"]["max_batch_size"] == MAX_BATCH
+    assert limited.get(f"/v1/engines/{engine_id}").json()["max_batch"] == MAX_BATCH
+    listed = next(engine for engine in limited.get("/v1/engines").json() if engine["id"] == engine_id)
+    assert listed["max_batch"] == MAX_BATCH
 
 
 def test_the_largest_batch_comes_from_what_the_engine_was_built_and_measured_for() -> None:

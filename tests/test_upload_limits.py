@@ -171,8 +171,7 @@ def _answer(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
 
 
 def test_uploads_beyond_the_limit_are_refused_before_their_body_is_read(tmp_path: Path) -> None:
-    # 384 MiB of 256-value rows is 393 216 samples: over the default sample cap, raised here.
-    server = ApiServer(tmp_path, max_concurrent_uploads="2", max_dataset_samples=str(10_000_000))
+    server = ApiServer(tmp_path, max_concurrent_uploads="2")
     server.start()
     try:
         holding = [_slow_upload(server), _slow_upload(server)]
@@ -206,8 +205,9 @@ def test_uploads_beyond_the_limit_are_refused_before_their_body_is_read(tmp_path
 
 
 def test_a_burst_of_uploads_gets_201_or_503_never_more_at_once(tmp_path: Path) -> None:
-    """Six real uploads at once, each a second or more of checking, against a limit of two."""
-    server = ApiServer(tmp_path, max_concurrent_uploads="2")
+    """Six real uploads at once, each a second or more of checking, against a limit of two (384 MiB
+    of 256-value rows is 393 216 samples: over the default sample cap, raised here)."""
+    server = ApiServer(tmp_path, max_concurrent_uploads="2", max_dataset_samples=str(10_000_000))
     server.start()
     content = zeros_npz(384 * 1024 * 1024)
     barrier, results = threading.Barrier(6), []

@@ -62,3 +62,12 @@ def project_of(request: Request) -> str:
 
 PrincipalDep = Annotated[Principal, Depends(principal_of)]
 ProjectDep = Annotated[str, Depends(project_of)]
+
+
+async def default_max_batch(request: Request) -> int:
+    """The server's default batch limit, which an engine's own `max_batch` starts from
+    (app.serving.limits.engine_max_batch): engine descriptions state the limit serving applies."""
+    return request.app.state.settings.max_inference_batch
+
+
+DefaultMaxBatchDep = Annotated[int, Depends(default_max_batch)]

@@ -558,6 +558,11 @@ class EngineOut(BaseModel):
     build_info: dict[str, Any]
     alias: str | None = Field(description="a name to infer with instead of the id (/v2/models/{alias})")
     batching: BatchingIn | None = Field(description="dynamic batching of concurrent requests; null: off")
+    max_batch: int = Field(
+        description="the most samples one inference request may carry (413 batch_too_large above it): "
+        "the server's default, or the largest batch the engine was measured at if larger, or a "
+        "TensorRT engine's profile maximum"
+    )
     created_at: datetime
 
 

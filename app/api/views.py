@@ -22,6 +22,7 @@ from app.core.errors import ApiError
 from app.core.orm import DatasetRecord, EngineRecord, JobRecord, ModelRecord
 from app.services.datasets import DatasetState
 from app.services.jobs import ModelState, conversion_jobs, engine_ids_by_job, model_state
+from app.serving.limits import engine_max_batch
 from engines.ingest.signature import assign_batch_axes, specs_from_dicts
 
 logger = logging.getLogger(__name__)
@@ -125,22 +126,25 @@ def _dataset(record: DatasetRecord, state: DatasetState | None = None) -> Datase
     )
 
 
-def engine_list(records: Iterable[EngineRecord]) -> bytes:
-    return json_array(_engine(record) for record in records)
+def engine_list(records: Iterable[EngineRecord], default_max_batch: int) -> bytes:
+    return json_array(_engine(record, default_max_batch) for record in records)
 
 
-def engine_out(record: EngineRecord) -> EngineOut:
-    return shown(_engine(record))
+def engine_out(record: EngineRecord, default_max_batch: int) -> EngineOut:
+    """`default_max_batch`: the server's (app.api.deps.DefaultMaxBatchDep), from which the engine's
+    own limit is derived as serving derives it."""
+    return shown(_engine(record, default_max_batch))
 
 
-def _engine(record: EngineRecord) -> EngineOut:
+def _engine(record: EngineRecord, default_max_batch: int) -> EngineOut:
     batching = (
         BatchingIn(max_batch_size=record.max_batch_size, max_queue_delay_ms=record.max_queue_delay_ms or 0.0)
         if record.max_batch_size
         else None
     )
     fields = {column.key: getattr(record, column.key) for column in EngineRecord.__table__.columns}
-    return EngineOut.model_validate({**fields, "batching": batching})
+    max_batch = engine_max_batch(record.metrics, record.build_info, default_max_batch)
+    return EngineOut.model_validate({**fields, "batching": batching, "max_batch": max_batch})
 
 
 def job_list(session: Session, jobs: list[JobRecord]) -> bytes:

@@ -86,6 +86,7 @@ class Engine(_Resource):
     metrics: dict[str, Any]
     alias: str | None = None
     batching: dict[str, Any] | None = None
+    max_batch: int | None = None  # the most samples one inference request may carry (older servers: None)
     created_at: datetime
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.api import json_infer
 from app.api.body_reader import read_body
-from app.api.deps import PrincipalDep, ProjectDep, ServingDep, get_db, get_store_dep
+from app.api.deps import DefaultMaxBatchDep, PrincipalDep, ProjectDep, ServingDep, get_db, get_store_dep
 from app.api.middleware.body_limit import json_tensor_limit
 from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
 from app.api.schemas import AliasIn, BatchingIn, EngineOut, InferResponse
@@ -35,6 +35,7 @@ def list_engines(
     request: Request,
     project: ProjectDep,
     page: PageDep,
+    max_batch: DefaultMaxBatchDep,
     model_id: str | None = None,
     job_id: str | None = None,
     session: Session = Depends(get_db),
@@ -46,12 +47,14 @@ def list_engines(
     if job_id:
         query = query.where(EngineRecord.job_id == job_id)
     records, next_cursor = fetch_page(session, query, EngineRecord, page)
-    return page_response(request, engine_list(records), next_cursor)
+    return page_response(request, engine_list(records, max_batch), next_cursor)
 
 
 @router.get("/{engine_id}", response_model=EngineOut, summary="An engine with its hardware and metrics")
-def get_engine(engine_id: str, project: ProjectDep, session: Session = Depends(get_db)) -> EngineOut:
-    return engine_out(get_engine_record(session, engine_id, project))
+def get_engine(
+    engine_id: str, project: ProjectDep, max_batch: DefaultMaxBatchDep, session: Session = Depends(get_db)
+) -> EngineOut:
+    return engine_out(get_engine_record(session, engine_id, project), max_batch)
 
 
 @router.delete("/{engine_id}", status_code=204, summary="Delete an engine")
@@ -101,6 +104,7 @@ def set_alias(
     body: AliasIn,
     serving: ServingDep,
     principal: PrincipalDep,
+    max_batch: DefaultMaxBatchDep,
     session: Session = Depends(get_db),
 ) -> EngineOut:
     """Clients that infer with `/v2/models/{alias}` switch to this engine on their next request,
@@ -115,19 +119,23 @@ def set_alias(
         raise ApiError(409, "alias_conflict", f"alias '{body.alias}' was just set on another engine") from exc
     serving.forget()
     audit(principal, "alias.set", engine_id, alias=body.alias)
-    return engine_out(record)
+    return engine_out(record, max_batch)
 
 
 @router.delete("/{engine_id}/alias", response_model=EngineOut, summary="Remove an engine's alias")
 def delete_alias(
-    engine_id: str, serving: ServingDep, principal: PrincipalDep, session: Session = Depends(get_db)
+    engine_id: str,
+    serving: ServingDep,
+    principal: PrincipalDep,
+    max_batch: DefaultMaxBatchDep,
+    session: Session = Depends(get_db),
 ) -> EngineOut:
     record = get_engine_record(session, engine_id, principal.project_id)
     alias, record.alias = record.alias, None
     session.commit()
     serving.forget()
     audit(principal, "alias.delete", engine_id, alias=alias)
-    return engine_out(record)
+    return engine_out(record, max_batch)
 
 
 @router.put("/{engine_id}/batching", response_model=EngineOut, summary="Turn on dynamic batching")
@@ -136,6 +144,7 @@ def set_batching(
     body: BatchingIn,
     serving: ServingDep,
     principal: PrincipalDep,
+    max_batch: DefaultMaxBatchDep,
     session: Session = Depends(get_db),
 ) -> EngineOut:
     """Concurrent requests (of any batch size, with matching shapes) are stacked into one engine
@@ -157,19 +166,23 @@ def set_batching(
     session.commit()
     serving.forget()
     audit(principal, "batching.set", engine_id, max_batch_size=body.max_batch_size)
-    return engine_out(record)
+    return engine_out(record, max_batch)
 
 
 @router.delete("/{engine_id}/batching", response_model=EngineOut, summary="Turn off dynamic batching")
 def delete_batching(
-    engine_id: str, serving: ServingDep, principal: PrincipalDep, session: Session = Depends(get_db)
+    engine_id: str,
+    serving: ServingDep,
+    principal: PrincipalDep,
+    max_batch: DefaultMaxBatchDep,
+    session: Session = Depends(get_db),
 ) -> EngineOut:
     record = get_engine_record(session, engine_id, principal.project_id)
     record.max_batch_size = record.max_queue_delay_ms = None
     session.commit()
     serving.forget()
     audit(principal, "batching.delete", engine_id)
-    return engine_out(record)
+    return engine_out(record, max_batch)
 
 
 @router.post(
