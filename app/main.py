@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
@@ -10,6 +10,7 @@ from app.api.access_policy import DOCS_ASSETS_PATH
 from app.api.errors import install_error_handlers
 from app.api.middleware import install_middleware
 from app.api.openapi import install_openapi
+from app.api.query_params import refuse_repeated_scalars
 from app.api.routes import (
     admin,
     capabilities,
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         static_url=DOCS_ASSETS_PATH,
         swagger_ui_parameters={"persistAuthorization": True},  # the key typed in "Authorize" stays
+        dependencies=[Depends(refuse_repeated_scalars)],  # ?a=1&a=2 for a one-value parameter: 422
     )
     app.state.settings = settings
     app.state.store = get_store(settings.resolved_artifact_dir)

@@ -15,8 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +184,40 @@ def _stop(stack: LiveStack) -> None:
         if process.poll() is None:
             process.terminate()
     for process in stack.processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
+def api_process(
+    port: int, env: dict[str, str], log: Path, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[subprocess.Popen]:
+    """`optiforge serve --no-worker` on `port` with `env` (its output in `log`), yielded once
+    /healthz answers (a test of a failing database or a full disk cannot wait for /readyz);
+    terminated at the end. `preexec_fn` runs in the child first (a lower descriptor limit)."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*_optiforge(), "serve", "--no-worker", "--port", str(port)],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            preexec_fn=preexec_fn,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()[-4000:]
+            with suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        yield process
+    finally:
+        process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -22,7 +22,6 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import api_process, free_port
 
 FD_LIMIT = 1024
 FLOOD = 1200  # partial-header connections (the probe used 3 000; see the note)
@@ -76,33 +75,8 @@ def _serve(root: Path, data_dir: Path | None = None, **settings: str) -> Iterato
     env |= {f"OPTIFORGE_{name.upper()}": value for name, value in settings.items()}
     port = free_port()
     log = root / "serve.log"
-    command = [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command,
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_limit_descriptors,
-        )
-    server = Server(port, process, log, data_dir)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()[-4000:]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with api_process(port, env, log, preexec_fn=_limit_descriptors) as process:
+        yield Server(port, process, log, data_dir)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -355,3 +355,20 @@ def test_the_default_page_is_bounded(local_api: LocalApi) -> None:
     assert "x-next-cursor" in response.headers
     ids, _pages = _all_pages(local_api.client, "/v1/models", limit=1000)
     assert len(ids) == len(set(ids)) == DEFAULT_LIMIT + 5
+
+
+def test_a_one_value_query_parameter_sent_twice_is_a_422(local_api: LocalApi) -> None:
+    """The framework would keep the last value (`?project=a&project=b` listed b's keys); list
+    parameters still repeat."""
+    client = local_api.client
+    for url, name in [
+        ("/v1/admin/keys?project=a&project=b", "project"),
+        ("/v1/models?limit=1&limit=2", "limit"),  # a dependency's parameter (pagination)
+        ("/v1/jobs?status=queued&status=failed", "status"),
+    ]:
+        refused = client.get(url)
+        assert refused.status_code == 422, (url, refused.text)
+        assert refused.json()["code"] == "repeated_query_parameter" and refused.json()["parameter"] == name
+    assert client.get("/v1/models?limit=2").status_code == 200
+    listed = client.get("/v1/triton?engine=a&engine=b")  # `engine` is a list: it may repeat
+    assert listed.json()["code"] != "repeated_query_parameter"

@@ -33,6 +33,7 @@ from tests.conftest import (
     DigitsArtifacts,
     _base_env,
     _optiforge,
+    api_process,
     free_port,
     require_service,
 )
@@ -77,35 +78,11 @@ def live_api(
         base["OPTIFORGE_DATABASE_URL"] = api_database_url
     port = free_port()
     log = data_dir.parent / f"api-{port}.log"
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [*_optiforge(), "serve", "--no-worker", "--port", str(port)],
-            env=base,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
     api = Api(
         f"http://127.0.0.1:{port}", data_dir, direct_url or f"sqlite:///{data_dir / 'optiforge.db'}", log
     )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{api.base_url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+    with api_process(port, base, log):
         yield api
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def upload(client: httpx.Client, kind: str, path: Path) -> httpx.Response:

@@ -128,8 +128,9 @@ RULES: tuple[Rule, ...] = (
          "retry after Retry-After", headers=_RETRY_AFTER),
     Rule(507, ("insufficient_storage",), "the server's disk is full (ENOSPC/EDQUOT): nothing was stored; "
          "deletes still work"),
-    Rule(422, ("validation_error",), "the request does not match this document: `errors` lists each problem",
-         with_input=True),
+    Rule(422, ("validation_error", "repeated_query_parameter"),
+         "the request does not match this document: `errors` lists each problem (a one-value query "
+         "parameter sent more than once: `repeated_query_parameter`)", with_input=True),
     Rule(413, ("upload_too_large", "json_tensors_too_large"),
          "the body is over the request limit, the upload limit or the JSON-tensor cap", methods=_BODIES),
     Rule(408, ("body_too_slow",), "the body arrived below the minimum rate (OPTIFORGE_BODY_MIN_RATE_BYTES_S) "
