@@ -11,8 +11,9 @@ code of a request that does not match the document, never is.
 
 Up to four stacks: the shared open ones (`live_stack`: embedded; PostgreSQL + Redis), fuzzed
 without a key, and stacks of their own started with an admin key (`keyed_stack`, `API_KEY`: an
-embedded one, and a PostgreSQL + Redis one too on a deeper run), fuzzed with it: a key closes a stack for good, so the shared ones never get one (and making a key is left
-out there, `CLOSES_AN_OPEN_STACK`). With a key every request also passes its look-up and scopes,
+embedded one, and a PostgreSQL + Redis one too on a deeper run), fuzzed with it: a key closes a
+stack for good, so the shared ones never get one (and making a key is left out there,
+`CLOSES_AN_OPEN_STACK`). With a key every request also passes its look-up and scopes,
 and the admin operations (keys, projects) run too.
 
 Bounded for CI (about half a minute of requests a stack on 2 cores): `MAX_EXAMPLES` per operation
