@@ -12,10 +12,12 @@ runs) adds:
   clients) and a cap on all connections, kept below the descriptor limit
   (`app.server.descriptors`).
 
-Over a cap, the connection closed is the *oldest one still waiting for its headers* (or idle
-between requests), not the new one: an attacker's half-open connections are the old ones, and a
-health probe or a real client from the same address, which sends its headers at once, gets in.
-Only when every connection is busy in a request is the new one refused (closed).
+Over a cap, the connection closed is the *oldest one still waiting for its first request's
+headers*, not the new one: an attacker's half-open connections are the old ones, and a health
+probe or a real client from the same address, which sends its headers at once, gets in. Only when
+there is none is the oldest idle keep-alive connection closed (a client that was served: it
+reconnects; the chaos benchmark's probe on a kept-alive connection failed 4 times in 190 while
+they went first), and only when every connection is busy in a request is the new one refused.
 
 Everything here runs on the event loop's thread, between callbacks: no lock.
 """
@@ -60,53 +62,72 @@ def _network(item: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 class ConnectionRegistry:
-    """The open connections of one server: all of them, per client, and those waiting for headers
-    (oldest first: dicts keep insertion order, so the first key is the next to close)."""
+    """The open connections of one server: all of them, per client, those waiting for their first
+    request's headers and those idle between requests (oldest first: dicts keep insertion order,
+    so the first key is the next to close)."""
 
     def __init__(self, max_total: int, max_per_client: int, exempt: TrustedProxies | None = None):
         self.max_total, self.max_per_client = max_total, max_per_client
         self.exempt = exempt or TrustedProxies("")
         self.open: dict[Any, str] = {}  # connection -> client host
         self.waiting: dict[Any, None] = {}
+        self.idle: dict[Any, None] = {}
         self.client_open: dict[str, dict[Any, None]] = {}
         self.client_waiting: dict[str, dict[Any, None]] = {}
+        self.client_idle: dict[str, dict[Any, None]] = {}
         self.evicted = self.refused = 0
 
     def admit(self, connection: Any, host: str) -> bool:
         """Count a new connection, closing an older waiting one to make room; False: refuse it."""
         crowded = host not in self.exempt and len(self.client_open.get(host, ())) >= self.max_per_client
-        if crowded and not self._evict_oldest(self.client_waiting.get(host, {})):
+        if crowded and not self._evict_oldest(
+            self.client_waiting.get(host, {}), self.client_idle.get(host, {})
+        ):
             self.refused += 1
             return False
-        if len(self.open) >= self.max_total and not self._evict_oldest(self.waiting):
+        if len(self.open) >= self.max_total and not self._evict_oldest(self.waiting, self.idle):
             self.refused += 1
             return False
         self.open[connection] = host
         self.client_open.setdefault(host, {})[connection] = None
         return True
 
-    def waiting_for_headers(self, connection: Any) -> None:
+    def waiting_for_headers(self, connection: Any, *, idle: bool = False) -> None:
+        """`idle`: between requests on a kept-alive connection (closed to make room only after
+        every connection still waiting for a first request)."""
         host = self.open.get(connection)
-        if host is not None:
+        if host is None:
+            return
+        self._unmark(connection, host)  # re-marked as the newest of its kind
+        if idle:
+            self.idle[connection] = None
+            self.client_idle.setdefault(host, {})[connection] = None
+        else:
             self.waiting[connection] = None
             self.client_waiting.setdefault(host, {})[connection] = None
 
     def busy(self, connection: Any) -> None:
         """Its headers are in: it is serving a request and is not closed to make room."""
         host = self.open.get(connection)
-        self.waiting.pop(connection, None)
         if host is not None:
-            self._discard(self.client_waiting, host, connection)
+            self._unmark(connection, host)
 
     def remove(self, connection: Any) -> None:
         host = self.open.pop(connection, None)
-        self.waiting.pop(connection, None)
         if host is not None:
+            self._unmark(connection, host)
             self._discard(self.client_open, host, connection)
-            self._discard(self.client_waiting, host, connection)
 
-    def _evict_oldest(self, waiting: dict[Any, None]) -> bool:
-        victim = next(iter(waiting), None)
+    def _unmark(self, connection: Any, host: str) -> None:
+        """Neither waiting nor idle (busy, or gone)."""
+        self.waiting.pop(connection, None)
+        self.idle.pop(connection, None)
+        self._discard(self.client_waiting, host, connection)
+        self._discard(self.client_idle, host, connection)
+
+    def _evict_oldest(self, waiting: dict[Any, None], idle: dict[Any, None]) -> bool:
+        """Close the oldest connection waiting for a first request, else the oldest idle one."""
+        victim = next(iter(waiting), None) or next(iter(idle), None)
         if victim is None:
             return False
         self.remove(victim)
@@ -153,7 +174,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
-            self.registry.waiting_for_headers(self)  # idle: uvicorn's keep-alive timer closes it
+            self.registry.waiting_for_headers(self, idle=True)  # uvicorn's keep-alive timer closes it
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:
