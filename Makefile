@@ -53,8 +53,9 @@ bench-autotune: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.autotune $(ARGS)
 
 # Fault injection (README, "Reliability"): kill -9 a worker mid-job, restart Redis with jobs queued, kill -9
-# the API mid-upload, 64 slow clients, 4 × 60 MB JSON bodies; needs PostgreSQL at 127.0.0.1:5432 and
-# redis-server on PATH, about 2 minutes; exits 1 if anything was lost. ARGS="--quick" for a 1-minute smoke run.
+# the API mid-upload, 64 slow clients, 4 × 60 MB JSON bodies, a database outage, a full disk (a tmpfs: root),
+# 3 000 half-open connections, big batches; needs PostgreSQL at 127.0.0.1:5432 and redis-server on PATH,
+# about 3 minutes; exits 1 if anything was lost. ARGS="--quick" for a shorter smoke run.
 bench-chaos: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.chaos $(ARGS)
 
