@@ -399,6 +399,7 @@ async function enginePage() {
     Model: engine.model_id, Alias: engine.alias || "—", Size: fmt.mb(engine.size_bytes),
     "Build time": `${engine.build_seconds.toFixed(1)} s`,
     Batching: engine.batching ? `max ${engine.batching.max_batch_size}, ${engine.batching.max_queue_delay_ms} ms` : "off",
+    "Largest request": engine.max_batch ? `${engine.max_batch} samples (more: 413 batch_too_large)` : "—",
     Hardware: [engine.hardware.cpu_model, engine.hardware.gpu_model].filter(Boolean).join(" · ") || "—",
   };
   $("#engine-facts").replaceChildren(...Object.entries(facts).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
