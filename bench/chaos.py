@@ -211,6 +211,8 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if args.quick:  # silent uploads are cut after one rate window: 5 s instead of 30 in a smoke run
+            env["OPTIFORGE_BODY_RATE_WINDOW_S"] = "5"
         if args.api_key or os.environ.get("OPTIFORGE_API_KEY"):
             env["OPTIFORGE_API_KEY"] = args.api_key or os.environ["OPTIFORGE_API_KEY"]
         self.env = env
