@@ -194,8 +194,12 @@ def test_postgres_outage_is_503_and_v2_keeps_serving_a_loaded_engine(
         unknown = client.post("/v2/models/never-looked-up/infer", json=v2_input)  # the DirectRoute
         assert_database_unavailable(unknown)
         assert unknown.json()["error"]  # the Open Inference Protocol's error body
+        # A key this process never saw cannot be checked: the same 503 as every route's.
+        assert_database_unavailable(
+            httpx.get(f"{api.base_url}/v1/models", headers={"Authorization": "Bearer ofk_" + "n" * 40})
+        )
         # A loaded engine keeps serving on the key and name it was looked up with (the decision:
-        # storage.md, README Reliability), within database_outage_grace_s.
+        # README, Reliability), within database_outage_grace_s.
         for _ in range(3):
             served = client.post(f"/v2/models/{engine_id}/infer", json=v2_input)
             assert served.status_code == 200, served.text

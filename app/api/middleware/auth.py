@@ -28,7 +28,9 @@ from app.api.errors import send_error
 from app.api.middleware.failed_keys import FailedKeyThrottle
 from app.api.middleware.host import is_loopback_address, is_loopback_host
 from app.api.middleware.rate_limit import RateLimiter, retry_after
+from app.core.errors import ApiError
 from app.core.keys import INFER, Principal
+from app.core.outages import database_unavailable, is_database_unavailable
 from app.services.access import KeyDirectory
 
 logger = logging.getLogger(__name__)
@@ -91,10 +93,22 @@ class AuthMiddleware:
                 principal = await run_in_threadpool(self.keys.resolve, key)
             if principal is None and key is not None:
                 principal = await self._principal(None)  # a key sent to a server that has none yet
-        except Exception:  # the database is down or not migrated: nobody can be let in
+        except Exception as exc:  # the database is down or not migrated: nobody can be let in
             logger.exception("API key look-up failed")
-            detail = "API keys cannot be checked now (the database is unreachable); retry shortly"
-            await send_error(send, path, 503, "auth_unavailable", detail, headers={"Retry-After": "5"})
+            # An outage answers as every route answers one (one code for clients to retry on);
+            # anything else (a database that was never migrated) says the keys cannot be checked.
+            refusal = (
+                database_unavailable()
+                if is_database_unavailable(exc)
+                else ApiError(
+                    503,
+                    "auth_unavailable",
+                    "API keys cannot be checked now (the database is not usable); retry shortly",
+                    headers={"Retry-After": "5"},
+                )
+            )
+            status, code, detail = refusal.status, refusal.code, refusal.detail
+            await send_error(send, path, status, code, detail, headers=refusal.headers)
             return
         if principal is None:
             if key is not None:
