@@ -32,17 +32,11 @@ from app.core.store import LocalArtifactStore
 from tests.conftest import (
     POSTGRES_URL,
     QUICK_MEASURE,
-    REDIS_URL,
     DigitsArtifacts,
     LiveStack,
-    _base_env,
-    _optiforge,
-    _start,
-    _stop,
-    _wait_ready,
-    free_port,
     make_settings,
     require_service,
+    start_stack,
     wait_for_job,
 )
 
@@ -88,35 +82,10 @@ def fair_stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveStack]:
     """`optiforge serve` (embedded), or API + worker on PostgreSQL and Redis, with FAIR_SETTINGS."""
-    data_dir = tmp_path_factory.mktemp(f"fair-{request.param}") / "data"
-    env = {**_base_env(data_dir), **FAIR_SETTINGS}
-    port = free_port()
-    dropped = None
-    if request.param == "embedded":
-        logs = [data_dir.parent / "serve.log"]
-        commands = [[*_optiforge(), "serve", "--port", str(port)]]
-    else:
-        require_service("Redis", "127.0.0.1", 6379)
-        env["OPTIFORGE_DATABASE_URL"], dropped = _postgres_database()
-        env["OPTIFORGE_BROKER_URL"] = REDIS_URL
-        env["OPTIFORGE_QUEUE_PREFIX"] = f"fair-{secrets.token_hex(4)}-"
-        logs = [data_dir.parent / "api.log", data_dir.parent / "worker.log"]
-        commands = [
-            [*_optiforge(), "serve", "--no-worker", "--port", str(port)],
-            [*_optiforge(), "worker", "--queues", "cpu"],
-        ]
-    data_dir.mkdir(parents=True)
-    processes = []
-    try:
-        for command, log in zip(commands, logs, strict=True):
-            processes.append(_start(command, env, log))
-        stack = LiveStack(request.param, f"http://127.0.0.1:{port}", env, data_dir, processes, logs)
-        _wait_ready(stack)
+    with start_stack(
+        request.param, tmp_path_factory.mktemp(f"fair-{request.param}"), **FAIR_SETTINGS
+    ) as stack:
         yield stack
-    finally:
-        _stop(LiveStack(request.param, "", env, data_dir, processes, logs))
-        if dropped is not None:
-            _drop_postgres_database(dropped)
 
 
 @dataclass(frozen=True)
