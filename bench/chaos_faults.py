@@ -231,6 +231,7 @@ def _embedded_server(data_dir: Path, stack: Stack, log: Path) -> tuple[subproces
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 return process, url
         time.sleep(0.3)
+    stop(process, timeout=20)  # never left running (with its worker) past the scenario
     raise RuntimeError("the embedded server did not become ready:\n" + log.read_text()[-2000:])
 
 
