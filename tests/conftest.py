@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,10 +26,19 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.db import get_sessionmaker
 from app.core.migrate import upgrade
-from app.core.orm import DEFAULT_PROJECT, ModelRecord
+from app.core.orm import (
+    DEFAULT_PROJECT,
+    EngineRecord,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    ModelRecord,
+    utcnow,
+)
 from app.core.settings import Settings
-from app.core.store import LocalArtifactStore
+from app.core.store import ArtifactStore, LocalArtifactStore
 from app.main import create_app
 from engines.ingest.datasets import Dataset
 from examples import digits as digits_model
@@ -326,6 +336,57 @@ def postgres_redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
 def live_stack(request: pytest.FixtureRequest) -> LiveStack:
     fixture = "embedded_stack" if request.param == "embedded" else "postgres_redis_stack"
     return request.getfixturevalue(fixture)
+
+
+def stored_fp32_engine(
+    store: ArtifactStore,
+    database_url: str,
+    model_id: str,
+    *,
+    project_id: str = DEFAULT_PROJECT,
+    evaluation_dataset_id: str | None = None,
+    metrics: dict | None = None,
+) -> tuple[str, str]:
+    """A succeeded job and its fp32 ONNX Runtime engine (the uploaded model's own file), stored as
+    a worker stores them: an engine to serve without running a job. Returns (job id, engine id)."""
+    with get_sessionmaker(database_url)() as session:
+        job = JobRecord(
+            project_id=project_id,
+            model_id=model_id,
+            kind=JobKind.OPTIMIZE,
+            evaluation_dataset_id=evaluation_dataset_id,
+            recipe={},
+            messages=[],
+            status=JobStatus.SUCCEEDED,
+            stage="done",
+            progress=1.0,
+            baseline={"hardware": {}},
+            finished_at=utcnow(),
+        )
+        session.add(job)
+        session.commit()
+        model_dir = store.local_path(f"models/{model_id}")
+        staging = model_dir.parent / f"engine-staging-{job.id}"
+        shutil.copytree(model_dir, staging)
+        prefix = f"jobs/{job.id}/engines/eng"
+        store.put_dir(prefix, staging, move=True)
+        engine = EngineRecord(
+            project_id=project_id,
+            job_id=job.id,
+            model_id=model_id,
+            backend="onnxruntime-cpu",
+            precision="fp32",
+            artifact_prefix=prefix,
+            engine_file="model.onnx",
+            size_bytes=1,
+            build_seconds=0.0,
+            hardware={},
+            metrics=metrics or {},
+            build_info={},
+        )
+        session.add(engine)
+        session.commit()
+        return job.id, engine.id
 
 
 def placeholder_model(session, artifact_prefix: str = "models/m") -> ModelRecord:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,6 @@ from app.api.access_policy import ANY_KEY, DOC_PATHS, METRICS_PATH, OPEN_PATHS, 
 from app.api.middleware.host import is_loopback_host
 from app.core.db import get_sessionmaker
 from app.core.migrate import upgrade
-from app.core.orm import EngineRecord, JobKind, JobRecord, JobStatus, utcnow
 from app.main import create_app
 from app.services import access
 from tests.conftest import (
@@ -38,6 +36,7 @@ from tests.conftest import (
     _wait_ready,
     free_port,
     make_settings,
+    stored_fp32_engine,
 )
 from tests.conftest import (
     _optiforge as optiforge_command,
@@ -92,52 +91,15 @@ def two_projects(tmp_path_factory: pytest.TempPathFactory, digits: DigitsArtifac
             dataset = client.post("/v1/datasets", files={"file": ("eval.npz", handle)}, headers=auth)
         assert dataset.status_code == 201, dataset.text
         ids["model_id"], ids["dataset_id"] = model.json()["id"], dataset.json()["id"]
-        ids["job_id"], ids["engine_id"] = _finished_job_with_engine(app, ids["model_id"], ids["dataset_id"])
-        yield TwoProjects(client, data_dir, keys, ids, url)
-
-
-def _finished_job_with_engine(app, model_id: str, dataset_id: str) -> tuple[str, str]:
-    """A succeeded job of project A and its fp32 ONNX Runtime engine, stored as a worker stores them."""
-    store = app.state.store
-    with get_sessionmaker(app.state.settings.resolved_database_url)() as session:
-        job = JobRecord(
+        ids["job_id"], ids["engine_id"] = stored_fp32_engine(
+            app.state.store,
+            app.state.settings.resolved_database_url,
+            ids["model_id"],
             project_id="a",
-            model_id=model_id,
-            kind=JobKind.OPTIMIZE,
-            evaluation_dataset_id=dataset_id,
-            recipe={},
-            messages=[],
-            status=JobStatus.SUCCEEDED,
-            stage="done",
-            progress=1.0,
-            baseline={"hardware": {}},
-            finished_at=utcnow(),
-        )
-        session.add(job)
-        session.commit()
-        model_dir = store.local_path(f"models/{model_id}")
-        engine_dir = model_dir.parent / "engine-staging"
-        shutil.copytree(model_dir, engine_dir)
-        prefix = f"jobs/{job.id}/engines/eng_auth"
-        store.put_dir(prefix, engine_dir)
-        shutil.rmtree(engine_dir)
-        engine = EngineRecord(
-            project_id="a",
-            job_id=job.id,
-            model_id=model_id,
-            backend="onnxruntime-cpu",
-            precision="fp32",
-            artifact_prefix=prefix,
-            engine_file="model.onnx",
-            size_bytes=1,
-            build_seconds=0.0,
-            hardware={},
+            evaluation_dataset_id=ids["dataset_id"],
             metrics={"latency": {"1": {}}},
-            build_info={},
         )
-        session.add(engine)
-        session.commit()
-        return job.id, engine.id
+        yield TwoProjects(client, data_dir, keys, ids, url)
 
 
 # ---------------------------------------------------------------- every route, walked

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -23,8 +22,6 @@ import numpy as np
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.core.db import get_sessionmaker
-from app.core.orm import DEFAULT_PROJECT, EngineRecord, JobKind, JobRecord, JobStatus, utcnow
 from app.core.store import LocalArtifactStore
 from bench.tcp_proxy import TcpProxy
 from tests.conftest import (
@@ -36,6 +33,7 @@ from tests.conftest import (
     api_process,
     free_port,
     require_service,
+    stored_fp32_engine,
 )
 
 KEY = "of_" + secrets.token_urlsafe(32)
@@ -91,45 +89,9 @@ def upload(client: httpx.Client, kind: str, path: Path) -> httpx.Response:
 
 
 def seed_engine(api: Api, model_id: str) -> str:
-    """A succeeded job and its fp32 ONNX Runtime engine (the uploaded model's file), stored as a
-    worker stores them: an engine to serve without running a job."""
+    """An engine to serve without running a job (conftest.stored_fp32_engine)."""
     store = LocalArtifactStore(api.data_dir / "artifacts")
-    with get_sessionmaker(api.database_url)() as session:
-        job = JobRecord(
-            project_id=DEFAULT_PROJECT,
-            model_id=model_id,
-            kind=JobKind.OPTIMIZE,
-            recipe={},
-            messages=[],
-            status=JobStatus.SUCCEEDED,
-            stage="done",
-            progress=1.0,
-            baseline={"hardware": {}},
-            finished_at=utcnow(),
-        )
-        session.add(job)
-        session.commit()
-        staging = api.data_dir.parent / f"engine-{job.id}"
-        shutil.copytree(store.local_path(f"models/{model_id}"), staging)
-        prefix = f"jobs/{job.id}/engines/eng"
-        store.put_dir(prefix, staging, move=True)
-        engine = EngineRecord(
-            project_id=DEFAULT_PROJECT,
-            job_id=job.id,
-            model_id=model_id,
-            backend="onnxruntime-cpu",
-            precision="fp32",
-            artifact_prefix=prefix,
-            engine_file="model.onnx",
-            size_bytes=1,
-            build_seconds=0.0,
-            hardware={},
-            metrics={},
-            build_info={},
-        )
-        session.add(engine)
-        session.commit()
-        return engine.id
+    return stored_fp32_engine(store, api.database_url, model_id)[1]
 
 
 def assert_database_unavailable(response: httpx.Response) -> None:

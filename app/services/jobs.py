@@ -21,6 +21,8 @@ from sqlalchemy.orm import Session
 from app.core.errors import ApiError, from_engine_error
 from app.core.job_queue import enqueue_job, job_queue, queue_for
 from app.core.orm import (
+    DatasetRecord,
+    DatasetStatus,
     EngineRecord,
     JobKind,
     JobRecord,
@@ -433,6 +435,29 @@ def publish_job(session: Session, settings: Settings, job: JobRecord) -> None:
             session.commit()
         refusal.extra["job_id"] = job.id
         raise refusal from exc
+
+
+def publish_upload_job(
+    session: Session, settings: Settings, job: JobRecord, record: ModelRecord | DatasetRecord
+) -> None:
+    """Send the job that finishes an upload (a .pt2's conversion, a large image folder's decoding).
+    When it cannot be sent, the job is recorded failed (publish_job) and so is the uploaded model
+    or dataset, which is kept: the refusal says so and names it."""
+    is_model = isinstance(record, ModelRecord)
+    kind = "model" if is_model else "dataset"
+    try:
+        publish_job(session, settings, job)
+    except ApiError as exc:
+        record.status = ModelStatus.FAILED if is_model else DatasetStatus.FAILED
+        record.error = job.error
+        session.commit()
+        raise ApiError(
+            exc.status,
+            exc.code,
+            f"{exc.detail}; {kind} '{record.id}' is kept, failed: delete it, and upload again later",
+            **{f"{kind}_id": record.id},
+            **exc.extra,
+        ) from exc
 
 
 def check_jobs_in_flight(session: Session, settings: Settings, project_id: str) -> None:

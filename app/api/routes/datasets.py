@@ -32,7 +32,7 @@ from app.services.datasets import (
     require_dataset_ready,
     state_of,
 )
-from app.services.jobs import publish_job, stage_job
+from app.services.jobs import publish_upload_job, stage_job
 from app.services.records import delete_records, get_dataset_record
 from engines.errors import InvalidDatasetError
 from engines.ingest.datasets import inspect_npz
@@ -157,18 +157,7 @@ def upload_dataset(
         return dataset_out(record)
     audit(principal, "job.create", job.id, kind=job.kind, dataset_id=record.id)
     response.status_code = 202
-    try:
-        publish_job(session, settings, job)
-    except ApiError as exc:  # the broker is down: the job is recorded failed, and so is the dataset
-        record.status, record.error = DatasetStatus.FAILED, job.error
-        session.commit()
-        raise ApiError(
-            exc.status,
-            exc.code,
-            f"{exc.detail}; dataset '{record.id}' is kept, failed: delete it, and upload again later",
-            dataset_id=record.id,
-            **exc.extra,
-        ) from exc
+    publish_upload_job(session, settings, job, record)
     return dataset_out(record, DatasetState(record.status, None, job.id))
 
 

@@ -36,7 +36,7 @@ from app.services.jobs import (
     create_sensitivity_job,
     model_state,
     new_convert_job,
-    publish_job,
+    publish_upload_job,
     require_ready,
     stage_job,
 )
@@ -248,18 +248,7 @@ def _upload_program(
     commit_upload(session, store, received, prefix, stored, record)  # the files, then both rows
     audit(principal, "model.create", model_id, name=record.name, size_bytes=record.size_bytes, source="pt2")
     audit(principal, "job.create", job.id, kind=job.kind, model_id=model_id)
-    try:
-        publish_job(session, settings, job)
-    except ApiError as exc:  # the broker is down: the job is recorded failed, and so is the model
-        record.status, record.error = ModelStatus.FAILED, job.error
-        session.commit()
-        raise ApiError(
-            exc.status,
-            exc.code,
-            f"{exc.detail}; model '{model_id}' is kept, failed: delete it, and upload again later",
-            model_id=model_id,
-            **exc.extra,
-        ) from exc
+    publish_upload_job(session, settings, job, record)
     return model_out(record, ModelState(record.status, None, job.id))
 
 
