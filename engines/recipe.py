@@ -11,6 +11,7 @@ from typing import Any
 from engines.measure.latency import MeasureConfig
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig
+from engines.qat.config import QatConfig
 from engines.quantize.budget import AccuracyBudget
 from engines.quantize.int8 import QuantizeConfig
 
@@ -24,6 +25,7 @@ class Recipe:
     accuracy_budget: AccuracyBudget | None = None
     prune: PruneConfig | None = None
     finetune: FinetuneConfig | None = None
+    qat: QatConfig | None = None  # quantization-aware training instead of post-training INT8
     measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -46,5 +48,6 @@ class Recipe:
             accuracy_budget=AccuracyBudget(**budget) if budget else None,
             prune=PruneConfig(**prune) if prune is not None else None,
             finetune=FinetuneConfig(**data["finetune"]) if data.get("finetune") else None,
+            qat=QatConfig(**data["qat"]) if data.get("qat") else None,
             measure=MeasureConfig(**data.get("measure", {})),
         )

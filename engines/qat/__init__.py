@@ -1,0 +1,1 @@
+"""Quantization-aware training: fake-quantized fine-tuning with distillation, exported as QDQ ONNX."""
