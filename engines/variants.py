@@ -14,6 +14,8 @@ from typing import Any
 from engines.errors import EngineError, InvalidRecipeError
 from engines.hardware import cpu_info
 from engines.ingest.datasets import Dataset
+from engines.qat.export import float_reference_path
+from engines.qat.train import quantization_aware_training
 from engines.quantize.budget import RunnerFor, cpu_runner, quantize_within_budget
 from engines.quantize.fp16 import convert_fp16
 from engines.quantize.int8 import QuantizeConfig, QuantizeResult, prepare_float_model, quantize_int8
@@ -151,7 +153,19 @@ def build_int8(request: VariantRequest) -> ModelVariant:
             cpu_features=features,
         )
 
-    if recipe.accuracy_budget is not None:
+    if recipe.qat is not None:
+        request.check_cancelled()
+        result = quantization_aware_training(
+            float_path,
+            variant_dir / "model-int8-qat.onnx",
+            calibration,
+            recipe.qat,
+            recipe.quantize,
+            profile=request.profile,
+            cpu_features=features,
+            check_cancelled=request.check_cancelled,
+        )
+    elif recipe.accuracy_budget is not None:
         if evaluation is None:
             raise InvalidRecipeError("an accuracy budget needs an evaluation dataset (evaluation_dataset_id)")
         result = quantize_within_budget(
@@ -172,8 +186,10 @@ def build_int8(request: VariantRequest) -> ModelVariant:
     if request.profile == "tensorrt":
         _check_tensorrt_readiness(result)
     request.check_cancelled()
+    # a QAT model's rounding is measured against its own trained float weights, not the original's
+    reference = float_reference_path(result.path) if recipe.qat is not None else float_path
     errors = layer_errors(
-        float_path, result.path, calibration, batch_size=request.batch_size, workdir=variant_dir
+        reference, result.path, calibration, batch_size=request.batch_size, workdir=variant_dir
     )
     return ModelVariant(result.path, "int8", result.metadata, messages + result.messages, errors)
 

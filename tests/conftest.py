@@ -42,6 +42,7 @@ from app.core.store import ArtifactStore, LocalArtifactStore
 from app.main import create_app
 from engines.ingest.datasets import Dataset
 from examples import digits as digits_model
+from tests.trained_graphs import depthwise_digits  # noqa: F401 - a session fixture shared by several files
 
 # Starlette's test client sends `Host: testserver`; a server with no API key (most tests) answers
 # loopback names only, and this one (app.api.middleware.auth).

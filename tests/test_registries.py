@@ -26,6 +26,10 @@ def test_capabilities_and_openapi_enums_come_from_the_registries(local_api: Loca
     capabilities = local_api.client.get("/v1/capabilities").json()
     assert capabilities["precisions"] == list(PRECISIONS)
     assert capabilities["calibration_methods"] == list(CALIBRATION_METHODS)
+    assert {"nncf", "nncf-smoothquant", "cle"} <= set(CALIBRATION_METHODS)
+    methods = capabilities["quantization_methods"]
+    assert [method["name"] for method in methods] == list(CALIBRATION_METHODS)
+    assert all(method["description"] and method["family"] and method["profiles"] for method in methods)
     assert [item["name"] for item in capabilities["prune_methods"]] == list(CRITERIA)
     assert capabilities["job_kinds"] == list(JobKind.ALL)
     ort = {

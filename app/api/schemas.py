@@ -22,6 +22,7 @@ from engines.measure.latency import MeasureConfig
 from engines.prune.criteria import CRITERIA
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig
+from engines.qat.config import QatConfig
 from engines.quantize.budget import BUDGET_METRICS, AccuracyBudget
 from engines.quantize.int8 import CALIBRATION_METHODS, QuantizeConfig
 from engines.recipe import Recipe
@@ -278,7 +279,10 @@ class QuantizeIn(InputModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    calibration: CalibrationName = "minmax"
+    calibration: CalibrationName = Field(
+        "minmax",
+        description="the INT8 quantization method; GET /v1/capabilities describes each one",
+    )
     per_channel: bool = True
     calibration_samples: Annotated[int, Field(ge=1), WHOLE_NUMBER] | None = Field(
         None, description="null: the whole calibration set"
@@ -379,6 +383,27 @@ class FinetuneIn(InputModel):
         return FinetuneConfig(**self.model_dump())
 
 
+class QatIn(InputModel):
+    """Quantization-aware training (precision int8): the model fine-tuned with fake quantization on the
+    calibration (training) set, learning the original's outputs (distillation; with labels mixed with
+    cross-entropy), exported as QDQ INT8. Defaults are `engines.qat.config.QatConfig`'s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: Integer = Field(QatConfig.epochs, ge=1, le=20)
+    learning_rate: float = Field(
+        QatConfig.learning_rate, gt=0, le=1, description="peak of the one-cycle schedule (Adam)"
+    )
+    batch_size: Integer = Field(QatConfig.batch_size, ge=1, le=4096)
+    distill: bool = Field(
+        QatConfig.distill,
+        description="learn the original's outputs (no labels needed); false: labels only (cross-entropy)",
+    )
+
+    def to_config(self) -> QatConfig:
+        return QatConfig(**self.model_dump())
+
+
 class RecipeIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -391,6 +416,7 @@ class RecipeIn(InputModel):
     accuracy_budget: AccuracyBudgetIn | None = None
     prune: PruneIn | None = None
     finetune: FinetuneIn | None = None
+    qat: QatIn | None = None
     measure: MeasureIn = Field(default_factory=MeasureIn)
 
     @field_validator("targets")
@@ -412,6 +438,7 @@ class RecipeIn(InputModel):
             accuracy_budget=self.accuracy_budget.to_config() if self.accuracy_budget else None,
             prune=self.prune.to_config() if self.prune else None,
             finetune=self.finetune.to_config() if self.finetune else None,
+            qat=self.qat.to_config() if self.qat else None,
             measure=self.measure.to_config(),
         )
 
@@ -459,6 +486,14 @@ class SearchSpaceIn(InputModel):
     finetune_epochs: Integer = Field(4, ge=0, le=50)
     float_fallback: bool = True
     max_full_evaluations: Integer = Field(30, ge=1, le=200)
+    qat_epochs: Integer = Field(
+        3, ge=0, le=50, description="QAT when post-training INT8 and its fallback break the budget; 0: never"
+    )
+    sensitivity: bool = Field(
+        False,
+        description="run a pruning sensitivity analysis before the first pruning when the model has none "
+        "(per-layer ratios within the budget); it takes minutes on a 224×224 network",
+    )
 
     @field_validator("backends")
     @classmethod
@@ -476,6 +511,8 @@ class SearchSpaceIn(InputModel):
             finetune_epochs=self.finetune_epochs,
             float_fallback=self.float_fallback,
             max_full_evaluations=self.max_full_evaluations,
+            qat_epochs=self.qat_epochs,
+            sensitivity=self.sensitivity,
         )
 
 

@@ -1,6 +1,9 @@
 """Post-training quantization: INT8 as QDQ ONNX from a calibration set, and FP16.
 
-ONNX Runtime's quantization tooling does the work; this module chooses its settings.
+ONNX Runtime's quantization tooling does the work of its three calibrators (minmax, entropy,
+percentile); this module chooses its settings, prepares the float model every method starts from,
+and is the entry point (`quantize_int8`) that dispatches to the registered quantization methods
+(engines.quantize.methods: NNCF's in nncf_ptq.py, cross-layer equalization in equalization.py).
 
 Two INT8 profiles, chosen by the target that will run the model:
 - `cpu`: unsigned activations, symmetric signed per-channel weights, tuned for ONNX Runtime on
@@ -17,58 +20,54 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
+from engines.quantize.methods import (
+    QUANTIZATION_METHODS,
+    RECOMMENDED_CALIBRATION_SAMPLES,
+    Profile,
+    QuantizeConfig,
+    QuantizeResult,
+    calibration_sample_count,
+    count_quantize_nodes,
+    load_graph_only,
+    non_float32_nodes,
+    not_applicable,
+    reduce_range_for,
+    register_method,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Calibration methods: name → ONNX Runtime's CalibrationMethod member. A new one is one line here;
-#: the recipe checks, the API's enum and GET /v1/capabilities read this mapping.
-CALIBRATION_METHODS: dict[str, str] = {
-    "minmax": "MinMax",  # the observed range: no clipping, sensitive to outliers
-    "entropy": "Entropy",  # the range that keeps the histogram's KL divergence smallest (TensorRT's)
-    "percentile": "Percentile",  # the 99.999th percentile: outliers clipped
+__all__ = [
+    "CALIBRATION_METHODS",
+    "QUANTIZATION_METHODS",
+    "RECOMMENDED_CALIBRATION_SAMPLES",
+    "Profile",
+    "QuantizeConfig",
+    "QuantizeResult",
+    "prepare_float_model",
+    "quantize_int8",
+    "reduce_range_for",
+]
+
+#: ONNX Runtime's calibrators: method name → (its CalibrationMethod member, the description).
+_ONNXRUNTIME_CALIBRATORS: dict[str, tuple[str, str]] = {
+    "minmax": ("MinMax", "ONNX Runtime, the observed range: no clipping, sensitive to outliers"),
+    "entropy": (
+        "Entropy",
+        "ONNX Runtime, the range that keeps the histogram's KL divergence smallest (TensorRT's)",
+    ),
+    "percentile": ("Percentile", "ONNX Runtime, the 99.999th percentile: outliers clipped"),
 }
-Profile = Literal["cpu", "tensorrt"]
-#: TensorRT's guidance is ~500-1000 representative samples; far fewer gives ranges that overfit.
-RECOMMENDED_CALIBRATION_SAMPLES = 500
-_INT8_DOT_PRODUCT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 #: Per-channel Q/DQ (the `axis` attribute) and TensorRT's explicit quantization need opset 13.
 PER_CHANNEL_MIN_OPSET = 13
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    calibration: str = "minmax"
-    per_channel: bool = True
-    calibration_samples: int | None = None  # None: the whole calibration set
-    reduce_range: bool | None = None  # None: decided from the CPU's features (cpu profile)
-    nodes_to_exclude: tuple[str, ...] = ()
-
-
-@dataclass
-class QuantizeResult:
-    path: Path
-    metadata: dict[str, Any] = field(default_factory=dict)
-    messages: list[str] = field(default_factory=list)
-
-
-def reduce_range_for(cpu_features: list[str]) -> tuple[bool, str]:
-    """Whether 7-bit weights are needed on this CPU, and why (recorded in the engine)."""
-    found = [name for name in _INT8_DOT_PRODUCT_FEATURES if name in cpu_features]
-    if found:
-        return False, f"CPU has {', '.join(found)}: u8×s8 dot products do not saturate, full 8-bit weights"
-    return (
-        True,
-        "CPU has no VNNI/AMX: u8×s8 products saturate in 16 bits, so weights use 7 bits (reduce_range)",
-    )
 
 
 def calibration_batches(dataset: Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -257,61 +256,11 @@ def prepare_float_model(model_path: Path, workdir: Path, profile: Profile) -> tu
     return target, messages
 
 
-def _count_quantize_nodes(graph: Any) -> int:
-    """QuantizeLinear nodes in a graph and its subgraphs: how much of the model is really INT8."""
-    count = 0
-    for node in graph.node:
-        count += node.op_type == "QuantizeLinear"
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                count += _count_quantize_nodes(subgraph)
-    return count
-
-
-#: Float element types other than float32, which QuantizeLinear does not take at opset 13.
-_OTHER_FLOATS = frozenset({10, 11, 16})  # FLOAT16, DOUBLE, BFLOAT16
-
-
-@lru_cache(maxsize=8)
-def _non_float32_nodes(path: Path, _mtime_ns: int) -> tuple[tuple[str, str], ...]:
-    """(name, op type) of the nodes that read or write a float tensor other than float32.
-
-    Models converted to float16 in part (a U-Net whose weights sit in float16 behind Cast nodes, a
-    float16 Resize feeding a float16 Concat) have such tensors between float32 ones. ONNX Runtime's
-    quantizer takes float16 tensors as quantizable and puts a QuantizeLinear on them, which no
-    session loads (`Type 'tensor(float16)' of input parameter … of operator (QuantizeLinear)`).
-    These nodes are kept in float; the float32 rest is quantized. Types come from ONNX's shape
-    inference (not strict: what it cannot type is left alone)."""
-    import onnx
-
-    model = _load_graph_only(path)
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a model shape inference cannot take keeps its declared types
-        logger.info("shape inference failed while looking for float16 tensors", exc_info=True)
-    graph = model.graph
-    types = {tensor.name: tensor.data_type for tensor in graph.initializer}
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        if value.type.WhichOneof("value") == "tensor_type":
-            types[value.name] = value.type.tensor_type.elem_type
-    return tuple(
-        (node.name, node.op_type)
-        for node in graph.node
-        if any(types.get(name) in _OTHER_FLOATS for name in [*node.input, *node.output] if name)
-    )
-
-
 @lru_cache(maxsize=8)
 def _opset_of(path: Path, _mtime_ns: int) -> int:
     """The opset of a model file, parsed once per version of the file: the budget search quantizes
     the same prepared model many times, and a transformer is tens of megabytes to parse."""
-    return _opset(_load_graph_only(path))
-
-
-def _load_graph_only(path: Path) -> Any:
-    import onnx
-
-    return onnx.load(str(path), load_external_data=False)
+    return _opset(load_graph_only(path))
 
 
 def tensorrt_placement(float_path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -324,7 +273,7 @@ def tensorrt_placement(float_path: Path) -> tuple[dict[str, Any], list[str]]:
     calibration pass) and its small-convolution exclusions (the readiness lint warns about them)."""
     from engines.quantize.tensorrt_readiness import QUANTIZABLE_OPS
 
-    present = {node.op_type for node in _load_graph_only(float_path).graph.node}
+    present = {node.op_type for node in load_graph_only(float_path).graph.node}
     options = {
         "ActivationSymmetric": True,
         "WeightSymmetric": True,
@@ -346,22 +295,54 @@ def quantize_int8(
     batch_size: int,
     cpu_features: list[str],
 ) -> QuantizeResult:
-    """Quantize a prepared float model (see `prepare_float_model`) to QDQ INT8."""
+    """Quantize a prepared float model (see `prepare_float_model`) to QDQ INT8 with the method
+    `config.calibration` names (engines.quantize.methods). A method that does not apply to this
+    graph or profile is EngineError `quantization_not_applicable`; one that fails, EngineError
+    `quantization_failed`: either way the reason is in the error, and the job goes on without it."""
+    method = QUANTIZATION_METHODS.get(config.calibration)
+    if method is None:
+        raise InvalidRecipeError(
+            f"unknown calibration '{config.calibration}'; use one of {CALIBRATION_METHODS}"
+        )
+    if profile not in method.profiles:
+        raise not_applicable(
+            method.name,
+            f"it cannot produce the {profile} profile's INT8 (it makes {list(method.profiles)})"
+            + (f": {method.profiles_reason}" if method.profiles_reason else ""),
+        )
+    reason = method.applies(float_path)
+    if reason is not None:
+        raise not_applicable(method.name, reason)
+    result = method.quantize(
+        float_path,
+        out_path,
+        calibration,
+        config,
+        profile=profile,
+        batch_size=batch_size,
+        cpu_features=cpu_features,
+    )
+    result.metadata.setdefault("method", method.name)
+    result.metadata.setdefault("family", method.family)
+    return result
+
+
+def quantize_onnxruntime(
+    float_path: Path,
+    out_path: Path,
+    calibration: Dataset,
+    config: QuantizeConfig,
+    *,
+    profile: Profile,
+    batch_size: int,
+    cpu_features: list[str],
+    calibrate_method: str,
+) -> QuantizeResult:
+    """ONNX Runtime's static QDQ quantization with calibrator `calibrate_method` (a member of its
+    CalibrationMethod), settings chosen for `profile`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if config.calibration not in CALIBRATION_METHODS:
-        raise InvalidRecipeError(
-            f"unknown calibration '{config.calibration}'; use one of {tuple(CALIBRATION_METHODS)}"
-        )
-    samples = calibration.samples if config.calibration_samples is None else config.calibration_samples
-    samples = min(samples, calibration.samples)
-    samples -= samples % batch_size if samples >= batch_size else 0  # calibration runs whole batches
-    if samples < batch_size:
-        raise InvalidRecipeError(
-            f"calibration needs at least one batch of {batch_size} samples (the model's batch); "
-            f"{samples} are available (calibration set {calibration.samples}, "
-            f"calibration_samples {config.calibration_samples})"
-        )
+    samples, sample_messages = calibration_sample_count(calibration, config, batch_size)
     result = QuantizeResult(path=out_path)
     per_channel = config.per_channel
     if per_channel and _opset_of(float_path, float_path.stat().st_mtime_ns) < PER_CHANNEL_MIN_OPSET:
@@ -369,11 +350,7 @@ def quantize_int8(
         result.messages.append(
             f"per-channel weights need opset {PER_CHANNEL_MIN_OPSET}: this model is quantized per tensor"
         )
-    if samples < RECOMMENDED_CALIBRATION_SAMPLES:
-        result.messages.append(
-            f"calibrated on {samples} samples; about {RECOMMENDED_CALIBRATION_SAMPLES}-1000 representative "
-            "samples are recommended (TensorRT's guidance): ranges from few samples can clip real inputs"
-        )
+    result.messages.extend(sample_messages)
     op_types: list[str] | None = None  # None: ONNX Runtime's own list
     if profile == "tensorrt":
         activation_type, reduce_range, reason = QuantType.QInt8, False, "TensorRT profile: symmetric INT8"
@@ -383,8 +360,8 @@ def quantize_int8(
         reduce_range, reason = reduce_range_for(cpu_features)
         if config.reduce_range is not None:
             reduce_range, reason = config.reduce_range, "set by the recipe"
-    method = getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration])
-    non_float32 = _non_float32_nodes(float_path, float_path.stat().st_mtime_ns)
+    method = getattr(CalibrationMethod, calibrate_method)
+    non_float32 = non_float32_nodes(float_path, float_path.stat().st_mtime_ns)
     exclude = list(dict.fromkeys([*config.nodes_to_exclude, *(name for name, _ in non_float32)]))
     if non_float32:
         ops = sorted({op for _, op in non_float32})
@@ -425,7 +402,7 @@ def quantize_int8(
         break
     else:
         raise EngineError(f"INT8 quantization failed: {failures[0]}", code="quantization_failed")
-    quantized = _count_quantize_nodes(_load_graph_only(out_path).graph)
+    quantized = count_quantize_nodes(load_graph_only(out_path).graph)
     if quantized == 0:
         result.messages.append(
             "ONNX Runtime's quantizer quantized no node of this model (its compute sits inside If/Loop/Scan "
@@ -446,3 +423,40 @@ def quantize_int8(
         "float16_nodes_kept_float": [name for name, _ in non_float32],
     }
     return result
+
+
+def _onnxruntime_method(calibrate_method: str) -> Any:
+    def quantize(
+        float_path: Path,
+        out_path: Path,
+        calibration: Dataset,
+        config: QuantizeConfig,
+        *,
+        profile: Profile,
+        batch_size: int,
+        cpu_features: list[str],
+    ) -> QuantizeResult:
+        return quantize_onnxruntime(
+            float_path,
+            out_path,
+            calibration,
+            config,
+            profile=profile,
+            batch_size=batch_size,
+            cpu_features=cpu_features,
+            calibrate_method=calibrate_method,
+        )
+
+    return quantize
+
+
+for _name, (_member, _description) in _ONNXRUNTIME_CALIBRATORS.items():
+    register_method(_name, description=_description, family="onnxruntime")(_onnxruntime_method(_member))
+
+# The other families register themselves on import (after ONNX Runtime's, which they build on and
+# which come first in every list).
+from engines.quantize import equalization, nncf_ptq  # noqa: E402, F401
+
+#: The quantization methods' names, in registration order: what `QuantizeConfig.calibration`, the
+#: recipe checks, the API's enum and GET /v1/capabilities accept.
+CALIBRATION_METHODS: tuple[str, ...] = tuple(QUANTIZATION_METHODS)

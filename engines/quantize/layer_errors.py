@@ -78,7 +78,14 @@ def _activation_rows(
     qdq_acts = collect_activations(
         str(augmented_qdq), calibration_reader(data, batch_size), execution_providers=providers
     )
-    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts), err_func=sqnr_db)
+    # A method that rewrites the graph (cross-layer equalization, NNCF) may leave quantized tensors with
+    # no float counterpart: they cannot be compared, and must not take the rest of the report down.
+    matching = {
+        tensor: pair
+        for tensor, pair in create_activation_matching(qdq_acts, float_acts).items()
+        if "float" in pair
+    }
+    errors = compute_activation_error(matching, err_func=sqnr_db)
     nodes = load(str(float_path), load_external_data=False).graph.node
     producers = {output: (node.name, node.op_type) for node in nodes for output in node.output}
     # A folded Relu/Clip has no Q/DQ of its own: its quantization error belongs to the op before it.

@@ -10,18 +10,31 @@ How it spends its time, cheapest evidence first:
 3. a **quick timing** (a few interleaved runs beside the original) drops candidates more than 30 %
    slower than the best so far: successive halving on timing, so losers cost one build and a
    second, not a full evaluation;
-4. the survivors are scored on the whole evaluation set (at most `max_full_evaluations`); an INT8
-   candidate that breaks the budget is retried right away with the accuracy-aware float fallback
-   (engines.quantize.budget), which the per-layer report drives;
-5. the time budget is checked before each candidate (a candidate is never cut in half; the final
-   timing has its own reserve); when it runs out, the best candidate found so far wins: a search
-   never ends with nothing when anything was built;
-6. the accepted candidates are timed again side by side with the original (the final figures),
+4. the survivors are scored on the whole evaluation set (at most `max_full_evaluations`);
+5. what a candidate showed decides the next moves (engines.search.moves): an INT8 candidate that
+   breaks the budget, on the screening slice or in full, is retried at once with the accuracy-aware
+   float fallback (engines.quantize.budget keeps the fewest nodes the per-layer report names in
+   float), and when that fails too, with quantization-aware training; other methods of a
+   calibration family that failed by far, and pruning the data cannot recover, are held back with
+   the reason;
+6. the time budget is checked before each candidate against what it is expected to take (the
+   median of its kind so far; for a first pruning or QAT, a training step measured on the
+   calibration set; for a first fallback, its quantize-and-evaluate rounds): a candidate is never
+   cut in half, the final timing has its own reserve, and a candidate that would not fit is
+   skipped with its estimate; when time runs out, the best candidate found so far wins;
+7. the accepted candidates are timed again side by side with the original (the final figures),
    the Pareto front of cost against drop is computed over every candidate that has both, and the
-   cheapest candidate within the budget is chosen.
+   cheapest candidate within the budget is chosen; when none beats the original, the original is
+   what is served, and the report says so.
+
+A sensitivity analysis (`space.sensitivity`, off by default) runs before the first pruning when the
+job brought none: measured on a 224×224 MobileNet-V2-shaped network on this 2-core machine, it
+takes minutes and measures 3 of 49 layers (the others are coupled by residual adds and depthwise
+convolutions), so it is not worth the default time budget; it gets at most a quarter of the time
+left and is stopped (with its estimate) when it would overrun.
 The worker stores the chosen engine and the other front members; dominated candidates remain
 report rows with their lineage, metrics and outcome (built, rejected by accuracy, slower, failed
-and why, skipped for time).
+and why, held back or skipped for time with what it would have cost).
 """
 
 from __future__ import annotations
@@ -53,10 +66,14 @@ from engines.pipeline import (
 )
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig
+from engines.prune.sensitivity import DEFAULT_RATIOS, SensitivityConfig, analyse, ratios_within
 from engines.prune.stage import run_prune_stage
-from engines.quantize.budget import AccuracyBudget, score_outputs
+from engines.qat.config import QatConfig
+from engines.quantize.budget import HEAVY_OPS, AccuracyBudget, score_outputs
 from engines.quantize.int8 import QuantizeConfig
 from engines.recipe import Recipe
+from engines.search.methods import not_applicable
+from engines.search.moves import Moves, pruning_key
 from engines.search.pareto import pareto_front
 from engines.search.space import Budget, Candidate, Objective, SearchSpace, candidates
 from engines.variants import build_variant
@@ -70,6 +87,14 @@ HALVING_FACTOR = 1.3
 FINAL_TIMING_SHARE = 0.1
 QUICK = MeasureConfig(warmup_runs=5, timed_runs=20, min_seconds=0.3)
 FINAL = MeasureConfig(warmup_runs=5, timed_runs=30, min_seconds=1.0)
+#: A training step of QAT (fake-quantized forward and backward, plus the teacher's forward) against
+#: a float training step of the same batch.
+QAT_STEP_FACTOR = 2.5
+#: A distillation step (the pruned student's forward and backward, the teacher's forward) against a
+#: float training step.
+DISTILL_STEP_FACTOR = 1.3
+#: The share of the time left a sensitivity analysis may take.
+SENSITIVITY_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -86,8 +111,11 @@ class AutotuneRequest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AutotuneRequest:
+        known = set(SearchSpace.__dataclass_fields__)
         space = {
-            key: tuple(value) if isinstance(value, list) else value for key, value in data["space"].items()
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in data["space"].items()
+            if key in known
         }
         return cls(
             objective=Objective(**data["objective"]),
@@ -103,7 +131,9 @@ class CandidateOutcome:
     """One row of the report: what was tried, what became of it, its figures where it got that far."""
 
     candidate: Candidate
-    status: str  # accepted | rejected_accuracy | slower | failed | skipped_time | skipped_limit
+    # accepted | rejected_accuracy | slower | failed | skipped_time | skipped_limit | held_back |
+    # not_applicable
+    status: str
     reason: str = ""
     cost: float | None = None
     drop: float | None = None
@@ -113,6 +143,7 @@ class CandidateOutcome:
     size_bytes: int | None = None
     quick_ratio: float = float("inf")  # cost / the original's, timed in the same rounds
     build_seconds: float | None = None
+    estimated_seconds: float | None = None  # what it was expected to take (skipped_time: why)
     on_front: bool = False
     chosen: bool = False
     artifact: EngineArtifact | None = field(default=None, repr=False)
@@ -137,6 +168,7 @@ class CandidateOutcome:
             "latency": self.latency,
             "size_bytes": self.size_bytes,
             "build_seconds": self.build_seconds,
+            "estimated_seconds": self.estimated_seconds,
             "on_front": self.on_front,
             "chosen": self.chosen,
             "within_budget": self.within_budget,
@@ -155,6 +187,7 @@ class AutotuneResult:
     messages: list[str]
     elapsed_s: float
     timed_out: bool
+    serves_original: bool = False  # no candidate beats the original within the budget
 
     def report(self, objective: Objective, budget: Budget) -> dict[str, Any]:
         return {
@@ -167,7 +200,14 @@ class AutotuneResult:
                 "latency": self.baseline.latency,
                 "backend": BASELINE_BACKEND,
             },
-            "chosen": self.chosen.candidate.label() if self.chosen else None,
+            "chosen": (
+                f"the original ({BASELINE_BACKEND} fp32)"
+                if self.serves_original
+                else self.chosen.candidate.label()
+                if self.chosen
+                else None
+            ),
+            "serves_original": self.serves_original,
             "candidates": [outcome.to_dict() for outcome in self.outcomes],
             "messages": self.messages,
             "elapsed_s": self.elapsed_s,
@@ -202,7 +242,13 @@ class _Search:
         self.outcomes: list[CandidateOutcome] = []
         self.full_evaluations = 0
         self.finished = False
-        self.durations: dict[bool, list[float]] = {}  # seconds per candidate, pruned or not
+        self.durations: dict[str, list[float]] = {}  # seconds per candidate of a kind (_kind)
+        self.prune_seconds: list[float] = []  # seconds per pruning (with recovery training)
+        self.last_prune_seconds = 0.0
+        self.train_step: tuple[float, float] | str | None = None  # measured lazily (_train_step)
+        self.qat_variants: dict[tuple[Any, ...], Any] = {}  # one QAT training per pruning and profile
+        self.not_applicable: dict[str, str | None] = {}
+        self.sensitivity_pending = False
         self.messages: list[str] = []
 
     # ------------------------------------------------------------ the original
@@ -213,12 +259,21 @@ class _Search:
         self.inputs = self.original.input_metadata()
         self.output_names = [spec.name for spec in self.original.output_metadata()]
         self.eval_batch = max(1, min(self.objective.batch_size, self.evaluation.samples))
+        began = self.clock()
         self.reference = run_dataset(self.original, self.evaluation, self.eval_batch, self.check_cancelled)
+        self.eval_seconds = self.clock() - began
         self.screen_reference = self.reference[: self.screen.samples]
         self.baseline_accuracy = accuracy_report(self.reference, self.evaluation.labels, None)
         self.baseline_score = self._score(self.reference, self.evaluation, self.reference)
         self.allowed = self.budget.allowed_drop(self.baseline_score)
         self.baseline_size = self.model_path.stat().st_size
+        classes = int(self.reference.shape[1]) if self.reference.ndim == 2 else None
+        samples = self.calibration.samples if self.calibration is not None else 0
+        self.moves = Moves(self.request.space, self.allowed, samples, classes)
+        from onnx import load
+
+        graph = load(str(self.model_path), load_external_data=False).graph
+        self.heavy_nodes = sum(node.op_type in HEAVY_OPS for node in graph.node)
 
     def _score(self, outputs: np.ndarray, data: Dataset, reference: np.ndarray) -> float:
         return score_outputs(outputs, data, self.budget.metric, reference)
@@ -245,6 +300,7 @@ class _Search:
             )
             workdir = self.workdir / f"pruned-{len(self.pruned_models)}"
             workdir.mkdir(parents=True)
+            began = self.clock()
             stage = run_prune_stage(
                 self.model_path,
                 config,
@@ -257,6 +313,7 @@ class _Search:
                 progress=lambda fraction, stage: None,
                 check_cancelled=self.check_cancelled,
             )
+            self.last_prune_seconds = self.clock() - began
             self.pruned_models[key] = stage.path if stage.pruned else "; ".join(stage.messages)
         source = self.pruned_models[key]
         if isinstance(source, str):
@@ -273,6 +330,7 @@ class _Search:
             precision=model_precision,
             batch_sizes=(self.objective.batch_size,),
             quantize=QuantizeConfig(calibration=candidate.calibration or "minmax"),
+            qat=QatConfig(epochs=candidate.qat_epochs) if candidate.qat_epochs else None,
             accuracy_budget=AccuracyBudget(
                 "top1" if self.budget.metric == "top1" else "fidelity", self.allowed
             )
@@ -280,18 +338,29 @@ class _Search:
             else None,
         )
         workdir = self.workdir / f"candidate-{index}"
-        variant = build_variant(
-            source,
-            recipe,
-            backend.quantization_profile,
-            workdir,
-            calibration=self.calibration,
-            evaluation=self.evaluation if candidate.float_fallback else None,
-            batch_size=min(16, (self.calibration.samples if self.calibration else 16)),
-            check_cancelled=self.check_cancelled,
-            # the target scores it
-            runner_for=partial(built_runner, backend, workdir / "checks", None, batch_axes=self.stated),
-        )
+        trained = (pruning_key(candidate), backend.quantization_profile, candidate.qat_epochs)
+        variant = self.qat_variants.get(trained) if candidate.qat_epochs else None
+        if variant is None:
+            variant = build_variant(
+                source,
+                recipe,
+                backend.quantization_profile,
+                workdir,
+                calibration=self.calibration,
+                evaluation=self.evaluation if candidate.float_fallback else None,
+                batch_size=min(16, (self.calibration.samples if self.calibration else 16)),
+                check_cancelled=self.check_cancelled,
+                # the target scores it
+                runner_for=partial(built_runner, backend, workdir / "checks", None, batch_axes=self.stated),
+            )
+        if candidate.qat_epochs:
+            if not any("qat" in key for key in variant.metadata):
+                raise EngineError(
+                    "this worker's INT8 builder did not train the model (no QAT stage ran); the "
+                    "search goes on with the other candidates",
+                    code="qat_unavailable",
+                )
+            self.qat_variants[trained] = variant  # another backend of the same profile reuses it
         options = CompileOptions(
             precision=precision, batch_sizes=(self.objective.batch_size,), batch_axes=self.stated
         )
@@ -321,13 +390,18 @@ class _Search:
         cost = self.objective.cost(quick["candidate"], size_bytes)
         return quick["candidate"], cost, cost / self.objective.cost(quick[BASELINE], self.baseline_size)
 
-    def try_candidate(self, candidate: Candidate, queue: list[Candidate]) -> CandidateOutcome:
+    def try_candidate(self, candidate: Candidate) -> CandidateOutcome:
         outcome = CandidateOutcome(candidate, "failed")
         started = self.clock()
         try:
             artifact, runner = self.build(candidate, len(self.outcomes))
-        except (Cancelled, InvalidRecipeError):
+        except Cancelled:
             raise
+        except InvalidRecipeError as exc:
+            if not candidate.qat_epochs:  # the request's own error; QAT is the search's move
+                raise
+            outcome.reason = f"{exc.code}: {exc.detail}"
+            return outcome
         except EngineError as exc:
             outcome.reason = f"{exc.code}: {exc.detail}"
             return outcome
@@ -367,12 +441,6 @@ class _Search:
         except EngineError as exc:
             return self._drop_runner(outcome, "failed", f"{exc.code}: {exc.detail}")
         if outcome.drop > self.allowed:
-            if (
-                candidate.precision == "int8"
-                and self.request.space.float_fallback
-                and not candidate.float_fallback
-            ):
-                queue.insert(0, replace(candidate, float_fallback=True))
             return self._drop_runner(
                 outcome, "rejected_accuracy",
                 f"drop {outcome.drop * 100:.2f} pt, budget {self.allowed * 100:.2f} pt",
@@ -380,14 +448,81 @@ class _Search:
         outcome.status = "accepted"
         return outcome
 
+    @staticmethod
+    def _kind(candidate: Candidate) -> str:
+        if candidate.qat_epochs:
+            return "qat"
+        if candidate.float_fallback:
+            return "fallback"
+        return "plain"
+
     def _expected_seconds(self, candidate: Candidate) -> float:
-        """How long a candidate of its kind took so far (the median): one that would overrun the
-        budget is skipped rather than started. The first pruned candidate, whose recovery training
-        has no precedent, is given a third of the budget."""
-        seen = self.durations.get(candidate.pruned)
+        """What the candidate is expected to take: a candidate that would overrun the budget is
+        skipped rather than started. Its kind's median so far (plain builds, fallbacks, QAT), plus
+        its pruning when that is not built yet; a kind without precedent is estimated: a fallback
+        from its quantize-and-evaluate rounds, a pruning or QAT from a measured training step."""
+        expected = 0.0
+        if candidate.pruned and pruning_key(candidate) not in self.pruned_models:
+            expected += self._prune_estimate()
+        kind = self._kind(candidate)
+        seen = self.durations.get(kind)
+        if Moves.is_plain_int8(candidate) and self.durations.get("int8"):
+            seen = self.durations["int8"]  # calibration makes INT8 slower to build than fp32
         if seen:
-            return float(np.median(seen))
-        return self.request.time_budget_s / 3 if candidate.pruned else 0.0
+            return expected + float(np.median(seen))
+        if kind == "fallback":
+            return expected + self._fallback_estimate()
+        if kind == "qat":
+            return expected + self._qat_estimate()
+        return expected
+
+    def _plain_int8_seconds(self) -> tuple[float, float]:
+        """(build, whole candidate) seconds of the post-training INT8 candidates so far (medians)."""
+        plain = [o for o in self.outcomes if Moves.is_plain_int8(o.candidate) and o.build_seconds is not None]
+        build = float(np.median([o.build_seconds for o in plain])) if plain else self.eval_seconds
+        return build, float(np.median(self.durations.get("int8", [build + self.eval_seconds])))
+
+    def _fallback_estimate(self) -> float:
+        """The float fallback quantizes and evaluates once for every node, once with only the heavy
+        ops quantized, then with 1, 2, 4, … of the ranked nodes in float: at most
+        2 + log2(heavy nodes) rounds; it stops when the budget holds, so the estimate is the typical
+        case, half the doublings (an upper bound would skip the fallback on 224×224 networks within
+        ten minutes, issue 20; the final timing's reserve takes an overrun)."""
+        build, _ = self._plain_int8_seconds()
+        rounds = 2 + int(np.ceil(np.log2(max(2, self.heavy_nodes)) / 2))
+        return rounds * (build + self.eval_seconds) + self.eval_seconds
+
+    def _train_step(self) -> tuple[float, float] | None:
+        """(seconds per training sample of the float model, seconds to convert it to torch): one
+        forward and backward on a calibration batch, measured once; None when it cannot be."""
+        if self.train_step is None:
+            self.train_step = _measure_train_step(self.model_path, self.calibration, self.clock)
+        return None if isinstance(self.train_step, str) else self.train_step
+
+    def _prune_estimate(self) -> float:
+        """A pruning's seconds: as the earlier ones took, or its recovery training's steps at the
+        measured step time (a third of the budget when the step cannot be measured)."""
+        if self.prune_seconds:
+            return float(np.median(self.prune_seconds))
+        step = self._train_step()
+        if step is None:
+            return self.request.time_budget_s / 3
+        per_sample, convert = step
+        samples = self.calibration.samples if self.calibration is not None else 0
+        epochs = self.request.space.finetune_epochs
+        return 3 * convert + epochs * samples * per_sample * DISTILL_STEP_FACTOR
+
+    def _qat_estimate(self) -> float:
+        """QAT's seconds: its training steps at the measured float step time × QAT_STEP_FACTOR, plus
+        an INT8 candidate's build and evaluation (a quarter of the budget when the step cannot be
+        measured)."""
+        step = self._train_step()
+        if step is None:
+            return self.request.time_budget_s / 4
+        per_sample, convert = step
+        samples = self.calibration.samples if self.calibration is not None else 0
+        _, int8 = self._plain_int8_seconds()
+        return 2 * convert + self.request.space.qat_epochs * samples * per_sample * QAT_STEP_FACTOR + int8
 
     def _drop(self, score: float) -> float:
         return (self.baseline_score if self.budget.metric == "top1" else 1.0) - score
@@ -407,21 +542,100 @@ class _Search:
 
     # ------------------------------------------------------------ the whole search
 
+    def _not_applicable(self, candidate: Candidate) -> str | None:
+        """Why the candidate's calibration method does not apply to this model (its registry says)."""
+        if not Moves.is_plain_int8(candidate) or not candidate.calibration:
+            return None
+        name = candidate.calibration
+        if name not in self.not_applicable:
+            self.not_applicable[name] = not_applicable(name, self.model_path)
+        return self.not_applicable[name]
+
+    def _sensitivity(self, candidate: Candidate, queue: list[Candidate]) -> None:
+        """Before the first pruning: a sensitivity analysis on the calibration set, within
+        SENSITIVITY_SHARE of the time left; its per-layer ratios within the budget (measured without
+        recovery, so they need none) become candidates ahead of the uniform ratios."""
+        share = SENSITIVITY_SHARE * max(0.0, self.deadline - self.clock())
+        began = self.clock()
+        assert self.calibration is not None
+        data = self.calibration
+
+        def watch(fraction: float, stage: str) -> None:
+            self.check_cancelled()
+            elapsed = self.clock() - began
+            expected = elapsed / fraction if fraction > 0 else elapsed
+            if expected > share:
+                raise _OverShare(expected)
+
+        config = SensitivityConfig(method=self.request.space.prune_method, ratios=DEFAULT_RATIOS,
+                                   max_samples=min(500, data.samples))  # fmt: skip
+        try:
+            report = analyse(self.model_path, list(self.inputs), data, config, progress=watch)
+        except _OverShare as over:
+            self.messages.append(
+                f"sensitivity analysis stopped: it would take ~{over.expected:.0f} s, more than its share "
+                f"({share:.0f} s) of the time left; the search tries uniform ratios"
+            )
+            return
+        except Cancelled:
+            raise
+        except Exception as exc:  # a model torch cannot take: the uniform ratios say the same
+            detail = exc.detail if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            self.messages.append(f"sensitivity analysis skipped: {detail}")
+            return
+        ratios = {layer: ratio for layer, ratio in ratios_within(report, self.allowed).items() if ratio > 0}
+        measured = sum(any(drop is not None for drop in d.values()) for d in report["layers"].values())
+        self.messages.append(
+            f"sensitivity analysis: {measured} of {len(report['layers'])} layers could be pruned alone, "
+            f"{len(ratios)} within the budget, in {self.clock() - began:.0f} s on {report['samples']} samples"
+        )
+        if ratios:
+            layer_ratios = tuple(sorted(ratios.items()))
+            same = [c for c in queue if pruning_key(c) == pruning_key(candidate)]  # it is queue[0]
+            queue[:0] = [replace(c, prune_ratio=0.0, layer_ratios=layer_ratios) for c in same]
+
     def run(self, queue: list[Candidate]) -> AutotuneResult:
         timed_out = False
         while queue:
             candidate = queue.pop(0)
             self.check_cancelled()
-            if self.clock() + self._expected_seconds(candidate) > self.deadline:
+            if self.sensitivity_pending and candidate.pruned:
+                self.sensitivity_pending = False
+                queue.insert(0, candidate)
+                self._sensitivity(candidate, queue)
+                continue
+            reason = self._not_applicable(candidate)
+            held = None if reason else self.moves.held_back(candidate)
+            if reason or held:
+                status = "not_applicable" if reason else "held_back"
+                self.outcomes.append(CandidateOutcome(candidate, status, reason or held or ""))
+                continue
+            expected = self._expected_seconds(candidate)
+            left = self.deadline - self.clock()
+            if expected > left:
                 timed_out = True
                 self.outcomes.append(
-                    CandidateOutcome(candidate, "skipped_time", "it would not finish within the time budget")
+                    CandidateOutcome(
+                        candidate,
+                        "skipped_time",
+                        f"it would take ~{expected:.0f} s; {max(0.0, left):.0f} s of the search were left",
+                        estimated_seconds=expected,
+                    )
                 )
+                queue[:0] = self.moves.skipped(candidate)
                 continue
             began = self.clock()
-            outcome = self.try_candidate(candidate, queue)
-            self.durations.setdefault(candidate.pruned, []).append(self.clock() - began)
+            self.last_prune_seconds = 0.0
+            outcome = self.try_candidate(candidate)
+            outcome.estimated_seconds = expected or None
+            took = self.clock() - began - self.last_prune_seconds
+            if self.last_prune_seconds:
+                self.prune_seconds.append(self.last_prune_seconds)
+            self.durations.setdefault(self._kind(candidate), []).append(took)
+            if Moves.is_plain_int8(candidate):
+                self.durations.setdefault("int8", []).append(took)
             self.outcomes.append(outcome)
+            queue[:0] = self.moves.record(candidate, outcome.status, outcome.drop)
             best = self.best_accepted()
             elapsed = self.clock() - self.started
             self.progress(
@@ -454,18 +668,29 @@ class _Search:
         scored = [o for o in self.outcomes if o.cost is not None and o.drop is not None]
         for index in pareto_front([(o.cost, o.drop) for o in scored]):  # type: ignore[misc]
             scored[index].on_front = True
-        chosen = self.best_accepted()
+        best = self.best_accepted()
         messages = list(self.messages)
+        serves_original = best is None or best.cost >= baseline_cost  # type: ignore[operator]
+        chosen = best
+        if best is not None and serves_original:
+            # the original as it is (compiled by the reference backend, unchanged) is what is served
+            chosen = next((o for o in accepted if o.candidate == Candidate(BASELINE_BACKEND, "fp32")), None)
+            messages.append(
+                "no candidate beats the original within the budget: the original is served"
+                + (f" (its {chosen.candidate.label()} engine)" if chosen else "")
+                + f"; the fastest within the budget, {best.candidate.label()}, measured "
+                f"{self.objective.describe(best.cost)} against the original's "  # type: ignore[arg-type]
+                f"{self.objective.describe(baseline_cost)}"
+            )
         if chosen is not None:
             chosen.chosen = True
+        if best is not None and not serves_original:
             messages.append(
-                f"chosen: {chosen.candidate.label()}: {self.objective.describe(chosen.cost)} against the "  # type: ignore[arg-type]
-                f"original's {self.objective.describe(baseline_cost)}, drop {chosen.drop * 100:.2f} pt of "  # type: ignore[operator]
+                f"chosen: {best.candidate.label()}: {self.objective.describe(best.cost)} against the "  # type: ignore[arg-type]
+                f"original's {self.objective.describe(baseline_cost)}, drop {best.drop * 100:.2f} pt of "  # type: ignore[operator]
                 f"{self.budget.metric} (budget {self.allowed * 100:.2f} pt)"
             )
-            if chosen.cost >= baseline_cost:  # type: ignore[operator]
-                messages.append("no candidate beats the original within the budget: serve the original")
-        else:
+        elif best is None:
             measured = [o for o in self.outcomes if o.drop is not None]  # screened ones too
             closest = min(measured, key=lambda o: o.drop, default=None)  # type: ignore[arg-type,return-value]
             messages.append(
@@ -475,11 +700,14 @@ class _Search:
                     if closest
                     else ""
                 )
+                + "; the original is served"
             )
         if timed_out:
-            skipped = sum(o.status == "skipped_time" for o in self.outcomes)
+            skipped = [o for o in self.outcomes if o.status == "skipped_time"]
+            work = sum(o.estimated_seconds or 0.0 for o in skipped)
             messages.append(
-                f"the time budget ran out: {skipped} candidates were not tried; the best found is kept"
+                f"the time budget ran out: {len(skipped)} candidates were not tried (about {work:.0f} s "
+                "of work); the best found is kept"
             )
         baseline = Measurement(
             BASELINE_BACKEND,
@@ -495,7 +723,7 @@ class _Search:
         self.original.deactivate()
         return AutotuneResult(
             baseline, baseline_cost, self.baseline_score, self.allowed, self.outcomes, engines, chosen,
-            messages, self.clock() - self.started, timed_out,
+            messages, self.clock() - self.started, timed_out, serves_original,
         )  # fmt: skip
 
     def _stored_engines(self, baseline: Measurement, chosen: CandidateOutcome | None) -> list[BuiltEngine]:
@@ -552,14 +780,52 @@ def autotune(
     search.measure_original()
     if needs_calibration:
         search.messages.append("no calibration set: INT8 and pruning were left out of the search")
+    can_prune = calibration is not None and all(spec.batch_axis == 0 for spec in search.inputs)
     queue = candidates(
-        space,
-        backends,
-        precisions_of,
-        can_prune=calibration is not None and all(spec.batch_axis == 0 for spec in search.inputs),
-        sensitivity_ratios=request.sensitivity_ratios,
+        space, backends, precisions_of, can_prune=can_prune, sensitivity_ratios=request.sensitivity_ratios
     )
+    search.sensitivity_pending = space.sensitivity and can_prune and not request.sensitivity_ratios
     return search.run(queue)
+
+
+class _OverShare(Exception):
+    """A sensitivity analysis that would overrun its share of the time (its extrapolated seconds)."""
+
+    def __init__(self, expected: float):
+        super().__init__(expected)
+        self.expected = expected
+
+
+def _measure_train_step(
+    model_path: Path, calibration: Dataset | None, clock: Callable[[], float]
+) -> tuple[float, float] | str:
+    """(seconds per sample of a float training step, seconds to convert the model to torch), from
+    one forward and backward on a calibration batch after a warm-up one; or why it cannot be."""
+    if calibration is None:
+        return "no calibration set"
+    try:
+        import torch
+
+        from engines.torch_bridge import first_output, onnx_to_torch
+
+        began = clock()
+        module = onnx_to_torch(model_path)
+        convert = clock() - began
+        batch = min(16, calibration.samples)
+        inputs = tuple(
+            torch.from_numpy(np.ascontiguousarray(array[:batch])) for array in calibration.inputs.values()
+        )
+        module.train()
+        took = 0.0
+        for _ in range(2):
+            began = clock()
+            first_output(module(*inputs)).float().square().mean().backward()
+            took = clock() - began
+        return took / batch, convert
+    except Cancelled:
+        raise
+    except Exception as exc:  # a model torch cannot take: the estimate falls back to a share
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _cpu_backends() -> list[str]:

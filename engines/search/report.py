@@ -58,7 +58,27 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *(f"- {markdown_text(message)}" for message in report["messages"])]
+    lines += _not_tried(report["candidates"])
     return "\n".join(lines) + "\n"
+
+
+def _not_tried(rows: list[dict[str, Any]]) -> list[str]:
+    """The moves the search did not make: skipped for time, with what each would have cost, and
+    held back or not applicable, with why."""
+    skipped = [row for row in rows if row["status"] == "skipped_time"]
+    held = [row for row in rows if row["status"] in ("held_back", "not_applicable")]
+    lines: list[str] = []
+    if skipped:
+        total = sum(row.get("estimated_seconds") or 0.0 for row in skipped)
+        lines += ["", f"Skipped for time (about {total:.0f} s of work in all):", ""]
+        lines += [
+            f"- {markdown_text(row['label'])}: ~{row.get('estimated_seconds') or 0.0:.0f} s"
+            for row in skipped
+        ]
+    if held:
+        lines += ["", "Held back:", ""]
+        lines += [f"- {markdown_text(row['label'])}: {markdown_text(row['reason'])}" for row in held]
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:

@@ -2,9 +2,13 @@
 
 A candidate is a lineage: which pruning (ratio, or the per-layer ratios of a sensitivity
 analysis), which precision, which calibration method, whether the accuracy-aware float fallback
-is on, which backend. The order is the search's first economy: candidates that cost seconds to
-build (fp32, fp16, one INT8 calibration) come before those that cost minutes (other calibration
-methods, then pruning with recovery training), so a short time budget still sees the cheap wins.
+is on, whether INT8 is trained (QAT), which backend. The order is the search's first economy:
+candidates that cost seconds to build (fp32, fp16, one INT8 calibration) come before those that cost
+minutes, so a short time budget still sees the cheap wins; and every kind of move comes early once
+(the first calibration method of each family, then the first pruning), so a long build of one kind
+cannot starve the others. Calibration methods of a family already tried (minmax, entropy and
+percentile are all ONNX Runtime's calibrators, and fail the same way) come last: the search tries
+them only when the first of their family came close (engines.search.moves).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engines.errors import InvalidRecipeError
+from engines.search.methods import default_calibrations, family_first
 
 OBJECTIVE_METRICS = ("latency", "throughput", "size")
 
@@ -61,13 +66,20 @@ class SearchSpace:
 
     backends: tuple[str, ...] = ()  # empty: every CPU backend this worker runs
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
-    calibrations: tuple[str, ...] = ("minmax", "entropy", "percentile")
+    # every registered method, one per family first (engines.search.methods.default_calibrations)
+    calibrations: tuple[str, ...] = field(default_factory=default_calibrations)
     prune_ratios: tuple[float, ...] = (0.3, 0.5)
     prune_method: str = "l1"
     finetune_epochs: int = 4
     float_fallback: bool = True  # an INT8 candidate that breaks the budget is retried with nodes in float
     max_full_evaluations: int = 30
     screen_samples: int = 128
+    # INT8 trained with its quantization when post-training INT8 and its fallback break the budget; 0: never
+    qat_epochs: int = 3
+    # run a pruning sensitivity analysis in the search (per-layer ratios within the budget) when none
+    # was made before and its measured cost fits; off by default: on a 224×224 network on 2 cores it
+    # takes longer than the default time budget (docs in engines/search/autotune.py)
+    sensitivity: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class Candidate:
     prune_ratio: float = 0.0
     layer_ratios: tuple[tuple[str, float], ...] = ()  # from a sensitivity analysis
     float_fallback: bool = False
+    qat_epochs: int = 0  # > 0: quantization-aware training (int8 only)
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -91,6 +104,8 @@ class Candidate:
         elif self.prune_ratio:
             parts.append(f"pruned {self.prune_ratio:g}")
         parts.append(self.precision + (f" {self.calibration}" if self.calibration else ""))
+        if self.qat_epochs:
+            parts.append(f"qat {self.qat_epochs}e")
         if self.float_fallback:
             parts.append("+ float fallback")
         return f"{self.backend} " + " ".join(parts)
@@ -110,9 +125,13 @@ def candidates(
     can_prune: bool,
     sensitivity_ratios: dict[str, float] | None = None,
 ) -> list[Candidate]:
-    """Every candidate of the space on these backends, cheapest to build first: unpruned fp32,
-    fp16, INT8 with the first calibration method, the other methods; then pruned models (the
-    sensitivity analysis's per-layer ratios first, then uniform ratios), fp32 and INT8 each."""
+    """Every candidate of the space on these backends, cheapest to build first, each kind of move
+    early once: unpruned fp32, fp16, INT8 with the first method of each calibration family; the
+    first pruning (the sensitivity analysis's per-layer ratios, or else the smallest ratio), fp32
+    then INT8; the other methods of families already tried; the other prunings.
+
+    The float fallback and QAT are not queued here: the search queues them right after the INT8
+    candidate they rescue fails (engines.search.autotune)."""
     if not backends:
         raise InvalidRecipeError("no backend of the search space runs on this worker")
 
@@ -123,16 +142,23 @@ def candidates(
             if precision in precisions_of[backend] and precision in space.precisions
         ]
 
+    firsts, rest = family_first(space.calibrations)
     found: list[Candidate] = [*at("fp32"), *at("fp16")]
-    for calibration in space.calibrations:
+    for calibration in firsts:
         found += at("int8", calibration=calibration)
+    prunings: list[dict[str, Any]] = []
     if can_prune:
-        prunings: list[dict[str, Any]] = []
         if sensitivity_ratios and any(sensitivity_ratios.values()):
             prunings.append({"layer_ratios": tuple(sorted(sensitivity_ratios.items()))})
-        prunings += [{"prune_ratio": ratio} for ratio in space.prune_ratios if ratio > 0]
-        for pruning in prunings:
-            found += at("fp32", **pruning)
-            if space.calibrations:
-                found += at("int8", calibration=space.calibrations[0], **pruning)
+        prunings += [{"prune_ratio": ratio} for ratio in sorted(set(space.prune_ratios)) if ratio > 0]
+
+    def pruned(pruning: dict[str, Any]) -> list[Candidate]:
+        return [*at("fp32", **pruning), *(at("int8", calibration=firsts[0], **pruning) if firsts else [])]
+
+    if prunings:
+        found += pruned(prunings[0])
+    for calibration in rest:
+        found += at("int8", calibration=calibration)
+    for pruning in prunings[1:]:
+        found += pruned(pruning)
     return found

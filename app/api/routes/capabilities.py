@@ -18,7 +18,7 @@ from app.core.settings import Settings
 from engines.backends.registry import backend_class, backend_names, unavailable_reason
 from engines.prune.criteria import CRITERIA
 from engines.quantize.budget import BUDGET_METRICS
-from engines.quantize.int8 import CALIBRATION_METHODS
+from engines.quantize.int8 import CALIBRATION_METHODS, QUANTIZATION_METHODS
 from engines.variants import PRECISIONS
 
 router = APIRouter(prefix="/v1", tags=["capabilities"])
@@ -31,6 +31,8 @@ def capabilities(
     return {
         "precisions": list(PRECISIONS),
         "calibration_methods": list(CALIBRATION_METHODS),
+        # each method's description, family (methods of one family fail alike) and INT8 profiles
+        "quantization_methods": [method.to_dict() for method in QUANTIZATION_METHODS.values()],
         "prune_methods": [criterion.to_dict() for criterion in CRITERIA.values()],
         "budget_metrics": list(BUDGET_METRICS),
         "backends": [
