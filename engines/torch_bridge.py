@@ -236,3 +236,18 @@ def torch_outputs(module: Any, data: Any, batch_size: int = 64) -> Any:
             )
             chunks.append(first_output(module(*inputs)).numpy())
     return np.concatenate(chunks)
+
+
+def module_calls(module: Any) -> dict[str, int] | None:
+    """How many times the traced graph of an onnx2torch module calls each submodule (by target name),
+    or None for a module without a graph. A layer called more than once shares its weights between
+    places, so a rewrite that assumes one call site (a BatchNorm inserted after it, an activation
+    fused into it) must leave it alone."""
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return None
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls

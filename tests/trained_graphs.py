@@ -2,7 +2,7 @@
 
 Random-weight networks hide INT8's accuracy problems (near-constant outputs); these are trained. The
 depthwise net is MobileNet-style (depthwise separable convolutions, BatchNorm, ReLU6): the structure
-where post-training INT8 is weakest (shared/FIELD-NOTES.md, "Trained weights change the picture").
+where post-training INT8 is weakest (bench/trained.py measures it on EfficientNet-Lite0).
 It trains on scikit-learn's digits (real handwriting, upsampled to 32×32) in about ten seconds on one
 thread, and is exported like an upload (legacy exporter, opset 17, BatchNorm folded into the Convs).
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from engines.ingest.datasets import Dataset
-from engines.torch_bridge import first_output
+from engines.torch_bridge import first_output, module_calls
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,10 @@ def _unnormalized_convs(module: Any) -> list[str]:
 
     from engines.prune.methods import output_layers
 
-    graph = getattr(module, "graph", None)
-    if graph is None:
+    calls = module_calls(module)
+    if calls is None:
         return []
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph = module.graph
     heads = {id(layer) for layer in output_layers(module)}
     found = []
     for node in graph.nodes:

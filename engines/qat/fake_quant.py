@@ -1,6 +1,6 @@
 """Fake quantization of an onnx2torch module, for training: PyTorch's FX graph mode QAT.
 
-Which path, and why (measured on the digits nets with torch 2.13 and nncf 3.4.0, /work/notes/qat.md):
+Which path, and why (tried on the digits nets with torch 2.13 and nncf 3.4.0):
 NNCF's PyTorch QAT (`nncf.quantize` on a torch module) routes an onnx2torch `GraphModule` to its
 FX backend, which needs torchao and yields no trainable model; wrapped in a plain module it
 quantizes, but (1) its CPU quantizer kernels are a C++ extension compiled on first use (over a
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.errors import EngineError
+from engines.torch_bridge import module_calls
 
 #: onnx2torch modules torch.ao traces into (plain torch.add/mul/…, no custom export, no data-dependent
 #: branches), so residual additions are quantized as ONNX Runtime's quantizer does (QLinearAdd);
@@ -169,13 +170,10 @@ def _cap_relu6_after_layers(module: Any) -> list[tuple[str, str]]:
     QLinearConv as its post-training quantizer does. Returns the (layer, activation) names."""
     import torch
 
-    graph = getattr(module, "graph", None)
-    if graph is None:
+    calls = module_calls(module)
+    if calls is None:
         return []
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph = module.graph
     layers = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
     pairs = []
     for node in graph.nodes:

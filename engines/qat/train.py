@@ -2,7 +2,7 @@
 original's outputs, exported as QDQ INT8.
 
 Post-training INT8 rounds weights and activations the network never saw rounded; on trained
-depthwise networks that costs points of top-1 (shared/FIELD-NOTES.md). Here the network trains
+depthwise networks that costs points of top-1 (bench/trained.py: EfficientNet-Lite0). Here the network trains
 with the rounding in its forward pass (straight-through gradients), learning from the float
 original's outputs (distillation, engines.prune.finetune: no labels needed; with labels mixed with
 cross-entropy), so weights move to where their INT8 copies compute what the float model did.

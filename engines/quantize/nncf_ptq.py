@@ -209,7 +209,7 @@ def _quantize(
         quantized = nncf.quantize(
             model,
             nncf.Dataset(batches),
-            subset_size=samples,
+            subset_size=len(batches),  # NNCF counts dataset items, here whole batches
             ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
             **arguments,
         )

@@ -635,7 +635,9 @@ class _Search:
             if Moves.is_plain_int8(candidate):
                 self.durations.setdefault("int8", []).append(took)
             self.outcomes.append(outcome)
-            queue[:0] = self.moves.record(candidate, outcome.status, outcome.drop)
+            queue[:0] = self.moves.record(
+                candidate, outcome.status, outcome.drop, cost_ratio=outcome.quick_ratio
+            )
             best = self.best_accepted()
             elapsed = self.clock() - self.started
             self.progress(

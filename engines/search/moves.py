@@ -27,6 +27,8 @@ NEAR_MISS = 0.02
 #: least this many per output class: fewer, and the pruned network learns the samples, not the task
 #: (issue 20: EfficientNet-Lite pruned 0.3, recovered on 128 ImageNet crops, lost 66 points).
 RECOVERY_MIN_SAMPLES = 200
+#: A float fallback at this share of the original's cost or more does not pay for being INT8.
+FALLBACK_PAYS = 0.9
 RECOVERY_SAMPLES_PER_CLASS = 2
 
 
@@ -128,9 +130,19 @@ class Moves:
 
     # ------------------------------------------------------------ after a candidate ends
 
-    def record(self, candidate: Candidate, status: str, drop: float | None) -> list[Candidate]:
-        """Learn from a finished candidate; returns the moves to make next (at the queue's head)."""
+    def record(
+        self, candidate: Candidate, status: str, drop: float | None, *, cost_ratio: float = float("inf")
+    ) -> list[Candidate]:
+        """Learn from a finished candidate; returns the moves to make next (at the queue's head).
+
+        `cost_ratio`: its cost over the original's, timed side by side (inf when not timed). A float
+        fallback that met the budget but had to keep so much in float that it no longer pays (at
+        least FALLBACK_PAYS of the original's cost) is rescued by QAT like one that failed: on
+        EfficientNet-Lite0 every fallback that met a 1 % fidelity budget ran at 0.91-1.18x the
+        original's cost."""
         over = status == "rejected_accuracy" and drop is not None and drop > self.allowed
+        if candidate.float_fallback and status == "accepted" and cost_ratio >= FALLBACK_PAYS:
+            return self._rescue(candidate)
         if self.is_plain_int8(candidate) and candidate.calibration:
             key = (candidate.backend, pruning_key(candidate), family(candidate.calibration))
             self.families.setdefault(key, _FamilyResult(candidate.calibration, status, drop))
@@ -148,11 +160,13 @@ class Moves:
         return self._rescue(candidate) if candidate.float_fallback else []
 
     def _rescue(self, candidate: Candidate) -> list[Candidate]:
-        """The float fallback for a post-training INT8 that broke the budget (once per backend,
-        pruning and calibration family); QAT once that fails too (once per backend and pruning)."""
+        """The float fallback for a post-training INT8 that broke the budget (once per pruning and
+        calibration family: on one backend, since which nodes must stay float depends on the model
+        and the method, and each fallback costs several INT8 builds and evaluations); QAT once that
+        fails too (once per backend and pruning)."""
         where = (candidate.backend, pruning_key(candidate))
         if self.space.float_fallback and not candidate.float_fallback:
-            key = (*where, family(candidate.calibration or "minmax"))
+            key = (pruning_key(candidate), family(candidate.calibration or "minmax"))
             if key not in self.fallbacks:
                 self.fallbacks.add(key)
                 return [replace(candidate, float_fallback=True)]
