@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos gpu-wheels clean
+.PHONY: serve test test-slow lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ lint: $(VENV)/.dev-installed
 
 test: lint
 	$(BIN)/pytest $(ARGS)
+
+# The tests marked slow (the benches' --quick smoke runs), which `make test` leaves out to stay well
+# under 15 minutes on 2 cores.
+test-slow: $(VENV)/.dev-installed
+	$(BIN)/pytest -m slow $(ARGS)
 
 # The benchmark table of the README (about 10 minutes on 2 cores); ARGS="--quick" for a smoke run.
 bench: $(VENV)/.dev-installed

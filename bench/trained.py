@@ -1,6 +1,6 @@
 """The trained-network yardstick: every accuracy figure of the benchmarks comes from these.
 
-    .venv/bin/python -m bench.trained [--networks ...] [--quick]
+    .venv/bin/python -m bench.trained [--networks ...] [--methods minmax nncf cle ...] [--quick]
 
 A random-weight network gives nearly the same outputs whatever its input, so INT8 or pruning
 cannot visibly hurt it: its accuracy columns say nothing. Each network here has trained weights
@@ -390,10 +390,14 @@ def _mnist64_dw(root: Path, sizes: Sizes) -> TrainedNetwork:
 # ---------------------------------------------------------------- the baseline line per network
 
 
-def int8_baseline(network: TrainedNetwork, workdir: Path, threads: int = 2) -> dict[str, Any]:
-    """fp32 and ONNX Runtime static INT8 (minmax, per channel) on the held-out split: top-1 where
-    labelled, top-1 agreement and cosine with fp32 everywhere."""
+def int8_baseline(
+    network: TrainedNetwork, workdir: Path, threads: int = 2, methods: tuple[str, ...] = ("minmax",)
+) -> dict[str, Any]:
+    """fp32 and ONNX Runtime static INT8 (per channel) by each registered INT8 method on the held-out
+    split: top-1 where labelled, top-1 agreement and cosine with fp32 everywhere. A method that
+    fails on the graph gets its reason instead of figures."""
     from engines.backends.registry import get_backend
+    from engines.errors import EngineError
     from engines.hardware import cpu_info
     from engines.measure.accuracy import classification_accuracy, fidelity, run_dataset
     from engines.quantize.int8 import QuantizeConfig, prepare_float_model, quantize_int8
@@ -401,20 +405,28 @@ def int8_baseline(network: TrainedNetwork, workdir: Path, threads: int = 2) -> d
     backend = get_backend("onnxruntime-cpu")
     calibration = network.calibration.take(min(network.calibration.samples, 128))
     float_path, _ = prepare_float_model(network.path, workdir, "cpu")
-    quantized = quantize_int8(
-        float_path,
-        workdir / "int8.onnx",
-        calibration,
-        QuantizeConfig(calibration="minmax", per_channel=True),
-        profile="cpu",
-        batch_size=16,
-        cpu_features=cpu_info()["cpu_features"],
-    )
+    paths, result = {"fp32": network.path}, {}
+    for method in methods:
+        try:
+            quantized = quantize_int8(
+                float_path,
+                workdir / f"int8-{method}.onnx",
+                calibration,
+                QuantizeConfig(calibration=method, per_channel=True),
+                profile="cpu",
+                batch_size=16,
+                cpu_features=cpu_info()["cpu_features"],
+            )
+        except EngineError as exc:
+            result[f"int8 {method}"] = {"error": f"{exc.code}: {exc.detail[:200]}"}
+            continue
+        paths[f"int8 {method}"] = quantized.path
+        result["reduce_range"] = quantized.metadata.get("reduce_range")
     outputs = {}
-    for label, path in (("fp32", network.path), ("int8", quantized.path)):
+    for label, path in paths.items():
         runner = backend.load(path, backend.options(threads=threads))
         outputs[label] = run_dataset(runner, network.held_out, 32)
-    result: dict[str, Any] = {"reduce_range": quantized.metadata.get("reduce_range")}
+        runner.deactivate()
     reference = np.asarray(outputs["fp32"], dtype=np.float64).reshape(len(outputs["fp32"]), -1)
     already = bool((reference >= 0).all() and np.allclose(reference.sum(axis=1), 1.0, atol=1e-3))
     for label, scores in outputs.items():
@@ -443,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS))
     parser.add_argument("--quick", action="store_true", help="fewer samples per split")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--methods", nargs="+", default=["minmax"], help="INT8 methods (engines/quantize/methods.py)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK_SIZES if args.quick else Sizes()
@@ -461,17 +476,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         with tempfile.TemporaryDirectory() as tmp:
-            result = int8_baseline(network, Path(tmp), args.threads)
-        for label in ("fp32", "int8"):
+            result = int8_baseline(network, Path(tmp), args.threads, tuple(args.methods))
+        for label in ("fp32", *(f"int8 {method}" for method in args.methods)):
             row = result[label]
+            if "error" in row:
+                print(f"  ORT {label}: {row['error']}")
+                continue
             top1 = f"top-1 {row['top1']:.4f}, " if "top1" in row else ""
             agreement = row["top1_agreement"]
             print(
-                f"  ORT {label}{' (minmax, per channel)' if label == 'int8' else ''}: {top1}"
+                f"  ORT {label}{' (per channel)' if label != 'fp32' else ''}: {top1}"
                 f"agreement with fp32 {agreement:.4f}, cosine {row['cosine_similarity']:.5f}, "
                 f"mean max softmax {row['mean_max_score']:.3f}"
             )
-        print(f"  reduce_range {result['reduce_range']}; {time.perf_counter() - started:.0f} s", flush=True)
+        elapsed = time.perf_counter() - started
+        print(f"  reduce_range {result.get('reduce_range')}; {elapsed:.0f} s", flush=True)
     return 0
 
 

@@ -13,6 +13,7 @@ from bench.run import main
 from tests.conftest import POSTGRES_URL, require_service
 
 
+@pytest.mark.slow  # about a minute or two on 2 cores: make test-slow
 def test_bench_quick_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert main(["--quick", "--models", "digits", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -61,6 +62,7 @@ def test_random_weights_give_latency_only_rows(tmp_path: Path) -> None:
         assert cells[1] == LATENCY_ONLY and cells[7:10] == ["n/a", "n/a", "n/a"] and cells[11] == "n/a"
 
 
+@pytest.mark.slow  # about a minute or two on 2 cores: make test-slow
 def test_prune_bench_quick_run(tmp_path: Path) -> None:
     from bench.prune import main as prune_main
 
@@ -131,6 +133,7 @@ def test_gpu_bench_runs_its_cpu_smoke_mode(tmp_path: Path) -> None:
     assert "CPU smoke run" in (tmp_path / "gpu.md").read_text()
 
 
+@pytest.mark.slow  # about 100 s: make test-slow (the chaos scenarios' own tests stay in make test)
 @pytest.mark.postgres
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
 def test_chaos_bench_quick_run(tmp_path: Path) -> None:

@@ -15,7 +15,12 @@ import httpx
 import pytest
 
 from tests.conftest import DigitsArtifacts, LiveStack, wait_for_job
-from tests.test_browser import _screenshot, _wait_for, browser, page  # noqa: F401 - fixtures
+from tests.test_browser import CHROMIUM, _screenshot, _wait_for, browser, page  # noqa: F401 - fixtures
+
+# test_browser.py's own skip does not reach the tests that import its fixtures
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium)"
+)
 
 COLLECT_VIOLATIONS = """
 window.__cspViolations = [];
