@@ -242,6 +242,10 @@ def _base_env(data_dir: Path) -> dict[str, str]:
     # Short leases so the tests that kill a worker see its job recovered within seconds.
     env["OPTIFORGE_JOB_LEASE_S"] = str(JOB_LEASE_S)
     env["OPTIFORGE_JOB_SWEEP_INTERVAL_S"] = "1"
+    # A wake-up can be lost when a test kills a worker (seen once in the embedded stack: the next
+    # job's message arrived only with the sweeper's re-send, after its test's 180 s wait); re-send
+    # within the tests' waits. The service's default stays 300 s.
+    env["OPTIFORGE_QUEUE_REPUBLISH_S"] = "30"
     return env
 
 
