@@ -20,7 +20,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -425,33 +425,10 @@ def quantize_onnxruntime(
     return result
 
 
-def _onnxruntime_method(calibrate_method: str) -> Any:
-    def quantize(
-        float_path: Path,
-        out_path: Path,
-        calibration: Dataset,
-        config: QuantizeConfig,
-        *,
-        profile: Profile,
-        batch_size: int,
-        cpu_features: list[str],
-    ) -> QuantizeResult:
-        return quantize_onnxruntime(
-            float_path,
-            out_path,
-            calibration,
-            config,
-            profile=profile,
-            batch_size=batch_size,
-            cpu_features=cpu_features,
-            calibrate_method=calibrate_method,
-        )
-
-    return quantize
-
-
 for _name, (_member, _description) in _ONNXRUNTIME_CALIBRATORS.items():
-    register_method(_name, description=_description, family="onnxruntime")(_onnxruntime_method(_member))
+    register_method(_name, description=_description, family="onnxruntime")(
+        partial(quantize_onnxruntime, calibrate_method=_member)
+    )
 
 # The other families register themselves on import (after ONNX Runtime's, which they build on and
 # which come first in every list).

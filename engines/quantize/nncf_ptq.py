@@ -22,6 +22,7 @@ NNCF is imported lazily (seconds to import); `nodes_to_exclude` become its ignor
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,50 +76,6 @@ def _smoothquant_applies(float_path: Path) -> str | None:
             "use nncf or cle"
         )
     return None
-
-
-@register_method(
-    "nncf",
-    description="NNCF post-training quantization: MinMax ranges, OpenVINO's Q/DQ placement, fast bias "
-    "correction",
-    family="nncf",
-    applies=lambda _path: nncf_missing(),
-    profiles=("cpu",),
-    profiles_reason=_TENSORRT_REASON,
-)
-def quantize_nncf(
-    float_path: Path,
-    out_path: Path,
-    calibration: Dataset,
-    config: QuantizeConfig,
-    *,
-    profile: Profile,
-    batch_size: int,
-    cpu_features: list[str],
-) -> QuantizeResult:
-    return _quantize(float_path, out_path, calibration, config, profile, batch_size, cpu_features, False)
-
-
-@register_method(
-    "nncf-smoothquant",
-    description="NNCF post-training quantization with SmoothQuant (activation outliers moved into MatMul "
-    "weights): for transformers",
-    family="nncf",
-    applies=_smoothquant_applies,
-    profiles=("cpu",),
-    profiles_reason=_TENSORRT_REASON,
-)
-def quantize_nncf_smoothquant(
-    float_path: Path,
-    out_path: Path,
-    calibration: Dataset,
-    config: QuantizeConfig,
-    *,
-    profile: Profile,
-    batch_size: int,
-    cpu_features: list[str],
-) -> QuantizeResult:
-    return _quantize(float_path, out_path, calibration, config, profile, batch_size, cpu_features, True)
 
 
 def _parameters(
@@ -175,6 +132,7 @@ def _quantize(
     out_path: Path,
     calibration: Dataset,
     config: QuantizeConfig,
+    *,
     profile: Profile,
     batch_size: int,
     cpu_features: list[str],
@@ -309,3 +267,24 @@ def _check_loads(path: Path, method: str) -> None:
             f"{method} wrote a model ONNX Runtime cannot load: {type(exc).__name__}: {str(exc)[:300]}",
             code="quantization_failed",
         ) from exc
+
+
+# Registered here, once _quantize exists; the two differ only in SmoothQuant.
+register_method(
+    "nncf",
+    description="NNCF post-training quantization: MinMax ranges, OpenVINO's Q/DQ placement, fast bias "
+    "correction",
+    family="nncf",
+    applies=lambda _path: nncf_missing(),
+    profiles=("cpu",),
+    profiles_reason=_TENSORRT_REASON,
+)(partial(_quantize, smooth_quant=False))
+register_method(
+    "nncf-smoothquant",
+    description="NNCF post-training quantization with SmoothQuant (activation outliers moved into MatMul "
+    "weights): for transformers",
+    family="nncf",
+    applies=_smoothquant_applies,
+    profiles=("cpu",),
+    profiles_reason=_TENSORRT_REASON,
+)(partial(_quantize, smooth_quant=True))
