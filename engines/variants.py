@@ -1,5 +1,6 @@
 """The model a backend compiles for a recipe's precision: the original (fp32), a float16 copy,
-or a QDQ INT8 model quantized for the backend's profile (optionally within an accuracy budget).
+a QDQ INT8 model quantized for the backend's profile (optionally within an accuracy budget), a
+dynamic INT8 model (int8-dynamic) or one with weight-only 4/8-bit MatMuls (int4-weight, int8-weight).
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from engines.ingest.datasets import Dataset
 from engines.qat.export import float_reference_path
 from engines.qat.train import quantization_aware_training
 from engines.quantize.budget import RunnerFor, cpu_runner, quantize_within_budget
+from engines.quantize.dynamic import dynamic_does_not_pay, dynamic_not_applicable, quantize_dynamic_int8
 from engines.quantize.fp16 import convert_fp16
 from engines.quantize.int8 import QuantizeConfig, QuantizeResult, prepare_float_model, quantize_int8
 from engines.quantize.layer_errors import layer_errors
 from engines.quantize.tensorrt_readiness import check_tensorrt_readiness
+from engines.quantize.weight_only import (
+    PRECISION_BITS,
+    check_weight_only,
+    quantize_weight_only,
+    weight_only_does_not_pay,
+    weight_only_not_applicable,
+)
 from engines.recipe import Recipe
 
 LAYER_ERRORS_FILENAME = "layer_errors.json"
@@ -59,16 +68,64 @@ class VariantRequest:
 #: A precision: the function that builds the model it compiles.
 VariantBuilder = Callable[[VariantRequest], ModelVariant]
 PRECISIONS: dict[str, VariantBuilder] = {}
+#: A model -> why a precision cannot (applies) or should not (pays, the search's view) be built for it.
+ModelCheck = Callable[[Path], str | None]
 
 
-def register_precision(name: str) -> Callable[[VariantBuilder], VariantBuilder]:
-    """Register the builder of a precision; the recipe checks, API enums and capabilities read it."""
+def _always(_model_path: Path) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class PrecisionRules:
+    """What the search and the job checks know of a precision besides its builder."""
+
+    #: None, or why the precision has nothing to work on in this model (a recipe asking it gets the
+    #: fp32 engine with this reason; the search skips it as `not_applicable`).
+    applies: ModelCheck = _always
+    #: None, or why the search leaves it out although it applies (it would not pay on this model).
+    pays: ModelCheck = _always
+    #: It learns from the calibration set (int8 always; others per recipe, see `uses_calibration`).
+    calibrated: Callable[[Recipe], bool] = lambda _recipe: False
+
+
+PRECISION_RULES: dict[str, PrecisionRules] = {}
+
+
+def register_precision(
+    name: str,
+    *,
+    applies: ModelCheck = _always,
+    pays: ModelCheck = _always,
+    calibrated: Callable[[Recipe], bool] = lambda _recipe: False,
+) -> Callable[[VariantBuilder], VariantBuilder]:
+    """Register the builder of a precision, with when it applies to a model and when the search finds
+    it worth trying; the recipe checks, API enums, capabilities and the search read them."""
 
     def add(builder: VariantBuilder) -> VariantBuilder:
         PRECISIONS[name] = builder
+        PRECISION_RULES[name] = PrecisionRules(applies, pays, calibrated)
         return builder
 
     return add
+
+
+def precision_not_applicable(precision: str, model_path: Path, *, searching: bool = False) -> str | None:
+    """Why `precision` does not apply to this model (searching: or would not pay), or None. A check
+    that fails on a model it cannot read says nothing: the build then says what is wrong."""
+    rules = PRECISION_RULES.get(precision)
+    if rules is None:
+        return None
+    try:
+        return rules.applies(model_path) or (rules.pays(model_path) if searching else None)
+    except Exception:
+        return None
+
+
+def uses_calibration(recipe: Recipe) -> bool:
+    """Whether the recipe's precision reads the calibration set (int8; int4-weight with gptq)."""
+    rules = PRECISION_RULES.get(recipe.precision)
+    return rules is not None and rules.calibrated(recipe)
 
 
 def build_variant(
@@ -121,15 +178,16 @@ def build_fp16(request: VariantRequest) -> ModelVariant:
 
 @register_precision("bf16")
 def build_bf16(request: VariantRequest) -> ModelVariant:
-    """bfloat16 has no ONNX of its own here: the backends that run it (torch-cuda) cast the fp32
-    model's weights themselves (`Backend.native_precisions`), so this builder only explains."""
+    """bfloat16 has no ONNX of its own here: the backends that run it cast the fp32 model's weights
+    themselves (`Backend.native_precisions`: torch-cuda; torch-cpu and openvino-cpu on a CPU whose
+    flags, recorded in engines.hardware, include bfloat16 arithmetic), so this builder only explains."""
     raise InvalidRecipeError(
-        "bf16 engines are built by backends that cast the fp32 model themselves (torch-cuda); "
-        "ONNX Runtime on CPU has no bf16 engines"
+        "bf16 engines are built by backends that cast the fp32 model themselves (torch-cuda; torch-cpu "
+        "and openvino-cpu on CPUs with AVX512_BF16 or AMX); ONNX Runtime on CPU has no bf16 engines"
     )
 
 
-@register_precision("int8")
+@register_precision("int8", calibrated=lambda _recipe: True)
 def build_int8(request: VariantRequest) -> ModelVariant:
     """QDQ INT8 for the target's profile, within the recipe's accuracy budget when it has one, with
     its per-layer error report."""
@@ -205,3 +263,52 @@ def _check_tensorrt_readiness(result: QuantizeResult) -> None:
             + "; ".join(problem.message for problem in report.problems[:5]),
             code="tensorrt_not_ready",
         )
+
+
+def _not_applicable(reason: str | None) -> None:
+    """A precision with nothing to work on in this model: EngineError `quantization_not_applicable`,
+    which the pipeline answers with the fp32 engine and this reason."""
+    if reason is not None:
+        raise EngineError(reason, code="quantization_not_applicable")
+
+
+@register_precision("int8-dynamic", applies=dynamic_not_applicable, pays=dynamic_does_not_pay)
+def build_int8_dynamic(request: VariantRequest) -> ModelVariant:
+    """MatMul weights in int8, activations quantized at run time: no calibration set."""
+    _not_applicable(dynamic_not_applicable(request.model_path))
+    result = quantize_dynamic_int8(
+        request.model_path,
+        _variant_dir(request),
+        request.recipe.dynamic,
+        cpu_features=cpu_info()["cpu_features"],
+        check_cancelled=request.check_cancelled,
+    )
+    return ModelVariant(result.path, "int8-dynamic", result.metadata, result.messages)
+
+
+def _gptq(recipe: Recipe) -> bool:
+    return recipe.weight_only.algorithm == "gptq"
+
+
+def _build_weight_only(request: VariantRequest) -> ModelVariant:
+    """MatMul weights in 4 or 8 bits (MatMulNBits), block by block; activations in float."""
+    precision = request.recipe.precision
+    bits, config = PRECISION_BITS[precision], request.recipe.weight_only
+    check_weight_only(config, bits, has_calibration=request.calibration is not None)
+    _not_applicable(weight_only_not_applicable(request.model_path))
+    result = quantize_weight_only(
+        request.model_path,
+        _variant_dir(request),
+        bits,
+        config,
+        calibration=request.calibration if _gptq(request.recipe) else None,
+        batch_size=request.batch_size,
+        check_cancelled=request.check_cancelled,
+    )
+    return ModelVariant(result.path, precision, result.metadata, result.messages)
+
+
+for _precision in PRECISION_BITS:
+    register_precision(
+        _precision, applies=weight_only_not_applicable, pays=weight_only_does_not_pay, calibrated=_gptq
+    )(_build_weight_only)

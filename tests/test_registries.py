@@ -35,7 +35,7 @@ def test_capabilities_and_openapi_enums_come_from_the_registries(local_api: Loca
     ort = {
         "name": "onnxruntime-cpu",
         "queue": "cpu",
-        "precisions": ["fp32", "fp16", "int8"],
+        "precisions": ["fp32", "fp16", "int8", "int8-dynamic", "int4-weight", "int8-weight"],
         "available_here": True,
     }
     assert ort in capabilities["backends"]

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.core.dataset_limits import dataset_limits
+from app.core.dataset_limits import dataset_limits, text_limits
 from app.core.orm import (
     DatasetRecord,
     DatasetStatus,
@@ -46,6 +46,7 @@ from engines.ingest.image_npz import write_image_npz
 from engines.ingest.images import ImagePreprocessing, plan_image_folder
 from engines.ingest.model import inspect_model, write_normalized
 from engines.ingest.signature import TensorSpec
+from engines.ingest.texts import TOKENIZER_FILENAME, TextModel, prepare_text_dataset, write_text_dataset
 from engines.pipeline import BuiltEngine, run_recipe
 from engines.prune.sensitivity import SENSITIVITY_JSON, SENSITIVITY_PNG, SensitivityConfig, analyse
 from engines.prune.sensitivity import plot as plot_sensitivity
@@ -292,8 +293,71 @@ def run_decode_images(context: JobContext) -> Outcome:
     )
 
 
+def run_tokenize_texts(context: JobContext) -> Outcome:
+    """A long JSONL of texts (`context.evaluation`, `processing`; at `TEXT_SOURCE_FILE`, its
+    tokenizer.json beside) tokenized into its `.npz` (engines.ingest.texts) with the tokenization
+    and the model its upload resolved (the recipe), every line checked again as at upload, progress
+    per chunk of lines and the cancellation checked as often. The `.npz` and the tokenizer replace
+    the source under the dataset's prefix, and the dataset is `ready` in the transaction that marks
+    the job succeeded; a refusal fails the job (and the dataset) with the upload's code and line."""
+    record = context.evaluation
+    assert record is not None, "a tokenize_texts job is created with its dataset"
+    settings, attempt, options = context.settings, context.attempt, context.recipe
+    limits, bounds = dataset_limits(settings), text_limits(settings)
+    prefix, npz_name = record.artifact_key.rsplit("/", 1)
+    source = context.store.local_path(f"{prefix}/{DatasetRecord.TEXT_SOURCE_FILE}")
+    tokenizer_file = context.store.local_path(f"{prefix}/{TOKENIZER_FILENAME}")
+    attempt.progress(0.02, "checking the lines and the tokenizer, as at upload")
+    plan, tokenizer = prepare_text_dataset(
+        source,
+        tokenizer_file,
+        options["tokenization"],
+        limits=limits,
+        text_limits=bounds,
+        model=TextModel.from_dict(options["model"]) if options.get("model") else None,
+        classes=options.get("classes"),
+        max_bytes=settings.max_unpacked_bytes,
+    )
+    stored = context.workdir / "stored"
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        attempt.check_cancelled()
+        now = time.monotonic()
+        if now - last[0] >= _PROGRESS_EVERY_S or done == total:
+            last[0] = now
+            attempt.progress(0.05 + 0.85 * done / total, f"tokenizing texts: {done} of {total} lines")
+
+    info = write_text_dataset(
+        source,
+        tokenizer,
+        plan,
+        stored / npz_name,
+        limits=limits,
+        text_limits=bounds,
+        max_unpacked_bytes=settings.max_unpacked_bytes,
+        tokenizer_sha256=options.get("tokenizer_sha256"),
+        progress=progress,
+    )
+    shutil.copyfile(tokenizer_file, stored / TOKENIZER_FILENAME)
+    description = {**info, "processing_job_id": context.job_id}
+
+    def record_ready(session: Session, job: JobRecord) -> None:
+        dataset = session.get(DatasetRecord, record.id)
+        assert dataset is not None, "a dataset with active jobs cannot be deleted"
+        context.store.put_dir(prefix, stored, move=True)  # the .npz and tokenizer replace the source
+        dataset.info, dataset.status, dataset.error = description, DatasetStatus.READY, None
+
+    length = info["text"]["sequence_length"]
+    return Outcome(
+        messages=[f"tokenized {plan.samples} lines into {len(plan.dtypes)} arrays of {length} tokens"],
+        record=record_ready,
+    )
+
+
 def decoding_ended(session: Session, job: JobRecord, status: str, error: dict[str, Any] | None) -> None:
-    """A decode_images job that did not succeed leaves its dataset `failed` with the job's error."""
+    """A decode_images or tokenize_texts job that did not succeed leaves its dataset `failed` with
+    the job's error."""
     if status == JobStatus.CANCELLED:
         error = DatasetStatus.cancelled_error(job.id)
     session.execute(
@@ -311,12 +375,14 @@ HANDLERS: dict[str, Handler] = {
     JobKind.AUTOTUNE: run_autotune,
     JobKind.CONVERT: run_convert,
     JobKind.DECODE_IMAGES: run_decode_images,
+    JobKind.TOKENIZE_TEXTS: run_tokenize_texts,
 }
 #: What to record elsewhere when a job of a kind fails or is cancelled (in the worker: the API and
 #: the sweeper end jobs too, and app.services.jobs.model_state reads those from the job).
 ENDED_UNSUCCESSFULLY: dict[str, Callable[[Session, JobRecord, str, dict[str, Any] | None], None]] = {
     JobKind.CONVERT: conversion_ended,
     JobKind.DECODE_IMAGES: decoding_ended,
+    JobKind.TOKENIZE_TEXTS: decoding_ended,
 }
 
 

@@ -173,9 +173,13 @@ RULES: tuple[Rule, ...] = (
     Rule(422, ("invalid_dataset", "empty_file", "pickle_refused", "invalid_labels", "non_finite_values",
                "too_many_arrays", "archive_path_traversal", "not_an_image", "image_decode_failed",
                "image_size_mismatch", "image_too_large", "mixed_layout", "too_many_images",
-               "invalid_preprocessing"),
-         "not a safe, consistent dataset (an .npz of arrays, or a .zip of images)", r"^/v1/datasets$",
-         _on("post")),
+               "invalid_preprocessing", "invalid_json_line", "missing_text", "invalid_text", "invalid_label",
+               "line_too_long", "text_too_long", "tokenization_failed", "tokenizer_required",
+               "invalid_tokenizer", "invalid_tokenization", "unknown_input_name", "input_names_required",
+               "sequence_too_long", "vocab_exceeds_embedding", "type_ids_exceed_embedding",
+               "dataset_mismatch"),
+         "not a safe, consistent dataset (an .npz of arrays, a .zip of images, or a JSONL of texts with a "
+         "tokenizer.json: a bad line's `line` is in the body)", r"^/v1/datasets$", _on("post")),
     Rule(422, ("invalid_batch_axis",), "a stated batch_axis that is not a JSON object of the model's input "
          "names to an axis in range (or null), or one sent with a .pt2", _MODEL_UPLOAD, _on("post")),
     Rule(429, ("too_many_jobs",), "a .pt2 is converted by a job, and the project has as many jobs queued or "
@@ -184,12 +188,18 @@ RULES: tuple[Rule, ...] = (
          "kept, failed)", _MODEL_UPLOAD, _on("post")),
     Rule(503, ("too_many_uploads",), "the server is receiving as many uploads as it takes at once",
          _UPLOADS, _on("post"), headers=_RETRY_AFTER),
-    Rule(413, ("dataset_too_large", "too_many_samples"), "the dataset's arrays once decoded, or its samples, "
-         "are over the server's limits (the numbers are in the body)", r"^/v1/datasets$", _on("post")),
-    Rule(429, ("too_many_jobs",), "a large image folder is decoded by a job, and the project has as many "
-         "jobs queued or running as it may", r"^/v1/datasets$", _on("post"), headers=_RETRY_AFTER),
-    Rule(503, ("broker_unavailable",), "a large image folder's decode_images job cannot be queued (the "
-         "dataset and its job are kept, failed)", r"^/v1/datasets$", _on("post")),
+    Rule(413, ("dataset_too_large", "too_many_samples", "tokenizer_too_large"), "the dataset's arrays once "
+         "decoded, its samples, or its tokenizer.json are over the server's limits (the numbers are in the "
+         "body)", r"^/v1/datasets$", _on("post")),
+    Rule(404, ("model_not_found",), "texts uploaded for a `model_id` that names no model in the key's "
+         "project", r"^/v1/datasets$", _on("post")),
+    Rule(409, ("model_not_ready",), _NOT_READY, r"^/v1/datasets$", _on("post")),
+    Rule(429, ("too_many_jobs",), "a large image folder (or a long JSONL of texts) is decoded by a job, and "
+         "the project has as many jobs queued or running as it may", r"^/v1/datasets$", _on("post"),
+         headers=_RETRY_AFTER),
+    Rule(503, ("broker_unavailable",), "a large image folder's decode_images job, or a long JSONL's "
+         "tokenize_texts job, cannot be queued (the dataset and its job are kept, failed)", r"^/v1/datasets$",
+         _on("post")),
     Rule(409, ("dataset_not_ready",), "the dataset's images are still being decoded, or decoding failed",
          r"^/v1/datasets/\{dataset_id\}/download$", _on("get")),
     Rule(409, ("dataset_not_ready",), "a dataset's images are still being decoded, or decoding failed",

@@ -18,13 +18,24 @@ from pydantic import (
 
 from app.api.middleware.control_chars import TEXT_CONTROL_CHARACTERS
 from engines.backends.registry import backend_names
+from engines.graphopt.config import AUTO, OFF, GraphOptConfig
+from engines.graphopt.model_types import model_type_names
+from engines.ingest.sequence import MAX_SEQUENCE_LENGTH
 from engines.measure.latency import MeasureConfig
+from engines.measure.tokens import MAX_PADDING
 from engines.prune.criteria import CRITERIA
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig
 from engines.qat.config import QatConfig
 from engines.quantize.budget import BUDGET_METRICS, AccuracyBudget
+from engines.quantize.dynamic import DEFAULT_OP_TYPES, DYNAMIC_OP_TYPES, DynamicConfig
 from engines.quantize.int8 import CALIBRATION_METHODS, QuantizeConfig
+from engines.quantize.weight_only import (
+    ACCURACY_LEVELS,
+    BLOCK_SIZES,
+    WEIGHT_ONLY_ALGORITHMS,
+    WeightOnlyConfig,
+)
 from engines.recipe import Recipe
 from engines.search.autotune import AutotuneRequest
 from engines.search.space import OBJECTIVE_METRICS, Budget, Objective, SearchSpace
@@ -245,14 +256,22 @@ class DatasetOut(BaseModel):
         default=None,
         description="for a .zip of images: images, the preprocessing spec applied, class_names",
     )
+    text: dict[str, Any] | None = Field(
+        default=None,
+        description="for a JSONL of texts: lines, the tokenization spec applied (input_names: array -> "
+        "model input), dtypes, sequence_length, truncated_lines, vocab_size, pad_id, class_names, "
+        "model_id (the model it was made for) and its embedding_rows",
+    )
     status: Literal["ready", "processing", "failed"] = Field(
         default="ready",
-        description="processing: a large image folder being decoded by its job (processing_job_id); "
-        "jobs can use the dataset once it is ready",
+        description="processing: a large image folder, or a long JSONL of texts, whose arrays its job "
+        "(processing_job_id) is making; jobs can use the dataset once it is ready",
     )
     error: dict[str, Any] | None = Field(default=None, description="why decoding failed: code, detail")
     processing_job_id: str | None = Field(
-        default=None, description="the decode_images job of an image folder decoded by a worker"
+        default=None,
+        description="the job that makes its arrays: decode_images (a large image folder) or "
+        "tokenize_texts (a long JSONL of texts)",
     )
     created_at: datetime
 
@@ -268,6 +287,13 @@ class MeasureIn(InputModel):
     max_runs: Integer = Field(100_000, ge=1, le=1_000_000, description="but never more runs than this")
     threads: Annotated[int, Field(ge=1, le=1024), WHOLE_NUMBER] | None = Field(
         None, description="null: all cores"
+    )
+    padding: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_PADDING,
+        description="generated token inputs (sequence_lengths without a dataset): the average share of "
+        "pad tokens per row (attention mask 0), the first row of a batch full; 0: no padding",
     )
 
     def to_config(self) -> MeasureConfig:
@@ -404,6 +430,94 @@ class QatIn(InputModel):
         return QatConfig(**self.model_dump())
 
 
+class DynamicIn(InputModel):
+    """Dynamic INT8 (precision int8-dynamic): weights in int8, activations quantized at run time; no
+    calibration set. Defaults are `engines.quantize.dynamic.DynamicConfig`'s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_channel: bool = Field(True, description="a scale per output column of each weight")
+    reduce_range: bool | None = Field(None, description="7-bit weights; null: chosen from the CPU's features")
+    op_types: list[Literal[DYNAMIC_OP_TYPES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(DEFAULT_OP_TYPES),
+        min_length=1,
+        description="ops whose constant weights are quantized (Gemm as MatMul; Gather: embedding tables, "
+        "a smaller file but no faster)",
+    )
+    nodes_to_exclude: list[Text] = Field(default_factory=list, description="node names kept in float")
+
+    @field_validator("op_types")
+    @classmethod
+    def _distinct_op_types(cls, op_types: list[str]) -> list[str]:
+        return list(dict.fromkeys(op_types))
+
+    def to_config(self) -> DynamicConfig:
+        return DynamicConfig(
+            per_channel=self.per_channel,
+            reduce_range=self.reduce_range,
+            op_types=tuple(self.op_types),
+            nodes_to_exclude=tuple(self.nodes_to_exclude),
+        )
+
+
+class WeightOnlyIn(InputModel):
+    """Weight-only quantization (precisions int4-weight, int8-weight: the bits are the precision's):
+    MatMul weights stored block by block in ONNX Runtime's MatMulNBits; activations stay float.
+    Defaults are `engines.quantize.weight_only.WeightOnlyConfig`'s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: Annotated[Literal[BLOCK_SIZES], WHOLE_NUMBER] = Field(  # type: ignore[valid-type]
+        WeightOnlyConfig.block_size, description="weights per scale, along K (a power of two, at least 16)"
+    )
+    algorithm: Literal[WEIGHT_ONLY_ALGORITHMS] = Field(  # type: ignore[valid-type]
+        WeightOnlyConfig.algorithm,
+        description="rtn: round to nearest; hqq: half-quadratic, no data; gptq: from the calibration set "
+        "(int4-weight, symmetric)",
+    )
+    symmetric: bool | None = Field(
+        None, description="no zero points; null: the algorithm's own (rtn, gptq: true; hqq: false)"
+    )
+    accuracy_level: Annotated[Literal[ACCURACY_LEVELS], WHOLE_NUMBER] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="MatMulNBits' lowest compute precision: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
+        "(activations quantized per block at run time); null: 4 for int8-weight (ONNX Runtime's 8-bit "
+        "kernel is slower than fp32 computing in float), unset for int4-weight",
+    )
+    embeddings: bool = Field(
+        False, description="also store Gather's embedding tables in 4 bits (rtn, int4-weight only)"
+    )
+    nodes_to_exclude: list[Text] = Field(default_factory=list, description="node names kept in float")
+
+    def to_config(self) -> WeightOnlyConfig:
+        return WeightOnlyConfig(**{**self.model_dump(), "nodes_to_exclude": tuple(self.nodes_to_exclude)})
+
+
+GraphModelType = Literal[(OFF, AUTO, *model_type_names())]  # type: ignore[valid-type]
+
+
+class GraphOptimizationIn(InputModel):
+    """ONNX Runtime's transformer optimizer (fused Attention, LayerNorm, GELU, embeddings) before the
+    precision. `auto` detects the model type, heads and hidden size from the graph (a model it does
+    not identify runs unfused, and the job says so); a model type (GET /v1/capabilities lists them)
+    with `num_heads` and `hidden_size` states them where detection cannot; `off` skips the stage.
+    Stated values the graph contradicts, or a transformer's heads and hidden size neither stated nor
+    found, are a 422 that says how to state them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_type: GraphModelType = Field(AUTO, description="off, auto, or the model type")  # type: ignore[valid-type]
+    num_heads: Annotated[int, Field(ge=1, le=1024), WHOLE_NUMBER] | None = Field(
+        None, description="attention heads; null: read from the graph"
+    )
+    hidden_size: Annotated[int, Field(ge=1, le=65536), WHOLE_NUMBER] | None = Field(
+        None, description="num_heads × head size; null: read from the graph"
+    )
+
+    def to_config(self) -> GraphOptConfig:
+        return GraphOptConfig(**self.model_dump())
+
+
 class RecipeIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -412,11 +526,22 @@ class RecipeIn(InputModel):
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096), WHOLE_NUMBER]] = Field(
         default_factory=lambda: [1, 8], min_length=1, max_length=16
     )
+    sequence_lengths: list[Annotated[int, Field(ge=1, le=MAX_SEQUENCE_LENGTH), WHOLE_NUMBER]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="a model whose token inputs have a dynamic sequence dim: latency at each batch size and "
+        "each of these lengths (no more than its position table holds); empty: the batch sizes alone",
+    )
     quantize: QuantizeIn = Field(default_factory=QuantizeIn)
     accuracy_budget: AccuracyBudgetIn | None = None
     prune: PruneIn | None = None
     finetune: FinetuneIn | None = None
     qat: QatIn | None = None
+    graph_optimization: GraphOptimizationIn | None = Field(
+        None, description="transformer graph optimization before the precision; null: none"
+    )
+    dynamic: DynamicIn = Field(default_factory=DynamicIn)
+    weight_only: WeightOnlyIn = Field(default_factory=WeightOnlyIn)
     measure: MeasureIn = Field(default_factory=MeasureIn)
 
     @field_validator("targets")
@@ -424,7 +549,7 @@ class RecipeIn(InputModel):
     def _distinct_targets(cls, targets: list[str]) -> list[str]:
         return list(dict.fromkeys(targets))
 
-    @field_validator("batch_sizes")
+    @field_validator("batch_sizes", "sequence_lengths")
     @classmethod
     def _sorted_batch_sizes(cls, sizes: list[int]) -> list[int]:
         return sorted(set(sizes))
@@ -434,11 +559,17 @@ class RecipeIn(InputModel):
             targets=tuple(self.targets),
             precision=self.precision,
             batch_sizes=tuple(self.batch_sizes),
+            sequence_lengths=tuple(self.sequence_lengths),
             quantize=self.quantize.to_config(),
             accuracy_budget=self.accuracy_budget.to_config() if self.accuracy_budget else None,
             prune=self.prune.to_config() if self.prune else None,
             finetune=self.finetune.to_config() if self.finetune else None,
             qat=self.qat.to_config() if self.qat else None,
+            graph_optimization=(
+                self.graph_optimization.to_config() if self.graph_optimization else GraphOptConfig()
+            ),
+            dynamic=self.dynamic.to_config(),
+            weight_only=self.weight_only.to_config(),
             measure=self.measure.to_config(),
         )
 
@@ -459,6 +590,11 @@ class ObjectiveIn(InputModel):
 
     metric: Literal[OBJECTIVE_METRICS] = "latency"  # type: ignore[valid-type]
     batch_size: Integer = Field(1, ge=1, le=4096)
+    sequence_length: Annotated[int, Field(ge=1, le=MAX_SEQUENCE_LENGTH), WHOLE_NUMBER] | None = Field(
+        None,
+        description="a model whose token inputs have a dynamic sequence dim: measure at this length "
+        "(generated or the evaluation set's tokens cut or padded to it); null: the evaluation set's own",
+    )
 
 
 class SearchBudgetIn(InputModel):
@@ -473,8 +609,9 @@ class SearchBudgetIn(InputModel):
 
 
 class SearchSpaceIn(InputModel):
-    """Narrow the search; every field is optional (defaults: every CPU backend this worker runs,
-    fp32/fp16/int8, every calibration method, pruning at 0.3 and 0.5 with recovery training)."""
+    """Narrow the search; every field is optional (defaults: every CPU backend this worker runs, every
+    precision they build (each skipped with the reason where it does not apply to the model or this
+    CPU), every calibration method, pruning at 0.3 and 0.5 with recovery training)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -493,6 +630,11 @@ class SearchSpaceIn(InputModel):
         False,
         description="run a pruning sensitivity analysis before the first pruning when the model has none "
         "(per-layer ratios within the budget); it takes minutes on a 224×224 network",
+    )
+    graph_optimization: GraphOptimizationIn = Field(
+        default_factory=GraphOptimizationIn,
+        description="transformer fusion before the first candidate (default auto: detected; a model "
+        'that is not identified runs unfused); {"model_type": "off"} leaves it out',
     )
 
     @field_validator("backends")
@@ -513,6 +655,7 @@ class SearchSpaceIn(InputModel):
             max_full_evaluations=self.max_full_evaluations,
             qat_epochs=self.qat_epochs,
             sensitivity=self.sensitivity,
+            graph_optimization=self.graph_optimization.to_config(),
         )
 
 
@@ -556,7 +699,9 @@ class JobError(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    model_id: str | None = Field(description="null for a decode_images job (it decodes a dataset)")
+    model_id: str | None = Field(
+        description="null for decode_images and tokenize_texts jobs (they make a dataset's arrays)"
+    )
     kind: str = Field(
         description="optimize (a recipe), sensitivity (a pruning sensitivity analysis), autotune "
         "(POST /v1/models/{id}/optimize: the fastest engine within an accuracy budget), convert (a "

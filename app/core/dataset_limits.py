@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from app.core.settings import Settings
 from engines.ingest.limits import DatasetLimits
+from engines.ingest.texts import TextLimits
 
 
 def dataset_limits(settings: Settings) -> DatasetLimits:
@@ -14,4 +15,11 @@ def dataset_limits(settings: Settings) -> DatasetLimits:
         max_arrays=settings.max_dataset_arrays,
         max_bytes=settings.max_dataset_bytes,
         max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def text_limits(settings: Settings) -> TextLimits:
+    """A text upload's bounds beside dataset_limits' (whose max_samples bounds its lines)."""
+    return TextLimits(
+        max_line_bytes=settings.max_text_line_bytes, max_tokenizer_bytes=settings.max_tokenizer_bytes
     )

@@ -148,7 +148,7 @@ class DatasetStatus:
         """The error of a dataset whose decode_images job was cancelled (by whoever ended it)."""
         return {
             "code": "decoding_cancelled",
-            "detail": f"decoding job '{job_id}' was cancelled; upload the images again",
+            "detail": f"decoding job '{job_id}' was cancelled; upload the dataset again",
         }
 
 
@@ -156,6 +156,8 @@ class DatasetRecord(Base):
     __tablename__ = "datasets"
     #: Where a large image folder waits for its decode_images job (`<prefix>/source/images.zip`).
     SOURCE_FILE: ClassVar[str] = "source/images.zip"
+    #: Where a long JSONL of texts waits for its tokenize_texts job (its tokenizer.json: `<prefix>/`).
+    TEXT_SOURCE_FILE: ClassVar[str] = "source/texts.jsonl"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ds"))
     project_id: Mapped[str] = _project_column()
@@ -199,9 +201,14 @@ class JobKind:
     #: A large image folder decoded into its dataset's arrays (no model; the dataset is its
     #: `evaluation_dataset_id`, `processing` meanwhile).
     DECODE_IMAGES = "decode_images"
-    ALL = (OPTIMIZE, SENSITIVITY, CONVERT, AUTOTUNE, DECODE_IMAGES)
+    #: A long JSONL of texts tokenized into its dataset's arrays (no model: the one it is made for,
+    #: if any, is described in its recipe; the dataset is its `evaluation_dataset_id`).
+    TOKENIZE_TEXTS = "tokenize_texts"
+    ALL = (OPTIMIZE, SENSITIVITY, CONVERT, AUTOTUNE, DECODE_IMAGES, TOKENIZE_TEXTS)
     #: Kinds that work on no model (their model_id is null).
-    WITHOUT_MODEL = (DECODE_IMAGES,)
+    WITHOUT_MODEL = (DECODE_IMAGES, TOKENIZE_TEXTS)
+    #: Kinds that make a dataset's arrays: the dataset is `processing` until the job ends.
+    DATASET_KINDS = (DECODE_IMAGES, TOKENIZE_TEXTS)
 
 
 class JobRecord(Base):

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     image_inline_max_pixels: int = Field(default=16_000_000, ge=0)
     #: ... and at most this many images (their headers are read in the API to count the pixels).
     image_inline_max_images: int = Field(default=512, ge=0)
+    #: A JSONL of texts of at most this many lines is tokenized at upload (201; every line is
+    #: checked at upload whatever its size); a longer one by a `tokenize_texts` job (202).
+    text_inline_max_lines: int = Field(default=2_000, ge=0)
+    #: Bytes one line of a JSONL of texts may hold, and a tokenizer.json (engines.ingest.texts).
+    max_text_line_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_tokenizer_bytes: int = Field(default=64 * MIB, ge=1)
     #: Seconds an inference request's whole body may take to arrive; then 408 `body_timeout`. The
     #: body is read before the request takes an in-flight slot, so a slow client holds no slot.
     body_read_timeout_s: float = 30.0

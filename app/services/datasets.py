@@ -30,7 +30,7 @@ def decode_jobs(session: Session, dataset_ids: list[str]) -> dict[str, JobRecord
         return {}
     rows = session.scalars(
         select(JobRecord)
-        .where(JobRecord.evaluation_dataset_id.in_(dataset_ids), JobRecord.kind == JobKind.DECODE_IMAGES)
+        .where(JobRecord.evaluation_dataset_id.in_(dataset_ids), JobRecord.kind.in_(JobKind.DATASET_KINDS))
         .order_by(JobRecord.created_at, JobRecord.id)
     )
     return {job.evaluation_dataset_id: job for job in rows if job.evaluation_dataset_id}
@@ -91,16 +91,19 @@ def require_dataset_ready(session: Session, record: DatasetRecord) -> None:
     )
 
 
-def new_decode_job(project_id: str, dataset_id: str, options: dict[str, Any]) -> JobRecord:
+def new_decode_job(
+    project_id: str, dataset_id: str, options: dict[str, Any], kind: str = JobKind.DECODE_IMAGES
+) -> JobRecord:
     """The job that decodes a stored image folder (`DatasetRecord.SOURCE_FILE`) with `options`
     (preprocessing, classes, input_name, as uploaded). A job like any other: listed, cancellable,
     counted in flight; its dataset is its evaluation_dataset_id, so the dataset cannot be deleted
-    while it runs."""
+    while it runs. `kind`: tokenize_texts for a long JSONL of texts (options: the resolved
+    tokenization, classes, the model it is for)."""
     return JobRecord(
         id=new_id("job"),
         project_id=project_id,
         model_id=None,
-        kind=JobKind.DECODE_IMAGES,
+        kind=kind,
         evaluation_dataset_id=dataset_id,
         recipe=options,
         messages=[],

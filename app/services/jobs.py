@@ -39,9 +39,14 @@ from app.core.settings import Settings
 from app.core.store import ArtifactStore
 from app.services.datasets import require_dataset_ready
 from app.services.records import get_dataset_record, get_job_record, get_model_record
+from app.services.text_checks import check_text_dataset
 from engines.backends.registry import check_precision
 from engines.errors import EngineError, InvalidRecipeError
+from engines.graphopt.config import check_config
+from engines.graphopt.stage import check_graph_optimization
 from engines.ingest.datasets import DatasetInfo, check_fits_model
+from engines.ingest.model import MODEL_FILENAME
+from engines.ingest.sequence import SequenceProfile, check_sequence_lengths, read_profile
 from engines.ingest.signature import TensorSpec, specs_from_dicts
 from engines.measure.report import report_row
 from engines.pipeline import validate_recipe
@@ -168,15 +173,20 @@ def _dataset_fitting(
     dataset_id: str | None,
     inputs: list[TensorSpec],
     varying_unbatched: set[str],
+    *,
+    store: ArtifactStore,
+    model: ModelRecord,
 ) -> DatasetInfo | None:
-    """The dataset's description, after checking that its arrays fit the model's inputs; adds to
-    `varying_unbatched` the inputs without a batch axis whose rows differ in it."""
+    """The dataset's description, after checking that its arrays fit the model's inputs (and a text
+    dataset's token ids its embedding tables); adds to `varying_unbatched` the inputs without a
+    batch axis whose rows differ in it."""
     if dataset_id is None:
         return None
     record = get_dataset_record(session, dataset_id, project_id)
     require_dataset_ready(session, record)
     info = DatasetInfo.from_dict(record.info)
     varying_unbatched.update(check_fits_model(info, inputs))
+    check_text_dataset(store, model, record.info)
     return info
 
 
@@ -212,8 +222,12 @@ def create_optimization_job(
         )
     try:
         varying: set[str] = set()
-        calibration = _dataset_fitting(session, project_id, calibration_dataset_id, inputs, varying)
-        evaluation = _dataset_fitting(session, project_id, evaluation_dataset_id, inputs, varying)
+        calibration = _dataset_fitting(
+            session, project_id, calibration_dataset_id, inputs, varying, store=store, model=model
+        )
+        evaluation = _dataset_fitting(
+            session, project_id, evaluation_dataset_id, inputs, varying, store=store, model=model
+        )
         validate_recipe(
             inputs,
             recipe,
@@ -222,10 +236,13 @@ def create_optimization_job(
             calibration_samples=calibration and calibration.samples,
             calibration_has_labels=bool(calibration and calibration.has_labels),
             varying_unbatched=sorted(varying),
+            sequence=model_sequence(store, model, inputs) if recipe.sequence_lengths else None,
         )
         if recipe.prune is not None:
             check_prune_config(recipe.prune, model.info.get("op_types", {}))
             check_convertible(model, recipe)
+        if recipe.graph_optimization.enabled:  # stated values against the graph; heads not found
+            check_graph_optimization(model_file(store, model), recipe.graph_optimization)
         check_machine_limits(session, settings, recipe)
     except EngineError as exc:
         raise from_engine_error(exc) from exc
@@ -239,6 +256,20 @@ def create_optimization_job(
     )
     queue_job(session, settings, job)
     return job
+
+
+def model_file(store: ArtifactStore, model: ModelRecord) -> Path:
+    """The model's ONNX file, for checks that read its graph (weights not loaded)."""
+    return store.local_path(f"{model.artifact_prefix}/{MODEL_FILENAME}")
+
+
+def model_sequence(store: ArtifactStore, model: ModelRecord, inputs: list[TensorSpec]) -> SequenceProfile:
+    """The model's sequence axes and position limit (engines.ingest.sequence): from its record when
+    the upload recorded them (`info["sequence"]`), else read from its graph (weights not loaded)."""
+    stored = model.info.get("sequence")
+    if isinstance(stored, dict):
+        return SequenceProfile.from_dict(stored)
+    return read_profile(model_file(store, model), inputs)
 
 
 def check_machine_limits(session: Session, settings: Settings, recipe: Recipe) -> None:
@@ -256,12 +287,15 @@ def check_machine_limits(session: Session, settings: Settings, recipe: Recipe) -
             )
     stages = 2 if recipe.prune is not None and recipe.precision != "fp32" else 1
     runners = 1 + len(recipe.targets) * stages
-    seconds = recipe.measure.min_seconds * len(recipe.batch_sizes) * runners
+    lengths = max(1, len(recipe.sequence_lengths))  # each batch size is timed at each length
+    seconds = recipe.measure.min_seconds * len(recipe.batch_sizes) * lengths * runners
     if seconds > settings.max_measure_seconds:
+        per_length = f"{lengths} sequence lengths × " if recipe.sequence_lengths else ""
         raise InvalidRecipeError(
             f"this recipe asks for {seconds:.0f} s of timing (min_seconds {recipe.measure.min_seconds:g} × "
-            f"{len(recipe.batch_sizes)} batch sizes × {runners} runners), over the limit of "
+            f"{len(recipe.batch_sizes)} batch sizes × {per_length}{runners} runners), over the limit of "
             f"{settings.max_measure_seconds} s: lower min_seconds or ask for fewer batch sizes"
+            + (" or sequence lengths" if recipe.sequence_lengths else "")
         )
 
 
@@ -303,8 +337,12 @@ def create_autotune_job(
     inputs = specs_from_dicts(model.info["inputs"])
     try:
         varying: set[str] = set()
-        evaluation = _dataset_fitting(session, project_id, evaluation_dataset_id, inputs, varying)
-        _dataset_fitting(session, project_id, calibration_dataset_id, inputs, varying)
+        evaluation = _dataset_fitting(
+            session, project_id, evaluation_dataset_id, inputs, varying, store=store, model=model
+        )
+        _dataset_fitting(
+            session, project_id, calibration_dataset_id, inputs, varying, store=store, model=model
+        )
         assert evaluation is not None
         if request.budget.metric == "top1" and not evaluation.has_labels:
             raise InvalidRecipeError(
@@ -315,8 +353,19 @@ def create_autotune_job(
             raise InvalidRecipeError(
                 f"the model's batch is fixed at {sorted(static)}; ask for that objective batch size"
             )
+        if request.objective.sequence_length is not None:
+            check_sequence_lengths(
+                request.objective.sequence_lengths,
+                model_sequence(store, model, inputs),
+                inputs,
+                what="objective.sequence_length",
+            )
         for name in request.space.backends:
             check_precision((name,), "fp32")
+        graph = request.space.graph_optimization
+        if graph.stated_type or graph.num_heads or graph.hidden_size:  # "auto" alone never refuses
+            check_config(graph)
+            check_graph_optimization(model_file(store, model), graph)
     except EngineError as exc:
         raise from_engine_error(exc) from exc
     try:

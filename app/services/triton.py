@@ -24,6 +24,7 @@ from app.serving.inference import find_engine
 from engines.errors import EngineError
 from engines.export.triton import GpuTarget, TritonEngine, write_repository_zip
 from engines.ingest.signature import specs_from_dicts
+from engines.measure.latency import measured_batch_sizes
 
 #: The build-metadata key holding the version of the runtime that saved each backend's engines.
 _RUNTIME_KEYS = {"onnxruntime-cpu": "onnxruntime", "tensorrt": "tensorrt"}
@@ -90,7 +91,7 @@ def _max_batch_size(record: EngineRecord) -> int:
     """Triton's max_batch_size: the dynamic batcher's when it is on, else the largest batch the
     engine was measured at (the recipe's batch sizes, all it is known to run); never above the top
     of a TensorRT plan's optimization profile, which the plan cannot exceed."""
-    measured = [int(size) for size in record.metrics.get("latency", {}) if str(size).isdigit()]
+    measured = measured_batch_sizes(record.metrics.get("latency"))
     wanted = record.max_batch_size or max(measured, default=1)
     top = _profile_top(record.build_info.get("optimization_profile"))
     return max(1, min(wanted, top)) if top else wanted

@@ -24,6 +24,7 @@ import numpy as np
 
 from app.core.errors import ApiError
 from engines.ingest.signature import TensorSpec
+from engines.measure.latency import measured_batch_sizes
 
 BATCH_TOO_LARGE = "batch_too_large"
 
@@ -32,7 +33,7 @@ def engine_max_batch(
     metrics: Mapping[str, Any] | None, build_info: Mapping[str, Any] | None, default: int
 ) -> int:
     """The largest batch an engine serves, from its record's measurements and build info."""
-    measured = [int(size) for size in ((metrics or {}).get("latency") or {}) if str(size).isdigit()]
+    measured = measured_batch_sizes((metrics or {}).get("latency"))
     profile = (build_info or {}).get("optimization_profile")
     if isinstance(profile, Mapping) and profile:
         return _profile_max_batch(profile) or max(measured, default=default)

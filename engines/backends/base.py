@@ -160,6 +160,13 @@ class Backend(abc.ABC):
         return cls.load_options(**{key: value for key, value in knobs.items() if key in names})
 
     @classmethod
+    def precision_unavailable(cls, precision: str) -> str | None:
+        """Why this node's hardware cannot compute `precision` with this backend although the backend
+        builds it elsewhere (bf16 on a CPU without bfloat16 arithmetic), or None. Compiling such an
+        engine is an EngineError with this reason; the search skips it with the reason."""
+        return None
+
+    @classmethod
     def model_precision(cls, precision: str) -> str:
         """The precision of the ONNX model this backend compiles for an engine at `precision`: the
         fp32 model for the precisions it applies itself (`native_precisions`)."""

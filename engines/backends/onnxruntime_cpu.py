@@ -115,6 +115,8 @@ class OnnxRuntimeRunner(Runner):
 class OnnxRuntimeCpuBackend(Backend):
     name = "onnxruntime-cpu"
     queue = "cpu"
+    # int8-dynamic: MatMulInteger/DynamicQuantizeLinear; int4/int8-weight: com.microsoft MatMulNBits
+    precisions = ("fp32", "fp16", "int8", "int8-dynamic", "int4-weight", "int8-weight")
     load_options = OnnxRuntimeLoadOptions
 
     @classmethod

@@ -34,7 +34,7 @@ import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
-from engines.hardware import cpu_hardware
+from engines.hardware import bf16_unsupported, cpu_hardware, cpu_info
 from engines.ingest.model import onnx_signature
 from engines.ingest.signature import TensorSpec, decide_batch_axes
 
@@ -42,7 +42,18 @@ ENGINE_FILENAME = "engine.xml"
 #: Where the IR's runtime info keeps what is ours.
 RT_INFO_SECTION = "optiforge"
 #: OpenVINO's name of the element type each precision computes in, when the CPU can.
-_INFERENCE_PRECISION = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
+#: int8-dynamic (DynamicQuantizeLinear + MatMulInteger) and the weight-only precisions (com.microsoft
+#: MatMulNBits, GatherBlockQuantized, which its ONNX frontend reads) keep their integer weights and run
+#: the rest in f32; bf16 is the fp32 model computed in bf16 (CPUs with AVX512_BF16 or AMX only).
+_INFERENCE_PRECISION = {
+    "fp32": "f32",
+    "fp16": "f16",
+    "bf16": "bf16",
+    "int8": "f32",
+    "int8-dynamic": "f32",
+    "int4-weight": "f32",
+    "int8-weight": "f32",
+}
 #: Where OpenVINO's messages say which C++ line raised: no use to a user.
 _SOURCE_LOCATION = re.compile(
     r"(Exception from|Check '.*?' failed at) \S+\.(?:cpp|hpp|h):\d+:|FrontEnd API failed with \w+:"
@@ -83,6 +94,8 @@ def inference_precision_for(precision: str, capabilities: list[str]) -> tuple[st
     """The inference precision hint for an engine precision on a CPU with these OpenVINO
     OPTIMIZATION_CAPABILITIES, and a note when it is not what the name says."""
     hint = _INFERENCE_PRECISION[precision]
+    if hint == "bf16" and "BF16" not in capabilities:
+        return "f32", "OpenVINO finds no bf16 arithmetic on this CPU: the bf16 engine computes in f32"
     if hint == "f16" and "FP16" not in capabilities:
         return "f32", (
             "this CPU has no f16 arithmetic OpenVINO uses (AVX512_FP16 or AMX_FP16): the fp16 engine "
@@ -229,8 +242,13 @@ class OpenVinoCpuBackend(Backend):
     name = "openvino-cpu"
     queue = "cpu"
     quantization_profile = "cpu"
-    precisions = ("fp32", "fp16", "int8")
+    precisions = ("fp32", "fp16", "bf16", "int8", "int8-dynamic", "int4-weight", "int8-weight")
+    native_precisions = frozenset({"bf16"})  # the fp32 model, computed in bf16 (INFERENCE_PRECISION_HINT)
     load_options = OpenVinoLoadOptions
+
+    @classmethod
+    def precision_unavailable(cls, precision: str) -> str | None:
+        return bf16_unsupported(cpu_info()["cpu_features"]) if precision == "bf16" else None
 
     @classmethod
     def available(cls) -> bool:
@@ -242,6 +260,9 @@ class OpenVinoCpuBackend(Backend):
         to prove it compiles and to record what the plugin actually runs."""
         import openvino as ov
 
+        unavailable = self.precision_unavailable(options.precision)
+        if unavailable is not None:
+            raise EngineError(unavailable, code="precision_not_supported")
         out_dir.mkdir(parents=True, exist_ok=True)
         engine_path = out_dir / ENGINE_FILENAME
         capabilities = list(_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))

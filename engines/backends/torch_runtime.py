@@ -32,7 +32,14 @@ import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
 from engines.errors import EngineError
-from engines.hardware import cpu_hardware, cpu_info, cuda_usable, gpu_info, nvidia_device_present
+from engines.hardware import (
+    bf16_unsupported,
+    cpu_hardware,
+    cpu_info,
+    cuda_usable,
+    gpu_info,
+    nvidia_device_present,
+)
 from engines.ingest.model import onnx_signature
 from engines.ingest.signature import TensorSpec, decide_batch_axes
 
@@ -209,6 +216,9 @@ class _TorchBackend(Backend):
     def compile(self, onnx_path: Path, out_dir: Path, options: CompileOptions) -> EngineArtifact:
         """Copy the model, convert it once to prove it converts and runs at this precision, and decide
         the CUDA graphs and torch.compile (CUDA): what the engine's settings file records."""
+        unavailable = self.precision_unavailable(options.precision)
+        if unavailable is not None:
+            raise EngineError(unavailable, code="precision_not_supported")
         out_dir.mkdir(parents=True, exist_ok=True)
         engine_path = out_dir / ENGINE_FILENAME
         for source in [onnx_path, *onnx_path.parent.glob(onnx_path.name + ".data")]:
@@ -268,7 +278,11 @@ class TorchCpuBackend(_TorchBackend):
     name = "torch-cpu"
     queue = "cpu"
     device = "cpu"
-    precisions = ("fp32",)
+    precisions = ("fp32", "bf16")  # bf16 where the CPU has bfloat16 arithmetic (precision_unavailable)
+
+    @classmethod
+    def precision_unavailable(cls, precision: str) -> str | None:
+        return bf16_unsupported(cpu_info()["cpu_features"]) if precision == "bf16" else None
 
     @classmethod
     def available(cls) -> bool:

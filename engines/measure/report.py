@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from engines.measure.latency import latency_label, sorted_latency_keys
+
+#: What a (batch, sequence length) entry adds to a report row's latency cells.
+SEQUENCE_CELLS = ("batch_size", "sequence_length", "tokens_per_s")
+
 
 def report_row(
     network: str,
@@ -23,10 +28,7 @@ def report_row(
         "engine": label,
         "precision": measurement["precision"],
         "backend": measurement["backend"],
-        "latency": {
-            size: {key: stats[key] for key in ("mean_ms", "p50_ms", "p99_ms", "throughput_per_s")}
-            for size, stats in measurement["latency"].items()
-        },
+        "latency": {shape: _latency_cells(stats) for shape, stats in measurement["latency"].items()},
         "top1": accuracy.get("top1"),
         "top5": accuracy.get("top5"),
         "top1_agreement": fidelity.get("top1_agreement"),
@@ -36,6 +38,15 @@ def report_row(
         "speedup": (comparison or {}).get("speedup"),
         "top1_delta": (comparison or {}).get("top1_delta"),
     }
+
+
+def _latency_cells(stats: dict[str, Any]) -> dict[str, Any]:
+    """What a report row keeps of one measured shape; a (batch, sequence length) entry also says
+    its shape and tokens per second."""
+    cells = {key: stats[key] for key in ("mean_ms", "p50_ms", "p99_ms", "throughput_per_s")}
+    if "sequence_length" in stats:
+        cells.update({key: stats[key] for key in SEQUENCE_CELLS if key in stats})
+    return cells
 
 
 #: Characters that mean something inside a markdown table cell, backslash-escaped.
@@ -66,11 +77,13 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | None = None) -> str:
-    """A markdown table: latency per batch size (p50, p99, speedup of p50s), top-1, deltas vs baseline."""
-    sizes = sorted({size for row in rows for size in row["latency"]}, key=int)
+    """A markdown table: latency per batch size, or per (batch, sequence length) (p50, p99, speedup
+    of p50s), top-1, deltas vs baseline."""
+    sizes = sorted_latency_keys(size for row in rows for size in row["latency"])
     header = ["Network", "Engine", "Precision", "Backend", "Params (M)", "MACs (M)"]
     for size in sizes:
-        header += [f"p50 (b={size}) ms", f"p99 (b={size}) ms", f"Speedup (b={size})"]
+        shape = latency_label(size)
+        header += [f"p50 ({shape}) ms", f"p99 ({shape}) ms", f"Speedup ({shape})"]
     header += ["Top-1", "Δ top-1 vs baseline", "Agreement", "Size (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

@@ -208,14 +208,3 @@ def non_float32_nodes(path: Path, _mtime_ns: int) -> tuple[tuple[str, str], ...]
         for node in graph.node
         if any(types.get(name) in _OTHER_FLOATS for name in [*node.input, *node.output] if name)
     )
-
-
-def weight_share(path: Path, op_types: frozenset[str]) -> tuple[float, int]:
-    """The fraction of the model's weight elements read by `op_types` nodes, and the total count."""
-    import numpy as np
-
-    graph = load_graph_only(path).graph
-    sizes = {tensor.name: int(np.prod(tensor.dims)) for tensor in graph.initializer if len(tensor.dims) >= 2}
-    total = sum(sizes.values())
-    read = {name for node in graph.node if node.op_type in op_types for name in node.input if name in sizes}
-    return (sum(sizes[name] for name in read) / total if total else 0.0), total

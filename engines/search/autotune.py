@@ -51,7 +51,10 @@ import numpy as np
 from engines.backends.base import CompileOptions, EngineArtifact, Runner, engine_size
 from engines.backends.registry import backend_class, get_backend
 from engines.errors import Cancelled, EngineError, InvalidRecipeError
+from engines.graphopt.config import GraphOptConfig
+from engines.graphopt.stage import GraphStageResult, run_graph_stage
 from engines.ingest.datasets import Dataset
+from engines.ingest.sequence import SequenceProfile, check_sequence_lengths, read_profile
 from engines.ingest.signature import StatedAxes, TensorSpec, stated_batch_axes
 from engines.measure.accuracy import accuracy_report, run_dataset
 from engines.measure.latency import MeasureConfig, measure_latency
@@ -76,7 +79,7 @@ from engines.search.methods import not_applicable
 from engines.search.moves import Moves, pruning_key
 from engines.search.pareto import pareto_front
 from engines.search.space import Budget, Candidate, Objective, SearchSpace, candidates
-from engines.variants import build_variant
+from engines.variants import ModelVariant, build_variant, precision_not_applicable
 
 Progress = Callable[[float, str], None]
 #: A screened candidate this much past the budget on the slice is not worth a full evaluation.
@@ -106,8 +109,11 @@ class AutotuneRequest:
     sensitivity_ratios: dict[str, float] | None = None  # per layer, within the budget (a prior analysis)
 
     def to_dict(self) -> dict[str, Any]:
-        """What an autotune job's row keeps (its `recipe` column)."""
-        return asdict(self)
+        """What an autotune job's row keeps (its `recipe` column); the objective's sequence length
+        only where one was asked, so other rows read as before it existed."""
+        data = asdict(self)
+        data["objective"] = self.objective.to_report()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AutotuneRequest:
@@ -117,6 +123,8 @@ class AutotuneRequest:
             for key, value in data["space"].items()
             if key in known
         }
+        if isinstance(space.get("graph_optimization"), dict):
+            space["graph_optimization"] = GraphOptConfig(**space["graph_optimization"])
         return cls(
             objective=Objective(**data["objective"]),
             budget=Budget(**data["budget"]),
@@ -191,7 +199,7 @@ class AutotuneResult:
 
     def report(self, objective: Objective, budget: Budget) -> dict[str, Any]:
         return {
-            "objective": {"metric": objective.metric, "batch_size": objective.batch_size},
+            "objective": objective.to_report(),
             "budget": {"metric": budget.metric, "max_drop": budget.max_drop, "relative": budget.relative},
             "allowed_drop": self.allowed_drop,
             "original": {
@@ -250,6 +258,7 @@ class _Search:
         self.not_applicable: dict[str, str | None] = {}
         self.sensitivity_pending = False
         self.messages: list[str] = []
+        self.graph: GraphStageResult | None = None  # the fusion pre-step's outcome (fuse_graph)
 
     # ------------------------------------------------------------ the original
 
@@ -258,6 +267,12 @@ class _Search:
         self.original = backend.load(self.model_path, backend.options(batch_axes=self.stated))
         self.inputs = self.original.input_metadata()
         self.output_names = [spec.name for spec in self.original.output_metadata()]
+        self.sequence: SequenceProfile | None = None  # read only when the objective names a length
+        if self.objective.sequence_length is not None:
+            self.sequence = read_profile(self.model_path, self.inputs)
+            check_sequence_lengths(
+                self.objective.sequence_lengths, self.sequence, self.inputs, what="objective.sequence_length"
+            )
         self.eval_batch = max(1, min(self.objective.batch_size, self.evaluation.samples))
         began = self.clock()
         self.reference = run_dataset(self.original, self.evaluation, self.eval_batch, self.check_cancelled)
@@ -277,6 +292,54 @@ class _Search:
 
     def _score(self, outputs: np.ndarray, data: Dataset, reference: np.ndarray) -> float:
         return score_outputs(outputs, data, self.budget.metric, reference)
+
+    # ------------------------------------------------------------ transformer fusion, once
+
+    def fuse_graph(self, backends: Sequence[str]) -> None:
+        """Fuse a transformer once, before the first candidate (engines.graphopt.stage): every
+        unpruned candidate of a backend and precision that takes the fused graph starts from it.
+
+        A pre-step, not a dimension of the space: fusion is checked to change no output beyond
+        cosine 0.9999, and each backend keeps the fused graph only where it measured no slower
+        than the unfused one at the objective's batch (timed side by side on that backend), so a
+        candidate built from the unfused graph as well would only repeat a slower twin: doubling
+        every candidate would halve what the time budget sees. The precisions
+        whose quantizers cannot reach into fused operators (static QDQ INT8, weight-only) start
+        from the unfused model whatever this step decides (engines.graphopt.targets).
+
+        Left on "auto", a model that is not a transformer (or whose heads cannot be found) is
+        searched unfused, with a message; values stated in the request that the graph contradicts
+        were refused when the job was made."""
+        config = self.request.space.graph_optimization
+        if not config.enabled:
+            return
+        began = self.clock()
+        try:
+            self.graph = run_graph_stage(
+                self.model_path,
+                config,
+                self.workdir / "graphopt",
+                targets=backends,
+                inputs=self.inputs,
+                data=self.evaluation,
+                data_name="evaluation",
+                runner_for=lambda target, path: built_runner(
+                    get_backend(target),
+                    self.workdir / "graphopt" / target,
+                    None,
+                    path,
+                    batch_axes=self.stated,
+                ),
+                timing_batch=self.objective.batch_size,
+                check_cancelled=self.check_cancelled,
+            )
+        except InvalidRecipeError as exc:
+            if config != GraphOptConfig(config.model_type) or config.stated_type:  # values were stated
+                raise
+            self.messages.append(f"graph optimization: {exc.detail}; the search runs the model unfused")
+            return
+        self.messages += self.graph.messages
+        self.graph.report["search_seconds"] = round(self.clock() - began, 3)
 
     # ------------------------------------------------------------ building a candidate
 
@@ -341,18 +404,28 @@ class _Search:
         trained = (pruning_key(candidate), backend.quantization_profile, candidate.qat_epochs)
         variant = self.qat_variants.get(trained) if candidate.qat_epochs else None
         if variant is None:
-            variant = build_variant(
-                source,
-                recipe,
-                backend.quantization_profile,
-                workdir,
-                calibration=self.calibration,
-                evaluation=self.evaluation if candidate.float_fallback else None,
-                batch_size=min(16, (self.calibration.samples if self.calibration else 16)),
-                check_cancelled=self.check_cancelled,
-                # the target scores it
-                runner_for=partial(built_runner, backend, workdir / "checks", None, batch_axes=self.stated),
-            )
+
+            def make(model: Path) -> ModelVariant:
+                return build_variant(
+                    model,
+                    recipe,
+                    backend.quantization_profile,
+                    workdir if model == source else workdir / "fused",
+                    calibration=self.calibration,
+                    evaluation=self.evaluation if candidate.float_fallback else None,
+                    batch_size=min(16, (self.calibration.samples if self.calibration else 16)),
+                    check_cancelled=self.check_cancelled,
+                    # the target scores it
+                    runner_for=partial(
+                        built_runner, backend, workdir / "checks", None, batch_axes=self.stated
+                    ),
+                )
+
+            # the unpruned model, fused where the pre-step kept fusion for this backend and precision
+            graph = None if candidate.pruned else self.graph
+            variant = make(source) if graph is None else graph.build(
+                candidate.backend, model_precision, make, self.messages
+            )  # fmt: skip
         if candidate.qat_epochs:
             if not any("qat" in key for key in variant.metadata):
                 raise EngineError(
@@ -386,7 +459,15 @@ class _Search:
         machine compare by that ratio, not by their raw figures)."""
         runners = {BASELINE: self.original, "candidate": runner}
         batch = (self.objective.batch_size,)
-        quick = measure_latency(runners, batch, QUICK, self.evaluation, self.check_cancelled)
+        quick = measure_latency(
+            runners,
+            batch,
+            QUICK,
+            self.evaluation,
+            self.check_cancelled,
+            sequence_lengths=self.objective.sequence_lengths,
+            sequence=self.sequence,
+        )
         cost = self.objective.cost(quick["candidate"], size_bytes)
         return quick["candidate"], cost, cost / self.objective.cost(quick[BASELINE], self.baseline_size)
 
@@ -559,7 +640,20 @@ class _Search:
     # ------------------------------------------------------------ the whole search
 
     def _not_applicable(self, candidate: Candidate) -> str | None:
-        """Why the candidate's calibration method does not apply to this model (its registry says)."""
+        """Why the candidate does not apply to this model: its backend cannot compute its precision on
+        this machine (bf16 without bfloat16 arithmetic), its precision has nothing to work on here or
+        would not pay (engines.variants' rules: dynamic INT8 and weight-only need MatMul weights), or
+        its calibration method does not apply (the methods' registry says)."""
+        unavailable = backend_class(candidate.backend).precision_unavailable(candidate.precision)
+        if unavailable:
+            return unavailable
+        key = f"precision {candidate.precision}"
+        if key not in self.not_applicable:
+            self.not_applicable[key] = precision_not_applicable(
+                candidate.precision, self.model_path, searching=True
+            )
+        if self.not_applicable[key]:
+            return self.not_applicable[key]
         if not Moves.is_plain_int8(candidate) or not candidate.calibration:
             return None
         name = candidate.calibration
@@ -677,6 +771,8 @@ class _Search:
             FINAL,
             self.evaluation,
             self.check_cancelled,  # type: ignore[arg-type]
+            sequence_lengths=self.objective.sequence_lengths,
+            sequence=self.sequence,
         )
         baseline_cost = self.objective.cost(final[BASELINE], self.baseline_size)
         self.finished = True
@@ -796,6 +892,7 @@ def autotune(
     )
     progress(0.0, "measuring the original")
     search.measure_original()
+    search.fuse_graph(backends)
     if needs_calibration:
         search.messages.append("no calibration set: INT8 and pruning were left out of the search")
     can_prune = calibration is not None and all(spec.batch_axis == 0 for spec in search.inputs)

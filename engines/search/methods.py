@@ -17,8 +17,10 @@ from engines.quantize.int8 import QUANTIZATION_METHODS  # importing int8 registe
 #: The families, in the order the search tries their first method: ONNX Runtime's minmax is the
 #: cheapest build; NNCF (fast bias correction) kept fp32's top-1 on 73 % of EfficientNet-Lite0's
 #: held-out crops where minmax kept 53 % and cross-layer equalization 51 % (per channel); so NNCF
-#: before equalization. A family not named here comes after these, in registration order.
-FAMILY_PREFERENCE = ("onnxruntime", "nncf", "equalization")
+#: before equalization. SmoothQuant applies to MatMul-heavy graphs only (transformers), where equalization
+#: (Conv chains) does not: it comes right after NNCF. A family not named here comes after these, in
+#: registration order.
+FAMILY_PREFERENCE = ("onnxruntime", "nncf", "smoothquant", "equalization")
 
 
 def method_names() -> tuple[str, ...]:
@@ -63,6 +65,6 @@ def _preference(name: str) -> int:
 
 def default_calibrations() -> tuple[str, ...]:
     """Every registered method, the first of each family first, families in FAMILY_PREFERENCE's
-    order (minmax, nncf, cle, then entropy, percentile, nncf-smoothquant)."""
+    order (minmax, nncf, nncf-smoothquant, cle, then entropy, percentile)."""
     firsts, rest = family_first(sorted(method_names(), key=_preference))
     return firsts + rest

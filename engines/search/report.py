@@ -21,6 +21,12 @@ def _cost_value(metric: str, cost: float, batch_size: int) -> float:
     return cost
 
 
+def _at(objective: dict[str, Any]) -> str:
+    """Where the cost was measured: `batch 8`, or `batch 8, sequence 128`."""
+    length = objective.get("sequence_length")
+    return f"batch {objective['batch_size']}" + ("" if length is None else f", sequence {length}")
+
+
 def _versus_original(row: dict[str, Any], original: float, cost: float | None) -> str:
     """Speed against the original: from the final side-by-side timing for accepted candidates, from
     the quick timing (beside the original, in the same rounds) for the others, marked so."""
@@ -36,7 +42,7 @@ def markdown(report: dict[str, Any]) -> str:
     unit = _COST_UNITS[metric]
     budget = report["budget"]
     lines = [
-        f"Objective: {metric} at batch {batch}; budget: {report['allowed_drop'] * 100:.2f} pt of "
+        f"Objective: {metric} at {_at(objective)}; budget: {report['allowed_drop'] * 100:.2f} pt of "
         f"{budget['metric']}; chosen: {report['chosen'] or 'none'}; {report['elapsed_s']:.0f} s"
         + (" (time budget ran out)" if report["timed_out"] else ""),
         "",
@@ -122,7 +128,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     )  # fmt: skip
     axes.axvline(report["allowed_drop"] * 100, color="tab:red", linestyle="--", linewidth=1, label="budget")
     axes.set_xlabel(f"accuracy drop ({report['budget']['metric']}, points)")
-    axes.set_ylabel(f"{metric} ({_COST_UNITS[metric]}) at batch {batch}")
+    axes.set_ylabel(f"{metric} ({_COST_UNITS[metric]}) at {_at(objective)}")
     axes.set_title("Autotune: every scored candidate, cost against accuracy drop")
     axes.legend(fontsize=8)
     figure.tight_layout()

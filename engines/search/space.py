@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engines.errors import InvalidRecipeError
+from engines.graphopt.config import AUTO, GraphOptConfig
+from engines.measure.latency import latency_key
 from engines.search.methods import default_calibrations, family_first
 
 OBJECTIVE_METRICS = ("latency", "throughput", "size")
@@ -25,25 +27,46 @@ OBJECTIVE_METRICS = ("latency", "throughput", "size")
 
 @dataclass(frozen=True)
 class Objective:
-    """Minimize latency (p50) or maximize throughput at `batch_size`, or minimize the engine's size."""
+    """Minimize latency (p50) or maximize throughput at `batch_size` (and, for a model with a
+    sequence axis, at `sequence_length`: generated or dataset tokens cut or padded to it; None: the
+    evaluation set's own length), or minimize the engine's size."""
 
     metric: str = "latency"
     batch_size: int = 1
+    sequence_length: int | None = None
+
+    @property
+    def sequence_lengths(self) -> tuple[int, ...]:
+        """The lengths the search times at (engines.measure.latency.measure_latency)."""
+        return () if self.sequence_length is None else (self.sequence_length,)
+
+    @property
+    def shape(self) -> str:
+        """`batch 8`, or `batch 8, sequence 128`: where the cost is measured, as people read it."""
+        length = "" if self.sequence_length is None else f", sequence {self.sequence_length}"
+        return f"batch {self.batch_size}{length}"
 
     def cost(self, latency: dict[str, dict[str, float]] | None, size_bytes: int) -> float:
         """Smaller is better, whatever the metric (throughput as its inverse)."""
         if self.metric == "size":
             return float(size_bytes)
         assert latency is not None
-        stats = latency[str(self.batch_size)]
+        stats = latency[latency_key(self.batch_size, self.sequence_length)]
         return stats["p50_ms"] if self.metric == "latency" else 1.0 / stats["throughput_per_s"]
 
     def describe(self, cost: float) -> str:
         if self.metric == "size":
             return f"{cost / 1e6:.2f} MB"
         if self.metric == "latency":
-            return f"p50 {cost:.3f} ms at batch {self.batch_size}"
-        return f"{1.0 / cost:.1f} samples/s at batch {self.batch_size}"
+            return f"p50 {cost:.3f} ms at {self.shape}"
+        return f"{1.0 / cost:.1f} samples/s at {self.shape}"
+
+    def to_report(self) -> dict[str, Any]:
+        """The objective as a report states it (the sequence length only where one was asked)."""
+        data: dict[str, Any] = {"metric": self.metric, "batch_size": self.batch_size}
+        if self.sequence_length is not None:
+            data["sequence_length"] = self.sequence_length
+        return data
 
 
 @dataclass(frozen=True)
@@ -65,7 +88,11 @@ class SearchSpace:
     """The choices the search may combine; the request's `space` narrows them."""
 
     backends: tuple[str, ...] = ()  # empty: every CPU backend this worker runs
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    # every precision a backend here builds; those that do not apply to the model (or would not pay:
+    # weight-only where MatMul weights are a small share) are skipped with the reason
+    precisions: tuple[str, ...] = (
+        "fp32", "fp16", "bf16", "int8", "int8-dynamic", "int8-weight", "int4-weight"
+    )  # fmt: skip
     # every registered method, one per family first (engines.search.methods.default_calibrations)
     calibrations: tuple[str, ...] = field(default_factory=default_calibrations)
     prune_ratios: tuple[float, ...] = (0.3, 0.5)
@@ -80,6 +107,9 @@ class SearchSpace:
     # was made before and its measured cost fits; off by default: on a 224×224 network on 2 cores it
     # takes longer than the default time budget (docs in engines/search/autotune.py)
     sensitivity: bool = False
+    # transformer fusion, once, before the first candidate (a pre-step, not a dimension: the search's
+    # _Search.fuse_graph says why); "auto": detected, a transformer that is not identified runs unfused
+    graph_optimization: GraphOptConfig = field(default_factory=lambda: GraphOptConfig(AUTO))
 
 
 @dataclass(frozen=True)
@@ -126,9 +156,10 @@ def candidates(
     sensitivity_ratios: dict[str, float] | None = None,
 ) -> list[Candidate]:
     """Every candidate of the space on these backends, cheapest to build first, each kind of move
-    early once: unpruned fp32, fp16, INT8 with the first method of each calibration family; the
-    first pruning (the sensitivity analysis's per-layer ratios, or else the smallest ratio), fp32
-    then INT8; the other methods of families already tried; the other prunings.
+    early once: unpruned fp32, fp16, bf16, dynamic INT8 (no calibration: seconds to build), INT8 with
+    the first method of each calibration family, weight-only int8 and int4 (round to nearest: seconds,
+    no data); the first pruning (the sensitivity analysis's per-layer ratios, or else the smallest
+    ratio), fp32 then INT8; the other methods of families already tried; the other prunings.
 
     The float fallback and QAT are not queued here: the search queues them right after the INT8
     candidate they rescue fails (engines.search.autotune)."""
@@ -143,9 +174,10 @@ def candidates(
         ]
 
     firsts, rest = family_first(space.calibrations)
-    found: list[Candidate] = [*at("fp32"), *at("fp16")]
+    found: list[Candidate] = [*at("fp32"), *at("fp16"), *at("bf16"), *at("int8-dynamic")]
     for calibration in firsts:
         found += at("int8", calibration=calibration)
+    found += [*at("int8-weight"), *at("int4-weight")]
     prunings: list[dict[str, Any]] = []
     if can_prune:
         if sensitivity_ratios and any(sensitivity_ratios.values()):

@@ -179,12 +179,20 @@ def upload_dataset(
     preprocessing: Mapping[str, Any] | None = None,
     classes: Sequence[str] | None = None,
     input_name: str | None = None,
+    tokenizer: str | Path | None = None,
+    tokenization: Mapping[str, Any] | None = None,
+    model_id: str | None = None,
 ) -> Call[Dataset]:
     """Upload a .npz of the model's inputs by name (and optional `labels`; never pickled), or a
     .zip of images with a `preprocessing` spec (size, resize, mean, std, channel_order, layout,
     dtype), the model's `classes` in output order and the array's `input_name`. A large image
     folder answers `processing` while a worker decodes it: `Client.upload_dataset` waits for it
-    by default, `wait_for_dataset(dataset.id)` does on demand."""
+    by default, `wait_for_dataset(dataset.id)` does on demand.
+
+    A JSONL of texts (`{"text": ..., "text_pair": ..., "label": ...}` per line) goes with its
+    `tokenizer` (a tokenizer.json) and a `tokenization` spec (max_length, truncation, padding
+    `max_length` or `longest`, padding_side, add_special_tokens, input_names, dtype); with
+    `model_id` its arrays take that model's input names and dtypes, checked against it."""
     call = _upload("/v1/datasets", path, name, Dataset)
     form = dict(call.data or {})
     if preprocessing is not None:
@@ -193,6 +201,13 @@ def upload_dataset(
         form["classes"] = json.dumps(list(classes))
     if input_name is not None:
         form["input_name"] = input_name
+    if tokenization is not None:
+        form["tokenization"] = json.dumps(dict(tokenization))
+    if model_id is not None:
+        form["model_id"] = model_id
+    if tokenizer is not None:
+        tokenizer = Path(tokenizer)
+        call.files = {**(call.files or {}), "tokenizer": (tokenizer.name, tokenizer.open("rb"))}
     call.data = form or None
     return call
 
@@ -229,6 +244,7 @@ def optimize(
     *,
     objective: str = "latency",
     batch_size: int = 1,
+    sequence_length: int | None = None,
     max_drop: float = 0.01,
     budget_metric: str = "top1",
     relative: bool = False,
@@ -239,11 +255,15 @@ def optimize(
     """Auto-optimize: the fastest engine (or the smallest, objective="size") whose accuracy drop
     stays within `max_drop` (0.01 = 1 point of `budget_metric`), searched in `time_budget_minutes`.
     Follow it with `wait_for_job`, then `autotune_report(job_id)`; `space` narrows the search
-    (`backends`, `precisions`, `calibrations`, `prune_ratios`, …)."""
+    (`backends`, `precisions`, `calibrations`, `prune_ratios`, …); `sequence_length` times a model
+    with token inputs of dynamic length at that length."""
+    at: dict[str, Any] = {"metric": objective, "batch_size": batch_size}
+    if sequence_length is not None:  # only when asked: a server before it refuses unknown fields
+        at["sequence_length"] = sequence_length
     body = {
         "evaluation_dataset_id": evaluation_dataset_id,
         "calibration_dataset_id": calibration_dataset_id,
-        "objective": {"metric": objective, "batch_size": batch_size},
+        "objective": at,
         "accuracy_budget": {"metric": budget_metric, "max_drop": max_drop, "relative": relative},
         "time_budget_minutes": time_budget_minutes,
         "space": dict(space or {}),

@@ -60,13 +60,19 @@ class ProgressBar:
 
 def _check_choices(client: Client, args: argparse.Namespace) -> None:
     """Precisions and criteria are the server's (GET /v1/capabilities), never a copy kept here."""
-    wanted = {"precision": getattr(args, "precision", None), "prune": getattr(args, "prune", None)}
+    wanted = {
+        "precision": getattr(args, "precision", None),
+        "prune": getattr(args, "prune", None),
+        "fuse": getattr(args, "fuse", None),
+    }
     if not any(wanted.values()):
         return
     offered = client.capabilities()
+    graph = offered.get("graph_optimization", {})
     choices = {
         "precision": offered["precisions"],
         "prune": [criterion["name"] for criterion in offered["prune_methods"]],
+        "fuse": [*graph.get("modes", []), *(item["name"] for item in graph.get("model_types", []))],
     }
     for option, value in wanted.items():
         if value and value not in choices[option]:
@@ -81,10 +87,16 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
         recipe["targets"] = args.target
     if args.batch_sizes:
         recipe["batch_sizes"] = [int(size) for size in args.batch_sizes.split(",")]
+    if args.sequence_lengths:
+        recipe["sequence_lengths"] = [int(length) for length in args.sequence_lengths.split(",")]
     if args.prune:
         recipe["prune"] = {**recipe.get("prune", {}), "method": args.prune, "ratio": args.prune_ratio}
     if args.finetune_epochs:
         recipe["finetune"] = {**recipe.get("finetune", {}), "epochs": args.finetune_epochs}
+    stated = {"num_heads": args.num_heads, "hidden_size": args.hidden_size}
+    if args.fuse or any(stated.values()):
+        graph = {**recipe.get("graph_optimization", {}), "model_type": args.fuse or "auto"}
+        recipe["graph_optimization"] = {**graph, **{k: v for k, v in stated.items() if v is not None}}
     return recipe
 
 
@@ -103,10 +115,18 @@ def parse_budget(text: str) -> tuple[float, bool]:
     return float(value), relative
 
 
+def parse_objective_at(text: str) -> tuple[str, int, int | None]:
+    """`latency@8`, `throughput@32`, `size`; `latency@1x128`: batch 1 at sequence length 128 (a
+    model with a sequence axis): (metric, batch size, sequence length or None)."""
+    metric, _, shape = text.partition("@")
+    batch, _, length = shape.partition("x")
+    return metric, int(batch) if batch else 1, int(length) if length else None
+
+
 def parse_objective(text: str) -> tuple[str, int]:
-    """`latency@8`, `throughput@32`, `size`."""
-    metric, _, batch = text.partition("@")
-    return metric, int(batch) if batch else 1
+    """`latency@8`, `throughput@32`, `size`: (metric, batch size)."""
+    metric, batch, _length = parse_objective_at(text)
+    return metric, batch
 
 
 def _run_search(
@@ -116,7 +136,7 @@ def _run_search(
     if evaluation is None:
         raise SystemExit("error: --budget needs an evaluation set (--eval): every candidate is scored on it")
     max_drop, relative = parse_budget(args.budget)
-    metric, batch_size = parse_objective(args.objective)
+    metric, batch_size, sequence_length = parse_objective_at(args.objective)
     space = {"backends": args.target} if args.target else {}
     job = client.optimize(
         model_id,
@@ -124,6 +144,7 @@ def _run_search(
         calibration.id if calibration else None,
         objective=metric,
         batch_size=batch_size,
+        sequence_length=sequence_length,
         max_drop=max_drop,
         budget_metric=args.budget_metric or ("top1" if evaluation.has_labels else "fidelity"),
         relative=relative,
@@ -158,6 +179,38 @@ def _upload(
 
 def cmd_upload_model(client: Client, args: argparse.Namespace) -> int:
     _print_json(_upload(client, args.file, args.name, args.opset, wait=args.wait))
+    return 0
+
+
+def _tokenization(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The tokenization spec of `datasets upload` from its options (None: the server's defaults)."""
+    spec: dict[str, Any] = json.loads(Path(args.tokenization).read_text()) if args.tokenization else {}
+    if args.max_length is not None:
+        spec["max_length"] = args.max_length
+    if args.padding:
+        spec["padding"] = args.padding
+    if args.no_truncation:
+        spec["truncation"] = False
+    if args.input_names:
+        spec["input_names"] = [name.strip() for name in args.input_names.split(",") if name.strip()]
+    if args.dtype:
+        spec["dtype"] = args.dtype
+    return spec or None
+
+
+def cmd_upload_dataset(client: Client, args: argparse.Namespace) -> int:
+    text_options = (args.tokenization, args.max_length, args.padding, args.no_truncation, args.input_names)
+    if not args.tokenizer and (args.for_model or args.dtype or any(o for o in text_options)):
+        raise SystemExit("error: the tokenization options go with --tokenizer (a JSONL of texts)")
+    dataset = client.upload_dataset(
+        args.file,
+        name=args.name,
+        tokenizer=args.tokenizer,
+        tokenization=_tokenization(args) if args.tokenizer else None,
+        model_id=args.for_model,
+        classes=[name.strip() for name in args.classes.split(",")] if args.classes else None,
+    )
+    _print_json(dataset)
     return 0
 
 
@@ -243,7 +296,7 @@ def _commands() -> dict[str, Any]:
         ),
         "models get": lambda c, a: _print_json(c.get_model(a.id)),
         "models delete": lambda c, a: c.delete_model(a.id),
-        "datasets upload": lambda c, a: _print_json(c.upload_dataset(a.file, name=a.name)),
+        "datasets upload": cmd_upload_dataset,
         "datasets list": lambda c, a: _list(c.list_datasets(), ["id", "name", "samples", "has_labels"]),
         "jobs create": lambda c, a: (
             _check_choices(c, a),
@@ -283,9 +336,21 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", help="one of the server's (optiforge capabilities)")
     parser.add_argument("--target", action="append", help="backend, e.g. onnxruntime-cpu (repeatable)")
     parser.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8")
+    parser.add_argument(
+        "--sequence-lengths",
+        help="a model with token inputs of dynamic length: time each batch size at each, e.g. 16,128",
+    )
     parser.add_argument("--prune", help="a pruning criterion of the server's (optiforge capabilities)")
     parser.add_argument("--prune-ratio", type=float, default=0.5)
     parser.add_argument("--finetune-epochs", type=int)
+    parser.add_argument(
+        "--fuse",
+        metavar="MODEL_TYPE",
+        help="transformer graph optimization: auto (detected), or a model type of the server's "
+        "(optiforge capabilities), e.g. bert",
+    )
+    parser.add_argument("--num-heads", type=int, help="with --fuse: attention heads, where detection fails")
+    parser.add_argument("--hidden-size", type=int, help="with --fuse: hidden size, where detection fails")
 
 
 def add_client_commands(sub: Any) -> None:
@@ -319,9 +384,27 @@ def add_client_commands(sub: Any) -> None:
     leaf(models, "models delete", "delete a model, its jobs and engines").add_argument("id")
 
     datasets = group("datasets", "upload and list datasets")
-    upload = leaf(datasets, "datasets upload", "upload a .npz (inputs by name, optional labels)")
+    upload = leaf(
+        datasets,
+        "datasets upload",
+        "upload a .npz (inputs by name, optional labels), or a JSONL of texts with --tokenizer",
+    )
     upload.add_argument("file")
     upload.add_argument("--name")
+    texts = upload.add_argument_group('texts (a JSONL: one {"text", "text_pair", "label"} per line)')
+    texts.add_argument("--tokenizer", help="the tokenizer.json that tokenizes the texts")
+    texts.add_argument(
+        "--for-model", metavar="MODEL_ID", help="the model the arrays are made for and checked against"
+    )
+    texts.add_argument("--max-length", type=int, help="tokens per row (default: the model's, else 128)")
+    texts.add_argument("--padding", choices=["max_length", "longest"], help="default: max_length")
+    texts.add_argument("--no-truncation", action="store_true", help="refuse a line over max-length")
+    texts.add_argument("--input-names", help="arrays to produce, e.g. input_ids,attention_mask")
+    texts.add_argument("--dtype", choices=["int64", "int32"], help="default: the model's, else int64")
+    texts.add_argument(
+        "--tokenization", metavar="JSON_FILE", help="a tokenization spec; the options override it"
+    )
+    texts.add_argument("--classes", help="class names in the model's output order, comma-separated")
     leaf(datasets, "datasets list", "list datasets")
 
     jobs = group("jobs", "create, follow and read jobs")
@@ -371,7 +454,11 @@ def add_client_commands(sub: Any) -> None:
         help="search for the fastest engine within this accuracy drop (1%% or 1pt = one point; 1%%rel = "
         "1%% of the original's score) instead of running one recipe; needs --eval",
     )
-    optimize.add_argument("--objective", default="latency@1", help="latency@BATCH, throughput@BATCH or size")
+    optimize.add_argument(
+        "--objective",
+        default="latency@1",
+        help="latency@BATCH, throughput@BATCH or size; latency@1x128: batch 1 at sequence length 128",
+    )
     optimize.add_argument("--budget-metric", choices=["top1", "fidelity"], help="default: top1 with labels")
     optimize.add_argument("--time-budget", type=float, default=30.0, help="minutes the search may take")
     optimize.add_argument("--alias", help="give the chosen engine this alias")

@@ -170,14 +170,25 @@ class Client:
         preprocessing: Mapping[str, Any] | None = None,
         classes: Sequence[str] | None = None,
         input_name: str | None = None,
+        tokenizer: str | Path | None = None,
+        tokenization: Mapping[str, Any] | None = None,
+        model_id: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
     ) -> Dataset:
-        """Upload a dataset (calls.upload_dataset); a large image folder is decoded by a job:
-        with `wait` (the default) this returns it ready (DatasetFailed, DatasetTimeout), without,
-        as it is (`status` `processing`; `wait_for_dataset` later)."""
+        """Upload a dataset (calls.upload_dataset: an .npz, a .zip of images, or a JSONL of texts
+        with its `tokenizer` and `tokenization` spec, for `model_id`); a large image folder is
+        decoded by a job: with `wait` (the default) this returns it ready (DatasetFailed,
+        DatasetTimeout), without, as it is (`status` `processing`; `wait_for_dataset` later)."""
         call = calls.upload_dataset(
-            path, name, preprocessing=preprocessing, classes=classes, input_name=input_name
+            path,
+            name,
+            preprocessing=preprocessing,
+            classes=classes,
+            input_name=input_name,
+            tokenizer=tokenizer,
+            tokenization=tokenization,
+            model_id=model_id,
         )
         dataset = self.send(call)
         return self.wait_for_dataset(dataset.id, timeout) if wait and dataset.status != "ready" else dataset
@@ -310,12 +321,22 @@ class AsyncClient:
         preprocessing: Mapping[str, Any] | None = None,
         classes: Sequence[str] | None = None,
         input_name: str | None = None,
+        tokenizer: str | Path | None = None,
+        tokenization: Mapping[str, Any] | None = None,
+        model_id: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
     ) -> Dataset:
         """As `Client.upload_dataset`."""
         call = calls.upload_dataset(
-            path, name, preprocessing=preprocessing, classes=classes, input_name=input_name
+            path,
+            name,
+            preprocessing=preprocessing,
+            classes=classes,
+            input_name=input_name,
+            tokenizer=tokenizer,
+            tokenization=tokenization,
+            model_id=model_id,
         )
         dataset = await self.send(call)
         if wait and dataset.status != "ready":

@@ -16,6 +16,8 @@ from app.core.orm import JobKind
 from app.core.presence import live_workers_by_queue
 from app.core.settings import Settings
 from engines.backends.registry import backend_class, backend_names, unavailable_reason
+from engines.graphopt.config import AUTO, OFF
+from engines.graphopt.model_types import MODEL_TYPES
 from engines.prune.criteria import CRITERIA
 from engines.quantize.budget import BUDGET_METRICS
 from engines.quantize.int8 import CALIBRATION_METHODS, QUANTIZATION_METHODS
@@ -35,6 +37,11 @@ def capabilities(
         "quantization_methods": [method.to_dict() for method in QUANTIZATION_METHODS.values()],
         "prune_methods": [criterion.to_dict() for criterion in CRITERIA.values()],
         "budget_metrics": list(BUDGET_METRICS),
+        # a recipe's graph_optimization.model_type: off, auto, or one of these (detected: auto finds it)
+        "graph_optimization": {
+            "modes": [OFF, AUTO],
+            "model_types": [model_type.to_dict() for model_type in MODEL_TYPES.values()],
+        },
         "backends": [
             {
                 "name": name,

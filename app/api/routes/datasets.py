@@ -1,5 +1,6 @@
-"""/v1/datasets: upload calibration and evaluation sets: `.npz` arrays, or a `.zip` of images in
-class folders turned into arrays by a stored preprocessing spec (engines.ingest.images)."""
+"""/v1/datasets: upload calibration and evaluation sets: `.npz` arrays, a `.zip` of images in
+class folders turned into arrays by a stored preprocessing spec (engines.ingest.images), or a JSONL
+of texts tokenized by its tokenizer.json and a stored tokenization spec (engines.ingest.texts)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from app.api.schemas import NAME_PATTERN, DatasetOut, check_text
 from app.api.uploads import commit_upload, receive_upload
 from app.api.views import dataset_list, dataset_out
 from app.core.audit import audit
-from app.core.dataset_limits import dataset_limits
+from app.core.dataset_limits import dataset_limits, text_limits
 from app.core.errors import ApiError, from_engine_error
-from app.core.orm import DatasetRecord, DatasetStatus, JobRecord, JobStatus, new_id
+from app.core.orm import DatasetRecord, DatasetStatus, JobKind, JobRecord, JobStatus, new_id
 from app.core.settings import Settings
 from app.core.space import disk_reserve
 from app.core.store import ArtifactStore
@@ -34,6 +35,13 @@ from app.services.datasets import (
 )
 from app.services.jobs import publish_upload_job, stage_job
 from app.services.records import delete_records, get_dataset_record
+from app.services.text_datasets import (
+    TEXT_TOO_LARGE_CODES,
+    TextUpload,
+    receive_texts,
+    save_tokenizer,
+    text_model,
+)
 from engines.errors import InvalidDatasetError
 from engines.ingest.datasets import inspect_npz
 from engines.ingest.image_npz import write_image_npz
@@ -45,6 +53,7 @@ from engines.ingest.images import (
     plan_image_folder,
 )
 from engines.ingest.limits import TOO_LARGE_CODES, DatasetLimits
+from engines.ingest.text_lines import looks_like_jsonl
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 DATASET_FILENAME = "dataset.npz"
@@ -57,18 +66,20 @@ DATASET_FILENAME = "dataset.npz"
     responses={
         202: {
             "model": DatasetOut,
-            "description": "a large image folder: stored, `processing` while its decode_images job "
-            "(processing_job_id) decodes it; jobs can use it once it is ready",
+            "description": "a large image folder, or a long JSONL of texts: stored, `processing` while "
+            "its decode_images or tokenize_texts job (processing_job_id) makes its arrays; jobs can use "
+            "it once it is ready",
         }
     },
-    summary="Upload a dataset (.npz or images)",
+    summary="Upload a dataset (.npz, images, or texts with their tokenizer)",
 )
 def upload_dataset(
     file: Annotated[
         UploadFile,
         File(
             description="an .npz with one array per model input (keyed by input name) and optional "
-            "'labels'; or a .zip of images, in class folders (cat/001.jpg: labelled) or not"
+            "'labels'; or a .zip of images, in class folders (cat/001.jpg: labelled) or not; or a JSONL "
+            'of texts, one {"text": ..., "text_pair": ..., "label": ...} per line, with a tokenizer'
         ),
     ],
     principal: PrincipalDep,
@@ -94,6 +105,32 @@ def upload_dataset(
     input_name: Annotated[
         str | None, Form(max_length=255, pattern=NAME_PATTERN, description="images only: the array's name")
     ] = None,
+    tokenizer: Annotated[
+        UploadFile | None,
+        File(
+            description="texts only: the tokenizer.json of a Hugging Face fast tokenizer (what "
+            "save_pretrained writes), which tokenizes the JSONL"
+        ),
+    ] = None,
+    tokenization: Annotated[
+        str | None,
+        Form(
+            max_length=4096,
+            description="texts only: JSON, any of max_length (default: the model's, else 128), "
+            "truncation (true), padding (max_length or longest), padding_side (right or left), "
+            "add_special_tokens (true), input_names (a list of input_ids, attention_mask, "
+            "token_type_ids, or an object naming the model input of each), dtype (int64 or int32; "
+            "default: the model's)",
+        ),
+    ] = None,
+    model_id: Annotated[
+        str | None,
+        Form(
+            max_length=64,
+            description="texts only: the model the dataset is for: its arrays take the model's input "
+            "names and dtypes, and the tokenizer's vocabulary is checked against its embedding table",
+        ),
+    ] = None,
     settings: Settings = Depends(get_settings_dep),
     store: ArtifactStore = Depends(get_store_dep),
     session: Session = Depends(get_db),
@@ -102,8 +139,11 @@ def upload_dataset(
     dtypes and labels, and store it as an `.npz`. A `.zip` of images is checked whole before a
     pixel is decoded (members, layout, images, the bytes its arrays will take, each image's pixels
     from its header); a small one is decoded now (201), a large one is stored and decoded by a
-    `decode_images` job (202, `processing`)."""
+    `decode_images` job (202, `processing`). A JSONL of texts is checked whole, every line, with its
+    tokenizer (and the model it is for); a short one is tokenized now (201), a long one by a
+    `tokenize_texts` job (202)."""
     image_options = {"preprocessing": preprocessing, "classes": classes, "input_name": input_name}
+    text_options = {"tokenization": tokenization, "model_id": model_id}
     limits = dataset_limits(settings)
     job: JobRecord | None = None
     with receive_upload(file, settings, DATASET_FILENAME) as received:
@@ -112,7 +152,33 @@ def upload_dataset(
         staged = received.subdir("stored")
         status = DatasetStatus.READY
         try:
-            if is_image_folder_archive(received.path):
+            texts_only = sorted(option for option, value in text_options.items() if value is not None)
+            if tokenizer is not None:
+                texts = _text_dataset(
+                    received.path,
+                    tokenizer,
+                    staged,
+                    session,
+                    store,
+                    settings,
+                    limits,
+                    principal.project_id,
+                    **image_options,
+                    **text_options,
+                )
+                info = texts.info
+                if texts.job_options is not None:
+                    job = new_decode_job(
+                        principal.project_id, dataset_id, texts.job_options, kind=JobKind.TOKENIZE_TEXTS
+                    )
+                    info["processing_job_id"] = job.id
+                    status = DatasetStatus.PROCESSING
+            elif texts_only:
+                raise InvalidDatasetError(
+                    f"{texts_only} apply to a JSONL of texts, uploaded with its tokenizer",
+                    code="invalid_tokenization",
+                )
+            elif is_image_folder_archive(received.path):
                 plan = _plan_image_folder(received.path, settings, limits, **image_options)
                 if _decode_now(received.path, plan, settings, limits):
                     info = _decode_image_folder(received.path, plan, staged / DATASET_FILENAME, settings)
@@ -130,6 +196,12 @@ def upload_dataset(
                     raise InvalidDatasetError(
                         f"{given} apply to a .zip of images; an .npz holds its arrays as they are",
                         code="invalid_preprocessing",
+                    )
+                if looks_like_jsonl(received.path):
+                    raise InvalidDatasetError(
+                        "a JSONL of texts is tokenized by its tokenizer: send the tokenizer.json as the "
+                        "form file `tokenizer` (with a `tokenization` spec: max_length, padding, …)",
+                        code="tokenizer_required",
                     )
                 info = inspect_npz(
                     received.path, max_unpacked_bytes=settings.max_unpacked_bytes, limits=limits
@@ -163,7 +235,7 @@ def upload_dataset(
 
 def dataset_refusal(exc: InvalidDatasetError) -> ApiError:
     """413 for a dataset over a size bound (engines.ingest.limits.TOO_LARGE_CODES), else 422."""
-    return from_engine_error(exc, 413 if exc.code in TOO_LARGE_CODES else 422)
+    return from_engine_error(exc, 413 if exc.code in TOO_LARGE_CODES | TEXT_TOO_LARGE_CODES else 422)
 
 
 #: An image folder decoded at upload makes arrays of at most this many bytes (the rest: a job).
@@ -213,7 +285,49 @@ def _decode_image_folder(
     return {**info.to_dict(), "image_folder": plan.describe()}
 
 
-def _json_form(value: str | None, field: str, kind: type) -> Any:
+def _text_dataset(
+    jsonl: Path,
+    tokenizer: UploadFile,
+    staged: Path,
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    limits: DatasetLimits,
+    project_id: str,
+    *,
+    preprocessing: str | None,
+    classes: str | None,
+    input_name: str | None,
+    tokenization: str | None,
+    model_id: str | None,
+) -> TextUpload:
+    """A JSONL of texts checked whole and tokenized into the stored `.npz` now, or stored for a
+    tokenize_texts job when long (app.services.text_datasets); the tokenizer is kept beside it."""
+    if preprocessing is not None or input_name is not None:
+        raise InvalidDatasetError(
+            "preprocessing and input_name apply to images; texts take a `tokenization` spec (its "
+            "input_names name the arrays)",
+            code="invalid_tokenization",
+        )
+    spec = _json_form(tokenization, "tokenization", dict, code="invalid_tokenization")
+    class_names = _json_form(classes, "classes", list, code="invalid_labels")
+    model = text_model(session, store, project_id, model_id) if model_id is not None else None
+    tokenizer_path = staged.parent / "tokenizer" / "tokenizer.json"
+    sha256 = save_tokenizer(tokenizer.file, tokenizer_path, text_limits(settings))
+    return receive_texts(
+        jsonl,
+        tokenizer_path,
+        staged / DATASET_FILENAME,
+        settings=settings,
+        limits=limits,
+        spec=spec,
+        classes=class_names,
+        model=model,
+        tokenizer_sha256=sha256,
+    )
+
+
+def _json_form(value: str | None, field: str, kind: type, *, code: str = "invalid_preprocessing") -> Any:
     """The form field read as JSON of `kind`. Its escapes (`"\\ud800"`, `"\\u0000"`) are text that
     multipart decoding never saw: the rule of a JSON body (`check_text`) holds for it too."""
     if value is None:
@@ -221,13 +335,13 @@ def _json_form(value: str | None, field: str, kind: type) -> Any:
     try:
         parsed = json.loads(value)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
-        raise InvalidDatasetError(f"{field} is not valid JSON: {exc}", code="invalid_preprocessing") from exc
+        raise InvalidDatasetError(f"{field} is not valid JSON: {exc}", code=code) from exc
     try:
         check_text(parsed)
     except ValueError as exc:
-        raise InvalidDatasetError(f"{field}: {exc}", code="invalid_preprocessing") from exc
+        raise InvalidDatasetError(f"{field}: {exc}", code=code) from exc
     if not isinstance(parsed, kind):
-        raise InvalidDatasetError(f"{field} must be a JSON {kind.__name__}", code="invalid_preprocessing")
+        raise InvalidDatasetError(f"{field} must be a JSON {kind.__name__}", code=code)
     return parsed
 
 

@@ -110,6 +110,25 @@ const fmt = {
   shape: (dims) => `[${dims.map((d) => (d === null ? "?" : d)).join(", ")}]`,
 };
 
+// A latency key as the API writes it: "8" (batch 8) or "8x128" (batch 8, sequence length 128, for a
+// model measured at sequence lengths); sorted by batch, then length, and labelled as people read it.
+const latencyShape = (key) => {
+  const [batch, length] = String(key).split("x").map(Number);
+  return { batch, length: Number.isFinite(length) ? length : null };
+};
+const byLatencyShape = (a, b) => {
+  const x = latencyShape(a), y = latencyShape(b);
+  return x.batch - y.batch || (x.length ?? 0) - (y.length ?? 0);
+};
+const latencyLabel = (key) => {
+  const { batch, length } = latencyShape(key);
+  return length === null ? `b=${batch}` : `b=${batch} s=${length}`;
+};
+const latencyAt = (key) => {
+  const { batch, length } = latencyShape(key);
+  return length === null ? `batch ${batch}` : `batch ${batch}, sequence ${length}`;
+};
+
 const link = (href, text) => el("a", { href }, text);
 // Every id put into a path is one path segment, encoded: an id taken from the page's URL could
 // otherwise carry `\`, `/` or `?` and aim the request at another path with the visitor's key.
@@ -307,15 +326,17 @@ async function showImage(sectionSelector, imageSelector, path) {
   }
 }
 
-// The comparison table, as the API's report gives it: one row per runner, latency per batch size.
+// The comparison table, as the API's report gives it: one row per runner, latency per batch size
+// (or per batch size and sequence length).
 function renderReport(report, front) {
   $("#report-section").hidden = false;
   const hw = report.hardware || {};
   $("#report-hardware").textContent = [hw.cpu_model, hw.threads && `${hw.threads} threads`, hw.runtime_version]
     .filter(Boolean).join(" · ");
-  const sizes = [...new Set(report.rows.flatMap((row) => Object.keys(row.latency)))].sort((a, b) => a - b);
+  const sizes = [...new Set(report.rows.flatMap((row) => Object.keys(row.latency)))].sort(byLatencyShape);
   const head = ["Engine", "Precision", "Backend",
-    ...sizes.flatMap((b) => [`p50 b=${b} ms`, `p99 b=${b} ms`, `Speedup b=${b}`]), "Top-1", "Δ top-1", "Agreement", "Size"];
+    ...sizes.map(latencyLabel).flatMap((b) => [`p50 ${b} ms`, `p99 ${b} ms`, `Speedup ${b}`]),
+    "Top-1", "Δ top-1", "Agreement", "Size"];
   const rows = report.rows.map((row) => el("tr", { class: row.engine === "original" ? "original" : "" },
     el("td", {}, row.engine === "original" ? "original" : link(uiPath(`/engines/${seg(row.engine)}`), row.engine)),
     el("td", {}, row.precision), el("td", {}, row.backend),
@@ -350,7 +371,7 @@ function latencyAccuracyPlot(rows, batch, front) {
     .filter((p) => p.x !== undefined && p.y !== null);
   const width = 720, height = 360, pad = { left: 64, right: 150, top: 16, bottom: 48 };
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "plot",
-    "aria-label": `p50 latency at batch ${batch} against accuracy` });
+    "aria-label": `p50 latency at ${latencyAt(batch)} against accuracy` });
   if (!points.length) return root;
   const xs = points.map((p) => p.x), ys = points.map((p) => p.y);
   const [x0, x1] = [0, Math.max(...xs) * 1.1], [y0, y1] = [Math.min(...ys) - 0.01, Math.max(...ys) + 0.005];
@@ -363,7 +384,7 @@ function latencyAccuracyPlot(rows, batch, front) {
     root.append(svg("text", { x: sx(x), y: height - pad.bottom + 16, class: "tick", "text-anchor": "middle" }, x.toFixed(3)));
     root.append(svg("text", { x: pad.left - 6, y: sy(y) + 4, class: "tick", "text-anchor": "end" }, (100 * y).toFixed(1)));
   }
-  root.append(svg("text", { x: (width + pad.left) / 2, y: height - 8, class: "label", "text-anchor": "middle" }, `p50 latency at batch ${batch} (ms)`));
+  root.append(svg("text", { x: (width + pad.left) / 2, y: height - 8, class: "label", "text-anchor": "middle" }, `p50 latency at ${latencyAt(batch)} (ms)`));
   root.append(svg("text", { x: 14, y: (height - pad.bottom) / 2, class: "label", transform: `rotate(-90 14 ${(height - pad.bottom) / 2})`, "text-anchor": "middle" },
     rows.some((r) => r.top1 !== null) ? "top-1 (%)" : "agreement with the original (%)"));
   const onFront = points.filter((p) => front.has(p.row.engine)).sort((a, b) => a.x - b.x);
@@ -404,9 +425,17 @@ async function enginePage() {
   };
   $("#engine-facts").replaceChildren(...Object.entries(facts).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
   const latency = engine.metrics.latency || {};
-  fillRows($("#engine-latency"), Object.entries(latency).map(([b, s]) => el("tr", {},
-    el("td", {}, b), el("td", {}, fmt.ms(s.p50_ms)), el("td", {}, fmt.ms(s.p90_ms)), el("td", {}, fmt.ms(s.p99_ms)),
-    el("td", {}, fmt.int(Math.round(s.throughput_per_s))))));
+  const keys = Object.keys(latency).sort(byLatencyShape);
+  // a model measured at sequence lengths gets a Sequence column; a CNN's table stays as it was
+  const withLength = keys.some((key) => latencyShape(key).length !== null);
+  const headRow = $("#engine-latency").tHead.rows[0];
+  if (withLength && !headRow.querySelector(".sequence")) headRow.cells[0].after(el("th", { class: "sequence" }, "Sequence"));
+  fillRows($("#engine-latency"), keys.map((key) => {
+    const s = latency[key], shape = latencyShape(key);
+    return el("tr", {}, el("td", {}, String(shape.batch)), ...(withLength ? [el("td", {}, shape.length ?? "—")] : []),
+      el("td", {}, fmt.ms(s.p50_ms)), el("td", {}, fmt.ms(s.p90_ms)), el("td", {}, fmt.ms(s.p99_ms)),
+      el("td", {}, fmt.int(Math.round(s.throughput_per_s))));
+  }));
   const accuracy = engine.metrics.accuracy || {};
   const fidelity = accuracy.fidelity || {};
   const vs = engine.metrics.vs_baseline || {};

@@ -1,0 +1,207 @@
+"""What dynamic INT8 and weight-only quantization work on: MatMul/Gemm nodes whose weight is a constant.
+
+Both precisions quantize weights that are initializers read as a MatMul's B (or a Gemm's B, or a
+fused Attention's weight); activations stay float until run time. So whether they apply, and
+whether they pay, is a property of the graph's weights, read here once for both:
+
+- `matmul_weights(path)`: how many such weights there are and what share of the model's parameters
+  they hold (of all of them: what a smaller file is made of; and of the weights compute ops read:
+  how much of the arithmetic is in MatMuls rather than convolutions).
+- `gemm_as_matmul(model)`: ONNX Runtime's dynamic quantizer has no Gemm form (its IntegerOps
+  registry lists MatMul, Attention, Conv, LSTM, Gather) and its MatMulNBits quantizer takes MatMul
+  only, while exporters write a Linear on 2-D inputs as Gemm (torch's classic exporter, tf2onnx).
+  A Gemm with a constant B becomes MatMul (+ Add of beta·C): the same function, now quantizable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Ops whose constant weight the dynamic quantizer turns into integer arithmetic.
+DYNAMIC_WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Attention"})
+#: Ops whose constant weight MatMulNBits can hold (Gemm after gemm_as_matmul).
+WEIGHT_ONLY_OPS = frozenset({"MatMul", "Gemm"})
+#: Ops that compute with a weight (what "the model's arithmetic" is made of); embedding tables read by
+#: Gather are parameters but no arithmetic.
+COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Attention", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN"})
+
+
+@dataclass(frozen=True)
+class MatMulWeights:
+    """The constant MatMul/Gemm (and fused Attention) weights of a model."""
+
+    nodes: int  # MatMul/Gemm/Attention nodes reading a constant weight of rank 2 or more
+    weight_only_nodes: int  # of them, the MatMul/Gemm ones (what MatMulNBits can take)
+    matmul_params: int  # elements of those weights
+    weight_only_params: int
+    total_params: int  # elements of every float initializer of rank 2 or more
+    compute_params: int  # of those, the ones read by compute ops (COMPUTE_OPS)
+
+    @property
+    def share_of_parameters(self) -> float:
+        """The MatMul/Gemm weights' share of all the model's weights: what weight-only shrinks."""
+        return self.weight_only_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def share_of_compute(self) -> float:
+        """The MatMul/Gemm/Attention weights' share of the weights compute ops read: how much of the
+        arithmetic dynamic INT8 reaches (embedding tables are not arithmetic)."""
+        return self.matmul_params / self.compute_params if self.compute_params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "matmul_nodes": self.nodes,
+            "matmul_weight_params": self.matmul_params,
+            "total_weight_params": self.total_params,
+            "share_of_parameters": round(self.share_of_parameters, 4),
+            "share_of_compute": round(self.share_of_compute, 4),
+        }
+
+
+_FLOATS = frozenset({1, 10, 11, 16})  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _weight_input(node: Any) -> str | None:
+    """The input that holds the node's weight: B of MatMul/Gemm, the weight of a fused Attention."""
+    return node.input[1] if len(node.input) > 1 else None
+
+
+@lru_cache(maxsize=16)
+def _summary(path: Path, _mtime_ns: int) -> MatMulWeights:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    sizes = {
+        tensor.name: int(np.prod(tensor.dims))
+        for tensor in graph.initializer
+        if len(tensor.dims) >= 2 and tensor.data_type in _FLOATS
+    }
+    matmul: set[str] = set()
+    weight_only: set[str] = set()
+    nodes = weight_only_nodes = 0
+    compute: set[str] = set()
+    for node in graph.node:
+        if node.op_type in COMPUTE_OPS:
+            compute.update(name for name in node.input if name in sizes)
+        if node.op_type not in DYNAMIC_WEIGHT_OPS:
+            continue
+        weight = _weight_input(node)
+        if weight is None or weight not in sizes:
+            continue
+        nodes += 1
+        matmul.add(weight)
+        if node.op_type in WEIGHT_ONLY_OPS:
+            weight_only_nodes += 1
+            weight_only.add(weight)
+    return MatMulWeights(
+        nodes=nodes,
+        weight_only_nodes=weight_only_nodes,
+        matmul_params=sum(sizes[name] for name in matmul),
+        weight_only_params=sum(sizes[name] for name in weight_only),
+        total_params=sum(sizes.values()),
+        compute_params=sum(sizes[name] for name in compute),
+    )
+
+
+def matmul_weights(path: Path) -> MatMulWeights:
+    """The model's constant MatMul/Gemm/Attention weights (parsed once per version of the file;
+    external data is not read: the sizes come from the initializers' dims)."""
+    return _summary(path, path.stat().st_mtime_ns)
+
+
+def gemm_as_matmul(model: Any) -> int:
+    """Rewrite each Gemm with a constant B (and no transposed A) as MatMul, plus Add of beta·C when
+    it has a C: alpha and transB are folded into the new weight. Returns how many were rewritten.
+
+    Gemm computes alpha·A'·B' + beta·C with A 2-D, which is MatMul(A, alpha·B') + beta·C exactly
+    (C broadcasts to the [M, N] product in both). A Gemm with transA or a B computed at run time
+    is left alone: neither quantizer would quantize it anyway."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    rewritten: list[Any] = []
+    replaced: set[str] = set()
+    count = 0
+    for node in graph.node:
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        weight = constants.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if weight is None or attributes.get("transA", 0) or len(weight.dims) != 2:
+            rewritten.append(node)
+            continue
+        array = numpy_helper.to_array(weight)
+        if attributes.get("transB", 0):
+            array = array.T
+        alpha, beta = float(attributes.get("alpha", 1.0)), float(attributes.get("beta", 1.0))
+        if alpha != 1.0:
+            array = array * np.asarray(alpha, dtype=array.dtype)
+        name = node.name or f"Gemm_{count}"
+        if readers.get(weight.name, 0) == 1 and not attributes.get("transB", 0) and alpha == 1.0:
+            weight_name = weight.name  # used by this Gemm alone, unchanged: kept as it is
+        else:
+            weight_name = f"{weight.name}_as_matmul_{count}"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), weight_name))
+            replaced.add(weight.name)
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        rewritten.append(helper.make_node("MatMul", [node.input[0], weight_name], [product], name=name))
+        if has_bias:
+            bias = node.input[2]
+            if beta != 1.0:
+                source = constants.get(bias)
+                if source is None:  # a computed C: scale it at run time
+                    scale = f"{name}_beta"
+                    graph.initializer.append(numpy_helper.from_array(np.asarray(beta, np.float32), scale))
+                    rewritten.append(
+                        helper.make_node("Mul", [bias, scale], [f"{scale}_c"], name=f"{scale}_mul")
+                    )
+                    bias = f"{scale}_c"
+                else:
+                    values = numpy_helper.to_array(source)
+                    bias = f"{source.name}_beta_{count}"
+                    graph.initializer.append(
+                        numpy_helper.from_array((values * np.asarray(beta, values.dtype)), bias)
+                    )
+                    replaced.add(source.name)
+            rewritten.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{name}_bias"))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(rewritten)
+        used = _referenced_names(graph)
+        for tensor in [tensor for tensor in graph.initializer if tensor.name in replaced - used]:
+            graph.initializer.remove(tensor)
+    return count
+
+
+def _referenced_names(graph: Any) -> set[str]:
+    """Every tensor name read in this graph and its subgraphs (If/Loop bodies read outer-scope
+    initializers), and the graph's outputs."""
+    names = {output.name for output in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                names |= _referenced_names(subgraph)
+    return names
+
+
+def name_nodes(model: Any) -> None:
+    """Give every node a unique name: exclusions and ONNX Runtime's weight-only quantizers refer to
+    nodes by name (its GPTQ sorts the graph by node name and fails when two share one)."""
+    used: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        while name in used:
+            name += "_"
+        node.name = name
+        used.add(name)
