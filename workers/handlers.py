@@ -238,8 +238,24 @@ def conversion_ended(session: Session, job: JobRecord, status: str, error: dict[
     )
 
 
-#: Seconds between two progress reports of a decode_images job (each is a database write).
+#: Seconds between two progress reports of a dataset-building job (each is a database write).
 _PROGRESS_EVERY_S = 1.0
+
+
+def _throttled_progress(attempt: Any, message: str) -> Callable[[int, int], None]:
+    """A (done, total) callback for a dataset-building job: checks cancellation at every call and
+    reports progress (5 % to 90 %) at most every `_PROGRESS_EVERY_S`, and at the end; `message` is
+    formatted with `done` and `total`."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        attempt.check_cancelled()
+        now = time.monotonic()
+        if now - last[0] >= _PROGRESS_EVERY_S or done == total:
+            last[0] = now
+            attempt.progress(0.05 + 0.85 * done / total, message.format(done=done, total=total))
+
+    return progress
 
 
 def run_decode_images(context: JobContext) -> Outcome:
@@ -268,14 +284,7 @@ def run_decode_images(context: JobContext) -> Outcome:
         limits=limits,
     )
     stored = context.workdir / "stored"
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        attempt.check_cancelled()
-        now = time.monotonic()
-        if now - last[0] >= _PROGRESS_EVERY_S or done == total:
-            last[0] = now
-            attempt.progress(0.05 + 0.85 * done / total, f"decoding images: {done} of {total}")
+    progress = _throttled_progress(attempt, "decoding images: {done} of {total}")
 
     write_image_npz(archive, plan, stored / npz_name, max_pixels=limits.max_image_pixels, progress=progress)
     attempt.progress(0.92, "checking the arrays, as an uploaded .npz is checked")
@@ -319,14 +328,7 @@ def run_tokenize_texts(context: JobContext) -> Outcome:
         max_bytes=settings.max_unpacked_bytes,
     )
     stored = context.workdir / "stored"
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        attempt.check_cancelled()
-        now = time.monotonic()
-        if now - last[0] >= _PROGRESS_EVERY_S or done == total:
-            last[0] = now
-            attempt.progress(0.05 + 0.85 * done / total, f"tokenizing texts: {done} of {total} lines")
+    progress = _throttled_progress(attempt, "tokenizing texts: {done} of {total} lines")
 
     info = write_text_dataset(
         source,

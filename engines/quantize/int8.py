@@ -28,6 +28,7 @@ import numpy as np
 
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
+from engines.quantize.matmul_weights import referenced_names
 from engines.quantize.methods import (
     QUANTIZATION_METHODS,
     RECOMMENDED_CALIBRATION_SAMPLES,
@@ -194,22 +195,10 @@ def _squeeze_constant_addends(model: Any) -> int:
             replaced.add(node.input[position])
             node.input[position] = copy.name
             squeezed += 1
-    used = _referenced_names(model.graph)
+    used = referenced_names(model.graph)
     for tensor in [tensor for tensor in model.graph.initializer if tensor.name in replaced - used]:
         model.graph.initializer.remove(tensor)
     return squeezed
-
-
-def _referenced_names(graph: Any) -> set[str]:
-    """Every tensor name a node reads, in this graph and its subgraphs (If/Loop/Scan bodies read
-    outer-scope initializers), and the graph's outputs."""
-    names = {output.name for output in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                names |= _referenced_names(subgraph)
-    return names
 
 
 def _opset(model: Any) -> int:

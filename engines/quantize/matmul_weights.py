@@ -177,21 +177,21 @@ def gemm_as_matmul(model: Any) -> int:
     if count:
         del graph.node[:]
         graph.node.extend(rewritten)
-        used = _referenced_names(graph)
+        used = referenced_names(graph)
         for tensor in [tensor for tensor in graph.initializer if tensor.name in replaced - used]:
             graph.initializer.remove(tensor)
     return count
 
 
-def _referenced_names(graph: Any) -> set[str]:
-    """Every tensor name read in this graph and its subgraphs (If/Loop bodies read outer-scope
-    initializers), and the graph's outputs."""
+def referenced_names(graph: Any) -> set[str]:
+    """Every tensor name a node reads, in this graph and its subgraphs (If/Loop/Scan bodies read
+    outer-scope initializers), and the graph's outputs."""
     names = {output.name for output in graph.output}
     for node in graph.node:
         names.update(node.input)
         for attribute in node.attribute:
             for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                names |= _referenced_names(subgraph)
+                names |= referenced_names(subgraph)
     return names
 
 
