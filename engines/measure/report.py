@@ -32,6 +32,7 @@ def report_row(
         "top1": accuracy.get("top1"),
         "top5": accuracy.get("top5"),
         "top1_agreement": fidelity.get("top1_agreement"),
+        "cosine_similarity": fidelity.get("cosine_similarity"),  # what says fidelity for embeddings
         "size_mb": None if size_bytes is None else size_bytes / 1e6,
         "params": params,
         "macs": macs,

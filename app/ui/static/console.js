@@ -356,7 +356,8 @@ function frontOf(engines) {
   return new Set(engines.filter((e) => e.build_info?.autotune?.on_front || e.build_info?.autotune?.chosen).map((e) => e.id));
 }
 
-// Latency (p50 at the smallest batch) against accuracy (top-1, else agreement with the original),
+// Latency (p50 at the smallest batch) against accuracy (top-1, else agreement with the original, else
+// the cosine with the original: embeddings and hidden states have no classes to agree on),
 // as an inline SVG: the original marked, the Pareto front highlighted when the job is an auto-optimize.
 function latencyAccuracyPlot(rows, batch, front) {
   const ns = "http://www.w3.org/2000/svg";
@@ -366,7 +367,9 @@ function latencyAccuracyPlot(rows, batch, front) {
     if (text !== undefined) node.textContent = text;
     return node;
   };
-  const accuracyOf = (row) => (row.top1 ?? row.top1_agreement ?? (row.engine === "original" ? 1 : null));
+  const measure = rows.some((r) => r.top1 != null) ? "top1"
+    : rows.some((r) => r.top1_agreement != null) ? "top1_agreement" : "cosine_similarity";
+  const accuracyOf = (row) => (row[measure] ?? (row.engine === "original" ? 1 : null));
   const points = rows.map((row) => ({ row, x: row.latency[batch]?.p50_ms, y: accuracyOf(row) }))
     .filter((p) => p.x !== undefined && p.y !== null);
   const width = 720, height = 360, pad = { left: 64, right: 150, top: 16, bottom: 48 };
@@ -386,7 +389,8 @@ function latencyAccuracyPlot(rows, batch, front) {
   }
   root.append(svg("text", { x: (width + pad.left) / 2, y: height - 8, class: "label", "text-anchor": "middle" }, `p50 latency at ${latencyAt(batch)} (ms)`));
   root.append(svg("text", { x: 14, y: (height - pad.bottom) / 2, class: "label", transform: `rotate(-90 14 ${(height - pad.bottom) / 2})`, "text-anchor": "middle" },
-    rows.some((r) => r.top1 !== null) ? "top-1 (%)" : "agreement with the original (%)"));
+    { top1: "top-1 (%)", top1_agreement: "agreement with the original (%)",
+      cosine_similarity: "cosine with the original (×100)" }[measure]));
   const onFront = points.filter((p) => front.has(p.row.engine)).sort((a, b) => a.x - b.x);
   if (onFront.length > 1) {
     root.append(svg("polyline", { points: onFront.map((p) => `${sx(p.x)},${sy(p.y)}`).join(" "), class: "front" }));
@@ -442,6 +446,7 @@ async function enginePage() {
   const accuracyFacts = {
     Samples: accuracy.samples, "Top-1": fmt.pct(accuracy.top1), "Top-5": fmt.pct(accuracy.top5),
     "Δ top-1 vs original": fmt.pt(vs.top1_delta), "Agreement with the original": fmt.pct(fidelity.top1_agreement),
+    "Cosine with the original": fidelity.cosine_similarity == null ? "—" : fidelity.cosine_similarity.toFixed(5),
     "Non-finite outputs": accuracy.non_finite_outputs ?? "—",
   };
   $("#engine-accuracy").replaceChildren(...Object.entries(accuracyFacts).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v ?? "—")]));
