@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from engines.graphopt.graph import GraphIndex
 from engines.ingest.datasets import Dataset
+from engines.ingest.embeddings import embedding_rows
 from engines.ingest.signature import TensorSpec
 
 #: The worst per-sample cosine a fused model may have against the unfused one (fp32).
@@ -44,23 +44,6 @@ class FidelityCheck:
         return {**asdict(self), "threshold": FUSION_MIN_COSINE, "faithful": self.faithful}
 
 
-def _table_rows(index: GraphIndex, name: str) -> int | None:
-    """Rows of the embedding table an integer input indexes (through Cast/Unsqueeze/Reshape)."""
-    frontier = [name]
-    for _ in range(3):
-        following = []
-        for tensor in frontier:
-            for node in index.consumers.get(tensor, []):
-                if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == tensor:
-                    dims = index.dims(node.input[0])
-                    if dims and len(dims) == 2:
-                        return dims[0]
-                if node.op_type in ("Cast", "Unsqueeze", "Reshape"):
-                    following += list(node.output)
-        frontier = following
-    return None
-
-
 def generated_batches(
     model_path: Path, specs: Sequence[TensorSpec], *, batch_size: int = GENERATED_BATCH, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
@@ -68,7 +51,7 @@ def generated_batches(
     token types zero, positions counting up; floats from a normal distribution."""
     import onnx
 
-    index = GraphIndex(onnx.load(str(model_path), load_external_data=False).graph)
+    tables = embedding_rows(onnx.load(str(model_path), load_external_data=False))
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
@@ -93,7 +76,7 @@ def generated_batches(
         elif "position" in lowered and dims:
             feeds[spec.name] = np.broadcast_to(np.arange(dims[-1], dtype=dtype), dims).copy()
         else:
-            rows = _table_rows(index, spec.name) or 2
+            rows = tables.get(spec.name) or 2
             feeds[spec.name] = rng.integers(0, rows, size=dims).astype(dtype)
     return [feeds]
 
