@@ -51,7 +51,7 @@ import stat
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, cast, get_args
 
@@ -62,6 +62,7 @@ from engines.errors import InvalidDatasetError, InvalidImageError
 from engines.ingest.archives import is_zip_archive, open_dataset_zip
 from engines.ingest.datasets import LABELS_KEY, ArraySpec, DatasetInfo
 from engines.ingest.limits import DatasetLimits
+from engines.ingest.spec_fields import spec_values
 
 ResizePolicy = Literal["resize_shorter_then_center_crop", "resize", "none"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
@@ -273,13 +274,7 @@ class ImagePreprocessing:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocessing:
         """From `to_dict`'s shape, or a user's (any field left out takes its default)."""
-        if not isinstance(data, Mapping):
-            raise _refuse(f"the preprocessing spec must be a JSON object; got {type(data).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise _refuse(f"unknown preprocessing field(s) {unknown}; the fields are {known}")
-        values = dict(data)
+        values = spec_values(cls, data, "preprocessing", _refuse)
         for name in ("size", "mean", "std"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])

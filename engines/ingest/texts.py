@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
@@ -47,6 +47,7 @@ from engines.errors import DatasetMismatchError, InvalidDatasetError
 from engines.ingest.datasets import LABELS_KEY, ArraySpec, DatasetInfo, check_fits_model, inspect_npz
 from engines.ingest.limits import DatasetLimits
 from engines.ingest.signature import TensorSpec
+from engines.ingest.spec_fields import spec_values
 from engines.ingest.text_lines import TextLine, TextLines, iter_lines, line_error, scan_lines
 
 Role = Literal["input_ids", "attention_mask", "token_type_ids"]
@@ -193,13 +194,7 @@ class TextTokenization:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TextTokenization:
         """From `to_dict`'s shape, or a user's (any field left out takes its default)."""
-        if not isinstance(data, Mapping):
-            raise _refuse(f"the tokenization spec must be a JSON object; got {type(data).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise _refuse(f"unknown tokenization field(s) {unknown}; the fields are {known}")
-        values = dict(data)
+        values = spec_values(cls, data, "tokenization", _refuse)
         values["input_names"] = _input_names(values.get("input_names"))
         return cls(**values)
 
