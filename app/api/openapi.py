@@ -215,6 +215,13 @@ RULES: tuple[Rule, ...] = (
     Rule(409, ("model_not_ready",), _NOT_READY, r"^/v1/models/\{model_id\}/download$", _on("get")),
     Rule(422, ("invalid_recipe", "dataset_mismatch", "…"),
          "the recipe or the datasets do not fit the model or the machine", _JOB_CREATING, _on("post")),
+    Rule(422, ("no_sequence_axis", "invalid_sequence_length", "sequence_too_long"),
+         "a sequence length (`sequence_lengths`, `objective.sequence_length`) the model's inputs cannot "
+         "take: no dynamic sequence dim, or longer than the position table",
+         _JOB_CREATING, _on("post")),
+    Rule(422, ("graph_optimization_mismatch", "attention_heads_unknown"),
+         "a stated transformer `graph_optimization` (model type, heads, hidden size) the graph does not "
+         "hold", _JOB_CREATING, _on("post")),
     Rule(422, ("time_budget_too_long",), "the time budget is over the server's `max_time_budget_minutes`",
          r"^/v1/models/\{model_id\}/optimize$", _on("post")),
     Rule(429, ("too_many_jobs",), "the project has as many jobs queued or running as it may",
