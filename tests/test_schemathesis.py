@@ -49,6 +49,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.parameters import ParameterLocation
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi import checks as openapi_checks
 
@@ -214,7 +215,11 @@ class FuzzTarget:
                 role = value.removeprefix(PLACEHOLDER)
                 spare = case.method.upper() == "DELETE" and SPARES.get(case.operation.path) == role
                 case.path_parameters[name] = self.records["spare_" + role if spare else role]
-        if case.body == TENSORS:
+        negative_body = case.meta is not None and case.meta.is_negative_at(ParameterLocation.BODY)
+        if case.body == TENSORS and negative_body:
+            case.body = {}  # a negative body stays one (no `inputs`), not tensors that fit
+            case.media_type = "application/json"
+        elif case.body == TENSORS:
             case.body = V2_TENSORS if case.operation.path.startswith("/v2/") else V1_TENSORS
             case.media_type = "application/json"
         elif isinstance(case.body, dict):
