@@ -197,6 +197,7 @@ def test_optimize_refuses_bad_input_clearly(embedded_stack: LiveStack, digits: D
         assert no_labels.status_code == 422 and "fidelity" in no_labels.json()["detail"]
 
 
+@pytest.mark.slow  # a budgeted search, about 40 s; the CLI's optimize flow is in test_protocol_clients
 def test_cli_optimize_with_a_budget_searches(embedded_stack: LiveStack, digits: DigitsArtifacts) -> None:
     env = {**embedded_stack.env, "OPTIFORGE_URL": embedded_stack.base_url}
     run = subprocess.run(

