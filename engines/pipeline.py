@@ -10,7 +10,7 @@ check; the check may raise `engines.errors.Cancelled`, and is polled between tim
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -22,7 +22,13 @@ from engines.errors import EngineError, InvalidRecipeError
 from engines.graphopt.config import check_config
 from engines.graphopt.stage import GraphStageResult, run_graph_stage
 from engines.ingest.datasets import Dataset
-from engines.ingest.sequence import SequenceProfile, check_sequence_lengths, profile_from_specs, read_profile
+from engines.ingest.sequence import (
+    SequenceProfile,
+    check_sequence_lengths,
+    profile_from_specs,
+    read_profile,
+    sequence_axes,
+)
 from engines.ingest.signature import StatedAxes, TensorSpec, ambiguous_batch_axes, stated_batch_axes
 from engines.measure.accuracy import accuracy_report, run_dataset, unfaithful_reason
 from engines.measure.latency import latency_label, make_batch, measure_latency, memory_of
@@ -255,19 +261,45 @@ def compile_engine(
     return artifact
 
 
+def sequence_options(
+    inputs: Sequence[TensorSpec], lengths: Sequence[int], *datasets: Dataset | None
+) -> dict[str, Any]:
+    """The sequence fields of CompileOptions for a model whose `inputs` (batch axes decided) have a
+    sequence axis (engines.ingest.sequence.sequence_axes); none for another model. The lengths are
+    the ones it is timed at (`lengths`: the recipe's or the search objective's; none named: the
+    datasets' own, which it is then timed at), and the longest covers every dataset run through it
+    (accuracy runs at the evaluation set's own length), so a build shaped by them takes every run."""
+    axes = sequence_axes(inputs)
+    if not axes:
+        return {}
+    own: set[int] = set()
+    for data in datasets:
+        feeds = {} if data is None else data.feeds(slice(0, 1))
+        sized = {name: axis for name, axis in axes.items() if name in feeds and axis < feeds[name].ndim}
+        own.update(feeds[name].shape[axis] for name, axis in sized.items())
+    return {
+        "sequence_axes": axes,
+        "sequence_lengths": tuple(lengths) or tuple(sorted(own)),
+        "max_sequence_length": max([*lengths, *own], default=None),
+    }
+
+
 def built_runner(
     backend: Backend,
     checks_dir: Path,
     threads: int | None,
     onnx_path: Path,
     batch_axes: StatedAxes | None = None,
+    sequence: Mapping[str, Any] | None = None,
 ) -> Runner:
     """`onnx_path` compiled by `backend` and loaded: an accuracy check during a build runs what the
     target will run (for ONNX Runtime, cheap; for a GPU backend, its own engine), batched along the
-    axes the user stated (`batch_axes`, engines.ingest.signature.decide_batch_axes)."""
+    axes the user stated (`batch_axes`, engines.ingest.signature.decide_batch_axes), shaped for a
+    token model's sequence (`sequence`: `sequence_options`)."""
     out_dir = checks_dir / onnx_path.stem
     batch_axes = batch_axes or {}
-    artifact = backend.compile(onnx_path, out_dir, CompileOptions(threads=threads, batch_axes=batch_axes))
+    options = CompileOptions(threads=threads, batch_axes=batch_axes, **(sequence or {}))
+    artifact = backend.compile(onnx_path, out_dir, options)
     return backend.load(artifact.path, backend.options(threads=threads, batch_axes=batch_axes))
 
 
@@ -370,6 +402,8 @@ def run_recipe(
             and any(s.has_static_batch() for s in inputs)
         ):
             evaluation = evaluation.take(evaluation.samples - evaluation.samples % eval_batch)
+        # a token model's sequence axes and lengths: every build shaped by them (TensorRT, CUDA graphs)
+        shaped = sequence_options(inputs, recipe.sequence_lengths, evaluation, calibration)
         messages: list[str] = []
         if evaluation is None:
             messages.append("no evaluation dataset: latency only, no accuracy or fidelity")
@@ -415,7 +449,12 @@ def run_recipe(
                 data_name="evaluation" if evaluation is not None else "calibration",
                 threads=threads,
                 runner_for=lambda target, path: built_runner(
-                    get_backend(target), workdir / target / "graphopt", threads, path, batch_axes=stated
+                    get_backend(target),
+                    workdir / target / "graphopt",
+                    threads,
+                    path,
+                    batch_axes=stated,
+                    sequence=shaped,
                 ),
                 timing_batch=min(recipe.batch_sizes),
                 check_cancelled=check_cancelled,
@@ -455,7 +494,12 @@ def run_recipe(
                         batch_size=_calibration_batch(inputs, calibration, recipe),
                         check_cancelled=check_cancelled,
                         runner_for=partial(
-                            built_runner, backend, workdir / target / "checks", threads, batch_axes=stated
+                            built_runner,
+                            backend,
+                            workdir / target / "checks",
+                            threads,
+                            batch_axes=stated,
+                            sequence=shaped,
                         ),
                     )
 
@@ -466,7 +510,11 @@ def run_recipe(
             variant = variants[key]
             progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
             options = CompileOptions(
-                precision=precision, batch_sizes=recipe.batch_sizes, threads=threads, batch_axes=stated
+                precision=precision,
+                batch_sizes=recipe.batch_sizes,
+                threads=threads,
+                batch_axes=stated,
+                **shaped,
             )
             artifact = compile_engine(backend, variant.path, workdir / target / precision, options)
             runners[name], memory[name] = memory_of(

@@ -26,6 +26,16 @@ class CompileOptions:
     #: The batch axes a user stated for the model's inputs (engines.ingest.signature.stated_batch_axes):
     #: a build that shapes by the batch (TensorRT's profile, CUDA graphs) uses them, not the graph's.
     batch_axes: StatedAxes = field(default_factory=dict)
+    #: A token model's sequence lengths the engine is timed at, as the batch sizes are: a recipe's
+    #: `sequence_lengths`, a search objective's length, or, where none is named, the datasets' own
+    #: lengths. A build that shapes by the sequence (TensorRT's profile, CUDA graphs) covers them.
+    sequence_lengths: tuple[int, ...] = ()
+    #: Input name -> its sequence axis (engines.ingest.sequence.sequence_axes over the model's input
+    #: specs, the stated batch axes decided): where `sequence_lengths` apply. Empty: no sequence axis.
+    sequence_axes: Mapping[str, int] = field(default_factory=dict)
+    #: The longest sequence the engine must take when it is longer than every timed length (the
+    #: accuracy run feeds the evaluation set at its own length); None: the longest timed length.
+    max_sequence_length: int | None = None
 
 
 #: The metadata (an engine record's build_info) key of the batch axes a user stated for the model's

@@ -7,6 +7,11 @@ its metadata (`verified_on_hardware: false`) until a `gpu`-marked test has passe
 hardware. What does not need TensorRT (the optimization profile, the compatibility decision, the
 QDQ readiness lint) is plain Python and tested on CPU.
 
+The optimization profile gives TensorRT a range for every dynamic dim: the batch dim covers the
+recipe's batch sizes, and a token model's sequence dim (engines.ingest.sequence; the axes and
+lengths come in CompileOptions) covers its sequence lengths (`sequence_range` says how). Any
+other dynamic dim has no range a recipe could name, and the build is refused.
+
 Precisions follow TensorRT 11, where networks are always strongly typed and the FP16/INT8 builder
 flags and implicit calibration are gone: fp32 builds the original ONNX, fp16 an ONNX already in
 float16 (our fp16 variant), int8 a QDQ ONNX (our `tensorrt` quantization profile: symmetric,
@@ -29,7 +34,7 @@ import json
 import queue
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -37,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from engines.backends.base import Backend, CompileOptions, EngineArtifact, LoadOptions, Runner
-from engines.errors import EngineError
+from engines.errors import EngineError, InvalidInputError
 from engines.hardware import cpu_info, cuda_usable, gpu_info, nvidia_device_present
+from engines.ingest.sequence import sequence_axes
 from engines.ingest.signature import StatedAxes, TensorSpec, decide_batch_axes
 
 ENGINE_FILENAME = "engine.plan"
@@ -51,29 +57,113 @@ DEFAULT_WORKSPACE_BYTES = 4 << 30
 # ---------------------------------------------------------------- pure parts (tested on CPU)
 
 
-def optimization_profile(
-    inputs: Sequence[TensorSpec], batch_sizes: Sequence[int]
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """min/opt/max shapes per input covering the recipe's batch sizes (opt: the largest, which is
-    what a batching server mostly runs). Only the batch axis may be dynamic: TensorRT needs a
-    range for every dynamic dim, and a recipe names none but the batch."""
-    profile = {}
-    low, high = min(batch_sizes), max(batch_sizes)
+#: (min, opt, max) of one dim, or of one input's whole shape.
+Range = tuple[int, int, int]
+Shapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def sequence_range(lengths: Sequence[int], longest: int | None = None) -> Range:
+    """(min, opt, max) of a sequence dim in TensorRT's profile, from the lengths the engine is timed
+    at (CompileOptions.sequence_lengths) and the longest it must take (`longest`, a dataset run at
+    its own length; None: the longest timed one).
+
+    - **opt: the middle timed length** (the upper of the two middle ones for an even count).
+      TensorRT times its kernels at opt only and runs every other length of the range with them,
+      so opt should be the length met most often. A recipe times each of its lengths alike, so
+      none is more common than another, and the middle one keeps every timed length nearest to the
+      tuned shape; of two middle ones, the longer, whose latency is the larger in absolute terms.
+      A search objective names one length (auto-optimize times at that length alone), which is
+      then opt.
+    - **min: 1**, not the shortest timed length: a served engine gets what a tokenizer gives (a
+      batch padded to its longest sentence, often shorter than any timed length). TensorRT tunes
+      at opt and sizes activation memory for max, so the lower bound costs no memory; lengths
+      below the shortest timed one are not timed here, as no length the recipe did not name is.
+    - **max: the longest length** timed or run (activation memory is sized for it).
+    """
+    timed = sorted({int(length) for length in lengths})
+    if not timed and longest is None:
+        raise ValueError("a sequence range needs a length")
+    high = max([*timed, *([] if longest is None else [int(longest)])])
+    opt = timed[len(timed) // 2] if timed else high
+    return 1, opt, high
+
+
+def optimization_profile(inputs: Sequence[TensorSpec], options: CompileOptions) -> dict[str, Shapes]:
+    """min/opt/max shapes per input: the batch dim covers `options.batch_sizes` (opt: the largest,
+    which is what a batching server mostly runs), a sequence dim (`options.sequence_axes`) the
+    sequence lengths (`sequence_range`), a static dim is itself. TensorRT needs a range for every
+    dynamic dim, and a recipe names none but these two, so any other dynamic dim is refused."""
+    profile: dict[str, Shapes] = {}
+    low, high = min(options.batch_sizes), max(options.batch_sizes)
     for spec in inputs:
-        dims = []
+        dims: list[Range] = []
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, int):
                 dims.append((dim, dim, dim))
             elif axis == spec.batch_axis:
                 dims.append((low, high, high))
+            elif axis == options.sequence_axes.get(spec.name):
+                dims.append(_sequence_dim(spec.name, axis, options))
             else:
                 raise EngineError(
-                    f"input '{spec.name}' has a dynamic dim at axis {axis} besides the batch; a TensorRT "
-                    "engine needs a range for it: export the model with that dim fixed",
+                    f"input '{spec.name}' has a dynamic dim at axis {axis} besides the batch and the "
+                    "sequence; a TensorRT engine needs a range for it: export the model with that dim fixed",
                     code="tensorrt_dynamic_dims",
                 )
         profile[spec.name] = tuple(tuple(dim[i] for dim in dims) for i in range(3))  # type: ignore[assignment]
-    return profile  # type: ignore[return-value]
+    return profile
+
+
+def _sequence_dim(name: str, axis: int, options: CompileOptions) -> Range:
+    if not options.sequence_lengths and options.max_sequence_length is None:
+        raise EngineError(
+            f"input '{name}' has a dynamic sequence dim at axis {axis} and no sequence length was named; "
+            "a TensorRT engine needs a range for it: ask for sequence_lengths (e.g. [128])",
+            code="tensorrt_dynamic_dims",
+        )
+    return sequence_range(options.sequence_lengths, options.max_sequence_length)
+
+
+def profile_axes(onnx_path: Path, options: CompileOptions) -> dict[str, int]:
+    """The sequence axes the profile shapes: `options.sequence_axes` (the pipeline's, from the
+    model's own input specs), or, for a caller that named none, engines.ingest.sequence's rule over
+    the ONNX file's signature (TensorRT's parsed network has lost the symbolic dim names the rule
+    matches a float mask by)."""
+    if options.sequence_axes:
+        return dict(options.sequence_axes)
+    from engines.ingest.model import onnx_signature
+
+    return sequence_axes(decide_batch_axes(*onnx_signature(onnx_path), options.batch_axes)[0])
+
+
+def profile_metadata(shapes: Mapping[str, Shapes], options: CompileOptions) -> dict[str, Any]:
+    """The profile as an engine's metadata states it: shapes per input, and for a token model the
+    sequence axes, the timed lengths and the sequence dim's (min, opt, max)."""
+    metadata: dict[str, Any] = {
+        "optimization_profile": {name: [list(shape) for shape in value] for name, value in shapes.items()}
+    }
+    ranged = {name: axis for name, axis in options.sequence_axes.items() if name in shapes}
+    if ranged:
+        name, axis = next(iter(ranged.items()))
+        metadata["sequence_profile"] = {
+            "axes": ranged,
+            "timed_lengths": sorted(set(options.sequence_lengths)),
+            "min": shapes[name][0][axis],
+            "opt": shapes[name][1][axis],
+            "max": shapes[name][2][axis],
+        }
+    return metadata
+
+
+def outside_profile(name: str, shape: tuple[int, ...], profile: Mapping[str, Any]) -> str:
+    """The sentence for a shape TensorRT refused (`set_input_shape` is False outside the profile):
+    the range the plan was built for, and what to do."""
+    low, _opt, high = profile.get(name) or ((), (), ())
+    return (
+        f"input '{name}' of shape {list(shape)} is outside the range this TensorRT engine was built for "
+        f"(from {list(low)} to {list(high)}): send a shape in that range, or build the engine with "
+        "batch_sizes and sequence_lengths that cover it"
+    )
 
 
 @dataclass(frozen=True)
@@ -173,6 +263,7 @@ class TensorRtRunner(Runner):
         self._contexts: queue.Queue[tuple[Any, Any]] = queue.Queue()
         self._inputs: list[TensorSpec] = []
         self._outputs: list[TensorSpec] = []
+        self._profile: dict[str, Any] = {}  # input name -> [min, opt, max] shapes, as built
 
     def _activate(self) -> None:
         import torch
@@ -183,6 +274,7 @@ class TensorRtRunner(Runner):
         reason = incompatibility(plan, trt.__version__, here)
         if reason is not None:
             raise EngineError(reason, code="engine_incompatible")
+        self._profile = plan.profile
         torch.cuda.set_device(self._options.device_index)
         runtime = trt.Runtime(_logger())
         self._engine = runtime.deserialize_cuda_engine(self._path.read_bytes())
@@ -219,7 +311,8 @@ class TensorRtRunner(Runner):
             keep = []  # device buffers stay referenced until the stream is done with them
             for spec in self._inputs:
                 tensor = torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to(device)
-                context.set_input_shape(spec.name, tuple(tensor.shape))
+                if not context.set_input_shape(spec.name, tuple(tensor.shape)):
+                    raise InvalidInputError(outside_profile(spec.name, tuple(tensor.shape), self._profile))
                 context.set_tensor_address(spec.name, tensor.data_ptr())
                 keep.append(tensor)
             outputs = {}
@@ -265,7 +358,8 @@ class TensorRtBackend(Backend):
         network, _parser = _parse(trt, builder, onnx_path)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, DEFAULT_WORKSPACE_BYTES)
-        shapes = optimization_profile(_input_specs(network, options.batch_axes), options.batch_sizes)
+        options = replace(options, sequence_axes=profile_axes(onnx_path, options))
+        shapes = optimization_profile(_input_specs(network, options.batch_axes), options)
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
             profile.set_shape(name, low, opt, high)
@@ -292,7 +386,7 @@ class TensorRtBackend(Backend):
                 "tensorrt": trt.__version__,
                 "compute_capability": plan.compute_capability,
                 "gpu_model": plan.gpu_model,
-                "optimization_profile": {name: [list(s) for s in value] for name, value in shapes.items()},
+                **profile_metadata(shapes, options),
                 "verified_on_hardware": VERIFIED_ON_HARDWARE,
             },
         )

@@ -8,13 +8,16 @@ index, which many clusters, and the machines this was written on, cannot reach).
 
 The engine file is the ONNX model itself (`engine.onnx`, converted again at load: a converted
 module is code, and pickling code is what this service never loads), with `torch_engine.json`
-beside it: the device, the precision, the batch sizes whose CUDA graphs are captured at load and
+beside it: the device, the precision, the shapes whose CUDA graphs are captured at load and
 whether `torch.compile` is used. fp16 and bf16 are applied here to the fp32 model (weights cast,
 float inputs cast in and outputs cast back to float32), not taken from an fp16 ONNX: PyTorch's
 own autocasting rules would fight a graph full of Casts. CUDA graphs replay a whole forward pass
-as one launch for the static batch sizes of the recipe (inputs copied into captured buffers);
-other shapes run eagerly. `torch.compile` is tried on CUDA at build time, timed against eager,
-and kept only when faster; a failure falls back to eager with the reason in the metadata.
+as one launch for the shapes the recipe times (inputs copied into captured buffers): each batch
+size, and for a token model each (batch size, sequence length), the sequence axes coming in
+CompileOptions. Any other shape, and one whose capture fails at load (a converted graph that reads
+a shape on the host cannot be captured), runs eagerly; the metadata says so. `torch.compile` is
+tried on CUDA at build time, timed against eager at the largest timed shape, and kept only when
+faster; a failure falls back to eager with the reason in the metadata.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +44,7 @@ from engines.hardware import (
     nvidia_device_present,
 )
 from engines.ingest.model import onnx_signature
+from engines.ingest.sequence import sequence_axes
 from engines.ingest.signature import TensorSpec, decide_batch_axes
 
 ENGINE_FILENAME = "engine.onnx"
@@ -50,6 +54,11 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: What has run on real hardware (the README's GPU section says where): kept in every engine's
 #: metadata so nobody mistakes code written to an API for code that was run.
 VERIFIED_ON_HARDWARE = {"torch-cpu": True, "torch-cuda": False}
+#: What an engine's metadata says of the shapes without a captured CUDA graph.
+UNCAPTURED_SHAPES = (
+    "eager: a shape besides each cuda_graph_batch_sizes at each cuda_graph_sequence_lengths, or one "
+    "whose capture fails at load, runs the module without a CUDA graph"
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,16 @@ class TorchEngineSettings:
     cuda_graph_batch_sizes: tuple[int, ...] = ()
     compile: bool = False
     notes: tuple[str, ...] = ()
+    #: A token model's graphs are captured at each batch size and each of these lengths (empty: at
+    #: the batch sizes alone), along `sequence_axes` (input name -> its sequence axis).
+    cuda_graph_sequence_lengths: tuple[int, ...] = ()
+    sequence_axes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cuda_graph_shapes(self) -> list[tuple[int, int | None]]:
+        """(batch size, sequence length or None) of every CUDA graph captured at load."""
+        lengths: tuple[int | None, ...] = self.cuda_graph_sequence_lengths or (None,)
+        return [(size, length) for size in self.cuda_graph_batch_sizes for length in lengths]
 
     def write(self, engine_dir: Path) -> None:
         (engine_dir / SETTINGS_FILENAME).write_text(json.dumps(asdict(self)))
@@ -70,6 +89,8 @@ class TorchEngineSettings:
         data = json.loads((engine_dir / SETTINGS_FILENAME).read_text())
         data["cuda_graph_batch_sizes"] = tuple(data.get("cuda_graph_batch_sizes", ()))
         data["notes"] = tuple(data.get("notes", ()))
+        data["cuda_graph_sequence_lengths"] = tuple(data.get("cuda_graph_sequence_lengths", ()))
+        data["sequence_axes"] = {name: int(axis) for name, axis in (data.get("sequence_axes") or {}).items()}
         return cls(**data)
 
 
@@ -81,8 +102,33 @@ class TorchLoadOptions(LoadOptions):
     device_index: int = 0
 
 
+def graph_shapes(
+    inputs: list[TensorSpec], batch_size: int, length: int | None, axes: Mapping[str, int]
+) -> list[tuple[int, ...]] | None:
+    """Every input's shape at `batch_size` (and at sequence `length` along `axes`, the inputs'
+    sequence axes): what one CUDA graph is captured at, or a trial run fed. None when a dim besides
+    the batch and the sequence is dynamic (there is no one shape to make up for it)."""
+    shapes = []
+    for spec in inputs:
+        axis = None if length is None else axes.get(spec.name)
+        if axis is not None:
+            spec = replace(
+                spec, shape=tuple(length if index == axis else dim for index, dim in enumerate(spec.shape))
+            )
+        shape = spec.shape_at(batch_size)
+        if shape is None:
+            return None
+        shapes.append(shape)
+    return shapes
+
+
+def _where(batch_size: int, length: int | None) -> str:
+    """A shape as notes name it: `batch 8`, `batch 8, sequence 128`."""
+    return f"batch {batch_size}" + ("" if length is None else f", sequence {length}")
+
+
 class TorchRunner(Runner):
-    """A converted module on one device at one precision, with CUDA graphs for static batch sizes.
+    """A converted module on one device at one precision, with CUDA graphs for the timed shapes.
 
     One call at a time on CUDA (captured graphs share their input and output buffers); any number
     on the CPU (a module in eval mode under `inference_mode` keeps no state between calls).
@@ -122,8 +168,8 @@ class TorchRunner(Runner):
         if self.settings.compile:
             module = torch.compile(module)
         self._module = module
-        for size in self.settings.cuda_graph_batch_sizes:
-            self._capture(size)
+        for size, length in self.settings.cuda_graph_shapes:
+            self._capture(size, length)
 
     def _deactivate(self) -> None:
         self._module, self._graphs = None, {}
@@ -144,29 +190,37 @@ class TorchRunner(Runner):
         result = self._module(*tensors)
         return list(result) if isinstance(result, list | tuple) else [result]
 
-    def _capture(self, batch_size: int) -> None:
-        """Record one forward pass at `batch_size` as a CUDA graph (after warm-up on a side stream,
-        as PyTorch's documentation prescribes)."""
+    def _capture(self, batch_size: int, length: int | None = None) -> None:
+        """Record one forward pass at `batch_size` (and sequence `length`) as a CUDA graph, after
+        warm-up on a side stream as PyTorch's documentation prescribes. Zeros feed the capture: a
+        valid token id (the pad id), mask and token type. A shape that cannot be captured is noted
+        and runs eagerly: the engine still serves it."""
         import torch
 
-        shapes = [spec.shape_at(batch_size) for spec in self._inputs]
-        if any(shape is None for shape in shapes):
-            self.notes.append(f"no CUDA graph at batch {batch_size}: an input has dynamic dims")
+        where = _where(batch_size, length)
+        shapes = graph_shapes(self._inputs, batch_size, length, self.settings.sequence_axes)
+        if shapes is None:
+            self.notes.append(f"no CUDA graph at {where}: an input has a dynamic dim no recipe sizes")
             return
-        static_in = [
-            self._cast_in(np.zeros(shape, dtype=spec.dtype))
-            for spec, shape in zip(self._inputs, shapes, strict=True)
-        ]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(3):
-                self._forward(static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            static_out = self._forward(static_in)
-        self._graphs[tuple(shapes)] = (graph, static_in, static_out)  # type: ignore[arg-type]
+        try:
+            static_in = [
+                self._cast_in(np.zeros(shape, dtype=spec.dtype))
+                for spec, shape in zip(self._inputs, shapes, strict=True)
+            ]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.inference_mode(), torch.cuda.stream(stream):
+                for _ in range(3):
+                    self._forward(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph):
+                static_out = self._forward(static_in)
+        except Exception as exc:  # a host sync inside the converted graph, an op capture forbids
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+            self.notes.append(f"no CUDA graph at {where}, it runs eagerly: {reason}")
+            return
+        self._graphs[tuple(shapes)] = (graph, static_in, static_out)
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -236,6 +290,13 @@ class _TorchBackend(Backend):
                 **self._versions(),
                 "device": settings.device,
                 "cuda_graph_batch_sizes": list(settings.cuda_graph_batch_sizes),
+                **(
+                    {"cuda_graph_sequence_lengths": list(settings.cuda_graph_sequence_lengths)}
+                    if settings.sequence_axes
+                    else {}
+                ),
+                **({"uncaptured_shapes": UNCAPTURED_SHAPES} if settings.device == "cuda" else {}),
+                **({"sequence_axes": dict(settings.sequence_axes)} if settings.sequence_axes else {}),
                 "torch_compile": settings.compile,
                 "notes": list(settings.notes),
                 "verified_on_hardware": VERIFIED_ON_HARDWARE[self.name],
@@ -243,17 +304,24 @@ class _TorchBackend(Backend):
         )
 
     def _settings(self, engine_path: Path, options: CompileOptions) -> TorchEngineSettings:
-        """The engine's settings, after a trial run at the largest batch (an op the precision breaks
-        is an EngineError here, at build time, not at the first request)."""
+        """The engine's settings, after a trial run at the largest batch (and, for a token model, the
+        longest timed sequence): an op the precision breaks is an EngineError here, at build time, not at
+        the first request. The sequence axes are `options.sequence_axes`, or, for a caller that named
+        none, engines.ingest.sequence's rule over the engine's own input specs."""
         eager = TorchEngineSettings(self.device, options.precision)
         runner = TorchRunner(
             engine_path, eager, self.load_options(threads=options.threads, batch_axes=options.batch_axes)
         ).activate()
         try:
-            seconds = _trial_seconds(runner, max(options.batch_sizes))
+            axes = dict(options.sequence_axes) or sequence_axes(runner.input_metadata())
+            eager = replace(eager, sequence_axes=axes)
+            length = _longest(options) if axes else None
+            seconds = _trial_seconds(runner, max(options.batch_sizes), length, axes)
         finally:
             runner.deactivate()
-        return eager if seconds is None else self._tuned(engine_path, options, eager, seconds)
+        if seconds is None:
+            return replace(eager, notes=(_UNTRIED,))
+        return self._tuned(engine_path, options, eager, seconds)
 
     def _tuned(
         self, engine_path: Path, options: CompileOptions, eager: TorchEngineSettings, eager_seconds: float
@@ -305,13 +373,16 @@ class TorchCudaBackend(_TorchBackend):
     def _tuned(
         self, engine_path: Path, options: CompileOptions, eager: TorchEngineSettings, eager_seconds: float
     ) -> TorchEngineSettings:
-        """CUDA graphs for every static batch size of the recipe; torch.compile when it is faster."""
+        """CUDA graphs for every timed shape of the recipe (each batch size, at each sequence length
+        for a token model); torch.compile when it is faster at the largest of them."""
         notes = list(eager.notes)
         compiled = replace(eager, compile=True)
         runner = TorchRunner(engine_path, compiled, self.load_options(batch_axes=options.batch_axes))
+        length = _longest(options) if eager.sequence_axes else None
+        where = _where(max(options.batch_sizes), length)
         try:
             runner.activate()
-            compiled_seconds = _trial_seconds(runner, max(options.batch_sizes))
+            compiled_seconds = _trial_seconds(runner, max(options.batch_sizes), length, eager.sequence_axes)
         except Exception as exc:  # inductor and dynamo fail in many ways on converted graphs
             compiled_seconds = None
             notes.append(f"torch.compile failed, eager is used: {type(exc).__name__}: {str(exc)[:300]}")
@@ -322,21 +393,46 @@ class TorchCudaBackend(_TorchBackend):
             verdict = "kept" if use_compile else "not kept"
             notes.append(
                 f"torch.compile {verdict}: {compiled_seconds * 1e3:.3f} ms vs eager "
-                f"{eager_seconds * 1e3:.3f} ms at batch {max(options.batch_sizes)}"
+                f"{eager_seconds * 1e3:.3f} ms at {where}"
             )
+        lengths = tuple(sorted(set(options.sequence_lengths))) if eager.sequence_axes else ()
         return replace(
-            eager, compile=use_compile, cuda_graph_batch_sizes=tuple(options.batch_sizes), notes=tuple(notes)
+            eager,
+            compile=use_compile,
+            cuda_graph_batch_sizes=tuple(options.batch_sizes),
+            cuda_graph_sequence_lengths=lengths,
+            notes=tuple(notes),
         )
 
     def hardware(self, threads: int | None = None) -> dict[str, Any]:
         return {**cpu_info(), **gpu_info(), **self._versions()}
 
 
-def _trial_seconds(runner: TorchRunner, batch_size: int, runs: int = 5) -> float | None:
-    """Median seconds of a few forward passes at `batch_size` (None when a dim besides the batch is
-    dynamic: there is no shape to try); raises EngineError when the module cannot run."""
-    shapes = [spec.shape_at(batch_size) for spec in runner.input_metadata()]
-    if any(shape is None for shape in shapes):
+#: The note of an engine whose shape could not be tried at build.
+_UNTRIED = (
+    "not tried at build (so, on CUDA, no CUDA graphs and no torch.compile): an input has dynamic dims "
+    "besides the batch, and no sequence length was named for them"
+)
+
+
+def _longest(options: CompileOptions) -> int | None:
+    """The longest sequence the engine is timed at (the longest it runs when none is timed; None:
+    none named): the trial run's, and torch.compile's timing's, length."""
+    return max(options.sequence_lengths, default=options.max_sequence_length)
+
+
+def _trial_seconds(
+    runner: TorchRunner,
+    batch_size: int,
+    length: int | None = None,
+    axes: Mapping[str, int] | None = None,
+    runs: int = 5,
+) -> float | None:
+    """Median seconds of a few forward passes at `batch_size` (and sequence `length` along `axes`;
+    zeros are valid token ids, masks and types), None when a dim besides the batch and the sequence
+    is dynamic (there is no shape to try); raises EngineError when the module cannot run."""
+    shapes = graph_shapes(runner.input_metadata(), batch_size, length, axes or {})
+    if shapes is None:
         return None
     feeds = {
         spec.name: np.zeros(shape, dtype=spec.dtype)

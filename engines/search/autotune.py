@@ -66,6 +66,7 @@ from engines.pipeline import (
     built_runner,
     compare,
     compile_engine,
+    sequence_options,
 )
 from engines.prune.finetune import FinetuneConfig
 from engines.prune.methods import PruneConfig
@@ -273,6 +274,10 @@ class _Search:
             check_sequence_lengths(
                 self.objective.sequence_lengths, self.sequence, self.inputs, what="objective.sequence_length"
             )
+        # a token model's sequence axes and lengths: every build shaped by them (TensorRT, CUDA graphs)
+        self.shaped = sequence_options(
+            self.inputs, self.objective.sequence_lengths, self.evaluation, self.calibration
+        )
         self.eval_batch = max(1, min(self.objective.batch_size, self.evaluation.samples))
         began = self.clock()
         self.reference = run_dataset(self.original, self.evaluation, self.eval_batch, self.check_cancelled)
@@ -329,6 +334,7 @@ class _Search:
                     None,
                     path,
                     batch_axes=self.stated,
+                    sequence=self.shaped,
                 ),
                 timing_batch=self.objective.batch_size,
                 check_cancelled=self.check_cancelled,
@@ -417,7 +423,12 @@ class _Search:
                     check_cancelled=self.check_cancelled,
                     # the target scores it
                     runner_for=partial(
-                        built_runner, backend, workdir / "checks", None, batch_axes=self.stated
+                        built_runner,
+                        backend,
+                        workdir / "checks",
+                        None,
+                        batch_axes=self.stated,
+                        sequence=self.shaped,
                     ),
                 )
 
@@ -435,7 +446,10 @@ class _Search:
                 )
             self.qat_variants[trained] = variant  # another backend of the same profile reuses it
         options = CompileOptions(
-            precision=precision, batch_sizes=(self.objective.batch_size,), batch_axes=self.stated
+            precision=precision,
+            batch_sizes=(self.objective.batch_size,),
+            batch_axes=self.stated,
+            **self.shaped,
         )
         artifact = compile_engine(backend, variant.path, workdir / "engine", options)
         artifact.metadata.update({**variant.metadata, "lineage": candidate.lineage()})
