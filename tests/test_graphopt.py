@@ -1,9 +1,11 @@
 """Transformer graph optimization (engines.graphopt) on small graphs in the layouts the exporters
-write (tests.transformer_graphs): the model type, heads and hidden size read from the graph; ONNX
-Runtime's fusions counted, what they left named with a reason; outputs within cosine 0.9999 of the
-unfused model in real ONNX Runtime sessions; a CNN left alone with a message; stated values the
-graph contradicts and heads nobody can find refused as 422s when a job is made; the stage in a job
-end to end, in the search, and the OpenVINO decision measured."""
+write (tests.transformer_graphs): the model type, heads and hidden size read from the graph (a
+Llama decoder's too: RMSNorm, rotary positions, grouped-query attention, a causal mask from a Trilu
+or from position comparisons); ONNX Runtime's fusions counted, what they left named with a reason;
+outputs within cosine 0.9999 of the unfused model in real ONNX Runtime sessions; a CNN, and attention
+the optimizer has no type for, left alone with a message; stated values the graph contradicts and
+heads nobody can find refused as 422s when a job is made; the stage in a job end to end, in the
+search, and the OpenVINO decision measured."""
 
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ from engines.errors import InvalidRecipeError
 from engines.graphopt.config import AUTO, GraphOptConfig
 from engines.graphopt.detect import HEADS_UNKNOWN, MISMATCH, detect, plan_fusion
 from engines.graphopt.fidelity import FUSION_MIN_COSINE
-from engines.graphopt.model_types import MODEL_TYPES
+from engines.graphopt.model_types import MODEL_TYPES, ModelType, optimizer_lacks, register
 from engines.graphopt.stage import METADATA_KEY, run_graph_stage
 from engines.ingest.datasets import Dataset
 from engines.ingest.model import inspect_model
 from tests.conftest import QUICK_MEASURE, LocalApi
-from tests.transformer_graphs import bert_encoder, gpt2_decoder, small_cnn, vit_encoder
+from tests.transformer_graphs import bert_encoder, gpt2_decoder, llama_decoder, small_cnn, vit_encoder
 
 SEQUENCE = 16
 
@@ -38,6 +40,11 @@ def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "bert-runtime": bert_encoder(root / "bert-runtime.onnx", head_shape="runtime"),
         "vit": vit_encoder(root / "vit.onnx"),
         "gpt2": gpt2_decoder(root / "gpt2.onnx"),
+        "llama": llama_decoder(root / "llama.onnx"),
+        "llama-range": llama_decoder(root / "llama-range.onnx", mask="range"),
+        "llama-mha": llama_decoder(root / "llama-mha.onnx", kv_heads=4),
+        "rms-rotary-encoder": llama_decoder(root / "rms-rotary-encoder.onnx", mask="none"),
+        "bert-where": bert_encoder(root / "bert-where.onnx", padding_where=True),
         "cnn": small_cnn(root / "cnn.onnx"),
     }
 
@@ -68,7 +75,7 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize(
     ("name", "model_type"),
-    [("bert", "bert"), ("bert-constant", "bert"), ("vit", "vit"), ("gpt2", "gpt2")],
+    [("bert", "bert"), ("bert-constant", "bert"), ("bert-where", "bert"), ("vit", "vit"), ("gpt2", "gpt2")],
 )
 def test_the_model_type_heads_and_hidden_size_are_read_from_the_graph(
     graphs, name: str, model_type: str
@@ -76,6 +83,64 @@ def test_the_model_type_heads_and_hidden_size_are_read_from_the_graph(
     found = detect(onnx.load(str(graphs[name])))
     assert (found.model_type, found.num_heads, found.hidden_size) == (model_type, 4, 32), found
     assert found.attention_blocks == 2 and found.layer_norm_widths == (32,)
+
+
+def decoder_tokens(samples: int = 6, seed: int = 1) -> Dataset:
+    """A decoder's inputs: token ids and right-padded masks, no token types."""
+    data = token_data(samples, seed)
+    return Dataset({name: data.inputs[name] for name in ("input_ids", "attention_mask")}, None)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-range"])
+def test_a_llama_decoder_is_recognised_with_its_grouped_heads(graphs, name: str) -> None:
+    """SmolLM2's export (RMSNorm, rotary positions, 4 query heads over 2 K/V heads, head size -1, a
+    causal mask from a Trilu three nodes below the scores' Add, no token_type_ids) read as bert with
+    unknown heads: a 422 for a recipe on "auto". Through the rotary Add and the K/V repeat, the heads
+    and the mask are found; a Where over position comparisons is causal too."""
+    found = detect(onnx.load(str(graphs[name])))
+    assert (found.model_type, found.num_heads, found.hidden_size, found.kv_heads) == ("llama", 4, 32, 2), (
+        found
+    )
+    assert found.attention_blocks == 2 and found.layer_norm_widths == ()
+    assert found.patterns["rms_norm_decomposed"] == 5 and found.patterns["rotary"] == 4
+    for part in ("causal self-attention", "RMSNorm", "rotary", "4 query heads over 2 key/value heads"):
+        assert part in found.type_reason, found.type_reason
+    plan = plan_fusion(GraphOptConfig(AUTO), found)
+    assert (plan.model_type, plan.num_heads, plan.hidden_size, plan.skip) == ("llama", 4, 32, None)
+    assert MODEL_TYPES["llama"].ort_type == "qwen3" and optimizer_lacks("llama") is None
+    mha = detect(onnx.load(str(graphs["llama-mha"])))  # as many K/V heads as query heads
+    assert (mha.model_type, mha.num_heads, mha.hidden_size, mha.kv_heads) == ("llama", 4, 32, None)
+
+
+def test_a_where_over_a_padding_mask_is_not_a_causal_mask(graphs) -> None:
+    found = detect(onnx.load(str(graphs["bert-where"])))
+    assert found.model_type == "bert" and "bidirectional" in found.type_reason
+
+
+def test_rms_norm_and_rotary_attention_without_a_causal_mask_run_unfused_and_say_why(graphs) -> None:
+    """Neither bert (whose fusion does not match RMSNorm or rotary positions) nor a decoder: auto
+    never refuses it; it runs unfused, saying what the graph has and how to state a type."""
+    found = detect(onnx.load(str(graphs["rms-rotary-encoder"])))
+    assert found.model_type is None and (found.num_heads, found.hidden_size) == (4, 32)
+    assert "no causal mask" in found.type_reason and "no token_type_ids input" in found.type_reason
+    plan = plan_fusion(GraphOptConfig(AUTO), found)
+    assert plan.skip and plan.skip.startswith("not identified as a model type the optimizer knows")
+    assert "it runs unfused" in plan.skip and '"num_heads": 4' in plan.skip
+
+
+def test_a_type_the_installed_optimizer_lacks_runs_unfused(graphs) -> None:
+    """A registered type whose ONNX Runtime type is not in the installed optimizer's MODEL_TYPES (as
+    qwen3, which llama maps onto, is not in older ONNX Runtimes): unfused, stated or detected."""
+    register(ModelType("future", "no_such_ort_type", "a type a newer ONNX Runtime has", detected=False))
+    try:
+        assert "has no 'no_such_ort_type' model type" in (optimizer_lacks("future") or "")
+        plan = plan_fusion(GraphOptConfig("future"), detect(onnx.load(str(graphs["llama"]))))
+        assert (
+            plan.model_type is None and plan.skip and plan.skip.startswith("unfused: the model type future")
+        )
+    finally:
+        del MODEL_TYPES["future"]
+        optimizer_lacks.cache_clear()
 
 
 def test_a_cnn_has_no_attention_and_is_not_identified(graphs) -> None:
@@ -178,6 +243,27 @@ def test_what_the_optimizer_did_not_fuse_is_named_with_a_reason(graphs, tmp_path
     assert left["fusion"] == "attention" and left["expected"] == 2 and left["left"] == 2 and left["reason"]
     assert "not fused: 2 of 2 attention" in stage.messages[0]
     assert stage.fused_path is not None and stage.report["fidelity"]["faithful"]
+
+
+def test_a_llama_decoder_fuses_its_rms_norms_and_names_what_it_left(graphs, tmp_path: Path) -> None:
+    """ONNX Runtime's qwen3 type (decoders with RoPE, GQA, RMSNorm) fuses the RMSNorms into
+    SimplifiedLayerNormalization and, after a residual Add, SkipSimplifiedLayerNormalization; its
+    rotary fusions do not match this export (nor SmolLM2's), and the report says so with the
+    optimizer's own words. The fused model's logits stay within cosine 0.9999 on padded rows."""
+    data = decoder_tokens()
+    stage = _stage(graphs["llama"], tmp_path, data)
+    assert stage.report["model_type"] == "llama"
+    assert stage.report["fused"] == {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4}
+    left = {item["fusion"]: item for item in stage.report["not_fused"]}
+    assert set(left) == {"attention", "rotary"} and all(item["reason"] for item in left.values())
+    assert (left["rotary"]["expected"], left["attention"]["expected"]) == (4, 2)
+    assert stage.report["fidelity"]["faithful"] and stage.report["fidelity"]["data"] == "evaluation"
+    assert stage.messages[0].startswith("graph optimization (llama, 4 heads, hidden 32): fused ")
+    feeds = data.feeds(np.arange(data.samples))
+    assert (
+        _min_cosine(_outputs(stage.fused_path, feeds)[0], _outputs(graphs["llama"], feeds)[0])
+        >= FUSION_MIN_COSINE
+    )
 
 
 def test_a_model_that_is_not_a_transformer_runs_unfused_and_says_so(graphs, tmp_path: Path) -> None:
@@ -301,10 +387,12 @@ def _npz(data: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _job(api: LocalApi, model: Path, graph_optimization: dict | None, **recipe) -> tuple[int, dict]:
+def _job(
+    api: LocalApi, model: Path, graph_optimization: dict | None, data: Dataset | None = None, **recipe
+) -> tuple[int, dict]:
     body = {
         "model_id": _post(api, "models", model.name, model.read_bytes()),
-        "evaluation_dataset_id": _post(api, "datasets", "texts.npz", _npz(token_data())),
+        "evaluation_dataset_id": _post(api, "datasets", "texts.npz", _npz(data or token_data())),
         "recipe": {
             "graph_optimization": graph_optimization,
             "batch_sizes": [2],
@@ -337,6 +425,14 @@ def test_unknown_or_wrong_heads_are_a_422_saying_how_to_state_them(
     assert body["code"] == code and fragment in body["detail"], body
 
 
+@pytest.mark.parametrize("model", ["llama", "rms-rotary-encoder"])
+def test_auto_on_a_decoder_is_accepted(local_api: LocalApi, graphs, model: str) -> None:
+    """A recipe on "auto" is no 422 for a Llama decoder (detected) nor for attention the optimizer has
+    no type for (it runs unfused, saying why)."""
+    status, body = _job(local_api, graphs[model], {"model_type": "auto"}, decoder_tokens())
+    assert status == 202, body
+
+
 def test_a_job_with_graph_optimization_builds_a_fused_engine_end_to_end(local_api: LocalApi, graphs) -> None:
     from workers.job_runner import run_job_by_id
 
@@ -363,4 +459,5 @@ def test_capabilities_list_the_model_types(local_api: LocalApi) -> None:
         "vit",
         "gpt2",
         "clip",
+        "llama",
     }

@@ -1,13 +1,18 @@
 """Small transformer graphs, written node by node in the layouts PyTorch's exporter gives Hugging
 Face models (the ones ONNX Runtime's transformer optimizer was written against): a BERT encoder, a
-ViT image encoder, a GPT-2 decoder, and a CNN that is no transformer at all.
+ViT image encoder, a GPT-2 decoder, a Llama decoder, and a CNN that is no transformer at all.
 
 Built with onnx.helper rather than exported from torch here: the tests then run in a second without
 torch or transformers, and the layout does not move with the installed exporter's version. The BERT
 graph mirrors, node for node, the blocks of sentence-transformers' paraphrase-MiniLM-L3-v2 export
 (bench.zoo_corpus `minilm-l3`): Q/K/V MatMul + Add, Reshape into heads (a Concat of run-time dims and
 constants, as the exporter writes it, or a constant target), Transpose, Q·Kᵀ / √d + the additive
-padding mask, Softmax, ·V, the output projection, residual Add + LayerNorm, GELU via Erf.
+padding mask, Softmax, ·V, the output projection, residual Add + LayerNorm, GELU via Erf. The Llama
+graph mirrors, block for block, the torch.onnx.export (opset 17) of bench.transformer_models'
+LlamaDecoder, which holds SmolLM2-135M: RMSNorm written out (Pow, ReduceMean, Add, Sqrt, Div, Mul),
+rotary embeddings from Cos and Sin of the positions, grouped-query attention (K/V heads repeated by
+Unsqueeze, Expand, Reshape), head size left to the exporter's -1, a causal mask from a Trilu, SiLU
+MLP, tied output projection; no token_type_ids.
 """
 
 from __future__ import annotations
@@ -164,10 +169,12 @@ def bert_encoder(
     max_positions: int = 64,
     intermediate: int = 64,
     head_shape: str = "concat",
+    padding_where: bool = False,
     seed: int = 0,
 ) -> Path:
     """A BERT encoder: int64 input_ids, attention_mask and token_type_ids [batch, sequence], the
-    last hidden state out; `head_shape` as `_Builder.head_shape` takes it."""
+    last hidden state out; `head_shape` as `_Builder.head_shape` takes it. `padding_where`: the
+    padding mask applied by a Where on the scores (DistilBERT's masked_fill) rather than added."""
     b = _Builder(seed)
     ids, mask_in, types = "input_ids", "attention_mask", "token_type_ids"
     words = b.op("Gather", b.weight(vocab, hidden, scale=0.5, hint="word_embeddings"), ids)
@@ -190,11 +197,14 @@ def bert_encoder(
         b.op("Unsqueeze", mask_in, b.const(np.array([1], dtype=np.int64))),
         b.const(np.array([2], dtype=np.int64)),
     )
-    inverted = b.op("Sub", b.const(np.float32(1.0)), b.op("Cast", unsqueezed, to=TensorProto.FLOAT))
-    mask = b.op("Mul", inverted, b.const(np.float32(-3.4028234663852886e38)))
+    if padding_where:  # Where(kept, scores, min): the Builder's `causal` argument applies it
+        masks = {"causal": b.op("Cast", unsqueezed, to=TensorProto.BOOL)}
+    else:
+        inverted = b.op("Sub", b.const(np.float32(1.0)), b.op("Cast", unsqueezed, to=TensorProto.FLOAT))
+        masks = {"mask": b.op("Mul", inverted, b.const(np.float32(-3.4028234663852886e38)))}
     for _ in range(layers):
         attended = b.layer_norm(
-            b.op("Add", b.attention(x, hidden, heads, mask=mask, head_shape=head_shape), x), hidden
+            b.op("Add", b.attention(x, hidden, heads, head_shape=head_shape, **masks), x), hidden
         )
         feed = b.linear(b.gelu_erf(b.linear(attended, hidden, intermediate)), intermediate, hidden)
         x = b.layer_norm(b.op("Add", feed, attended), hidden)
@@ -281,6 +291,167 @@ def gpt2_decoder(
     x = b.layer_norm(x, hidden)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
     return b.save(path, inputs, x, ["batch", "sequence", hidden], "gpt2")
+
+
+class _Llama:
+    """The parts of a Llama decoder, written as PyTorch's exporter writes them (opset 17)."""
+
+    def __init__(self, b: _Builder, hidden: int, heads: int, kv_heads: int):
+        self.b, self.hidden, self.heads, self.kv_heads = b, hidden, heads, kv_heads
+        self.size = hidden // heads
+
+    def ints(self, *values: int) -> str:
+        return self.b.const(np.array(values, dtype=np.int64))
+
+    def dim(self, x: str, axis: int) -> str:
+        """One run-time dim of `x` as a one-element int64 list (Shape, Gather, Unsqueeze)."""
+        b = self.b
+        return b.op(
+            "Unsqueeze", b.op("Gather", b.op("Shape", x), b.const(np.int64(axis)), axis=0), self.ints(0)
+        )
+
+    def rms_norm(self, x: str) -> str:
+        """weight · x / √(mean(x²) + ε): no mean subtracted."""
+        b = self.b
+        variance = b.op("ReduceMean", b.op("Pow", x, b.const(np.float32(2.0))), axes=[-1], keepdims=1)
+        root = b.op("Sqrt", b.op("Add", variance, b.const(np.float32(1e-5))))
+        normed = b.op("Mul", x, b.op("Div", b.const(np.float32(1.0)), root))
+        gamma = b.const((1 + 0.1 * b.rng.standard_normal(self.hidden)).astype(np.float32), "gamma")
+        return b.op("Mul", gamma, normed)
+
+    def rotary(self, length: str) -> tuple[str, str]:
+        """cos and sin [1, 1, sequence, head_size] of positions × inverse frequencies."""
+        b = self.b
+        positions = b.op(
+            "Range",
+            b.const(np.float32(0.0)),
+            b.op("Cast", length, to=TensorProto.FLOAT),
+            b.const(np.float32(1.0)),
+        )
+        inverse = 1.0 / (10000.0 ** (np.arange(0, self.size, 2, dtype=np.float32) / self.size))
+        angles = b.op("Mul", b.op("Unsqueeze", positions, self.ints(1)), b.const(inverse[None], "inv_freq"))
+        both = b.op("Concat", angles, angles, axis=-1)
+        return tuple(b.op("Unsqueeze", b.op(op, both), self.ints(0, 1)) for op in ("Cos", "Sin"))  # type: ignore[return-value]
+
+    def causal_mask(self, length: str, mask: str, how: str) -> tuple[str | None, bool]:
+        """(the mask, whether it is a condition for a Where): an additive mask from a Trilu of ones
+        times the padding mask (`trilu`, LlamaDecoder's), a boolean j <= i from two position ranges
+        and the padding mask, applied by a Where (`range`, newer transformers' exports), or none at all
+        (`none`: bidirectional, as an encoder with RMSNorm and rotary positions would be)."""
+        b = self.b
+        if how == "none":
+            return None, False
+        end = b.op("Unsqueeze", length, self.ints(0))
+        padding = b.op("Unsqueeze", mask, self.ints(1, 2))  # [batch, 1, 1, sequence]
+        if how == "trilu":
+            ones = b.op(
+                "ConstantOfShape",
+                b.op("Concat", end, end, axis=0),
+                value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+            )
+            triangle = b.op("Trilu", ones, upper=0)  # [None, None] is two Unsqueezes in the export
+            causal = b.op("Unsqueeze", b.op("Unsqueeze", triangle, self.ints(0)), self.ints(1))
+            allowed = b.op("Mul", causal, b.op("Cast", padding, to=TensorProto.FLOAT))
+            inverted = b.op("Sub", b.const(np.float32(1.0)), allowed)
+            return b.op("Mul", inverted, b.const(np.float32(-3.4028234663852886e38))), False
+        positions = b.op("Range", b.const(np.int64(0)), length, b.const(np.int64(1)))
+        earlier = b.op(
+            "LessOrEqual",
+            b.op("Unsqueeze", positions, self.ints(0)),
+            b.op("Unsqueeze", positions, self.ints(1)),
+        )
+        causal = b.op("Unsqueeze", earlier, self.ints(0, 1))
+        return b.op("And", causal, b.op("Cast", padding, to=TensorProto.BOOL)), True
+
+    def split_heads(self, x: str, heads: int) -> str:
+        """[batch, sequence, heads · d] -> [batch, heads, sequence, d], d left to the exporter's -1."""
+        b = self.b
+        shape = b.op("Concat", self.dim(x, 0), self.dim(x, 1), self.ints(heads), self.ints(-1), axis=0)
+        return b.op("Transpose", b.op("Reshape", x, shape), perm=[0, 2, 1, 3])
+
+    def rotate(self, x: str, cos: str, sin: str) -> str:
+        """x·cos + rotate_half(x)·sin."""
+        b, half = self.b, self.size // 2
+        first = b.op("Slice", x, self.ints(0), self.ints(half), self.ints(3))
+        second = b.op("Slice", x, self.ints(half), self.ints(self.size), self.ints(3))
+        rotated = b.op("Concat", b.op("Neg", second), first, axis=-1)
+        return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rotated, sin))
+
+    def repeat(self, x: str) -> str:
+        """Grouped-query attention: each K/V head repeated for its query heads."""
+        b, repeat = self.b, self.heads // self.kv_heads
+        if repeat == 1:
+            return x
+        batch, length = self.dim(x, 0), self.dim(x, 2)
+        expand = b.op(
+            "Concat", batch, self.ints(self.kv_heads), self.ints(repeat), length, self.ints(self.size), axis=0
+        )
+        expanded = b.op("Expand", b.op("Unsqueeze", x, self.ints(2)), expand)
+        merged = b.op("Concat", batch, self.ints(self.heads), length, self.ints(self.size), axis=0)
+        return b.op("Reshape", expanded, merged)
+
+    def attention(self, x: str, cos: str, sin: str, mask: str | None, where: bool) -> str:
+        b, hidden, kv_width = self.b, self.hidden, self.kv_heads * self.size
+        query = self.rotate(
+            self.split_heads(b.op("MatMul", x, b.weight(hidden, hidden)), self.heads), cos, sin
+        )
+        key = self.rotate(
+            self.split_heads(b.op("MatMul", x, b.weight(hidden, kv_width)), self.kv_heads), cos, sin
+        )
+        value = self.split_heads(b.op("MatMul", x, b.weight(hidden, kv_width)), self.kv_heads)
+        key, value = self.repeat(key), self.repeat(value)
+        scores = b.op(
+            "Div",
+            b.op("MatMul", query, b.op("Transpose", key, perm=[0, 1, 3, 2])),
+            b.const(np.float32(math.sqrt(self.size))),
+        )
+        if mask is not None and where:
+            scores = b.op("Where", mask, scores, b.const(np.float32(-3.4028234663852886e38)))
+        elif mask is not None:
+            scores = b.op("Add", scores, mask)
+        context = b.op("MatMul", b.op("Softmax", scores, axis=-1), value)
+        merged = b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), self.ints(0, 0, hidden))
+        return b.op("MatMul", merged, b.weight(hidden, hidden))
+
+    def mlp(self, x: str, intermediate: int) -> str:
+        """down(silu(gate(x)) · up(x))."""
+        b = self.b
+        gate = b.op("MatMul", x, b.weight(self.hidden, intermediate))
+        silu = b.op("Mul", gate, b.op("Sigmoid", gate))
+        up = b.op("MatMul", x, b.weight(self.hidden, intermediate))
+        return b.op("MatMul", b.op("Mul", silu, up), b.weight(intermediate, self.hidden))
+
+
+def llama_decoder(
+    path: Path,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 100,
+    intermediate: int = 64,
+    mask: str = "trilu",
+    seed: int = 4,
+) -> Path:
+    """A Llama decoder without past state: input_ids and attention_mask [batch, sequence], logits
+    [batch, sequence, vocab] out; `mask` as `_Llama.causal_mask` takes it (this module's docstring)."""
+    b = _Builder(seed)
+    llama = _Llama(b, hidden, heads, kv_heads)
+    table = (b.rng.standard_normal((vocab, hidden)) * 0.5).astype(np.float32)
+    x = b.op("Gather", b.const(table, "embed_tokens"), "input_ids")
+    length = b.op("Gather", b.op("Shape", "input_ids"), b.const(np.int64(1)), axis=0)
+    cos, sin = llama.rotary(length)
+    causal, where = llama.causal_mask(length, "attention_mask", mask)
+    for _ in range(layers):
+        x = b.op("Add", x, llama.attention(llama.rms_norm(x), cos, sin, causal, where))
+        x = b.op("Add", x, llama.mlp(llama.rms_norm(x), intermediate))
+    logits = b.op("MatMul", llama.rms_norm(x), b.const(np.ascontiguousarray(table.T), "lm_head"))
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
+        for name in ("input_ids", "attention_mask")
+    ]
+    return b.save(path, inputs, logits, ["batch", "sequence", vocab], "llama")
 
 
 def small_cnn(path: Path, *, seed: int = 3) -> Path:

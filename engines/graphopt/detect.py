@@ -6,16 +6,27 @@ guess silently fuses nothing). The graph shows them where exporters put them:
   the scale, the padding mask or a causal Where) and whose output feeds another (·V);
 - **heads**: the Reshape that splits Q (or K, V) into heads: its target shape `[batch, seq, heads,
   head_size]` (`[batch, seq, 3, heads, head_size]` for a fused QKV), as an initializer, a Constant or
-  a Concat of run-time dims and constants (PyTorch's exporter writes the last);
+  a Concat of run-time dims and constants (PyTorch's exporter writes the last), found through rotary
+  position embeddings (q·cos + rotate_half(q)·sin) and, for grouped-query attention, through the
+  repeat of the K/V heads (Unsqueeze, Expand, Reshape) to the Reshape that split them;
 - **hidden size**: heads × head size, checked against the width of the Q projection's weight (a
   MatMul or Gemm, 3× as wide for a fused QKV) and the LayerNorm widths;
-- **model type**: a causal mask makes a decoder (gpt2, or clip with QuickGELU), a patch-embedding
-  convolution (kernel = stride) an image encoder (vit), token embeddings (a Gather from an integer
-  input) a text encoder (bert). Anything else with attention is not identified: stated, it fuses.
+- **causal mask**: what the scores' mask is computed from (every node above the Add or Where on the
+  scores, up to Shape and the weights' ops): a Trilu, a triangular constant (GPT-2's `bias` buffer,
+  read up to MASK_CONSTANT elements), or a comparison of two position ranges (Less, Greater…);
+  a Where over a padding mask alone (DistilBERT's masked_fill) is not causal;
+- **model type**: a causal mask makes a decoder: clip with QuickGELU, llama with RMSNorm
+  (x / √(mean(x²) + ε), no mean subtracted; usually rotary positions and grouped-query attention
+  too), gpt2 otherwise; a patch-embedding convolution (kernel = stride) an image encoder (vit);
+  token embeddings (a Gather from an integer input) with LayerNorm a text encoder (bert). RMSNorm
+  or rotary positions without a causal mask found are not identified (ONNX Runtime's bert fusion
+  does not match them), nor is anything else with attention: stated, it fuses. A type the installed
+  ONNX Runtime's optimizer does not have (llama maps onto its `qwen3`) runs unfused, and says so.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,8 +35,8 @@ import numpy as np
 
 from engines.errors import InvalidRecipeError
 from engines.graphopt.config import GraphOptConfig
-from engines.graphopt.graph import GraphIndex
-from engines.graphopt.model_types import MODEL_TYPES
+from engines.graphopt.graph import SMALL_CONSTANT, GraphIndex
+from engines.graphopt.model_types import MODEL_TYPES, optimizer_lacks
 
 if TYPE_CHECKING:  # onnx is imported where a graph is read, not when the API starts
     from onnx import ModelProto, NodeProto
@@ -46,8 +57,19 @@ FUSED_OPS = (
 )
 #: Between a Softmax and the Q·Kᵀ MatMul: the scale, the padding mask, a causal Where.
 _SCORE_PATH = ("Add", "Div", "Mul", "Where", "Cast", "Sub", "Reshape")
-#: Between the head-splitting Reshape and Q·Kᵀ (or ·V): transposes, the scale, a fused QKV's pick.
-_HEAD_PATH = ("Transpose", "Mul", "Div", "Cast", "Gather", "Split", "Squeeze", "Slice", "Sqrt")
+#: Between the head-splitting Reshape and Q·Kᵀ (or ·V): transposes, the scale, a fused QKV's pick,
+#: rotary position embeddings (q·cos + rotate_half(q)·sin: an Add of two Muls).
+_HEAD_PATH = ("Transpose", "Mul", "Div", "Cast", "Gather", "Split", "Squeeze", "Slice", "Sqrt", "Add")
+#: Grouped-query attention's repeat of each K/V head for its group of query heads.
+_REPEAT_PATH = ("Expand", "Tile", "Unsqueeze")
+#: What a mask is searched above, not through: a Shape's input is read for its size only, and a mask
+#: is not computed from the weights' operators.
+_MASK_STOP = ("Shape", "MatMul", "Gemm", "Conv", "Softmax", "LayerNormalization")
+#: Comparisons of two position ranges (j <= i) make a causal mask at run time.
+_COMPARISONS = ("Less", "LessOrEqual", "Greater", "GreaterOrEqual")
+#: A square constant under the scores is read up to this many elements to see whether it is
+#: triangular (GPT-2's 1024×1024 `bias` buffer is 1 Mi booleans).
+MASK_CONSTANT = 1 << 22
 #: Between the Q projection and the head-splitting Reshape: its bias, a fused QKV's split.
 _PROJECTION_PATH = ("Add", "Split", "Slice", "Gather", "Squeeze", "Cast")
 #: Codes of the 422s a recipe's graph_optimization section can earn.
@@ -65,6 +87,7 @@ class AttentionSite:
     projection_width: int | None  # the Q projection's output width (3× hidden for a fused QKV)
     model_width: int | None  # the Q projection's input width
     causal: bool
+    kv_heads: int | None = None  # grouped-query attention: fewer K/V heads than query heads
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,8 @@ class Detection:
     patterns: dict[str, int] = field(default_factory=dict)
     #: ONNX Runtime's fused operators already in the graph.
     already_fused: dict[str, int] = field(default_factory=dict)
+    #: Grouped-query attention's key/value heads (None: as many as the query heads).
+    kv_heads: int | None = None
 
     @property
     def is_transformer(self) -> bool:
@@ -111,9 +136,19 @@ def _is_attention_matmul(index: GraphIndex, node: NodeProto | None) -> bool:
     return node is not None and node.op_type == "MatMul" and len(index.activation_inputs(node)) == 2
 
 
+def _repeats_heads(index: GraphIndex, reshape: NodeProto) -> bool:
+    """A Reshape that merges K/V heads repeated for grouped-query attention (repeat_kv: Unsqueeze,
+    Expand, Reshape to the query heads), not the one that split them."""
+    source = index.producer.get(reshape.input[0])
+    return source is not None and source.op_type in ("Expand", "Tile")
+
+
 def _head_split(index: GraphIndex, tensor: str) -> tuple[int | None, int | None, NodeProto | None]:
-    """(heads, head size, the Reshape) from the Reshape that splits `tensor`'s source into heads."""
+    """(heads, head size, the Reshape) from the Reshape that splits `tensor`'s source into heads (for
+    K and V of grouped-query attention: their own heads, above the repeat)."""
     reshape, _ = index.walk_up(tensor, _HEAD_PATH, ("Reshape",))
+    if reshape is not None and _repeats_heads(index, reshape):
+        reshape, _ = index.walk_up(reshape.input[0], (*_HEAD_PATH, *_REPEAT_PATH), ("Reshape",))
     if reshape is None:
         return None, None, None
     shape = index.shape_values(reshape.input[1])
@@ -140,33 +175,50 @@ def _projection(index: GraphIndex, reshape: NodeProto | None) -> tuple[int | Non
 
 
 def _is_triangular(values: np.ndarray) -> bool:
-    """A causal mask: square in its last two dims, with the part above the diagonal set apart (False,
-    or a large negative) and the rest not."""
+    """A causal mask: square in its last two dims, one value above the diagonal (False, 0, or a large
+    negative) and another on and below it."""
     if values.ndim < 2 or values.shape[-1] != values.shape[-2] or values.shape[-1] < 2:
         return False
     square = values.reshape(-1, values.shape[-2], values.shape[-1])[0]
     upper = np.triu(np.ones(square.shape, dtype=bool), 1)
-    if square.dtype == bool:
-        return bool((~square[upper]).all() and square[~upper].all())
-    return bool((square[upper] < -1e3).all() and (square[~upper] > -1e3).all())
+    above, below = square[upper], square[~upper]
+    return bool((above == above[0]).all() and (below == below[0]).all() and above[0] != below[0])
 
 
-def _causal(index: GraphIndex, passed: list[NodeProto]) -> bool:
-    """A causal mask on the scores: a Where, a Trilu, or a triangular constant added to them."""
-    for node in passed:
-        if node.op_type == "Where":
+def _triangular_constant(index: GraphIndex, name: str) -> bool:
+    dims = index.dims(name)
+    if dims is not None and (len(dims) < 2 or dims[-1] != dims[-2] or math.prod(dims) > MASK_CONSTANT):
+        return False
+    value = index.value(name, MASK_CONSTANT if dims is not None else SMALL_CONSTANT)
+    return value is not None and _is_triangular(np.asarray(value))
+
+
+def _from_positions(index: GraphIndex, name: str) -> bool:
+    """A tensor computed from a Range (positions), not far above."""
+    return any(node.op_type == "Range" for node in index.ancestors([name], _MASK_STOP, limit=16))
+
+
+def _causal(index: GraphIndex, scores: NodeProto, passed: list[NodeProto]) -> bool:
+    """A causal mask on the scores: among what the nodes between Q·Kᵀ and the Softmax (the scale,
+    the mask's Add, a Where) read besides the scores, a Trilu, a triangular constant, or a comparison
+    of two position ranges."""
+    inside = {name for node in (scores, *passed) for name in node.output}
+    starts = [name for node in passed for name in node.input if name and name not in inside]
+    above = index.ancestors(starts, _MASK_STOP)
+    for node in above:
+        if node.op_type == "Trilu":
             return True
-        if node.op_type == "Add":
-            for name in node.input:
-                value = index.value(name)
-                if value is not None and _is_triangular(np.asarray(value)):
-                    return True
-                trilu, _ = index.walk_up(
-                    name, ("Cast", "Mul", "Sub", "Expand", "Slice", "Unsqueeze"), ("Trilu",), 5
-                )
-                if trilu is not None:
-                    return True
-    return False
+        if node.op_type in _COMPARISONS and all(_from_positions(index, name) for name in node.input[:2]):
+            return True
+    constants = {
+        name for name in starts + [n for node in above for n in node.input] if index.is_constant(name)
+    }
+    return any(_triangular_constant(index, name) for name in constants)
+
+
+def _attention_width(out_width: int | None, in_width: int | None) -> int | None:
+    """The width of one of Q, K, V from its projection's (a fused QKV projection is 3× as wide)."""
+    return in_width if out_width and in_width and out_width == 3 * in_width else out_width
 
 
 def attention_sites(index: GraphIndex) -> list[AttentionSite]:
@@ -179,18 +231,28 @@ def attention_sites(index: GraphIndex) -> list[AttentionSite]:
             continue
         assert scores is not None and context is not None
         found = [_head_split(index, name) for name in (scores.input[0], scores.input[1], context.input[1])]
-        heads = next((h for h, _, _ in found if h), None)
-        size = next((s for _, s, _ in found if s), None)
         widths = [_projection(index, reshape) for _, _, reshape in found]
+        q_width = _attention_width(*widths[0])
+        kv_width = next((_attention_width(*w) for w in widths[1:] if w[0]), None)
+        kv_heads = next((h for h, _, _ in found[1:] if h), None)
+        heads = found[0][0]
+        if heads is None and (q_width is None or kv_width == q_width):  # K and V have Q's heads
+            heads = kv_heads
+        size = next((s for _, s, _ in found if s), None)
+        if size is None:  # [b, s, heads, -1]
+            for known, width in ((heads, q_width), (kv_heads, kv_width)):
+                if known and width and width % known == 0:
+                    size = width // known
+                    break
+        if heads is None and size and q_width and q_width % size == 0:  # [b, s, -1, head_size]
+            heads = q_width // size
+        if kv_heads is None and size and kv_width and kv_width % size == 0:
+            kv_heads = kv_width // size
         out_width = next((w for w, _ in widths if w), None)
         in_width = next((w for _, w in widths if w), None)
-        if heads is None and size and out_width:  # [b, s, -1, head_size]
-            attention_width = in_width if in_width and out_width == 3 * in_width else out_width
-            heads = attention_width // size if attention_width % size == 0 else None
-        if size is None and heads and out_width:  # [b, s, heads, -1]
-            attention_width = in_width if in_width and out_width == 3 * in_width else out_width
-            size = attention_width // heads if attention_width % heads == 0 else None
-        sites.append(AttentionSite(softmax.name, heads, size, out_width, in_width, _causal(index, passed)))
+        causal = _causal(index, scores, passed)
+        grouped = kv_heads if kv_heads and heads and kv_heads < heads else None
+        sites.append(AttentionSite(softmax.name, heads, size, out_width, in_width, causal, grouped))
     return sites
 
 
@@ -217,6 +279,41 @@ def _decomposed_layer_norms(index: GraphIndex) -> int:
         ):
             count += 1
     return count
+
+
+def _rms_norms(index: GraphIndex) -> int:
+    """RMSNorms written out (Llama, T5: x / √(mean(x²) + ε), no mean subtracted): a ReduceMean of the
+    square (Pow 2, or x·x) of a tensor that is not x minus its own mean."""
+    count = 0
+    for node in index.nodes:
+        square = index.producer.get(node.input[0]) if node.op_type == "ReduceMean" else None
+        if square is None:
+            continue
+        squared = (square.op_type == "Pow" and _scalar(index, square) == 2.0) or (
+            square.op_type == "Mul" and square.input[0] == square.input[1]
+        )
+        if not squared:
+            continue
+        x = square.input[0]
+        centred = index.producer.get(x)
+        if centred is not None and centred.op_type == "Sub":
+            mean = index.producer.get(centred.input[1])
+            if mean is not None and mean.op_type == "ReduceMean" and mean.input[0] == centred.input[0]:
+                continue  # a LayerNorm's variance
+        count += 1
+    return count
+
+
+def _rotations(index: GraphIndex) -> int:
+    """Rotary position embeddings' rotate_half written out: a Concat of a negated half and the other."""
+    return sum(
+        node.op_type == "Concat"
+        and any(
+            (source := index.producer.get(name)) is not None and source.op_type == "Neg"
+            for name in node.input
+        )
+        for node in index.nodes
+    )
 
 
 def _scalar(index: GraphIndex, node: NodeProto) -> float | None:
@@ -295,12 +392,15 @@ def _patch_embedding(index: GraphIndex) -> bool:
 
 def fusable_patterns(index: GraphIndex, sites: list[AttentionSite] | None = None) -> dict[str, int]:
     """What a graph offers the optimizer: attention blocks, LayerNorms (as operators, and written
-    out), GELUs written out. Counted again on the fused graph, it says what was left unfused."""
+    out), RMSNorms and rotary embeddings written out, GELUs written out. Counted again on the fused
+    graph, it says what was left unfused."""
     gelus = _gelus(index)
     return {
         "attention": len(attention_sites(index) if sites is None else sites),
         "layer_norm": index.count("LayerNormalization"),
         "layer_norm_decomposed": _decomposed_layer_norms(index),
+        "rms_norm_decomposed": _rms_norms(index),
+        "rotary": _rotations(index),
         "gelu": sum(gelus.values()),
         **gelus,
     }
@@ -356,27 +456,67 @@ def detect(model: ModelProto) -> Detection:
             hidden = in_width if out_width == 3 * in_width else out_width
         elif len(widths) == 1:
             hidden = widths[0]
-    causal = any(site.causal for site in sites)
-    quick_gelu = patterns.get("quick_gelu", 0) > 0
-    if causal:
-        model_type = "clip" if quick_gelu else "gpt2"
-        type_reason = "causal self-attention" + (" with QuickGELU activations" if quick_gelu else "")
-    elif _patch_embedding(index):
-        model_type, type_reason = "vit", "a patch-embedding convolution (stride = kernel) before attention"
-    elif _token_embedding(index):
-        model_type, type_reason = (
-            "bert",
-            "token embeddings (a Gather from integer ids) before bidirectional attention",
-        )
-    else:
-        model_type = None
-        type_reason = (
-            f"{len(sites)} attention blocks, but neither token embeddings (bert), a patch embedding "
-            "(vit) nor a causal mask (gpt2, clip)"
-        )
+    kv_heads, _ = _agreed([site.kv_heads for site in sites])
+    model_type, type_reason = _model_type(index, sites, patterns, heads, kv_heads)
     assert model_type is None or model_type in MODEL_TYPES
     return Detection(
-        model_type, heads, hidden, len(sites), type_reason, heads_reason, widths, patterns, already
+        model_type, heads, hidden, len(sites), type_reason, heads_reason, widths, patterns, already, kv_heads
+    )
+
+
+def _model_type(
+    index: GraphIndex,
+    sites: list[AttentionSite],
+    patterns: dict[str, int],
+    heads: int | None,
+    kv_heads: int | None,
+) -> tuple[str | None, str]:
+    """The type and how it was recognised, or None and what the graph has instead (this module's
+    docstring has the rules)."""
+    rms = (
+        patterns["rms_norm_decomposed"]
+        + index.count("SimplifiedLayerNormalization")
+        + index.count("RMSNormalization")
+    )
+    rotary = patterns["rotary"] > 0  # rotate_half: Sin and Cos alone may be absolute positions
+    decoder_parts = [
+        part
+        for part, present in (
+            ("RMSNorm (no mean subtracted)", rms),
+            ("rotary position embeddings", rotary),
+            (f"grouped-query attention ({heads} query heads over {kv_heads} key/value heads)", kv_heads),
+        )
+        if present
+    ]
+    if any(site.causal for site in sites):
+        if patterns.get("quick_gelu", 0):
+            return "clip", "causal self-attention with QuickGELU activations"
+        if rms:
+            return "llama", "causal self-attention with " + ", ".join(decoder_parts)
+        return "gpt2", "causal self-attention" + (
+            f" with {', '.join(decoder_parts)}" if decoder_parts else ""
+        )
+    if _patch_embedding(index):
+        return "vit", "a patch-embedding convolution (stride = kernel) before attention"
+    token_embedding = _token_embedding(index)
+    if decoder_parts:
+        token_types = any("token_type" in value.name for value in index.inputs)
+        return None, (
+            f"{len(sites)} attention blocks with {', '.join(decoder_parts)}"
+            + (
+                ", token embeddings and no token_type_ids input"
+                if token_embedding and not token_types
+                else ""
+            )
+            + ", as in Llama-style decoders, but no causal mask on the scores (a Trilu, a triangular "
+            "constant or a comparison of positions), so not known for a decoder; ONNX Runtime's bert "
+            "fusion does not match them"
+        )
+    if token_embedding:
+        return "bert", "token embeddings (a Gather from integer ids) before bidirectional attention"
+    return None, (
+        f"{len(sites)} attention blocks, but neither token embeddings (bert), a patch embedding (vit) "
+        "nor a causal mask (gpt2, clip, llama)"
     )
 
 
@@ -432,6 +572,13 @@ def plan_fusion(config: GraphOptConfig, detection: Detection) -> FusionPlan:
             detection=detection,
         )
     model_type = stated_type or detection.model_type
+    lacking = optimizer_lacks(model_type) if model_type is not None else None
+    if lacking is not None:
+        how = "stated" if stated_type else f"detected ({detection.type_reason})"
+        return FusionPlan(
+            skip=f"unfused: the model type {model_type} was {how}, but {lacking}; it runs unfused",
+            detection=detection,
+        )
     if model_type is None:
         return FusionPlan(
             skip=(

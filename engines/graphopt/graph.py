@@ -61,22 +61,22 @@ class GraphIndex:
                     return tuple(attribute.t.dims)
         return None
 
-    def value(self, name: str) -> np.ndarray | None:
-        """The value of a small constant (through Identity and Cast), or None."""
+    def value(self, name: str, limit: int = SMALL_CONSTANT) -> np.ndarray | None:
+        """The value of a constant of at most `limit` elements (through Identity and Cast), or None."""
         from onnx import TensorProto, numpy_helper
 
         if name in self.initializers:
             tensor = self.initializers[name]
-            if math.prod(tensor.dims) > SMALL_CONSTANT or tensor.data_location == TensorProto.EXTERNAL:
+            if math.prod(tensor.dims) > limit or tensor.data_location == TensorProto.EXTERNAL:
                 return None
             return numpy_helper.to_array(tensor)
         node = self.producer.get(name)
         if node is None:
             return None
         if node.op_type == "Constant":
-            return _constant_node_value(node)
+            return _constant_node_value(node, limit)
         if node.op_type in ("Identity", "Cast") and node.input:
-            return self.value(node.input[0])
+            return self.value(node.input[0], limit)
         return None
 
     def shape_values(self, name: str) -> list[int | None] | None:
@@ -134,6 +134,26 @@ class GraphIndex:
             frontier = following
         return None, passed
 
+    def ancestors(self, names: Iterable[str], stop: Iterable[str], limit: int = 256) -> list[NodeProto]:
+        """The nodes that compute `names`, breadth first, not going above nodes of the `stop` types
+        (which are listed, their inputs not followed), at most `limit` of them: what a mask is made of."""
+        stop = set(stop)
+        found: list[NodeProto] = []
+        seen: set[int] = set()
+        frontier = list(names)
+        while frontier and len(found) < limit:
+            following: list[str] = []
+            for tensor in frontier:
+                node = self.producer.get(tensor)
+                if node is None or id(node) in seen:
+                    continue
+                seen.add(id(node))
+                found.append(node)
+                if node.op_type not in stop:
+                    following += [name for name in node.input if name]
+            frontier = following
+        return found[:limit]
+
     def walk_down(
         self, name: str, through: Iterable[str], until: Iterable[str], max_hops: int = 4
     ) -> NodeProto | None:
@@ -160,12 +180,12 @@ class GraphIndex:
         )
 
 
-def _constant_node_value(node: NodeProto) -> np.ndarray | None:
+def _constant_node_value(node: NodeProto, limit: int = SMALL_CONSTANT) -> np.ndarray | None:
     from onnx import helper, numpy_helper
 
     for attribute in node.attribute:
         if attribute.name == "value":
-            if math.prod(attribute.t.dims) > SMALL_CONSTANT:
+            if math.prod(attribute.t.dims) > limit:
                 return None
             return numpy_helper.to_array(attribute.t)
         if attribute.name in ("value_int", "value_ints", "value_float", "value_floats"):

@@ -11,6 +11,14 @@ whether they pay, is a property of the graph's weights, read here once for both:
   registry lists MatMul, Attention, Conv, LSTM, Gather) and its MatMulNBits quantizer takes MatMul
   only, while exporters write a Linear on 2-D inputs as Gemm (torch's classic exporter, tf2onnx).
   A Gemm with a constant B becomes MatMul (+ Add of beta·C): the same function, now quantizable.
+- `embedding_tables(model)`: which Gathers read a table ONNX Runtime's GatherBlockQuantized can hold
+  (weight-only's `embeddings`). Its quantizer takes every Gather over an initializer without looking
+  at it: an int64 constant gathered (a position-id buffer an exporter or a simplifier stored as an
+  initializer) gets int64 scales and the model no longer loads; a 1-D float constant fails its
+  quantize-axis assertion; a table that is also a MatMul's weight gets two different 4-bit forms
+  under one name. So the tables are chosen here, and the rest excluded by name.
+- `untie_tables(model, tables)`: a table that is also a MatMul's weight (tied embeddings) gets its
+  own copy for the MatMul, so that each is quantized in the form its operator reads.
 """
 
 from __future__ import annotations
@@ -205,3 +213,75 @@ def name_nodes(model: Any) -> None:
             name += "_"
         node.name = name
         used.add(name)
+
+
+#: Table types ONNX Runtime's CPU GatherBlockQuantized has kernels for (its scales take the table's
+#: type): float and float16. A bfloat16 table quantizes, and the model then does not load (1.32).
+_TABLE_TYPES = frozenset({1, 10})
+
+
+@dataclass(frozen=True)
+class EmbeddingTables:
+    """The Gathers of a graph's top level that read a constant, sorted by whether their table can be
+    stored in 4 bits (a float initializer of rank 2, gathered along its rows: token embeddings)."""
+
+    #: Gather nodes whose tables GatherBlockQuantized can hold, and those tables.
+    gathers: tuple[str, ...]
+    tables: tuple[str, ...]
+    #: Gather nodes over other constants (integers, bfloat16, 1-D, along another axis): left alone.
+    others: tuple[str, ...]
+    #: table -> the MatMul nodes that also read it as their weight (tied embeddings).
+    tied: dict[str, tuple[str, ...]]
+
+
+def embedding_tables(model: Any) -> EmbeddingTables:
+    """The model's embedding tables as ONNX Runtime's Gather quantizer would meet them (this module's
+    docstring). Node names must be unique and set (name_nodes)."""
+    from onnx import helper
+
+    graph = model.graph
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    gathers, tables, others = [], [], []
+    for node in graph.node:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.input[0] not in constants:
+            continue
+        table = constants[node.input[0]]
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if len(table.dims) == 2 and table.data_type in _TABLE_TYPES and axis in (0, -2):
+            gathers.append(node.name)
+            if table.name not in tables:
+                tables.append(table.name)
+        else:
+            others.append(node.name)
+    tied: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in tables:
+            tied.setdefault(node.input[1], []).append(node.name)
+    return EmbeddingTables(
+        tuple(gathers), tuple(tables), tuple(others), {name: tuple(nodes) for name, nodes in tied.items()}
+    )
+
+
+def untie_tables(model: Any, tied: dict[str, tuple[str, ...]]) -> list[str]:
+    """Give the MatMuls that share an embedding table (`embedding_tables(model).tied`) a copy of their
+    own, so that the Gather's table and the MatMul's weight are quantized each in its operator's form.
+    Returns the copies' names."""
+    graph = model.graph
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    used = {tensor.name for tensor in graph.initializer} | referenced_names(graph)
+    copies: dict[str, str] = {}
+    for table in tied:
+        name = f"{table}_matmul"
+        while name in used:
+            name += "_"
+        twin = type(constants[table])()
+        twin.CopyFrom(constants[table])
+        twin.name = name
+        graph.initializer.append(twin)
+        copies[table] = name
+        used.add(name)
+    readers = {node for nodes in tied.values() for node in nodes}
+    for node in graph.node:
+        if node.name in readers:
+            node.input[1] = copies[node.input[1]]
+    return list(copies.values())

@@ -20,7 +20,13 @@ Before quantizing: every node gets a unique name (ONNX Runtime's GPTQ sorts the 
 and fails on duplicates), and Gemms with constant weights become MatMul + Add (the quantizer takes
 MatMul only). `embeddings` also stores Gather's embedding tables in 4 bits (GatherBlockQuantized, by
 rtn whatever the MatMuls' algorithm: hqq and gptq have no Gather form):
-most of a small encoder's parameters are its vocabulary's table (MiniLM-L3: 69 %).
+most of a small encoder's parameters are its vocabulary's table (MiniLM-L3: 69 %). Only real tables
+are handed to it (engines.quantize.matmul_weights.embedding_tables: ONNX Runtime's Gather quantizer
+takes any constant and writes models that do not load), a table tied to a MatMul is untied first,
+the model is converted to opset 21 (the quantizer only relabels it), and the result is loaded in ONNX
+Runtime before it is kept: where the tables cannot be stored (no table, a model the opset converter
+cannot convert, a result that does not load) the MatMuls are quantized alone and a message says why
+and what to do.
 
 Where it runs: ONNX Runtime on the CPU, and OpenVINO, whose ONNX frontend reads MatMulNBits and
 GatherBlockQuantized (checked with OpenVINO 2026.4: the same outputs as ONNX Runtime). TensorRT and
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import time
@@ -45,7 +52,13 @@ import numpy as np
 
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
-from engines.quantize.matmul_weights import gemm_as_matmul, matmul_weights, name_nodes
+from engines.quantize.matmul_weights import (
+    embedding_tables,
+    gemm_as_matmul,
+    matmul_weights,
+    name_nodes,
+    untie_tables,
+)
 from engines.quantize.methods import QuantizeResult
 
 WEIGHT_ONLY_ALGORITHMS: tuple[str, ...] = ("rtn", "hqq", "gptq")
@@ -217,7 +230,9 @@ def _quiet() -> Iterator[None]:
             item.setLevel(level)
 
 
-def _algorithm_config(config: WeightOnlyConfig, bits: int, calibration: _CalibrationBatches | None) -> Any:
+def _algorithm_config(
+    config: WeightOnlyConfig, bits: int, calibration: _CalibrationBatches | None, tables: bool
+) -> Any:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -227,7 +242,7 @@ def _algorithm_config(config: WeightOnlyConfig, bits: int, calibration: _Calibra
         return HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=bits)
     if config.algorithm == "gptq":
         return GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration)
-    return _rtn_config(config, bits, ("MatMul", "Gather") if config.embeddings else ("MatMul",))
+    return _rtn_config(config, bits, ("MatMul", "Gather") if tables else ("MatMul",))
 
 
 def _rtn_config(config: WeightOnlyConfig, bits: int, op_types: tuple[str, ...]) -> Any:
@@ -269,8 +284,13 @@ def quantize_weight_only(
         messages.append(
             f"{rewritten} Gemm node(s) written as MatMul + Add, so that their weights are quantized"
         )
+    tables: list[str] = []
+    excluded = list(config.nodes_to_exclude)
+    kept_float: str | None = None
     if config.embeddings:
-        messages += _opset_for_embeddings(model)
+        tables, others, kept_float, notes = _prepare_tables(model)
+        messages += notes
+        excluded += others
     check_cancelled()
     reader = _CalibrationBatches(calibration, batch_size) if config.algorithm == "gptq" else None
     if reader is not None:
@@ -282,8 +302,8 @@ def quantize_weight_only(
         if reader.samples < calibration.samples:
             messages.append(f"gptq: Hessians from the first {reader.samples} calibration samples")
     symmetric = config.is_symmetric()
-    passes = [_algorithm_config(config, bits, reader)]
-    if config.embeddings and config.algorithm != "rtn":  # the tables by rtn, after the MatMuls
+    passes = [_algorithm_config(config, bits, reader, bool(tables))]
+    if tables and config.algorithm != "rtn":  # the tables by rtn, after the MatMuls
         passes.append(_rtn_config(config, bits, ("Gather",)))
     quantized = model
     for algo_config in passes:
@@ -294,7 +314,7 @@ def quantize_weight_only(
                     bits=bits,
                     block_size=config.block_size,
                     is_symmetric=symmetric,
-                    nodes_to_exclude=list(config.nodes_to_exclude),
+                    nodes_to_exclude=excluded,
                     algo_config=algo_config,
                 )
                 quantizer.process()
@@ -307,6 +327,7 @@ def quantize_weight_only(
         quantized = quantizer.model.model
     level = config.compute_level(bits)
     _set_accuracy_level(quantized, level)
+    _import_contrib_opset(quantized)
     if config.algorithm == "hqq":
         messages.append(
             "hqq writes float zero points, which ONNX Runtime's CPU MatMulNBits kernel runs on a slower path "
@@ -322,6 +343,25 @@ def quantize_weight_only(
     out_path = workdir / f"model-int{bits}-weight.onnx"
     large = quantized.ByteSize() >= _EXTERNAL_DATA_BYTES
     onnx.save_model(quantized, str(out_path), save_as_external_data=large, location=out_path.name + ".data")
+    error = _load_error(out_path) if tables else None
+    if error is not None:  # the MatMuls alone, and say why
+        retry = quantize_weight_only(
+            model_path,
+            workdir,
+            bits,
+            dataclasses.replace(config, embeddings=False),
+            calibration=calibration,
+            batch_size=batch_size,
+            check_cancelled=check_cancelled,
+        )
+        reason = (
+            f"the model with 4-bit embedding tables does not load in ONNX Runtime ({error}), so the tables "
+            "stay in float and the MatMul weights are quantized alone; leave out weight_only.embeddings "
+            "to build it without the attempt"
+        )
+        retry.metadata["weight_only"].update(embeddings=True, embeddings_kept_float=reason)
+        retry.messages.insert(0, f"embedding tables kept in float: {reason}")
+        return retry
     weights = matmul_weights(model_path)
     return QuantizeResult(
         out_path,
@@ -333,6 +373,8 @@ def quantize_weight_only(
                 "symmetric": symmetric,
                 "accuracy_level": level,
                 "embeddings": config.embeddings,
+                "embedding_tables": tables,
+                "embeddings_kept_float": kept_float,
                 "nodes_kept_float": list(config.nodes_to_exclude),
                 "quantized_ops": dict(sorted(counts.items())),
                 "gemm_rewritten": rewritten,
@@ -345,27 +387,88 @@ def quantize_weight_only(
     )
 
 
-def _opset_for_embeddings(model: Any) -> list[str]:
+def _prepare_tables(model: Any) -> tuple[list[str], list[str], str | None, list[str]]:
+    """Make `model` ready to have its embedding tables stored in 4 bits: (the tables, the Gather nodes
+    the quantizer must leave alone, why the tables stay in float or None, messages). Untied from the
+    MatMuls that share them, and converted to opset 21, where there are tables to store."""
+    found = embedding_tables(model)
+    others = list(found.others)
+    if not found.tables:
+        reason = (
+            "no Gather reads a table GatherBlockQuantized can hold (a 2-D float or float16 constant "
+            "gathered along its rows)"
+            + (f"; its {len(others)} Gather(s) over constants read other kinds" if others else "")
+            + ", so weight_only.embeddings has nothing to store: leave it out"
+        )
+        return [], others, reason, [f"embedding tables: {reason}"]
+    messages: list[str] = []
+    converted, reason = _opset_for_embeddings(model)
+    if reason is not None:
+        return [], others, reason, [f"embedding tables kept in float: {reason}"]
+    messages += converted
+    if found.tied:
+        untie_tables(model, found.tied)
+        messages.append(
+            f"{len(found.tied)} embedding table(s) also read by a MatMul as its weight (tied embeddings): "
+            "the MatMul gets its own copy, so that both are stored in 4 bits, each in its operator's form"
+        )
+    if others:
+        messages.append(
+            f"{len(others)} Gather node(s) over other constants (integer, bfloat16, 1-D, or gathered along "
+            "another axis) left as they are: GatherBlockQuantized holds float and float16 tables gathered "
+            "along their rows"
+        )
+    return list(found.tables), others, None, messages
+
+
+def _opset_for_embeddings(model: Any) -> tuple[list[str], str | None]:
     """ONNX Runtime's quantizer marks a model whose embedding tables it quantizes as opset 21 (the
     int4 types) without converting its nodes: an opset-17 ReduceMean keeps its `axes` attribute, which
     opset 18 moved to an input, and the model no longer loads (seen on SmolLM2's RMSNorm). So the model
-    is converted to opset 21 first."""
+    is converted to opset 21 first: (messages, None), or ([], why it could not be)."""
     from onnx import version_converter
 
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
     if opset >= EMBEDDINGS_OPSET:
-        return []
+        return [], None
     try:
         converted = version_converter.convert_version(model, EMBEDDINGS_OPSET)
     except Exception as exc:
-        raise EngineError(
-            f"embedding tables are stored in 4 bits by an opset-{EMBEDDINGS_OPSET} operator, and this "
-            f"opset-{opset} model could not be converted to opset {EMBEDDINGS_OPSET} "
-            f"({type(exc).__name__}: {str(exc)[:200]}): leave out weight_only.embeddings",
-            code="quantization_failed",
-        ) from exc
+        return [], (
+            f"4-bit tables need opset {EMBEDDINGS_OPSET}, and ONNX's converter could not convert this "
+            f"opset-{opset} model ({type(exc).__name__}: {str(exc)[:200]}); the MatMul weights are "
+            f"quantized alone: export the model at opset {EMBEDDINGS_OPSET} to store its tables too, or "
+            "leave out weight_only.embeddings"
+        )
     model.CopyFrom(converted)
-    return [f"opset {opset} converted to {EMBEDDINGS_OPSET}: 4-bit embedding tables need it"]
+    return [f"opset {opset} converted to {EMBEDDINGS_OPSET}: 4-bit embedding tables need it"], None
+
+
+def _import_contrib_opset(model: Any) -> None:
+    """The com.microsoft opset import that MatMulNBits and GatherBlockQuantized need (ONNX Runtime's
+    quantizers add it in their own paths, not in every one)."""
+    from onnx import helper
+
+    uses = any(node.domain == "com.microsoft" for node in model.graph.node)
+    if uses and not any(entry.domain == "com.microsoft" for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _load_error(path: Path) -> str | None:
+    """Why ONNX Runtime's CPU provider refuses to load the model (its text, without the file's path),
+    or None: the check a model with 4-bit tables passes before it is kept."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        text = str(exc)
+        text = text.split(" failed:", 1)[1] if " failed:" in text else text.replace(str(path), path.name)
+        return f"{type(exc).__name__}: {' '.join(text.split())[:300]}"
+    return None
 
 
 def _set_accuracy_level(model: Any, level: int) -> None:
