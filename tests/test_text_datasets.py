@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 from optiforge_client import Client, ValidationFailed
 from optiforge_client import cli as client_cli
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from app import cli as server_cli
 from app.core.db import session_scope
@@ -39,7 +40,7 @@ from engines.ingest.texts import (
     TextLimits,
     TextModel,
     TextTokenization,
-    load_tokenizer,
+    open_tokenizer,
     plan_text_dataset,
     write_text_npz,
 )
@@ -453,17 +454,17 @@ def plan_and_write(
     source = tmp_path / "texts.jsonl"
     source.write_bytes(content)
     text_limits = text_limits or TextLimits()
-    tokenizer = load_tokenizer(tokenizer_json, text_limits)
-    plan = plan_text_dataset(
-        source,
-        tokenizer,
-        TextTokenization.from_dict(spec),
-        limits=limits or DatasetLimits(),
-        text_limits=text_limits,
-        model=model,
-    )
     out = tmp_path / "out" / "dataset.npz"
-    write_text_npz(source, tokenizer, plan, out, max_line_bytes=text_limits.max_line_bytes)
+    with open_tokenizer(tokenizer_json, text_limits) as tokenizer:
+        plan = plan_text_dataset(
+            source,
+            tokenizer,
+            TextTokenization.from_dict(spec),
+            limits=limits or DatasetLimits(),
+            text_limits=text_limits,
+            model=model,
+        )
+        write_text_npz(source, tokenizer, plan, out, max_line_bytes=text_limits.max_line_bytes)
     with np.load(out) as npz:
         return {key: npz[key] for key in npz.files}
 
@@ -698,3 +699,97 @@ def test_a_long_jsonl_is_tokenized_by_a_job(jobs_api: LocalApi, tokenizer_json: 
     # every line is still checked at upload: a bad one is a 422 now, not a failed job
     bad = upload_texts(jobs_api, jsonl(*lines, {"label": "good"}), tokenizer_json, model_id=model_id)
     assert bad.status_code == 422 and (bad.json()["code"], bad.json()["line"]) == ("missing_text", 8)
+
+
+# ---------------------------------------------------------------- a hostile tokenizer.json: bounded
+
+#: A regex the library runs by backtracking: each run of twenty "a"s not followed by "b" costs tens
+#: of milliseconds, so this line alone takes about a minute, in Rust code Python cannot interrupt.
+BACKTRACKING = "(a+)+b"
+SLOW_LINE = {"text": ("a" * 20 + " ") * 2000}
+
+
+def hostile_tokenizer(tmp_path: Path, part: str) -> bytes:
+    """A word-level tokenizer whose pre-tokenizer `Split`, or normalizer `Replace`, backtracks."""
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "[PAD]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    if part == "split":
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(BACKTRACKING), behavior="isolated")
+    else:
+        tokenizer.normalizer = normalizers.Replace(Regex(BACKTRACKING), "b")
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / f"{part}.json"
+    tokenizer.save(str(path))
+    return path.read_bytes()
+
+
+@pytest.fixture
+def bounded_api(tmp_path: Path) -> Iterator[LocalApi]:
+    """An API whose tokenizer may take 2 s (to load, to tokenize an upload, each chunk of a job's),
+    and that tokenizes one line at upload: two lines go to a job."""
+    settings = make_settings(
+        tmp_path / "data", max_upload_bytes=4 * 1024 * 1024, text_inline_max_lines=1, tokenize_timeout_s=2.0
+    )
+    settings.data_dir.mkdir(parents=True)
+    upgrade(settings.resolved_database_url)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield LocalApi(client, settings, app.state.store)
+
+
+@pytest.mark.parametrize("part", ["split", "replace"])
+def test_a_backtracking_regex_is_stopped_at_upload(
+    bounded_api: LocalApi, tokenizer_json: Path, tmp_path: Path, part: str
+) -> None:
+    """The tokenizer's process is killed at the deadline: a 422 that says what to do, nothing stored;
+    a normal tokenizer under the same deadline is tokenized as ever."""
+    started = time.monotonic()
+    answer = upload_texts(bounded_api, jsonl(SLOW_LINE), hostile_tokenizer(tmp_path, part))
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert body["code"] == "tokenizer_too_slow" and body["timeout_s"] == 2.0, body
+    assert "Split or normalizer Replace" in body["detail"]
+    assert elapsed < 10, elapsed
+    assert stored(bounded_api) == []
+
+    fine = upload_texts(bounded_api, jsonl({"text": SENTENCES[0]}), tokenizer_json, {"max_length": 16})
+    assert fine.status_code == 201, fine.text
+    ids, _, _ = expected_row(tokenizer_json, SENTENCES[0], None, 16)
+    assert download(bounded_api, fine.json()["id"])["input_ids"][0].tolist() == ids
+
+
+def test_a_backtracking_regex_fails_its_job(bounded_api: LocalApi, tmp_path: Path) -> None:
+    """Two lines: the upload loads the tokenizer (fast) and queues a job; the job's tokenizing is
+    stopped at the deadline of its chunk, and the job and the dataset fail with the code."""
+    answer = upload_texts(bounded_api, jsonl(SLOW_LINE, SLOW_LINE), hostile_tokenizer(tmp_path, "split"))
+    assert answer.status_code == 202, answer.text
+    pending = answer.json()
+    started = time.monotonic()
+    run_job_by_id(bounded_api.settings, pending["processing_job_id"])
+    assert time.monotonic() - started < 10
+    failed = bounded_api.client.get(f"/v1/datasets/{pending['id']}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "tokenizer_too_slow", failed
+    job = bounded_api.client.get(f"/v1/jobs/{pending['processing_job_id']}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "tokenizer_too_slow", job
+    assert "dataset.npz" not in [path.name for path in stored(bounded_api)]
+
+
+def test_a_tokenizer_over_its_memory_is_stopped(tmp_path: Path) -> None:
+    """A normalizer that makes 10,000 characters of each "a": the line needs gigabytes (the library
+    keeps an alignment per byte); the process's address space is capped, so it is refused at once."""
+    bomb = Tokenizer(models.WordLevel({"[UNK]": 0, "x": 1}, unk_token="[UNK]"))
+    bomb.normalizer = normalizers.Replace("a", "x" * 10_000)
+    path = tmp_path / "bomb.json"
+    bomb.save(str(path))
+    started = time.monotonic()
+    with pytest.raises(InvalidDatasetError) as refused:
+        plan_and_write(
+            tmp_path,
+            path,
+            jsonl({"text": "a" * 20_000}),
+            {"max_length": 8},
+            text_limits=TextLimits(tokenizer_memory_bytes=512 * 1024 * 1024),
+        )
+    assert refused.value.code == "tokenizer_out_of_memory" and "512 MiB" in refused.value.detail
+    assert time.monotonic() - started < 10
+    assert list((tmp_path / "out").iterdir()) == []

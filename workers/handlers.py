@@ -46,7 +46,13 @@ from engines.ingest.image_npz import write_image_npz
 from engines.ingest.images import ImagePreprocessing, plan_image_folder
 from engines.ingest.model import inspect_model, write_normalized
 from engines.ingest.signature import TensorSpec
-from engines.ingest.texts import TOKENIZER_FILENAME, TextModel, prepare_text_dataset, write_text_dataset
+from engines.ingest.texts import (
+    TOKENIZER_FILENAME,
+    TextModel,
+    open_tokenizer,
+    prepare_text_dataset,
+    write_text_dataset,
+)
 from engines.pipeline import BuiltEngine, run_recipe
 from engines.prune.sensitivity import SENSITIVITY_JSON, SENSITIVITY_PNG, SensitivityConfig, analyse
 from engines.prune.sensitivity import plot as plot_sensitivity
@@ -308,7 +314,9 @@ def run_tokenize_texts(context: JobContext) -> Outcome:
     and the model its upload resolved (the recipe), every line checked again as at upload, progress
     per chunk of lines and the cancellation checked as often. The `.npz` and the tokenizer replace
     the source under the dataset's prefix, and the dataset is `ready` in the transaction that marks
-    the job succeeded; a refusal fails the job (and the dataset) with the upload's code and line."""
+    the job succeeded; a refusal fails the job (and the dataset) with the upload's code and line.
+    The tokenizer runs in a bounded child process, each chunk of lines within `tokenize_timeout_s`
+    (engines.ingest.bounded_tokenize): a slow one fails the job `tokenizer_too_slow`, not hangs it."""
     record = context.evaluation
     assert record is not None, "a tokenize_texts job is created with its dataset"
     settings, attempt, options = context.settings, context.attempt, context.recipe
@@ -317,30 +325,31 @@ def run_tokenize_texts(context: JobContext) -> Outcome:
     source = context.store.local_path(f"{prefix}/{DatasetRecord.TEXT_SOURCE_FILE}")
     tokenizer_file = context.store.local_path(f"{prefix}/{TOKENIZER_FILENAME}")
     attempt.progress(0.02, "checking the lines and the tokenizer, as at upload")
-    plan, tokenizer = prepare_text_dataset(
-        source,
-        tokenizer_file,
-        options["tokenization"],
-        limits=limits,
-        text_limits=bounds,
-        model=TextModel.from_dict(options["model"]) if options.get("model") else None,
-        classes=options.get("classes"),
-        max_bytes=settings.max_unpacked_bytes,
-    )
     stored = context.workdir / "stored"
     progress = _throttled_progress(attempt, "tokenizing texts: {done} of {total} lines")
-
-    info = write_text_dataset(
-        source,
-        tokenizer,
-        plan,
-        stored / npz_name,
-        limits=limits,
-        text_limits=bounds,
-        max_unpacked_bytes=settings.max_unpacked_bytes,
-        tokenizer_sha256=options.get("tokenizer_sha256"),
-        progress=progress,
-    )
+    with open_tokenizer(tokenizer_file, bounds) as tokenizer:
+        plan = prepare_text_dataset(
+            source,
+            tokenizer,
+            options["tokenization"],
+            limits=limits,
+            text_limits=bounds,
+            model=TextModel.from_dict(options["model"]) if options.get("model") else None,
+            classes=options.get("classes"),
+            max_bytes=settings.max_unpacked_bytes,
+        )
+        info = write_text_dataset(
+            source,
+            tokenizer,
+            plan,
+            stored / npz_name,
+            limits=limits,
+            text_limits=bounds,
+            max_unpacked_bytes=settings.max_unpacked_bytes,
+            tokenizer_sha256=options.get("tokenizer_sha256"),
+            progress=progress,
+            each_chunk=True,
+        )
     shutil.copyfile(tokenizer_file, stored / TOKENIZER_FILENAME)
     description = {**info, "processing_job_id": context.job_id}
 

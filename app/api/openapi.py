@@ -177,9 +177,10 @@ RULES: tuple[Rule, ...] = (
                "line_too_long", "text_too_long", "tokenization_failed", "tokenizer_required",
                "invalid_tokenizer", "invalid_tokenization", "unknown_input_name", "input_names_required",
                "sequence_too_long", "vocab_exceeds_embedding", "type_ids_exceed_embedding",
-               "dataset_mismatch"),
+               "dataset_mismatch", "tokenizer_too_slow", "tokenizer_out_of_memory"),
          "not a safe, consistent dataset (an .npz of arrays, a .zip of images, or a JSONL of texts with a "
-         "tokenizer.json: a bad line's `line` is in the body)", r"^/v1/datasets$", _on("post")),
+         "tokenizer.json: a bad line's `line` is in the body; a tokenizer that takes more than the server's "
+         "time or memory to load or tokenize is stopped)", r"^/v1/datasets$", _on("post")),
     Rule(422, ("invalid_batch_axis",), "a stated batch_axis that is not a JSON object of the model's input "
          "names to an axis in range (or null), or one sent with a .pt2", _MODEL_UPLOAD, _on("post")),
     Rule(429, ("too_many_jobs",), "a .pt2 is converted by a job, and the project has as many jobs queued or "

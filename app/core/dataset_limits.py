@@ -21,5 +21,8 @@ def dataset_limits(settings: Settings) -> DatasetLimits:
 def text_limits(settings: Settings) -> TextLimits:
     """A text upload's bounds beside dataset_limits' (whose max_samples bounds its lines)."""
     return TextLimits(
-        max_line_bytes=settings.max_text_line_bytes, max_tokenizer_bytes=settings.max_tokenizer_bytes
+        max_line_bytes=settings.max_text_line_bytes,
+        max_tokenizer_bytes=settings.max_tokenizer_bytes,
+        tokenize_timeout_s=settings.tokenize_timeout_s,
+        tokenizer_memory_bytes=settings.tokenizer_memory_bytes,
     )

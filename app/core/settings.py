@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     #: Bytes one line of a JSONL of texts may hold, and a tokenizer.json (engines.ingest.texts).
     max_text_line_bytes: int = Field(default=1024 * 1024, ge=1)
     max_tokenizer_bytes: int = Field(default=64 * MIB, ge=1)
+    #: A tokenizer.json is loaded and run in a child process (engines.ingest.bounded_tokenize), killed
+    #: past this many seconds to load, then to tokenize an upload's lines (a job's: each chunk of 512
+    #: lines): 422 `tokenizer_too_slow` (a backtracking regex can take hours on one line).
+    tokenize_timeout_s: float = Field(default=60.0, gt=0)
+    #: ... and with at most this much address space (RLIMIT_AS): 422 `tokenizer_out_of_memory`.
+    tokenizer_memory_bytes: int = Field(default=4096 * MIB, ge=256 * MIB)
     #: Seconds an inference request's whole body may take to arrive; then 408 `body_timeout`. The
     #: body is read before the request takes an in-flight slot, so a slow client holds no slot.
     body_read_timeout_s: float = 30.0

@@ -7,7 +7,9 @@ size (a bad line is a 422 that names it). A short JSONL (`text_inline_max_lines`
 tokenized at once; a longer one is stored as it came, with the tokenization the upload resolved,
 for a `tokenize_texts` job (workers.handlers.run_tokenize_texts), as a large image folder is.
 Everything is written in the upload's scratch folder and stored only when all of it passed
-(app.api.uploads.commit_upload), so a refusal leaves nothing behind.
+(app.api.uploads.commit_upload), so a refusal leaves nothing behind. The tokenizer is loaded and
+run in a bounded child process (engines.ingest.bounded_tokenize: a deadline, a memory cap), never
+in the API process: a tokenizer.json can make the library take unbounded time.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from engines.ingest.texts import (
     TextLimits,
     TextModel,
     describe,
+    open_tokenizer,
     prepare_text_dataset,
     write_text_dataset,
 )
 
-#: Codes of a text upload over a size bound (413, beside engines.ingest.limits.TOO_LARGE_CODES).
+#: Codes of a text upload over a size bound (413, beside engines.ingest.limits.TOO_LARGE_CODES);
+#: `tokenizer_too_slow` and `tokenizer_out_of_memory` (the tokenizer's process) are 422s.
 TEXT_TOO_LARGE_CODES = frozenset({"tokenizer_too_large"})
 _CHUNK = 1024 * 1024
 
@@ -96,33 +100,35 @@ def receive_texts(
     tokenizer_sha256: str,
 ) -> TextUpload:
     """Check everything (engines.ingest.texts.prepare_text_dataset), then tokenize into
-    `npz_path` now, or leave the JSONL at `DatasetRecord.TEXT_SOURCE_FILE` in `npz_path`'s folder
-    for a job; the tokenizer is kept beside the arrays either way."""
+    `npz_path` now (the tokenizer's process given `tokenize_timeout_s` to load, and as long to
+    tokenize), or leave the JSONL at `DatasetRecord.TEXT_SOURCE_FILE` in `npz_path`'s folder for a
+    job; the tokenizer is kept beside the arrays either way."""
     bounds = text_limits(settings)
-    plan, tokenizer = prepare_text_dataset(
-        jsonl_path,
-        tokenizer_path,
-        spec,
-        limits=limits,
-        text_limits=bounds,
-        model=model,
-        classes=classes,
-        max_bytes=settings.max_unpacked_bytes,
-    )
-    folder = npz_path.parent
-    shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILENAME)
-    if plan.samples <= settings.text_inline_max_lines:
-        info = write_text_dataset(
+    with open_tokenizer(tokenizer_path, bounds) as tokenizer:
+        plan = prepare_text_dataset(
             jsonl_path,
             tokenizer,
-            plan,
-            npz_path,
+            spec,
             limits=limits,
             text_limits=bounds,
-            max_unpacked_bytes=settings.max_unpacked_bytes,
-            tokenizer_sha256=tokenizer_sha256,
+            model=model,
+            classes=classes,
+            max_bytes=settings.max_unpacked_bytes,
         )
-        return TextUpload(info, None)
+        folder = npz_path.parent
+        shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILENAME)
+        if plan.samples <= settings.text_inline_max_lines:
+            info = write_text_dataset(
+                jsonl_path,
+                tokenizer,
+                plan,
+                npz_path,
+                limits=limits,
+                text_limits=bounds,
+                max_unpacked_bytes=settings.max_unpacked_bytes,
+                tokenizer_sha256=tokenizer_sha256,
+            )
+            return TextUpload(info, None)
     source = folder / DatasetRecord.TEXT_SOURCE_FILE
     source.parent.mkdir(parents=True)
     shutil.move(jsonl_path, source)

@@ -17,9 +17,13 @@ its `input_ids` index (engines.ingest.embeddings), and the type ids against the 
 
 Bounds (checked before the work they bound): the tokenizer file's bytes, each line's bytes, the
 number of lines (DatasetLimits.max_samples) and the arrays' bytes (samples × max_length × dtype,
-before any text is tokenized). Memory is one chunk of lines and their encodings: the arrays are
-written into memory-mapped `.npy` files, then into the `.npz`, as engines.ingest.image_npz writes
-images; nothing is left behind on error.
+before any text is tokenized). The tokenizer itself is never loaded in this process: a child
+process loads it and tokenizes (engines.ingest.bounded_tokenize, the work in
+engines.ingest.text_rows), within a deadline and a memory cap (TextLimits), since a user's
+tokenizer.json can make the library take unbounded time or memory. Memory is one chunk of lines
+and their encodings: the child writes the rows into `.npy` files made here at their full size,
+then this process writes them into the `.npz`, as engines.ingest.image_npz writes images; nothing
+is left behind on error.
 
 Refusals raise InvalidDatasetError with a code; those about one line carry `line` (1-based, blank
 lines counted; engines.ingest.text_lines reads and checks the lines): `invalid_json_line` (not
@@ -27,7 +31,8 @@ UTF-8, not JSON, not an object), `missing_text` (no text, or not a non-empty str
 `invalid_text` (a text or text_pair that is not a string of Unicode characters), `invalid_label`,
 `line_too_long`, `text_too_long` (more tokens than max_length: with truncation off, or special
 tokens alone over it), `tokenization_failed` (the tokenizer raised on it). Others:
-`invalid_tokenizer`, `tokenizer_too_large`, `invalid_tokenization` (the spec), `unknown_input_name`
+`invalid_tokenizer`, `tokenizer_too_large`, `tokenizer_too_slow` and `tokenizer_out_of_memory` (the
+child's bounds), `invalid_tokenization` (the spec), `unknown_input_name`
 (a name the model has not), `input_names_required` (no model input is input_ids),
 `sequence_too_long` (max_length over the model's position table), `vocab_exceeds_embedding`,
 `type_ids_exceed_embedding`, `too_many_samples`, `dataset_too_large`, `invalid_dataset`.
@@ -36,7 +41,7 @@ tokens alone over it), `tokenization_failed` (the tokenizer raised on it). Other
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
@@ -44,11 +49,20 @@ from typing import Any, Literal, cast, get_args
 import numpy as np
 
 from engines.errors import DatasetMismatchError, InvalidDatasetError
+from engines.ingest.bounded_tokenize import TokenizerProcess
 from engines.ingest.datasets import LABELS_KEY, ArraySpec, DatasetInfo, check_fits_model, inspect_npz
 from engines.ingest.limits import DatasetLimits
 from engines.ingest.signature import TensorSpec
 from engines.ingest.spec_fields import spec_values
-from engines.ingest.text_lines import TextLine, TextLines, iter_lines, line_error, scan_lines
+from engines.ingest.text_lines import TextLines, scan_lines
+from engines.ingest.text_rows import (
+    PadIds,
+    ProgressFn,
+    RowsFile,
+    RowsRequest,
+    TextResult,
+    check_tokenizer_bytes,
+)
 
 Role = Literal["input_ids", "attention_mask", "token_type_ids"]
 Padding = Literal["max_length", "longest"]
@@ -70,13 +84,6 @@ ROLE_ALIASES: dict[str, tuple[str, ...]] = {
 TOKENIZER_FILENAME = "tokenizer.json"
 DEFAULT_MAX_LENGTH = 128
 MAX_SEQUENCE = 32_768
-#: Tokens a tokenizer's padding section may name; the first in its vocabulary pads (else id 0).
-PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<|padding|>", "<PAD>")
-#: Lines tokenized at once: memory is a chunk of texts and their encodings.
-CHUNK_LINES = 512
-CHUNK_BYTES = 8 * 1024 * 1024
-
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -85,14 +92,28 @@ class TextLimits:
 
     max_line_bytes: int = 1024 * 1024
     max_tokenizer_bytes: int = 64 * 1024 * 1024
+    #: Seconds the tokenizer's child process may take to load, then to tokenize (a job's: each
+    #: chunk of lines); then it is killed: `tokenizer_too_slow`.
+    tokenize_timeout_s: float = 60.0
+    #: Its address space (RLIMIT_AS); over it: `tokenizer_out_of_memory`.
+    tokenizer_memory_bytes: int = 4 * 1024 * 1024 * 1024
 
     def check_tokenizer_bytes(self, nbytes: int) -> None:
-        if nbytes > self.max_tokenizer_bytes:
-            raise InvalidDatasetError(
-                f"tokenizer.json is {nbytes} bytes, over the limit of {self.max_tokenizer_bytes}",
-                code="tokenizer_too_large",
-                extra={"bytes": nbytes, "limit": self.max_tokenizer_bytes},
-            )
+        check_tokenizer_bytes(nbytes, self.max_tokenizer_bytes)
+
+
+def open_tokenizer(path: Path, limits: TextLimits | None = None) -> TokenizerProcess:
+    """The tokenizer.json loading in a bounded child process (a context manager: leaving it kills
+    the child); size-checked here first. A refusal of the file itself (`invalid_tokenizer`) comes
+    with its `facts()`, or from the first step that needs them."""
+    limits = limits or TextLimits()
+    limits.check_tokenizer_bytes(path.stat().st_size)
+    return TokenizerProcess(
+        path,
+        max_bytes=limits.max_tokenizer_bytes,
+        timeout_s=limits.tokenize_timeout_s,
+        memory_bytes=limits.tokenizer_memory_bytes,
+    )
 
 
 def _refuse(detail: str) -> InvalidDatasetError:
@@ -321,57 +342,6 @@ def resolve(spec: TextTokenization, model: TextModel | None) -> tuple[TextTokeni
 # ---------------------------------------------------------------- the tokenizer
 
 
-def _reraise_fatal(exc: BaseException) -> None:
-    """The Rust library raises Exception with its message, and on a panic pyo3's PanicException,
-    a BaseException: a user's tokenizer.json can reach either, so both are caught as BaseException;
-    this lets through what is not the library's failure (an interrupt, running out of memory)."""
-    if isinstance(exc, KeyboardInterrupt | SystemExit | MemoryError | GeneratorExit):
-        raise exc
-
-
-def load_tokenizer(path: Path, limits: TextLimits | None = None) -> Any:
-    """A `tokenizers.Tokenizer` from a tokenizer.json, size-checked before it is read; one that
-    does not load is `invalid_tokenizer` with the library's reason."""
-    from tokenizers import Tokenizer
-
-    limits = limits or TextLimits()
-    limits.check_tokenizer_bytes(path.stat().st_size)
-    try:
-        text = path.read_bytes().decode("utf-8")
-        tokenizer = Tokenizer.from_str(text)
-    except BaseException as exc:  # UnicodeDecodeError, the library's Exception with serde's message
-        _reraise_fatal(exc)
-        raise InvalidDatasetError(
-            f"tokenizer.json could not be loaded by the tokenizers library ({exc}): upload the "
-            "tokenizer.json a Hugging Face fast tokenizer saves (tokenizer.save_pretrained)",
-            code="invalid_tokenizer",
-        ) from exc
-    if tokenizer.get_vocab_size(with_added_tokens=True) < 1:
-        raise InvalidDatasetError("tokenizer.json has an empty vocabulary", code="invalid_tokenizer")
-    return tokenizer
-
-
-@dataclass(frozen=True)
-class PadIds:
-    pad_id: int
-    pad_type_id: int
-    pad_token: str | None
-
-
-def pad_ids(tokenizer: Any) -> PadIds:
-    """What pads: the tokenizer's own padding section, else the first of PAD_TOKENS it knows, else
-    id 0 (the attention mask hides pads; a tokenizer without a pad token, such as GPT-2's, is
-    padded with id 0 by the usual recipes too)."""
-    padding = tokenizer.padding
-    if padding:
-        return PadIds(int(padding["pad_id"]), int(padding.get("pad_type_id", 0)), padding.get("pad_token"))
-    for token in PAD_TOKENS:
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return PadIds(int(token_id), 0, token)
-    return PadIds(0, 0, None)
-
-
 def check_vocabulary(vocab_size: int, model: TextModel, names: Mapping[str, str]) -> None:
     """A tokenizer whose ids reach past the model's word-embedding table is the wrong one."""
     name = names["input_ids"]
@@ -453,7 +423,7 @@ class TextPlan:
 
 def plan_text_dataset(
     jsonl_path: Path,
-    tokenizer: Any,
+    tokenizer: TokenizerProcess,
     spec: TextTokenization,
     *,
     limits: DatasetLimits,
@@ -462,17 +432,18 @@ def plan_text_dataset(
     classes: Sequence[str] | None = None,
     max_bytes: int | None = None,
 ) -> TextPlan:
-    """Everything checked before a line is tokenized, cheapest first: the spec against the model
-    (input names, dtypes, a fixed sequence length), the vocabulary against its embedding table,
-    then every line (JSON, text, label; their number), then the arrays' bytes against
-    `limits.max_bytes` (and `max_bytes`, e.g. the server's unpacked-size limit)."""
+    """Everything checked before a line is tokenized: the spec against the model (input names,
+    dtypes, a fixed sequence length), every line (JSON, text, label; their number) while the
+    tokenizer loads in its process, then the tokenizer (its refusal) and its vocabulary against the
+    model's embedding table, then the arrays' bytes against `limits.max_bytes` (and `max_bytes`,
+    e.g. the server's unpacked-size limit)."""
     text_limits = text_limits or TextLimits()
     resolved, dtypes = resolve(spec, model)
-    vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
-    if model is not None:
-        check_vocabulary(vocab_size, model, resolved.names)
     lines = scan_lines(jsonl_path, max_line_bytes=text_limits.max_line_bytes, limits=limits, classes=classes)
-    plan = TextPlan(resolved, dtypes, lines, vocab_size, pad_ids(tokenizer), model)
+    facts = tokenizer.facts()
+    if model is not None:
+        check_vocabulary(facts.vocab_size, model, resolved.names)
+    plan = TextPlan(resolved, dtypes, lines, facts.vocab_size, facts.pads, model)
     bounded = limits if max_bytes is None else replace(limits, max_bytes=min(limits.max_bytes, max_bytes))
     bounded.check_bytes(
         plan.nbytes,
@@ -482,42 +453,48 @@ def plan_text_dataset(
     return plan
 
 
-@dataclass(frozen=True)
-class TextResult:
-    """What tokenizing found: the arrays' sequence length, lines cut by truncation, the largest
-    type id (checked against the model's token-type table)."""
-
-    sequence_length: int
-    truncated: int
-    max_type_id: int
-
-
 def write_text_npz(
     jsonl_path: Path,
-    tokenizer: Any,
+    tokenizer: TokenizerProcess,
     plan: TextPlan,
     npz_path: Path,
     *,
     max_line_bytes: int,
     progress: ProgressFn | None = None,
+    each_chunk: bool = False,
 ) -> TextResult:
     """Tokenize the lines into `npz_path` (uncompressed, one array per model input plus `labels`),
-    through memory-mapped `.npy` files beside it; raise what tokenizing raises (naming the line),
-    leaving no file behind."""
+    through `.npy` files beside it that the tokenizer's process fills (`each_chunk`: its deadline is
+    per chunk of lines, for a job); raise what tokenizing raises (naming the line), leaving no file
+    behind."""
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     length = cast(int, plan.spec.max_length)
     rows_paths = {role: npz_path.with_name(f"{npz_path.stem}.{role}.rows.npy") for role in plan.dtypes}
     try:
-        arrays = {
-            role: np.lib.format.open_memmap(
+        files: dict[str, RowsFile] = {}
+        for role, path in rows_paths.items():  # made at full size; the child writes the rows
+            made = np.lib.format.open_memmap(
                 path, mode="w+", dtype=plan.dtypes[role], shape=(plan.samples, length)
             )
-            for role, path in rows_paths.items()
-        }
+            files[role] = RowsFile(str(path), int(made.offset), plan.dtypes[role])
+            del made
+        request = RowsRequest(
+            jsonl=str(jsonl_path),
+            files=files,
+            samples=plan.samples,
+            max_length=length,
+            truncation=plan.spec.truncation,
+            padding=plan.spec.padding,
+            padding_side=plan.spec.padding_side,
+            add_special_tokens=plan.spec.add_special_tokens,
+            pads=plan.pads,
+            max_line_bytes=max_line_bytes,
+        )
+        result = tokenizer.fill_rows(request, progress=progress, each_chunk=each_chunk)
+        if plan.model is not None:
+            check_type_ids(result.max_type_id, plan.model.embedding_rows, plan.names)
+        arrays = {role: np.load(path, mmap_mode="r", allow_pickle=False) for role, path in rows_paths.items()}
         try:
-            result = _tokenize_into(jsonl_path, tokenizer, plan, arrays, max_line_bytes, progress)
-            if plan.model is not None:
-                check_type_ids(result.max_type_id, plan.model.embedding_rows, plan.names)
             _write_npz(npz_path, plan, arrays, result.sequence_length)
         finally:
             arrays.clear()  # the maps closed before their files are removed
@@ -528,104 +505,6 @@ def write_text_npz(
     finally:
         for path in rows_paths.values():
             path.unlink(missing_ok=True)
-
-
-def _configure(tokenizer: Any, spec: TextTokenization) -> None:
-    """Truncation as the spec says; no padding (rows are padded here, to the spec's length)."""
-    tokenizer.no_padding()
-    if spec.truncation:
-        tokenizer.enable_truncation(cast(int, spec.max_length), strategy="longest_first", direction="right")
-    else:
-        tokenizer.no_truncation()
-
-
-def _chunks(jsonl_path: Path, max_line_bytes: int) -> Iterator[list[TextLine]]:
-    chunk: list[TextLine] = []
-    size = 0
-    for entry in iter_lines(jsonl_path, max_line_bytes):
-        chunk.append(entry)
-        size += len(entry.text) + len(entry.pair or "")
-        if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _encode(tokenizer: Any, chunk: list[TextLine], add_special_tokens: bool) -> list[Any]:
-    """The chunk's encodings; `encode_batch_fast` (tokenizers 0.20+) skips the character offsets,
-    which no array needs (a third of the time)."""
-    inputs = [entry.text if entry.pair is None else (entry.text, entry.pair) for entry in chunk]
-    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    try:
-        return cast(list[Any], encode_batch(inputs, add_special_tokens=add_special_tokens))
-    except BaseException as batch_error:  # find the line: encode them one by one
-        _reraise_fatal(batch_error)
-        for entry, item in zip(chunk, inputs, strict=True):
-            try:
-                tokenizer.encode(
-                    *((item,) if isinstance(item, str) else item), add_special_tokens=add_special_tokens
-                )
-            except BaseException as exc:
-                _reraise_fatal(exc)
-                raise line_error(
-                    entry.line, f"the tokenizer failed on it: {exc}", "tokenization_failed"
-                ) from exc
-        raise InvalidDatasetError("the tokenizer failed on these lines", code="tokenization_failed") from None
-
-
-def _tokenize_into(
-    jsonl_path: Path,
-    tokenizer: Any,
-    plan: TextPlan,
-    arrays: dict[str, np.ndarray],
-    max_line_bytes: int,
-    progress: ProgressFn | None,
-) -> TextResult:
-    spec, pads = plan.spec, plan.pads
-    length = cast(int, spec.max_length)
-    fill = {"input_ids": pads.pad_id, "attention_mask": 0, "token_type_ids": pads.pad_type_id}
-    left = spec.padding_side == "left"
-    _configure(tokenizer, spec)
-    row = longest = truncated = max_type = 0
-    for chunk in _chunks(jsonl_path, max_line_bytes):
-        encodings = _encode(tokenizer, chunk, spec.add_special_tokens)
-        blocks = {
-            role: np.full((len(chunk), length), fill[role], dtype=arrays[role].dtype) for role in arrays
-        }
-        for i, (entry, encoding) in enumerate(zip(chunk, encodings, strict=True)):
-            values = {
-                "input_ids": encoding.ids,
-                "attention_mask": encoding.attention_mask,
-                "token_type_ids": encoding.type_ids,
-            }
-            count = len(encoding.ids)
-            if count > length:
-                why = (
-                    "with truncation off, a line must fit"
-                    if not spec.truncation
-                    else "the special tokens alone are more than max_length"
-                )
-                raise InvalidDatasetError(
-                    f"line {entry.line}: the text makes {count} tokens, over max_length {length} ({why}): "
-                    "raise max_length" + ("" if spec.truncation else ", or turn truncation on"),
-                    code="text_too_long",
-                    extra={"line": entry.line, "tokens": count, "max_length": length},
-                )
-            truncated += bool(encoding.overflowing)
-            longest = max(longest, count)
-            if encoding.type_ids:
-                max_type = max(max_type, max(encoding.type_ids))
-            cells = slice(length - count, length) if left else slice(0, count)
-            for role, block in blocks.items():
-                block[i, cells] = values[role]
-        for role, block in blocks.items():
-            arrays[role][row : row + len(chunk)] = block
-        row += len(chunk)
-        if progress is not None:
-            progress(row, plan.samples)
-    sequence_length = longest if spec.padding == "longest" else length
-    return TextResult(max(sequence_length, 1), truncated, max_type)
 
 
 def _write_npz(npz_path: Path, plan: TextPlan, arrays: dict[str, np.ndarray], sequence_length: int) -> None:
@@ -675,7 +554,7 @@ def describe(
 
 def prepare_text_dataset(
     jsonl_path: Path,
-    tokenizer_path: Path,
+    tokenizer: TokenizerProcess,
     spec: Mapping[str, Any] | None,
     *,
     limits: DatasetLimits,
@@ -683,11 +562,11 @@ def prepare_text_dataset(
     model: TextModel | None = None,
     classes: Sequence[str] | None = None,
     max_bytes: int | None = None,
-) -> tuple[TextPlan, Any]:
-    """The plan of a text dataset and its loaded tokenizer: everything checked before a line is
-    tokenized (the spec, the tokenizer, the model's names and tables, every line, the bytes)."""
-    tokenizer = load_tokenizer(tokenizer_path, text_limits)
-    plan = plan_text_dataset(
+) -> TextPlan:
+    """The plan of a text dataset, from a stored or uploaded spec, with its tokenizer (open_tokenizer):
+    everything checked before a line is tokenized (the spec, the tokenizer, the model's names and
+    tables, every line, the bytes)."""
+    return plan_text_dataset(
         jsonl_path,
         tokenizer,
         TextTokenization.from_dict(spec or {}),
@@ -697,12 +576,11 @@ def prepare_text_dataset(
         classes=classes,
         max_bytes=max_bytes,
     )
-    return plan, tokenizer
 
 
 def write_text_dataset(
     jsonl_path: Path,
-    tokenizer: Any,
+    tokenizer: TokenizerProcess,
     plan: TextPlan,
     npz_path: Path,
     *,
@@ -711,12 +589,20 @@ def write_text_dataset(
     max_unpacked_bytes: int,
     tokenizer_sha256: str | None = None,
     progress: ProgressFn | None = None,
+    each_chunk: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize the planned lines into `npz_path`, check the arrays as any uploaded `.npz` is
-    checked and, for a model, against its inputs (names, dtypes, shapes: `dataset_mismatch`, as a
-    job would say). Returns the dataset's info with `text` (engines.ingest.texts.describe)."""
+    """Tokenize the planned lines into `npz_path` (write_text_npz), check the arrays as any uploaded
+    `.npz` is checked and, for a model, against its inputs (names, dtypes, shapes:
+    `dataset_mismatch`, as a job would say). Returns the dataset's info with `text`
+    (engines.ingest.texts.describe)."""
     result = write_text_npz(
-        jsonl_path, tokenizer, plan, npz_path, max_line_bytes=text_limits.max_line_bytes, progress=progress
+        jsonl_path,
+        tokenizer,
+        plan,
+        npz_path,
+        max_line_bytes=text_limits.max_line_bytes,
+        progress=progress,
+        each_chunk=each_chunk,
     )
     info = inspect_npz(npz_path, max_unpacked_bytes=max_unpacked_bytes, limits=limits)
     if plan.model is not None:
