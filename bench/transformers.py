@@ -13,6 +13,11 @@ Per model, in one process and one timing loop (interleaved rounds, engines.measu
   SmoothQuant), `int8-weight` / `int4-weight` for the decoder. A precision, method or recipe section
   this checkout does not register is skipped and said so (the registries are read at run time:
   engines.variants.PRECISIONS, engines.quantize.methods.QUANTIZATION_METHODS, Recipe's fields);
+- the same on OpenVINO (`openvino fp32`, `openvino bf16` where the CPU computes bf16: AVX512_BF16 or
+  AMX, `openvino int8-dynamic`);
+- `auto-optimize`: what the search (engines.search.autotune, every CPU backend here) serves for the
+  objective latency at the model's target point (`SEARCH_POINTS`) within 1 % fidelity, scored on the
+  calibration passages and measured here on the held-out ones like every other row;
 - references built with ONNX Runtime's own tools and default arguments (`quantize_dynamic`, the
   transformer optimizer, `MatMulNBitsQuantizer`): what users compare the service with.
 
@@ -41,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from bench.transformer_corpus import CORPUS, QUICK_SUBSET, Corpus, Prepared, TransformerModel, by_name
-from engines.backends.base import Runner
+from engines.backends.base import Runner, engine_size
 from engines.backends.registry import get_backend
 from engines.hardware import cpu_info
 from engines.ingest.datasets import Dataset
@@ -72,6 +77,8 @@ class Candidate:
     recipe: dict[str, Any] | None = None  # a service engine: the recipe's options
     reference: str | None = None  # an ONNX Runtime reference: its builder's name
     quick: bool = False  # part of --quick
+    target: str = "onnxruntime-cpu"  # the backend a service engine is built for and run on
+    search: bool = False  # auto-optimize (engines.search.autotune) picks the engine: `recipe` unused
 
 
 SERVICE = "service"
@@ -79,6 +86,13 @@ REFERENCE = "ORT reference"
 TEXT, SPEECH, LM = "embedding", "speech", "causal-lm"
 ALL = (TEXT, SPEECH, LM)
 FUSE = {"graph_optimization": {"model_type": "auto"}}
+OPENVINO = "openvino-cpu"
+#: Auto-optimize's objective per model: the (batch, sequence) point of the issue's target for it.
+SEARCH_POINTS = {"minilm-l6": (1, 128), "minilm-l3": (1, 128), "mpnet-base": (8, 128)}
+#: Auto-optimize's accuracy budget: fidelity (cosine to the original's outputs) within one point.
+SEARCH_MAX_DROP = 0.01
+#: Auto-optimize's time budget per model (the service's default is 30 minutes).
+SEARCH_MINUTES = 8.0
 
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("fused fp32", ALL, {"precision": "fp32", **FUSE}, quick=True),
@@ -104,6 +118,12 @@ CANDIDATES: tuple[Candidate, ...] = (
         (LM,),
         {"precision": "int4-weight", "weight_only": {"embeddings": True}},
     ),
+    # OpenVINO runs the same ONNX: fp32, and bf16 where the CPU computes it (AVX512_BF16 / AMX)
+    Candidate("openvino fp32", ALL, {"precision": "fp32"}, target=OPENVINO),
+    Candidate("openvino bf16", ALL, {"precision": "bf16"}, target=OPENVINO, quick=True),
+    Candidate("openvino int8-dynamic", (TEXT,), {"precision": "int8-dynamic"}, target=OPENVINO),
+    # the search itself, over every CPU backend here, at the model's target point within 1 % fidelity
+    Candidate("auto-optimize", (TEXT,), {"precision": "fp32"}, search=True),
     Candidate("ORT quantize_dynamic", ALL, reference="quantize_dynamic", quick=True),
     Candidate("ORT optimizer", (TEXT,), reference="optimizer"),
     Candidate("ORT optimizer + quantize_dynamic", (TEXT,), reference="optimizer+quantize_dynamic"),
@@ -206,7 +226,12 @@ def build_service(
 
     assert candidate.recipe is not None
     recipe = Recipe.from_dict(
-        {**candidate.recipe, "batch_sizes": [1], "measure": {**BUILD_MEASURE, "threads": threads}}
+        {
+            **candidate.recipe,
+            "targets": [candidate.target],
+            "batch_sizes": [1],
+            "measure": {**BUILD_MEASURE, "threads": threads},
+        }
     )
     try:
         result = run_recipe(prepared.onnx_path, recipe, workdir, calibration=calibration)
@@ -227,6 +252,38 @@ def build_service(
         reason = (fallback or {}).get("reason", "the service built another precision")
         raise Skip(f"the service handed over {artifact.precision} instead: {reason}")
     return artifact.path, messages, info
+
+
+def build_search(
+    prepared: Prepared, calibration: Dataset, workdir: Path, threads: int
+) -> tuple[Path, str, list[str], dict[str, Any]]:
+    """What auto-optimize serves (engines.search.autotune, every CPU backend here, the objective at the
+    model's target point, fidelity within `SEARCH_MAX_DROP`): engine path, backend, messages, choice.
+
+    The search scores its candidates on the calibration passages (it sees no evaluation text); the
+    bench then measures the engine it chose on the held-out passages like every other row."""
+    from engines.search.autotune import AutotuneRequest, autotune
+    from engines.search.space import Budget, Objective, SearchSpace
+
+    batch, length = SEARCH_POINTS.get(prepared.model.name, prepared.model.points[0])
+    request = AutotuneRequest(
+        Objective("latency", batch, length), Budget("fidelity", SEARCH_MAX_DROP), SEARCH_MINUTES * 60.0,
+        SearchSpace(prune_ratios=()),
+    )  # fmt: skip
+    result = autotune(
+        prepared.onnx_path, request, workdir, evaluation=calibration, calibration=calibration,
+        progress=lambda fraction, text: print(f"    search: {text}", flush=True),
+    )  # fmt: skip
+    if result.chosen is None or result.serves_original or not result.engines:
+        raise Skip(f"auto-optimize serves the original: {'; '.join(result.messages)[:300]}")
+    artifact = result.engines[0].artifact
+    chosen = result.chosen.candidate.label()
+    tried = sum(1 for outcome in result.outcomes if outcome.build_seconds is not None)
+    notes = [
+        f"auto-optimize chose {chosen} on {artifact.backend} (objective latency at b={batch} s={length}, "
+        f"fidelity within {SEARCH_MAX_DROP:.0%}; {tried} candidates built in {result.elapsed_s:.0f} s)"
+    ]
+    return artifact.path, artifact.backend, notes, {"chosen": chosen, "backend": artifact.backend}
 
 
 def build_reference(kind: str, prepared: Prepared, workdir: Path) -> tuple[Path, list[str]]:
@@ -301,14 +358,18 @@ def build_all(
             if reason:
                 raise Skip(reason)
             folder = workdir / f"candidate-{index}"
-            if candidate.recipe is not None:
+            target = candidate.target
+            if candidate.search:
+                path, target, notes, info = build_search(prepared, calibration, folder, threads)
+                kind = SERVICE
+            elif candidate.recipe is not None:
                 path, notes, info = build_service(candidate, prepared, calibration, folder, threads)
                 kind = SERVICE
             else:
                 assert candidate.reference is not None
                 path, notes = build_reference(candidate.reference, prepared, folder)
                 info, kind = {}, REFERENCE
-            runner = backend.load(path, options)
+            runner = get_backend(target).load(path, get_backend(target).options(threads=threads))
         except Skip as exc:
             skipped.append({"model": model.name, "engine": candidate.label, "reason": str(exc)})
             print(f"  {candidate.label}: skipped: {exc}", flush=True)
@@ -321,7 +382,9 @@ def build_all(
             print(f"  {candidate.label}: failed: {detail}"[:400], flush=True)
             continue
         seconds = time.perf_counter() - started
-        built.append(Built(candidate.label, kind, runner, _file_bytes(path), seconds, notes, info))
+        # a service engine's files are named like it (OpenVINO's .xml + .bin), a reference's beside it
+        size = engine_size(path) if kind == SERVICE else _file_bytes(path)
+        built.append(Built(candidate.label, kind, runner, size, seconds, notes, info))
         print(f"  {candidate.label}: built in {seconds:.1f} s", flush=True)
     return built
 
