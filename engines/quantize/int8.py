@@ -35,10 +35,10 @@ from engines.quantize.methods import (
     Profile,
     QuantizeConfig,
     QuantizeResult,
+    always_float_nodes,
     calibration_sample_count,
     count_quantize_nodes,
     load_graph_only,
-    non_float32_nodes,
     not_applicable,
     reduce_range_for,
     register_method,
@@ -350,16 +350,9 @@ def quantize_onnxruntime(
         if config.reduce_range is not None:
             reduce_range, reason = config.reduce_range, "set by the recipe"
     method = getattr(CalibrationMethod, calibrate_method)
-    non_float32 = non_float32_nodes(float_path, float_path.stat().st_mtime_ns)
-    exclude = list(dict.fromkeys([*config.nodes_to_exclude, *(name for name, _ in non_float32)]))
-    if non_float32:
-        ops = sorted({op for _, op in non_float32})
-        result.messages.append(
-            f"{len(non_float32)} node(s) compute in float16 or another float than float32 "
-            f"({', '.join(ops)}): they are kept in float, since INT8 quantization takes float32 tensors "
-            "only; the float32 rest "
-            "of the model is quantized"
-        )
+    always_float = always_float_nodes(float_path, float_path.stat().st_mtime_ns)
+    exclude = list(dict.fromkeys([*config.nodes_to_exclude, *always_float.names]))
+    result.messages.extend(always_float.messages())
     # ONNX Runtime's step that widens weight scales for tiny int32 bias scales breaks on some real
     # graphs (a per-tensor weight scale meeting a per-channel bias, in tf2onnx/jax2tf exports):
     # quantize again without that step rather than fail, and say so.
@@ -409,7 +402,7 @@ def quantize_onnxruntime(
         "activation_type": "int8" if profile == "tensorrt" else "uint8",
         "weight_type": "int8 symmetric",
         "nodes_kept_float": list(config.nodes_to_exclude),
-        "float16_nodes_kept_float": [name for name, _ in non_float32],
+        **always_float.metadata(),
     }
     return result
 

@@ -16,7 +16,8 @@ API's enum, GET /v1/capabilities, the search).
   `tensorrt`: symmetric, zero points 0).
 
 Every method honours `QuantizeConfig.nodes_to_exclude` (the accuracy budget's float fallback keeps
-nodes in float through it) and fills `QuantizeResult.metadata` with what ran.
+nodes in float through it), keeps `always_float_nodes` in float too (other floats than float32, and
+float arithmetic that computes indices or shapes) and fills `QuantizeResult.metadata` with what ran.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 from engines.errors import EngineError, InvalidRecipeError
 from engines.ingest.datasets import Dataset
+from engines.quantize.index_paths import index_path_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -181,30 +183,72 @@ def count_quantize_nodes(graph: Any) -> int:
 _OTHER_FLOATS = frozenset({10, 11, 16})  # FLOAT16, DOUBLE, BFLOAT16
 
 
-@lru_cache(maxsize=8)
-def non_float32_nodes(path: Path, _mtime_ns: int) -> tuple[tuple[str, str], ...]:
-    """(name, op type) of the nodes that read or write a float tensor other than float32.
+@dataclass(frozen=True)
+class AlwaysFloat:
+    """The nodes every static INT8 method keeps in float, whatever the recipe says, and why.
 
-    Models converted to float16 in part (a U-Net whose weights sit in float16 behind Cast nodes, a
-    float16 Resize feeding a float16 Concat) have such tensors between float32 ones. ONNX Runtime's
-    quantizer takes float16 tensors as quantizable and puts a QuantizeLinear on them, which no
-    session loads (`Type 'tensor(float16)' of input parameter … of operator (QuantizeLinear)`).
-    These nodes are kept in float; the float32 rest is quantized. Types come from ONNX's shape
-    inference (not strict: what it cannot type is left alone)."""
+    - `other_floats` (name, op type): nodes that read or write a float tensor other than float32.
+      Models converted to float16 in part (a U-Net whose weights sit in float16 behind Cast nodes, a
+      float16 Resize feeding a float16 Concat) have such tensors between float32 ones. ONNX Runtime's
+      quantizer takes float16 tensors as quantizable and puts a QuantizeLinear on them, which no
+      session loads (`Type 'tensor(float16)' of input parameter … of operator (QuantizeLinear)`).
+    - `index_paths`: float arithmetic that computes an index or a shape (MPNet's and T5's relative
+      position buckets; engines.quantize.index_paths): quantized, its indices come out of bounds.
+    """
+
+    other_floats: tuple[tuple[str, str], ...] = ()
+    index_paths: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*(name for name, _ in self.other_floats), *self.index_paths]))
+
+    def messages(self) -> list[str]:
+        """What the quantize result says about them (nothing when there are none)."""
+        messages = []
+        if self.other_floats:
+            ops = sorted({op for _, op in self.other_floats})
+            messages.append(
+                f"{len(self.other_floats)} node(s) compute in float16 or another float than float32 "
+                f"({', '.join(ops)}): they are kept in float, since INT8 quantization takes float32 "
+                "tensors only; the float32 rest of the model is quantized"
+            )
+        if self.index_paths:
+            messages.append(
+                f"kept {len(self.index_paths)} node(s) of index/shape computations in float (float "
+                "arithmetic that ends in Gather indices or shapes, e.g. relative-position buckets): "
+                "quantized, its rounding would give out-of-range indices"
+            )
+        return messages
+
+    def metadata(self) -> dict[str, list[str]]:
+        return {
+            "float16_nodes_kept_float": [name for name, _ in self.other_floats],
+            "index_nodes_kept_float": list(self.index_paths),
+        }
+
+
+@lru_cache(maxsize=8)
+def always_float_nodes(path: Path, _mtime_ns: int) -> AlwaysFloat:
+    """The nodes of the prepared float model at `path` that every static method keeps in float (see
+    AlwaysFloat): the one place where they are decided; each method adds the recipe's
+    `nodes_to_exclude`. Types come from ONNX's shape inference (not strict: what it cannot type is
+    left alone, or for index paths counted as float)."""
     import onnx
 
     model = load_graph_only(path)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:  # a model shape inference cannot take keeps its declared types
-        logger.info("shape inference failed while looking for float16 tensors", exc_info=True)
+        logger.info("shape inference failed while typing the model's tensors", exc_info=True)
     graph = model.graph
     types = {tensor.name: tensor.data_type for tensor in graph.initializer}
     for value in [*graph.input, *graph.value_info, *graph.output]:
         if value.type.WhichOneof("value") == "tensor_type":
             types[value.name] = value.type.tensor_type.elem_type
-    return tuple(
+    other_floats = tuple(
         (node.name, node.op_type)
         for node in graph.node
         if any(types.get(name) in _OTHER_FLOATS for name in [*node.input, *node.output] if name)
     )
+    return AlwaysFloat(other_floats, index_path_nodes(graph, types))

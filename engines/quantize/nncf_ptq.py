@@ -33,10 +33,10 @@ from engines.quantize.methods import (
     Profile,
     QuantizeConfig,
     QuantizeResult,
+    always_float_nodes,
     calibration_sample_count,
     count_quantize_nodes,
     load_graph_only,
-    non_float32_nodes,
     reduce_range_for,
     register_method,
 )
@@ -146,19 +146,14 @@ def _quantize(
     method = "nncf-smoothquant" if smooth_quant else "nncf"
     model = onnx.load(str(float_path))
     names = {node.name for node in model.graph.node}
-    non_float32 = non_float32_nodes(float_path, float_path.stat().st_mtime_ns)
+    always_float = always_float_nodes(float_path, float_path.stat().st_mtime_ns)
     unknown = [name for name in config.nodes_to_exclude if name not in names]
     if unknown:
         result.messages.append(f"nodes to keep in float that are not in the graph (ignored): {unknown[:10]}")
     ignored = [
-        name
-        for name in dict.fromkeys([*config.nodes_to_exclude, *(name for name, _ in non_float32)])
-        if name in names
+        name for name in dict.fromkeys([*config.nodes_to_exclude, *always_float.names]) if name in names
     ]
-    if non_float32:
-        result.messages.append(
-            f"{len(non_float32)} node(s) compute in float16 or another float than float32: kept in float"
-        )
+    result.messages.extend(always_float.messages())
     try:
         import nncf
 
@@ -195,7 +190,7 @@ def _quantize(
         "weight_type": "int8 symmetric",
         "nodes_kept_float": list(config.nodes_to_exclude),
         "ignored_scope": ignored,
-        "float16_nodes_kept_float": [name for name, _ in non_float32],
+        **always_float.metadata(),
     }
     return result
 
