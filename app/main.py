@@ -23,9 +23,11 @@ from app.api.routes import (
     triton,
 )
 from app.api.uploads import remove_abandoned_uploads
+from app.core.invalidation import KEYS, change_feed
 from app.core.settings import MIB, Settings, get_settings
+from app.core.shared_counters import shared_counters
 from app.core.space import disk_reserve
-from app.core.store import get_store
+from app.core.store import check_at_startup, get_store
 from app.services.access import KeyDirectory
 from app.serving.inference import Serving
 from app.ui import routes as ui
@@ -59,13 +61,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(refuse_repeated_scalars)],  # ?a=1&a=2 for a one-value parameter: 422
     )
     app.state.settings = settings
-    app.state.store = get_store(settings.resolved_artifact_dir)
-    app.state.serving = Serving(settings, app.state.store)
+    app.state.store = get_store(settings)
+    # What replicas must agree on, in Redis when the broker is Redis (README, "Per replica").
+    app.state.changes = change_feed(settings)
+    app.state.counters = shared_counters(settings)
+    app.state.serving = Serving(settings, app.state.store, app.state.changes)
     install_error_handlers(app)
     install_openapi(app)
     app.state.keys = KeyDirectory(
         settings.resolved_database_url, settings.auth_cache_ttl_s, settings.database_outage_grace_s
     )
+    app.state.changes.subscribe(KEYS, lambda _ids: app.state.keys.invalidate())
     install_middleware(app, settings, upload_paths=(models.router.prefix, datasets.router.prefix))
     app.router.routes[:0] = inference_v2.hot_routes
     for module in (health, capabilities, models, datasets, jobs, engines, triton, inference_v2, admin):
@@ -73,10 +79,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.whoami_router)
     app.include_router(ui.router)  # the web console: pages only, its data comes from the API above
     app.mount(ui.UI_PREFIX + "/static", ui.static_files, name="ui-static")
+    # A bucket that does not exist stops the start; an unreachable store is only logged (readiness).
+    app.router.add_event_handler("startup", lambda: check_at_startup(app.state.store))
     app.router.add_event_handler("startup", lambda: remove_abandoned_uploads(settings, app.state.store))
     # The space a delete may need on a full disk, set aside while there is room (app.core.space).
     app.router.add_event_handler(
         "startup", lambda: disk_reserve(settings).ensure(keep_free_bytes=settings.min_free_disk_mb * MIB)
     )
+    app.router.add_event_handler("startup", app.state.changes.start)
     app.router.add_event_handler("shutdown", app.state.serving.close)
+    app.router.add_event_handler("shutdown", app.state.changes.close)
+    app.router.add_event_handler("shutdown", app.state.counters.close)
     return app

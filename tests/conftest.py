@@ -235,6 +235,15 @@ def api_process(
             process.kill()
 
 
+@contextmanager
+def another_replica(stack: LiveStack, log: Path) -> Iterator[str]:
+    """One more API process on `stack`'s database, broker and data directory (a second replica
+    behind the same load balancer), yielded as its base URL once /healthz answers."""
+    port = free_port()
+    with api_process(port, stack.env, log):
+        yield f"http://127.0.0.1:{port}"
+
+
 def _base_env(data_dir: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OPTIFORGE_", "REDIS_URL"))}
     env["OPTIFORGE_DATA_DIR"] = str(data_dir)

@@ -31,7 +31,7 @@ from app.core.db import session_scope
 from app.core.job_queue import enqueue_wakeup, job_queue
 from app.core.orm import DatasetRecord, JobKind, JobRecord, JobStatus, ModelRecord, utcnow
 from app.core.settings import Settings
-from app.core.store import ArtifactStore, get_store
+from app.core.store import ArtifactStore, ArtifactStoreError, get_store
 from engines.errors import Cancelled, EngineError, scrub_paths
 from engines.ingest.model import MODEL_FILENAME
 from engines.ingest.signature import specs_from_dicts
@@ -63,7 +63,7 @@ def run_from_message(settings: Settings, job_id: str | None, queue: str | None) 
     choice among the queue's queued jobs (workers.fairness), not necessarily the one it names.
     When the attempt ends, the queue is woken again if a job of it can now start."""
     queue = queue or _queue_of(settings, job_id)
-    store = get_store(settings.resolved_artifact_dir)
+    store = get_store(settings)
     chosen = claim_next(settings, store, queue, named=job_id)
     if chosen is None:
         return
@@ -76,7 +76,7 @@ def run_from_message(settings: Settings, job_id: str | None, queue: str | None) 
 def run_job_by_id(settings: Settings, job_id: str) -> None:
     """Claim this very job and run it (tests and benchmarks run a job in process with it; the
     workers go through `run_from_message`, which chooses fairly)."""
-    store = get_store(settings.resolved_artifact_dir)
+    store = get_store(settings)
     number = claim(settings, store, job_id)
     if number is not None:
         _run_claimed(settings, store, job_id, number)
@@ -177,7 +177,7 @@ def _run_claimed(settings: Settings, store: ArtifactStore, job_id: str, number: 
         except Cancelled:
             _remove(store, written)
             _ended(db_url, job_id, kind, attempt.finish(JobStatus.CANCELLED, stage="cancelled"))
-        except EngineError as exc:
+        except (EngineError, ArtifactStoreError) as exc:  # ArtifactStoreError: the store out of reach
             _remove(store, written)
             error = exc.to_dict()  # with what the code names (`operators`, `mismatches`, …)
             _ended(db_url, job_id, kind, attempt.finish(JobStatus.FAILED, error=error))
@@ -202,4 +202,7 @@ def _ended(db_url: str, job_id: str, kind: str, recorded: bool) -> None:
 
 def _remove(store: ArtifactStore, prefixes: list[str]) -> None:
     for prefix in prefixes:
-        store.delete(prefix)
+        try:
+            store.delete(prefix)
+        except ArtifactStoreError:  # the outcome is still recorded; the files stay behind, logged
+            logger.warning("job output '%s' could not be removed: the artifact store is unavailable", prefix)

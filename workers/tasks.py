@@ -11,7 +11,7 @@ from celery.signals import worker_ready
 
 from app.core.job_queue import RUN_JOB_TASK
 from app.core.settings import get_settings
-from app.core.store import get_store
+from app.core.store import check_at_startup, get_store
 from workers.job_runner import run_from_message
 from workers.recovery import node_hardware, remove_orphaned_scratch, start_sweeper
 
@@ -29,5 +29,7 @@ def _start_sweeping(sender: Any = None, **_kwargs: Any) -> None:
     queues = [name.removeprefix(settings.queue_prefix) for name in consumed] or ["cpu"]
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}:{os.getpid()}"
     remove_orphaned_scratch(settings)  # what workers killed on this data dir left behind
-    get_store(settings.resolved_artifact_dir).remove_abandoned_staging()  # and the store's staging
+    store = get_store(settings)
+    check_at_startup(store)  # a bucket that does not exist: said at once, in the worker's log
+    store.remove_abandoned_staging()  # and the store's staging
     start_sweeper(settings, name, queues, node_hardware())

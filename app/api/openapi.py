@@ -128,6 +128,9 @@ RULES: tuple[Rule, ...] = (
          "retry after Retry-After", headers=_RETRY_AFTER),
     Rule(507, ("insufficient_storage",), "the server's disk is full (ENOSPC/EDQUOT): nothing was stored; "
          "deletes still work"),
+    Rule(503, ("artifact_store_unavailable", "artifact_integrity_error"), "the artifact store (S3) cannot be "
+         "reached or refuses this server, or a file downloaded from it failed its sha256 twice "
+         "(app.core.artifacts): retry after Retry-After", headers=_RETRY_AFTER),
     Rule(422, ("validation_error", "repeated_query_parameter"),
          "the request does not match this document: `errors` lists each problem (a one-value query "
          "parameter sent more than once: `repeated_query_parameter`)", with_input=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,13 +28,25 @@ class Settings(BaseSettings):
         description="Celery broker; default: a filesystem broker in data_dir (no Redis needed)",
     )
     artifact_dir: Path | None = Field(default=None, description="default: data_dir/artifacts")
+    #: Where artifacts live (app.core.artifacts.factory): `file:///…` (default: file:// + artifact_dir)
+    #: or `s3://bucket/prefix`, through boto3 with the standard `AWS_*` variables.
+    artifact_url: str | None = None
+    #: An S3-compatible endpoint (MinIO, Ceph, a test server) instead of AWS's.
+    s3_endpoint_url: str | None = None
+    #: A CA bundle (PEM) to trust for the S3 endpoint's certificate: self-signed endpoints.
+    s3_ca_bundle: Path | None = None
+    #: The node-local read cache of a remote store (never shared between nodes); default: data_dir/cache.
+    cache_dir: Path | None = None
+    #: Bytes the read cache keeps at most; the least recently used prefixes go first.
+    cache_max_bytes: int = Field(default=10 * 1024 * MIB, ge=1)
     max_upload_bytes: int = 1024 * MIB  # model and dataset uploads
     max_request_bytes: int = 64 * MIB  # every other request body, inference included
     #: JSON tensors take about 11× their text in memory once parsed: binary tensors are for big inputs.
     max_json_tensor_bytes: int = 16 * MIB
     max_inflight_requests: int = 64  # inference requests in progress per API process; more get 503
-    #: Model and dataset uploads received or checked at once per API process; more get 503
-    #: `too_many_uploads` with Retry-After, before their body is read (app.api.middleware.upload_slots).
+    #: Model and dataset uploads received or checked at once (across all API replicas when the broker
+    #: is Redis, else per API process); more get 503 `too_many_uploads` with Retry-After, before
+    #: their body is read (app.api.middleware.upload_slots).
     max_concurrent_uploads: int = Field(default=4, ge=1)
     #: Images one image-folder dataset may hold (a large folder is decoded by a worker job).
     max_dataset_images: int = Field(default=50_000, ge=1)
@@ -119,16 +132,17 @@ class Settings(BaseSettings):
     inference_queue_timeout_s: float = Field(default=30.0, gt=0)
     #: After a call estimated at this many MiB or more, free memory is given back to the system.
     inference_trim_mb: int = Field(default=16, ge=0)
-    #: How long an API process trusts what it looked up for an engine name (alias changes made on
-    #: another replica reach this one within this time).
+    #: How long an API process trusts what it looked up for an engine name. Changes made through
+    #: another replica reach this one at once when they share Redis (app.core.invalidation); without
+    #: it, or while Redis is out of reach, within this time.
     engine_cache_ttl_s: float = 2.0
     log_format: str = Field(default="json", pattern="^(json|text)$", description="json: one object per line")
     # Access (app.api.middleware.auth, app.services.access).
     #: An admin key of the default project made at start-up when absent (compose and the Docker
     #: image require one): how a server that listens beyond loopback gets its first key.
     bootstrap_api_key: str | None = Field(default=None, repr=False)
-    #: How long an API process trusts what it looked up for a key (a revoked key is refused on
-    #: every replica within this time).
+    #: How long an API process trusts what it looked up for a key (a revoked key is refused on every
+    #: replica at once when they share Redis; without it, or while Redis is out of reach, within this time).
     auth_cache_ttl_s: float = 2.0
     public_docs: bool = True  # /docs, /redoc and /openapi.json without a key
     public_metrics: bool = False  # /metrics without a key (else: an admin key; it spans projects)
@@ -145,7 +159,8 @@ class Settings(BaseSettings):
     #: Addresses or networks (comma-separated) of the reverse proxies whose `X-Forwarded-For` and
     #: `X-Forwarded-Proto` are believed; from anyone else they are ignored (the client is the socket peer).
     trusted_proxies: str = ""
-    #: Inference requests per second per key, unless the key sets its own; None: no limit.
+    #: Inference requests per second per key, unless the key sets its own (across all API replicas
+    #: when the broker is Redis, else per API process); None: no limit.
     infer_rate_limit_rps: float | None = None
     #: Jobs queued or running at once per project; more are refused with 429 until one finishes.
     max_jobs_in_flight_per_project: int = 32
@@ -171,6 +186,12 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.artifact_dir is not None:
             self.artifact_dir = self.artifact_dir.expanduser().resolve()
+        if self.cache_dir is not None:
+            self.cache_dir = self.cache_dir.expanduser().resolve()
+        if self.s3_ca_bundle is not None:
+            self.s3_ca_bundle = self.s3_ca_bundle.expanduser().resolve()
+        if self.artifact_url is not None and urlsplit(self.artifact_url).scheme == "file":
+            self.artifact_url = _file_url_dir(self.artifact_url).as_uri()
         return self
 
     @property
@@ -178,8 +199,19 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{(self.data_dir / 'optiforge.db').resolve()}"
 
     @property
+    def resolved_artifact_url(self) -> str:
+        return self.artifact_url or (self.artifact_dir or self.data_dir / "artifacts").resolve().as_uri()
+
+    @property
     def resolved_artifact_dir(self) -> Path:
-        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+        """The local folder holding this node's artifacts: the store itself for a `file://` URL,
+        the read cache for a remote store (what the disk checks watch)."""
+        url = self.resolved_artifact_url
+        return _file_url_dir(url) if urlsplit(url).scheme == "file" else self.resolved_cache_dir
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.data_dir / "cache").resolve()
 
     @property
     def embedded_broker(self) -> bool:
@@ -218,6 +250,16 @@ class Settings(BaseSettings):
 
     def queue(self, name: str) -> str:
         return f"{self.queue_prefix}{name}"
+
+
+def _file_url_dir(url: str) -> Path:
+    """The folder of a `file:///absolute/path` URL; ValueError naming the variable otherwise."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        raise ValueError(
+            "OPTIFORGE_ARTIFACT_URL: a file URL names an absolute folder, e.g. file:///srv/artifacts"
+        )
+    return Path(unquote(parts.path)).resolve()
 
 
 def _comma_separated(value: str) -> frozenset[str]:

@@ -7,9 +7,13 @@ logged, not returned."""
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
 
 from sqlalchemy import text
 
+from app.core.artifacts.base import ArtifactStore
+from app.core.artifacts.errors import ArtifactStoreError
+from app.core.artifacts.factory import get_store
 from app.core.db import get_engine
 from app.core.settings import MIB, Settings
 from app.core.space import disk_reserve, free_bytes
@@ -37,12 +41,32 @@ def readiness_checks(settings: Settings, include_broker: bool = True) -> dict[st
         except Exception:
             logger.warning("readiness: the job broker is unreachable", exc_info=True)
             checks["broker"] = "error"
-    store_root = settings.resolved_artifact_dir
-    if not store_root.is_dir():
-        logger.warning("readiness: the artifact directory is missing")
-    checks["artifact_store"] = "ok" if store_root.is_dir() else "error"
+    checks["artifact_store"] = artifact_store_check(settings)
     checks["disk"] = disk_check(settings)
     return checks
+
+
+#: One store per artifact URL in this process: a remote store's client is made once, not per probe.
+_STORES: dict[str, ArtifactStore] = {}
+
+
+def artifact_store_check(settings: Settings) -> str:
+    """ "ok" or "error": a local store's folder exists; a remote one answers (a HEAD of its bucket,
+    bounded by the client's connect timeout). The reason goes to the log, never to the response."""
+    if urlsplit(settings.resolved_artifact_url).scheme == "file":
+        if settings.resolved_artifact_dir.is_dir():
+            return "ok"
+        logger.warning("readiness: the artifact directory is missing")
+        return "error"
+    try:
+        store = _STORES.get(settings.resolved_artifact_url) or _STORES.setdefault(
+            settings.resolved_artifact_url, get_store(settings)
+        )
+        store.check()
+    except (ArtifactStoreError, ValueError) as exc:
+        logger.warning("readiness: the artifact store: %s", getattr(exc, "detail", exc))
+        return "error"
+    return "ok"
 
 
 def disk_check(settings: Settings) -> str:

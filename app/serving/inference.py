@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.core.db import get_sessionmaker
 from app.core.errors import ApiError
+from app.core.invalidation import ENGINES, ChangeFeed
 from app.core.metrics import Metrics
 from app.core.orm import EngineRecord, ModelRecord
 from app.core.outages import usable_during_outage
@@ -105,8 +106,9 @@ def model_engines(session: Session, model_id: str) -> list[EngineRecord]:
 class EngineDirectory:
     """Names to engines, remembered for `ttl_s` so a request to a hot engine needs no database query.
 
-    Changes made through this process (alias, batching, delete) clear it at once; changes made
-    through another replica reach this one within `ttl_s`.
+    Changes (alias, batching, delete) clear it at once, made through this process or, with Redis,
+    through another replica (app.core.invalidation); without the feed, within `ttl_s`. A look-up
+    that read the database before a change is not remembered after it (`_generation`).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class EngineDirectory:
         self.outage_grace_s = outage_grace_s
         self.default_max_batch = default_max_batch
         self._entries: dict[tuple[str, str, str | None], tuple[float, ServedEngine]] = {}
+        self._generation = 0  # bumped by every invalidation
 
     def cached(self, project_id: str, name: str, version: str | None) -> ServedEngine | None:
         entry = self._entries.get((project_id, name, version))
@@ -135,6 +138,7 @@ class EngineDirectory:
         keeps its engine: a short outage does not stop a hot model (README, Reliability)."""
         engine = self.cached(project_id, name, version)
         if engine is None:
+            generation = self._generation
             try:
                 with get_sessionmaker(self.database_url)() as session:
                     record = find_engine(session, name, version, project_id=project_id)
@@ -144,10 +148,13 @@ class EngineDirectory:
                 if last is None or not usable_during_outage(exc, stamp, self.outage_grace_s):
                     raise
                 return last
-            self._entries[(project_id, name, version)] = (time.monotonic(), engine)
+            if generation == self._generation:  # else it may have read the row before the change
+                self._entries[(project_id, name, version)] = (time.monotonic(), engine)
         return engine
 
     def invalidate(self) -> None:
+        """Forget every name (called from request threads and the change listener's thread)."""
+        self._generation += 1
         self._entries.clear()
 
 
@@ -161,7 +168,7 @@ class Serving:
     event loop (a database look-up on a cache miss, a first load, the engine call).
     """
 
-    def __init__(self, settings: Settings, store: ArtifactStore):
+    def __init__(self, settings: Settings, store: ArtifactStore, changes: ChangeFeed | None = None):
         max_pool_bytes = settings.engine_pool_max_mb * MIB if settings.engine_pool_max_mb else None
         self.store = store
         threads, spin_wait = settings.inference_threads, settings.inference_spin_wait
@@ -181,6 +188,8 @@ class Serving:
         self.queue_timeout_s = settings.inference_queue_timeout_s
         self.trim_bytes = settings.inference_trim_mb * MIB
         self.metrics = Metrics(self.pool, settings.resolved_database_url)
+        self.changes = changes or ChangeFeed()
+        self.changes.subscribe(ENGINES, self._forget_here)
 
     async def lookup(self, name: str, version: str | None = None, *, project_id: str) -> ServedEngine:
         """The engine `name` means now in the caller's project (ApiError 404 if none); the database
@@ -242,8 +251,17 @@ class Serving:
         return result
 
     def forget(self, *engine_ids: str) -> None:
-        """After an engine changed (alias, batching) or went (deleted): evict what is loaded and drop
-        the name cache, so the next request reads the row again."""
+        """After an engine changed (alias, batching) or went (deleted), once committed: here and on
+        every other replica (app.core.invalidation), evict what is loaded and drop the name cache,
+        so the next request reads the row again."""
+        self.changes.publish(ENGINES, engine_ids)
+
+    def _forget_here(self, engine_ids: tuple[str, ...] | None) -> None:
+        """This process's part of `forget`. None (the feed reconnected, the ids are unknown): the
+        names only. Loaded engines stay: an engine's file never changes under its id, a batching
+        change is applied on the next request (EnginePool.get), and a deleted engine is no longer
+        found, so it only waits for the pool to evict it (reloading every hot engine after a blip
+        of Redis would cost more)."""
         if engine_ids:
             self.pool.evict(*engine_ids)
         self.directory.invalidate()

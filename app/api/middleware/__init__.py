@@ -48,7 +48,8 @@ from app.core.settings import Settings
 
 def install_middleware(app: FastAPI, settings: Settings, upload_paths: tuple[str, ...]) -> None:
     """Wrap `app` in every middleware, in the order the module docstring gives (innermost added
-    first). Needs `app.state.keys` (the key directory) and `app.state.serving` (its metrics)."""
+    first). Needs `app.state.keys` (the key directory), `app.state.serving` (its metrics) and
+    `app.state.counters` (the rate buckets and upload slots, shared across replicas with Redis)."""
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_body_bytes=settings.max_request_bytes,
@@ -61,6 +62,7 @@ def install_middleware(app: FastAPI, settings: Settings, upload_paths: tuple[str
         UploadSlotsMiddleware,
         limit=settings.max_concurrent_uploads,
         upload_paths=upload_paths,
+        counters=app.state.counters,
         spool_dir=settings.scratch_dir,
     )
     app.add_middleware(
@@ -69,6 +71,7 @@ def install_middleware(app: FastAPI, settings: Settings, upload_paths: tuple[str
         policy=AccessPolicy(public_docs=settings.public_docs, public_metrics=settings.public_metrics),
         default_infer_rps=settings.infer_rate_limit_rps,
         failed_keys=FailedKeyThrottle(settings.auth_failures_per_client, settings.auth_failure_window_s),
+        counters=app.state.counters,
         open_hosts=settings.extra_open_hosts,
         open_peers=settings.extra_open_peers,
     )

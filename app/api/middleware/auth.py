@@ -27,10 +27,11 @@ from app.api.access_policy import ANY_KEY, AccessPolicy, route_path
 from app.api.errors import send_error
 from app.api.middleware.failed_keys import FailedKeyThrottle
 from app.api.middleware.host import is_loopback_address, is_loopback_host
-from app.api.middleware.rate_limit import RateLimiter, retry_after
+from app.api.middleware.rate_limit import inference_wait, retry_after
 from app.core.errors import ApiError
 from app.core.keys import INFER, Principal
 from app.core.outages import database_unavailable, is_database_unavailable
+from app.core.shared_counters import SharedCounters
 from app.services.access import KeyDirectory
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,13 @@ class AuthMiddleware:
         policy: AccessPolicy,
         default_infer_rps: float | None,
         failed_keys: FailedKeyThrottle,
+        counters: SharedCounters,
         open_hosts: frozenset[str] = frozenset(),
         open_peers: frozenset[str] = frozenset(),
     ):
         self.app, self.keys, self.policy = app, keys, policy
         self.default_infer_rps, self.open_hosts, self.open_peers = default_infer_rps, open_hosts, open_peers
-        self.limiter = RateLimiter()
+        self.counters = counters  # the inference rate's buckets (app.api.middleware.rate_limit)
         self.failed_keys = failed_keys
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -147,7 +149,7 @@ class AuthMiddleware:
             return
         if needed == INFER and principal.key_id is not None:
             rps = principal.infer_rps or self.default_infer_rps
-            wait = self.limiter.take(principal.key_id, rps) if rps else 0.0
+            wait = await inference_wait(self.counters, principal.key_id, rps) if rps else 0.0
             if wait > 0:
                 detail = f"this API key may make {rps:g} inference requests per second"
                 await send_error(

@@ -1,55 +1,20 @@
-"""Inference requests per second, per API key: a token bucket each, in this API process.
+"""Inference requests per second, per API key: a token bucket each, with a second's burst.
 
-Each API replica counts on its own (a key spread over N replicas gets up to N times its rate); a
-limit that must hold across replicas belongs in the load balancer in front of them.
+The buckets are the shared counters' (app.core.shared_counters): in Redis when the broker is Redis,
+so a key's rate holds across every API replica; in this process with the embedded broker (one
+machine, one replica). Redis out of reach: each replica counts on its own until it is back.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-import time
-from dataclasses import dataclass
 
-#: Buckets unused this long are dropped, so that many short-lived keys do not grow the table.
-IDLE_SECONDS = 300.0
+from app.core.shared_counters import SharedCounters
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
-
-
-class RateLimiter:
-    """`take(key_id, rps)` spends one token of the key's bucket (a second's worth of burst), or
-    says how many seconds until it could."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, _Bucket] = {}
-        self._lock = threading.Lock()
-        self._last_prune = time.monotonic()
-
-    def take(self, key_id: str, rps: float) -> float:
-        """0.0 when the request may go; else the seconds to wait (for `Retry-After`)."""
-        now = time.monotonic()
-        capacity = max(1.0, rps)
-        with self._lock:
-            bucket = self._buckets.get(key_id)
-            if bucket is None:
-                bucket = self._buckets[key_id] = _Bucket(capacity, now)
-            bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * rps)
-            bucket.updated = now
-            if now - self._last_prune > IDLE_SECONDS:
-                self._prune(now)
-            if bucket.tokens >= 1.0:
-                bucket.tokens -= 1.0
-                return 0.0
-            return (1.0 - bucket.tokens) / rps
-
-    def _prune(self, now: float) -> None:
-        self._buckets = {key: b for key, b in self._buckets.items() if now - b.updated < IDLE_SECONDS}
-        self._last_prune = now
+async def inference_wait(counters: SharedCounters, key_id: str, rps: float) -> float:
+    """0.0 when the key may make one more inference request now; else the seconds to wait."""
+    return await counters.take(f"infer:{key_id}", rps)
 
 
 def retry_after(seconds: float) -> str:

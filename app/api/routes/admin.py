@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import PrincipalDep, get_db
 from app.api.schemas import ApiKeyCreated, ApiKeyIn, ApiKeyOut, PrincipalOut, ProjectIn, ProjectOut
 from app.core.audit import audit
+from app.core.invalidation import KEYS
 from app.core.orm import ApiKeyRecord
 from app.services import access
 
@@ -75,7 +76,7 @@ def delete_project(
     project_id: str, request: Request, principal: PrincipalDep, session: Session = Depends(get_db)
 ) -> Response:
     access.delete_project(session, project_id)
-    request.app.state.keys.invalidate()
+    request.app.state.changes.publish(KEYS)  # on every replica
     audit(principal, "project.delete", project_id)
     return Response(status_code=204)
 
@@ -92,7 +93,7 @@ def create_key(
     record, key = access.create_key(
         session, body.project, name=body.name, scopes=list(body.scopes), infer_rps=body.infer_rps
     )
-    request.app.state.keys.invalidate()  # this server's first key ends open mode at once
+    request.app.state.changes.publish(KEYS)  # the first key ends open mode at once, everywhere
     audit(principal, "key.create", record.id, key_project=record.project_id, scopes=record.scopes)
     return ApiKeyCreated(**key_out(record).model_dump(), key=key)
 
@@ -101,11 +102,11 @@ def create_key(
 def revoke_key(
     key_id: str, request: Request, principal: PrincipalDep, session: Session = Depends(get_db)
 ) -> ApiKeyOut:
-    """Revoked keys stay listed, with when; every API process refuses the key within
-    `OPTIFORGE_AUTH_CACHE_TTL_S` (this one at once). The server's last active admin key cannot be
-    revoked (409 `last_admin_key`): the server never re-opens to keyless requests, so nobody could
-    manage keys over the API again."""
+    """Revoked keys stay listed, with when; every API process refuses the key at once when the
+    replicas share Redis (else within `OPTIFORGE_AUTH_CACHE_TTL_S`; this one at once). The server's
+    last active admin key cannot be revoked (409 `last_admin_key`): the server never re-opens to
+    keyless requests, so nobody could manage keys over the API again."""
     record = access.revoke_key(session, key_id)
-    request.app.state.keys.invalidate()
+    request.app.state.changes.publish(KEYS)  # on every replica
     audit(principal, "key.revoke", key_id, key_project=record.project_id)
     return key_out(record)
