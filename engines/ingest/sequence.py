@@ -273,7 +273,8 @@ def check_sequence_lengths(
     over = [length for length in lengths if limit is not None and length > limit]
     if over:
         raise InvalidRecipeError(
-            f"{what} {over} exceed the model's limit of {limit} tokens (its {profile.limit_source}): ask "
+            f"{what} {', '.join(map(str, over))} {'is' if len(over) == 1 else 'are'} over the model's limit "
+            f"of {limit} tokens (its {profile.limit_source}): ask "
             f"for at most {limit}",
             code="sequence_too_long",
             extra={"max_sequence_length": limit},
