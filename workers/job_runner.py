@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import update
 
+from app.core.artifacts.errors import ArtifactStoreUnavailable
 from app.core.db import session_scope
 from app.core.job_queue import enqueue_wakeup, job_queue
 from app.core.orm import DatasetRecord, JobKind, JobRecord, JobStatus, ModelRecord, utcnow
@@ -41,6 +43,9 @@ from workers.handlers import ENDED_UNSUCCESSFULLY, HANDLERS, JobContext
 from workers.recovery import remove_scratch
 
 logger = logging.getLogger(__name__)
+#: A job whose artifact store is out of reach (not a damaged file: that is not transient) is tried
+#: again after these pauses, within its attempt, before it fails with `artifact_store_unavailable`.
+STORE_RETRY_DELAYS_S: tuple[float, ...] = (5.0, 20.0)
 
 
 @contextmanager
@@ -126,51 +131,70 @@ def _run_claimed(settings: Settings, store: ArtifactStore, job_id: str, number: 
                     code="job_kind_unsupported",
                 )
             assert model is not None or kind in JobKind.WITHOUT_MODEL, "a model with jobs cannot be deleted"
-            remove_scratch(settings, job_id)  # a lost attempt's folder: this attempt owns the job now
-            settings.scratch_dir.mkdir(parents=True, exist_ok=True)
-            with (
-                tempfile.TemporaryDirectory(prefix=f"job-{job_id}-", dir=settings.scratch_dir) as workdir,
-                temporary_files_in(Path(workdir) / "tmp"),
-            ):
-                context = JobContext(
-                    settings=settings,
-                    store=store,
-                    job_id=job_id,
-                    recipe=recipe,
-                    inputs=specs_from_dicts(model.info.get("inputs", []) if model else []),  # none yet
-                    model_path=Path(workdir) / "no-model"
-                    if model is None
-                    else store.local_path(
-                        f"{model.artifact_prefix}/"
-                        + (ModelRecord.SOURCE_FILE if kind == JobKind.CONVERT else MODEL_FILENAME)
-                    ),
-                    calibration=calibration,
-                    evaluation=evaluation,
-                    workdir=Path(workdir),
-                    attempt=attempt,
-                    written=written,
-                )
-                outcome = handler(context)
-                messages += outcome.messages
-                attempt.check_cancelled(force=True)
-                with session_scope(db_url) as session:
-                    job = session.get(JobRecord, job_id)
-                    assert job is not None
-                    outcome.record(session, job)
-                    succeeded = session.execute(
-                        update(JobRecord)
-                        .where(owned(job_id, number) & JobRecord.cancel_requested.is_(False))
-                        .values(
-                            status=JobStatus.SUCCEEDED,
-                            finished_at=utcnow(),
-                            stage="done",
-                            progress=1.0,
-                            messages=[scrub_paths(message) for message in messages],
-                            **outcome.columns,
-                        )
-                    ).rowcount
-                    if not succeeded:  # cancelled or superseded at the last moment: roll back
-                        raise Cancelled(job_id)
+
+            def run_once() -> None:
+                """One try at the job's work, in a scratch folder of its own."""
+                remove_scratch(settings, job_id)  # a lost attempt's folder: this attempt owns the job now
+                settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+                with (
+                    tempfile.TemporaryDirectory(prefix=f"job-{job_id}-", dir=settings.scratch_dir) as workdir,
+                    temporary_files_in(Path(workdir) / "tmp"),
+                ):
+                    context = JobContext(
+                        settings=settings,
+                        store=store,
+                        job_id=job_id,
+                        recipe=recipe,
+                        inputs=specs_from_dicts(model.info.get("inputs", []) if model else []),  # none yet
+                        model_path=Path(workdir) / "no-model"
+                        if model is None
+                        else store.local_path(
+                            f"{model.artifact_prefix}/"
+                            + (ModelRecord.SOURCE_FILE if kind == JobKind.CONVERT else MODEL_FILENAME)
+                        ),
+                        calibration=calibration,
+                        evaluation=evaluation,
+                        workdir=Path(workdir),
+                        attempt=attempt,
+                        written=written,
+                    )
+                    outcome = handler(context)
+                    messages.extend(outcome.messages)
+                    attempt.check_cancelled(force=True)
+                    with session_scope(db_url) as session:
+                        job = session.get(JobRecord, job_id)
+                        assert job is not None
+                        outcome.record(session, job)
+                        succeeded = session.execute(
+                            update(JobRecord)
+                            .where(owned(job_id, number) & JobRecord.cancel_requested.is_(False))
+                            .values(
+                                status=JobStatus.SUCCEEDED,
+                                finished_at=utcnow(),
+                                stage="done",
+                                progress=1.0,
+                                messages=[scrub_paths(message) for message in messages],
+                                **outcome.columns,
+                            )
+                        ).rowcount
+                        if not succeeded:  # cancelled or superseded at the last moment: roll back
+                            raise Cancelled(job_id)
+
+            for retry in range(len(STORE_RETRY_DELAYS_S) + 1):
+                try:
+                    run_once()
+                    break
+                except ArtifactStoreUnavailable as exc:
+                    if retry == len(STORE_RETRY_DELAYS_S):
+                        raise
+                    _remove(store, written)
+                    written.clear()
+                    delay = STORE_RETRY_DELAYS_S[retry]
+                    logger.warning("job %s: %s; trying again in %.0f s", job_id, exc.detail, delay)
+                    attempt.progress(
+                        0.0, f"the artifact store is out of reach: trying again in {delay:.0f} s"
+                    )
+                    _wait(attempt, delay)
         except Superseded:
             logger.warning("job %s: attempt %d was superseded; discarding its work", job_id, number)
             _remove(store, written)
@@ -186,6 +210,14 @@ def _run_claimed(settings: Settings, store: ArtifactStore, job_id: str, number: 
             _remove(store, written)
             error = {"code": "internal_error", "detail": scrub_paths(f"{type(exc).__name__}: {exc}")}
             _ended(db_url, job_id, kind, attempt.finish(JobStatus.FAILED, error=error))
+
+
+def _wait(attempt: Attempt, seconds: float) -> None:
+    """Sleep `seconds`, answering a cancellation within half a second."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        attempt.check_cancelled(force=True)
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def _ended(db_url: str, job_id: str, kind: str, recorded: bool) -> None:
