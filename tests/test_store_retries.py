@@ -68,3 +68,24 @@ def test_a_store_outage_is_retried_then_fails_with_its_code(
     assert (job.get("error") or {}).get("code") == code
     tries = 1 if error is ArtifactIntegrityError else min(failures, 2) + 1
     assert flaky.calls >= tries if status == "succeeded" else flaky.calls == tries
+
+
+def test_a_damaged_engine_file_is_a_503_and_flags_the_engine(
+    local_api: LocalApi, digits: DigitsArtifacts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Serving an engine whose stored file failed its sha256 twice: 503 `artifact_integrity_error`
+    with Retry-After, counted against the engine in the metrics and logged as flagged."""
+    job_id = _queued_job(local_api, digits)
+    run_job_by_id(local_api.settings, job_id)
+    engine_id = local_api.client.get(f"/v1/jobs/{job_id}").json()["engine_ids"][0]
+    serving = local_api.client.app.state.serving  # type: ignore[attr-defined]
+    serving.store = FlakyStore(local_api.settings.resolved_artifact_dir, 1, ArtifactIntegrityError)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32], "data": [0.0] * 1024}]}
+    answer = local_api.client.post(f"/v2/models/{engine_id}/infer", json=body)
+    assert answer.status_code == 503 and answer.json()["code"] == "artifact_integrity_error", answer.text
+    assert answer.headers["retry-after"] == "5"
+    assert f"engine {engine_id} flagged" in caplog.text
+    metrics = local_api.client.get("/metrics").text
+    counted = f'optiforge_inference_errors_total{{code="artifact_integrity_error",engine="{engine_id}"}}'
+    assert counted in metrics
+    assert local_api.client.post(f"/v2/models/{engine_id}/infer", json=body).status_code == 200  # then fine

@@ -7,6 +7,7 @@ activation gate's turn, gives big calls' memory back, and records the metrics.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -18,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.artifacts.errors import ArtifactIntegrityError, ArtifactStoreError
 from app.core.db import get_sessionmaker
 from app.core.errors import ApiError
 from app.core.invalidation import ENGINES, ChangeFeed
@@ -35,6 +37,8 @@ from engines.backends.batching import BatchingConfig, InferResult
 from engines.backends.registry import unavailable_reason
 from engines.errors import BackendUnavailableError, EngineError
 from engines.ingest.signature import feed_batch_size, validate_feeds
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -271,11 +275,18 @@ class Serving:
 
     @contextmanager
     def _counting_errors(self, engine: ServedEngine) -> Iterator[None]:
-        """Count an EngineError against the engine (by its code) on its way out."""
+        """Count an EngineError against the engine (by its code) on its way out, and a store error
+        too: `artifact_integrity_error` flags the engine (its stored file failed its sha256 twice:
+        an operator should rebuild it) in the metrics and the log."""
         try:
             yield
         except EngineError as exc:
             self.metrics.inference_errors.labels(engine.id, exc.code).inc()
+            raise
+        except ArtifactStoreError as exc:
+            self.metrics.inference_errors.labels(engine.id, exc.code).inc()
+            if isinstance(exc, ArtifactIntegrityError):
+                logger.error("engine %s flagged: %s", engine.id, exc.detail)
             raise
 
 
