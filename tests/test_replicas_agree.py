@@ -203,17 +203,29 @@ def test_a_keys_rate_holds_across_both_replicas(replicas: Replicas) -> None:
     assert all(accepted.values())  # both replicas served some
 
 
-def _hold_upload(base_url: str) -> socket.socket:
-    """An upload that has sent its headers and the start of its body, then nothing: it holds a slot."""
+def _hold_upload(base_url: str, deadline_s: float = 15.0) -> socket.socket:
+    """An upload that has sent its headers and the start of its body, then nothing: it holds a slot.
+    A slot is given back just after its response is sent, so an upload made right before may still
+    hold one: an attempt that is answered (refused) at once is made again."""
     host, port = base_url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        (
-            f"POST /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
-            "Content-Type: multipart/form-data; boundary=held\r\nContent-Length: 100000\r\n\r\n--held\r\n"
-        ).encode()
-    )
-    return sock
+    deadline = time.monotonic() + deadline_s
+    while True:
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(
+            (
+                f"POST /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+                "Content-Type: multipart/form-data; boundary=held\r\nContent-Length: 100000\r\n\r\n--held\r\n"
+            ).encode()
+        )
+        sock.settimeout(1.0)
+        try:
+            answered = sock.recv(1)  # a held upload gets no answer
+        except TimeoutError:
+            sock.settimeout(None)
+            return sock
+        sock.close()
+        assert answered and time.monotonic() < deadline, "no upload slot came free"
+        time.sleep(0.2)
 
 
 def _upload_refused(client: httpx.Client, deadline_s: float = 5.0, refused: bool = True) -> httpx.Response:
