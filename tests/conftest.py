@@ -151,6 +151,31 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A moto_server (a real S3-compatible server, state in memory) on a free loopback port, started
+    with `env` over this environment; returned with its endpoint URL once it accepts connections."""
+    port = free_port()
+    executable = Path(sys.executable).with_name("moto_server")
+    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "moto.server"]
+    process = subprocess.Popen(
+        [*command, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+    process.kill()
+    pytest.fail("moto_server did not start")
+
+
 @dataclass
 class LiveStack:
     name: str

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from app.core.artifacts.s3_client import S3Location, make_client
 from app.core.migrate import upgrade
 from app.main import create_app
 from tests.conftest import REPO_ROOT, free_port, make_settings
+from tests.conftest import start_moto as _start_moto
 
 MIB = 1024 * 1024
 PART = 5 * MIB  # S3's smallest part: a 20 MiB file goes up in 4
@@ -65,29 +65,6 @@ def endpoint() -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def _start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    executable = Path(sys.executable).with_name("moto_server")
-    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "moto.server"]
-    process = subprocess.Popen(
-        [*command, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.1)
-    process.kill()
-    pytest.fail("moto_server did not start")
 
 
 @pytest.fixture
