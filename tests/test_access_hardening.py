@@ -8,6 +8,7 @@ open (no key) for every other test, and a server that has had a key stays closed
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 from collections.abc import Iterator
@@ -319,6 +320,16 @@ def test_revocation_and_throttling_over_http(keyed_server: LiveStack) -> None:
     assert _raw_get(keyed_server.base_url, ["127.0.0.1"]).startswith(b"HTTP/1.1 200")
     doubled = _raw_get(keyed_server.base_url, ["127.0.0.1", "evil.example"])
     assert doubled.startswith(b"HTTP/1.1 400") and b"duplicate_host" in doubled, doubled[:300]
+    # a header the HTTP parser cannot read: the service's JSON error, not the server's plain text
+    address = httpx.URL(keyed_server.base_url)
+    with socket.create_connection((address.host, address.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/admin/keys HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: lj>*z\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+    assert json.loads(body)["code"] == "malformed_request"
 
 
 # ---------------------------------------------------------------- security headers, HEAD /ui

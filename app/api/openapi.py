@@ -123,6 +123,8 @@ RULES: tuple[Rule, ...] = (
     # every operation
     Rule(400, ("control_characters",), "a control character (NUL…) in the path or query string"),
     Rule(400, ("duplicate_host",), "more than one Host header"),
+    Rule(400, ("malformed_request",), "a request line or header the HTTP parser cannot read (e.g. a "
+         "Content-Length that is not a number)"),
     Rule(500, ("internal_error",), "a bug: logged with the request id; the body holds no traceback"),
     Rule(503, ("database_unavailable",), "the database is unreachable or locked for now (app.core.outages); "
          "retry after Retry-After", headers=_RETRY_AFTER),

@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
+#: The code of a request the HTTP parser cannot read (declared on every operation's 400).
+MALFORMED = "malformed_request"
+_MALFORMED_DETAIL = "the request is not valid HTTP (its request line or a header cannot be parsed)"
 
 
 class TrustedProxies:
@@ -182,6 +186,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer = None
         self.registry.remove(self)
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser refuses (a malformed request line or header, e.g. a
+        Content-Length that is not a number) gets the service's JSON error, not uvicorn's plain
+        text: `code` and `detail` as under /v1, `error` as under /v2 (the path may not be known)."""
+        body = json.dumps(
+            {"code": MALFORMED, "detail": _MALFORMED_DETAIL, "error": _MALFORMED_DETAIL}
+        ).encode()
+        content = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend(
+            [
+                b"content-type: application/json\r\n",
+                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                b"connection: close\r\n\r\n",
+                body,
+            ]
+        )
+        self.transport.write(b"".join(content))
+        self.transport.close()
 
     def close_connection(self) -> None:
         """Closed to make room for a newer connection."""
