@@ -3,6 +3,7 @@ and serving and turned into JSON by the API's handlers (app.api.errors)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from engines.errors import EngineError
@@ -35,3 +36,19 @@ def not_found(kind: str, item_id: str) -> ApiError:
 def from_engine_error(error: EngineError, status: int = 422) -> ApiError:
     extra = {key: value for key, value in error.extra.items() if key not in ("code", "detail")}
     return ApiError(_ENGINE_ERROR_STATUS.get(error.code, status), error.code, error.detail, **extra)
+
+
+def error_chain(error: BaseException, wrapped: str) -> Iterator[BaseException]:
+    """The error, what it was raised from (`__cause__`, `__context__`) and what it wraps in its
+    attribute `wrapped` (SQLAlchemy's `orig`, boto3's `last_exception`), each once: where a
+    library's own error says what really happened."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        item = pending.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        inner = getattr(item, wrapped, None)
+        pending += [item.__cause__, item.__context__, inner if isinstance(inner, BaseException) else None]

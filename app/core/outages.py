@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from sqlalchemy import exc as sa_exc
 
-from app.core.errors import ApiError
+from app.core.errors import ApiError, error_chain
 
 #: Seconds a client should wait before retrying while the database is unreachable.
 DATABASE_RETRY_AFTER_S = 5
@@ -30,17 +30,8 @@ _PG_DISK_FULL = "53100"
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
-    """The error, what it wraps (`orig` of a SQLAlchemy error) and what it was raised from."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        item = pending.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        orig = getattr(item, "orig", None)
-        pending += [item.__cause__, item.__context__, orig if isinstance(orig, BaseException) else None]
+    """A SQLAlchemy error wraps the driver's (`orig`), which says what happened."""
+    return error_chain(error, "orig")
 
 
 def is_storage_full(error: BaseException) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.core.artifacts.errors import ArtifactBucketMissing, ArtifactStoreError, ArtifactStoreUnavailable
+from app.core.errors import error_chain
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +158,6 @@ def bucket_missing(bucket: str) -> ArtifactBucketMissing:
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
-    """The error and what it was raised from: boto3's transfer errors (S3UploadFailedError,
-    RetriesExceededError) wrap the botocore error that says what happened."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        item = pending.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        last = getattr(item, "last_exception", None)
-        pending += [item.__cause__, item.__context__, last if isinstance(last, BaseException) else None]
+    """boto3's transfer errors (S3UploadFailedError, RetriesExceededError) wrap the botocore error
+    that says what happened."""
+    return error_chain(error, "last_exception")
