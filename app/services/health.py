@@ -13,7 +13,6 @@ from sqlalchemy import text
 
 from app.core.artifacts.base import ArtifactStore
 from app.core.artifacts.errors import ArtifactStoreError
-from app.core.artifacts.factory import get_store
 from app.core.db import get_engine
 from app.core.settings import MIB, Settings
 from app.core.space import disk_reserve, free_bytes
@@ -21,7 +20,7 @@ from app.core.space import disk_reserve, free_bytes
 logger = logging.getLogger(__name__)
 
 
-def readiness_checks(settings: Settings, include_broker: bool = True) -> dict[str, str]:
+def readiness_checks(settings: Settings, store: ArtifactStore, include_broker: bool = True) -> dict[str, str]:
     """ "ok" or "error", per dependency: the database, the job broker, the artifact store."""
     checks: dict[str, str] = {}
     try:
@@ -41,16 +40,12 @@ def readiness_checks(settings: Settings, include_broker: bool = True) -> dict[st
         except Exception:
             logger.warning("readiness: the job broker is unreachable", exc_info=True)
             checks["broker"] = "error"
-    checks["artifact_store"] = artifact_store_check(settings)
+    checks["artifact_store"] = artifact_store_check(settings, store)
     checks["disk"] = disk_check(settings)
     return checks
 
 
-#: One store per artifact URL in this process: a remote store's client is made once, not per probe.
-_STORES: dict[str, ArtifactStore] = {}
-
-
-def artifact_store_check(settings: Settings) -> str:
+def artifact_store_check(settings: Settings, store: ArtifactStore) -> str:
     """ "ok" or "error": a local store's folder exists; a remote one answers (a HEAD of its bucket,
     bounded by the client's connect timeout). The reason goes to the log, never to the response."""
     if urlsplit(settings.resolved_artifact_url).scheme == "file":
@@ -59,12 +54,9 @@ def artifact_store_check(settings: Settings) -> str:
         logger.warning("readiness: the artifact directory is missing")
         return "error"
     try:
-        store = _STORES.get(settings.resolved_artifact_url) or _STORES.setdefault(
-            settings.resolved_artifact_url, get_store(settings)
-        )
         store.check()
-    except (ArtifactStoreError, ValueError) as exc:
-        logger.warning("readiness: the artifact store: %s", getattr(exc, "detail", exc))
+    except ArtifactStoreError as exc:
+        logger.warning("readiness: the artifact store: %s", exc.detail)
         return "error"
     return "ok"
 

@@ -18,7 +18,7 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="The database, job broker and artifact store are reachable")
 def readyz(request: Request) -> JSONResponse:
-    checks = readiness_checks(request.app.state.settings)
+    checks = readiness_checks(request.app.state.settings, request.app.state.store)
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503

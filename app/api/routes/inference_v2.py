@@ -58,7 +58,7 @@ def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="The server can serve: database and artifact store reachable")
 def ready(request: Request) -> JSONResponse:
-    checks = readiness_checks(request.app.state.settings, include_broker=False)
+    checks = readiness_checks(request.app.state.settings, request.app.state.store, include_broker=False)
     is_ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"ready": is_ready, "checks": checks}, status_code=200 if is_ready else 503)
 
