@@ -16,6 +16,7 @@ from typing import Any
 from app.core.audit import audit
 from app.core.db import get_sessionmaker
 from app.core.errors import ApiError
+from app.core.invalidation import KEYS, announce
 from app.core.keys import SCOPES
 from app.core.orm import DEFAULT_PROJECT
 from app.core.settings import get_settings
@@ -67,14 +68,19 @@ def _session() -> Any:
     return get_sessionmaker(settings.resolved_database_url)()
 
 
-def _run(action: Any) -> int:
-    """Run `action(session)`; a refused change prints its code and sentence, exit status 1."""
+def _run(action: Any, *, announces: str | None = None) -> int:
+    """Run `action(session)` and commit; a refused change prints its code and sentence, exit status
+    1. `announces`: the change-feed topic to tell running API replicas about once committed (they
+    drop their cached keys now instead of after their TTL)."""
     with _session() as session:
         try:
             action(session)
+            session.commit()
         except ApiError as exc:
             print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)
             return 1
+    if announces is not None:
+        announce(get_settings(), announces)
     return 0
 
 
@@ -92,7 +98,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    return _run(action)
+    return _run(action, announces=KEYS)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
@@ -113,7 +119,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         audit(None, "key.revoke", record.id, project_id=record.project_id)
         print(f"revoked {record.id}")
 
-    return _run(action)
+    return _run(action, announces=KEYS)
 
 
 def cmd_projects_create(args: argparse.Namespace) -> int:
@@ -142,4 +148,4 @@ def cmd_projects_delete(args: argparse.Namespace) -> int:
         audit(None, "project.delete", args.project, project_id=args.project)
         print(f"deleted project '{args.project}'")
 
-    return _run(action)
+    return _run(action, announces=KEYS)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import engine_from_config, pool, text
 
 from app.core.orm import Base
 from app.core.settings import get_settings
+
+#: The PostgreSQL advisory lock every `optiforge migrate` holds while it upgrades: API replicas and
+#: a migrations Job starting together would otherwise each create the same tables (the losers
+#: fail on a duplicate key). Any fixed 64-bit number works; this one spells "optiforg".
+MIGRATION_LOCK_KEY = 0x6F70746966726F67
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
@@ -27,6 +32,9 @@ def run_migrations_online() -> None:
             render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Held until this transaction ends; a second upgrader waits, then finds the head.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             context.run_migrations()
 
 

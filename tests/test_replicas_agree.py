@@ -20,6 +20,8 @@ import logging
 import secrets
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ from app.core.store import LocalArtifactStore
 from bench.processes import start_redis
 from tests.conftest import (
     REDIS_URL,
+    REPO_ROOT,
     LiveStack,
     another_replica,
     free_port,
@@ -189,6 +192,29 @@ def test_a_key_revoked_on_one_replica_is_refused_by_the_other_at_once(replicas: 
         lambda answer: answer.status_code == 401,
     )
     assert refused.status_code == 401 and refused.json()["code"] == "invalid_api_key"
+
+
+@pytest.mark.postgres
+def test_a_key_revoked_with_the_admin_cli_is_refused_by_both_replicas_at_once(replicas: Replicas) -> None:
+    """`optiforge keys revoke` runs outside every API process: it announces the change itself."""
+    key_id, key = replicas.new_key()
+    for client in (replicas.a, replicas.b):  # cached on both
+        assert replicas.infer(client, replicas.engines["once"], key).status_code == 200
+    revoked = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "revoke", key_id],
+        env=replicas.stack.env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert revoked.returncode == 0, revoked.stderr[-2000:]
+    for client in (replicas.a, replicas.b):
+        refused = _soon(
+            lambda client=client: replicas.infer(client, replicas.engines["once"], key),
+            lambda answer: answer.status_code == 401,
+        )
+        assert refused.status_code == 401, refused.text
 
 
 @pytest.mark.postgres

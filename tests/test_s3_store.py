@@ -253,6 +253,25 @@ def test_a_damaged_stored_file_is_fetched_twice_then_refused(
     assert reader.cache.cached_prefixes() == []  # nothing unverified is installed
 
 
+def test_a_publication_replaced_in_the_bucket_is_caught_by_the_recorded_hash(
+    endpoint: str, bucket: str, tmp_path: Path
+) -> None:
+    """A manifest and file replaced together agree with each other, so only the hash the engine's
+    row recorded at build time tells that the file is not the one that was measured."""
+    writer, reader = _node(endpoint, bucket, tmp_path / "a"), _node(endpoint, bucket, tmp_path / "b")
+    built = writer.put_dir("jobs/j1/engines/e1", _folder(tmp_path / "built", {"model.onnx": b"built"}))
+    recorded = built.files["model.onnx"].sha256
+    assert reader.local_path("jobs/j1/engines/e1/model.onnx", sha256=recorded).read_bytes() == b"built"
+
+    writer.put_dir("jobs/j1/engines/e1", _folder(tmp_path / "other", {"model.onnx": b"other"}))
+
+    with pytest.raises(ArtifactIntegrityError) as raised:
+        reader.local_path("jobs/j1/engines/e1/model.onnx", sha256=recorded)
+    assert raised.value.code == "artifact_integrity_error" and "built" in raised.value.detail
+    # Without a recorded hash, the manifest is all there is to check against.
+    assert reader.local_path("jobs/j1/engines/e1/model.onnx").read_bytes() == b"other"
+
+
 def test_one_bad_download_is_fetched_again(tmp_path: Path) -> None:
     """The cache alone, with a download that is damaged once (a flaky network): the second passes."""
     cache = ArtifactCache(tmp_path / "cache", None)

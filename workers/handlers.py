@@ -23,7 +23,9 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.core.artifacts.manifest import file_sha256
 from app.core.dataset_limits import dataset_limits, text_limits
+from app.core.invalidation import ENGINES
 from app.core.orm import (
     DatasetRecord,
     DatasetStatus,
@@ -95,6 +97,9 @@ class Outcome:
     messages: list[str] = field(default_factory=list)
     columns: dict[str, Any] = field(default_factory=dict)
     record: Callable[[Session, JobRecord], None] = lambda session, job: None
+    #: Change-feed topics (app.core.invalidation) to announce to the API replicas once `record` is
+    #: committed: a search that moves an alias tells them at once, not after their caches' TTL.
+    changes: list[str] = field(default_factory=list)
 
 
 Handler = Callable[[JobContext], Outcome]
@@ -154,7 +159,12 @@ def run_autotune(context: JobContext) -> Outcome:
         if alias and result.chosen is not None and stored:
             take_alias(session, stored[0], alias)
 
-    return Outcome(messages=result.messages, columns={"baseline": result.baseline.to_dict()}, record=record)
+    return Outcome(
+        messages=result.messages,
+        columns={"baseline": result.baseline.to_dict()},
+        record=record,
+        changes=[ENGINES] if alias and result.chosen is not None else [],
+    )
 
 
 def run_sensitivity(context: JobContext) -> Outcome:
@@ -418,6 +428,7 @@ def store_engines(
             precision=built.artifact.precision,
             artifact_prefix=prefix,
             engine_file=built.artifact.path.name,
+            sha256=file_sha256(built.artifact.path),
             size_bytes=engine_size(built.artifact.path),
             build_seconds=built.artifact.build_seconds,
             hardware=measurement.hardware,

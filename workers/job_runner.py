@@ -30,6 +30,7 @@ from sqlalchemy import update
 
 from app.core.artifacts.errors import ArtifactStoreUnavailable
 from app.core.db import session_scope
+from app.core.invalidation import announce
 from app.core.job_queue import enqueue_wakeup, job_queue
 from app.core.orm import DatasetRecord, JobKind, JobRecord, JobStatus, ModelRecord, utcnow
 from app.core.settings import Settings
@@ -179,6 +180,8 @@ def _run_claimed(settings: Settings, store: ArtifactStore, job_id: str, number: 
                         ).rowcount
                         if not succeeded:  # cancelled or superseded at the last moment: roll back
                             raise Cancelled(job_id)
+                    for topic in outcome.changes:
+                        announce(settings, topic)
 
             for retry in range(len(STORE_RETRY_DELAYS_S) + 1):
                 try:

@@ -199,3 +199,14 @@ def change_feed(settings: Settings) -> ChangeFeed:
     """This process's feed: shared through Redis when the broker is Redis, else in the process."""
     url = shared_redis_url(settings)
     return RedisChangeFeed(url, namespace(settings)) if url else ChangeFeed()
+
+
+def announce(settings: Settings, topic: str, ids: Iterable[str] = ()) -> None:
+    """Tell the API replicas about a change made outside them (a worker moving an alias when a
+    search finishes, `optiforge keys revoke`): a process that caches nothing publishes once and
+    listens to nothing. Embedded mode has no other process to tell: the API's caches expire."""
+    feed = change_feed(settings)
+    try:
+        feed.publish(topic, ids)
+    finally:
+        feed.close()

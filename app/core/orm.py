@@ -132,6 +132,9 @@ class ModelRecord(Base):
     )
     #: Why a conversion failed: {"code", "detail", ...} as the convert job's error.
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: The upload's identity for deduplication (app.services.uploads_dedup): the file's sha256 with
+    #: the options that change what is stored (batch_axis, opset). Null for rows made before it.
+    dedup_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class DatasetStatus:
@@ -174,6 +177,9 @@ class DatasetRecord(Base):
     )
     #: Why decoding failed: {"code", "detail", ...} as the decode_images job's error.
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: The upload's identity for deduplication (app.services.uploads_dedup): the file's sha256 with
+    #: the decoding options (preprocessing, classes, tokenizer, …). Null for rows made before it.
+    dedup_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 def lease_cutoff(lease_seconds: float) -> datetime:
@@ -260,6 +266,9 @@ class EngineRecord(Base):
     precision: Mapped[str] = mapped_column(String(16))
     artifact_prefix: Mapped[str] = mapped_column(String(255))
     engine_file: Mapped[str] = mapped_column(String(255))
+    #: The engine file's sha256 as the worker built it; a node that pulls the file checks it (NULL
+    #: for engines stored before migration 0010).
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     build_seconds: Mapped[float] = mapped_column(Float)
     hardware: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -54,6 +54,8 @@ class ServedEngine:
     #: The batch axes a user stated for the model's inputs, as the engine was built and measured with
     #: them (its build_info): the runner is loaded with them, so requests batch along them.
     batch_axes: tuple[tuple[str, int | None], ...] = ()
+    #: The engine file's sha256 as built (EngineRecord.sha256): a node pulling it checks it.
+    sha256: str | None = None
 
     @classmethod
     def of(cls, record: EngineRecord, store: ArtifactStore, default_max_batch: int) -> ServedEngine:
@@ -66,7 +68,7 @@ class ServedEngine:
         max_batch = engine_max_batch(record.metrics, record.build_info, default_max_batch)
         stated = (record.build_info or {}).get(STATED_AXES_KEY) or {}
         axes = tuple(sorted(stated.items())) if isinstance(stated, dict) else ()
-        return cls(record.id, record.model_id, record.backend, key, batching, max_batch, axes)
+        return cls(record.id, record.model_id, record.backend, key, batching, max_batch, axes, record.sha256)
 
 
 def find_engine(session: Session, name: str, version: str | None = None, *, project_id: str) -> EngineRecord:
@@ -215,7 +217,7 @@ class Serving:
             if reason is not None:
                 raise BackendUnavailableError(f"engine '{engine.id}' cannot run here: {reason}")
             try:
-                path = self.store.local_path(engine.artifact_key)
+                path = self.store.local_path(engine.artifact_key, sha256=engine.sha256)
             except FileNotFoundError:
                 raise EngineError(
                     f"engine '{engine.id}': its file '{engine.artifact_key}' is not in the artifact store",

@@ -27,10 +27,14 @@ class ArtifactStore(abc.ABC):
         Returns the manifest (each file's size and sha256) where the store records one."""
 
     @abc.abstractmethod
-    def local_path(self, key: str) -> Path:
+    def local_path(self, key: str, *, sha256: str | None = None) -> Path:
         """A local path to read `key` from: a file, or a folder for a prefix (a remote store
         downloads the whole prefix to its cache first, so files beside it, an ONNX model's external
-        data, are there too). FileNotFoundError when nothing is published there."""
+        data, are there too). FileNotFoundError when nothing is published there.
+
+        `sha256`: the content hash a record holds for the file `key` (an engine's row). A store that
+        downloads raises ArtifactIntegrityError when what it publishes under `key` is not that
+        content; a local directory, which nothing downloads from, does not hash on every read."""
 
     @abc.abstractmethod
     def size(self, prefix: str) -> int:

@@ -39,7 +39,7 @@ class LocalArtifactStore(ArtifactStore):
             os.replace(staged, target)
         return None  # no hashes: nothing downloads what a local directory holds
 
-    def local_path(self, key: str) -> Path:
+    def local_path(self, key: str, *, sha256: str | None = None) -> Path:
         path = self._path(key)
         if not path.exists():
             raise FileNotFoundError(key)

@@ -137,7 +137,7 @@ class S3ArtifactStore(ArtifactStore):
 
     # ------------------------------------------------------------------ reading
 
-    def local_path(self, key: str) -> Path:
+    def local_path(self, key: str, *, sha256: str | None = None) -> Path:
         key = checked_key(key).as_posix()
         for _ in range(2):  # once more if the version read was replaced meanwhile
             try:
@@ -145,10 +145,11 @@ class S3ArtifactStore(ArtifactStore):
             except ArtifactBucketMissing:
                 raise
             except ArtifactStoreUnavailable as exc:
-                return self._during_outage(key, exc)
+                return self._during_outage(key, exc, sha256)
             if manifest is None:
                 raise FileNotFoundError(key)
             name = _name_in(manifest, key)
+            _check_recorded_hash(manifest, name, sha256)
             try:
                 folder = self.cache.get(manifest, partial(self._download, manifest))
             except VersionGone:
@@ -239,7 +240,7 @@ class S3ArtifactStore(ArtifactStore):
                     raise VersionGone(manifest.prefix) from exc
                 raise
 
-    def _during_outage(self, key: str, error: ArtifactStoreUnavailable) -> Path:
+    def _during_outage(self, key: str, error: ArtifactStoreUnavailable, sha256: str | None) -> Path:
         """The cached copy of the publication `key` lies in, while the store cannot say whether it
         is still current; the store's error when none is cached."""
         parts = key.split("/")
@@ -249,6 +250,7 @@ class S3ArtifactStore(ArtifactStore):
                 folder, manifest = found
                 logger.warning("artifact store unreachable: serving '%s' from this node's cache", key)
                 name = _name_in(manifest, key)
+                _check_recorded_hash(manifest, name, sha256)
                 return folder / name if name else folder
         raise error
 
@@ -345,6 +347,18 @@ class S3ArtifactStore(ArtifactStore):
                 self._delete_objects(keys)
         except Exception:
             logger.warning("could not remove %s now; a later start-up will", what, exc_info=True)
+
+
+def _check_recorded_hash(manifest: Manifest, name: str, sha256: str | None) -> None:
+    """The store publishes under `name` the content a record says it should (the cache then checks
+    each downloaded byte against the manifest): a manifest replaced in the bucket cannot hand a node
+    a file other than the one built and measured."""
+    entry = manifest.files.get(name)
+    if sha256 is not None and (entry is None or entry.sha256 != sha256):
+        raise ArtifactIntegrityError(
+            f"'{manifest.prefix}/{name}': the artifact store holds a different file than the one "
+            "recorded when it was built; delete it and build it again"
+        )
 
 
 def _name_in(manifest: Manifest, key: str) -> str:
