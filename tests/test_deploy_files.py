@@ -45,6 +45,19 @@ def test_dockerfile_copies_every_package() -> None:
         assert f"COPY {package} ./{package}" in dockerfile
 
 
+def test_the_build_context_leaves_out_the_venv_and_keeps_what_the_dockerfile_copies() -> None:
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    copied = [
+        line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")
+    ]
+    assert {".venv", ".git", "data", "bench", "tests"} <= ignored
+    assert copied and not [path for path in copied if path.split("/")[0] in ignored], copied
+
+
 def test_compose_api_gets_its_first_key_from_the_environment() -> None:
     """The API listens beyond loopback in compose: it needs its first key, and has it only from
     OPTIFORGE_API_KEY (`${VAR:?}` makes compose refuse to start without it)."""
