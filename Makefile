@@ -25,6 +25,13 @@ $(VENV)/.dev-installed: pyproject.toml sdk/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(ONNX2TORCH)
 	touch $@ $(VENV)/.serve-installed
 
+# s3rver, an S3-compatible server that keeps its data on disk, from npm: tests/test_s3_restart.py
+# restarts it mid-upload (moto's state lives in memory). Test-only; the service never runs it.
+S3RVER := s3rver@3.7.1
+.tools/s3rver/.installed:
+	npm install --prefix .tools/s3rver --no-audit --no-fund --silent $(S3RVER)
+	touch $@
+
 serve: $(VENV)/.serve-installed
 	$(BIN)/optiforge serve $(ARGS)
 
