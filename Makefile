@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-slow lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos bench-transformers gpu-wheels clean
+.PHONY: serve test test-slow lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos bench-scale bench-transformers gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,11 @@ bench-transformers: $(VENV)/.dev-installed
 # about 3 minutes; exits 1 if anything was lost. ARGS="--quick" for a shorter smoke run.
 bench-chaos: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.chaos $(ARGS)
+
+# Several machines on one host (README, "Deploying on several machines"): one worker vs two, one
+# API replica vs two, cold start and cache overhead against the local store; about 5 minutes.
+bench-scale: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.scale $(ARGS)
 
 # The GPU table (README, "GPU"): on a machine with an NVIDIA GPU and CUDA torch, under 8 minutes.
 # ARGS="--device cpu --quick" runs the same code on a CPU as a smoke test.

@@ -24,6 +24,9 @@ LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 def _worker_argv(queues: str, concurrency: int | None, loglevel: str) -> list[str]:
     argv = ["worker", "--queues", queues, "--loglevel", loglevel, "--without-mingle", "--without-gossip"]
+    # One node name per process (Celery's default, celery@<host>, is the same for every worker on a
+    # machine): two workers on one host are two live workers in /v1/capabilities, not one.
+    argv += ["--hostname", f"worker{os.getpid()}@%h"]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     return argv

@@ -1,6 +1,7 @@
 """Processes a benchmark or a test starts and kills on purpose: a free port, a throw-away
 `redis-server` (no persistence), a process group stopped or SIGKILLed whole, and the resident
-memory of a process and its children. Shared by bench/chaos.py and tests/test_broker_restart.py."""
+memory of a process and its children, and a moto_server (an S3-compatible server, state in memory).
+Shared by the benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +37,31 @@ def start_redis(port: int, workdir: Path, executable: str = "redis-server") -> s
         time.sleep(0.1)
     process.kill()
     raise RuntimeError("redis-server did not start")
+
+
+def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A moto_server (a real S3-compatible server, state in memory) on a free loopback port, started
+    with `env` over this environment; returned with its endpoint URL once it accepts connections."""
+    port = free_port()
+    executable = Path(sys.executable).with_name("moto_server")
+    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "moto.server"]
+    process = subprocess.Popen(
+        [*command, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("moto_server did not start")
 
 
 def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -180,17 +180,27 @@ def overhead(
 # ---------------------------------------------------------------- 2. load
 
 
-def load(url: str, engine_id: str, x: np.ndarray, concurrency: int, seconds: float) -> dict:
-    """Closed loop: `concurrency` clients, each sending its next request when the last one returns."""
+def load(
+    url: str | list[str],
+    engine_id: str,
+    x: np.ndarray,
+    concurrency: int,
+    seconds: float,
+    auth: dict[str, str] | None = None,
+) -> dict:
+    """Closed loop: `concurrency` clients, each sending its next request when the last one returns.
+    Several URLs (API replicas): the clients are spread over them in turn, as a client-side
+    balancer would."""
+    urls = [url] if isinstance(url, str) else url
     body, length = encode({}, "inputs", {"input": x})
-    headers = {HEADER_LENGTH: str(length)}
+    headers = {HEADER_LENGTH: str(length), **(auth or {})}
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
     start = threading.Barrier(concurrency + 1)
     stop_at = [0.0]
 
     def client(index: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
+        with httpx.Client(base_url=urls[index % len(urls)], timeout=60) as http:
             http.post(f"/v2/models/{engine_id}/infer", content=body, headers=headers)  # connect, warm
             start.wait()
             while time.perf_counter() < stop_at[0]:

@@ -40,6 +40,7 @@ from app.core.orm import (
 from app.core.settings import Settings
 from app.core.store import ArtifactStore, LocalArtifactStore
 from app.main import create_app
+from bench import processes as bench_processes
 from engines.ingest.datasets import Dataset
 from examples import digits as digits_model
 from tests.trained_graphs import depthwise_digits  # noqa: F401 - a session fixture shared by several files
@@ -152,28 +153,11 @@ def require_service(name: str, host: str, port: int) -> None:
 
 
 def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A moto_server (a real S3-compatible server, state in memory) on a free loopback port, started
-    with `env` over this environment; returned with its endpoint URL once it accepts connections."""
-    port = free_port()
-    executable = Path(sys.executable).with_name("moto_server")
-    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "moto.server"]
-    process = subprocess.Popen(
-        [*command, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.1)
-    process.kill()
-    pytest.fail("moto_server did not start")
+    """bench.processes.start_moto, failing the test when the server does not start."""
+    try:
+        return bench_processes.start_moto(env)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @dataclass

@@ -157,3 +157,25 @@ def test_chaos_bench_quick_run(tmp_path: Path) -> None:
         assert next(c for c in scenarios[key]["checks"] if c["name"] == check)["ok"], scenarios[key]
     assert scenarios["big-json"]["api_peak_rss_mb"] > 0
     assert results["hardware"]["cpu_model"]
+
+
+@pytest.mark.slow  # about 2 minutes: make test-slow
+@pytest.mark.postgres
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_scale_bench_quick_run(tmp_path: Path) -> None:
+    """bench/scale.py end to end on the several-machines shape: every scenario runs and the report
+    is written. Its ratios are the benchmark's findings (exit status 2 when a target is missed),
+    meaningless on a machine running a test suite beside it."""
+    from sqlalchemy.engine import make_url
+
+    from bench.scale import main as scale_main
+
+    admin_url = make_url(POSTGRES_URL)
+    require_service("PostgreSQL", admin_url.host or "127.0.0.1", admin_url.port or 5432)
+    out = tmp_path / "scale.json"
+    assert scale_main(["--quick", "--out", str(out)]) in (0, 2)
+    report = json.loads(out.read_text())
+    assert report["jobs"]["two_workers"]["workers_seen"] == 2
+    assert report["throughput"]["errors"] == 0
+    assert report["cold_warm"]["cold"] and report["rate_limit"]["accepted"] > 0
+    assert "Scale benchmark" in out.with_suffix(".md").read_text()

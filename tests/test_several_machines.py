@@ -289,6 +289,12 @@ def test_nodes_that_share_no_disk_build_serve_recover_and_agree(
     api_a, api_b = nodes["api-a"], nodes["api-b"]
     images = digits.split.test_x[:8]
     with api_a.client() as a, api_b.client() as b:
+        # ---- two worker processes on one host are two live workers (one Celery node name each)
+        deadline = time.monotonic() + 30
+        while a.get("/v1/capabilities").json()["workers"].get("cpu", 0) < 2:
+            assert time.monotonic() < deadline, a.get("/v1/capabilities").json()["workers"]
+            time.sleep(0.5)
+
         # ---- upload through A; two jobs, one of them long enough to kill its worker mid-job
         model = _upload(a, digits.onnx_path, "models", "digits-cnn")
         evaluation = _upload(a, digits.eval_npz, "datasets", "digits-test")
