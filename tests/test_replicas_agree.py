@@ -45,6 +45,7 @@ from tests.conftest import (
     require_service,
     start_stack,
     stored_fp32_engine,
+    wait_for_job,
 )
 
 pytestmark = pytest.mark.redis
@@ -215,6 +216,44 @@ def test_a_key_revoked_with_the_admin_cli_is_refused_by_both_replicas_at_once(re
             lambda answer: answer.status_code == 401,
         )
         assert refused.status_code == 401, refused.text
+
+
+@pytest.mark.postgres
+def test_an_alias_a_finished_search_moves_is_served_by_both_replicas_at_once(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    """The worker that finishes an auto-optimize job with an `alias` moves it: a process outside
+    every API, which announces the change itself."""
+    a, b = replicas.a, replicas.b
+    once, twice = replicas.engines["once"], replicas.engines["twice"]
+    assert a.put(f"/v1/engines/{twice}/alias", json={"alias": "searched"}).status_code == 200
+    for client in (a, b):  # both replicas cache "searched" -> twice (for 60 s)
+        assert _answer(replicas.infer(client, "searched"))[0] == twice
+    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(0).random((16, 4), dtype=np.float32))
+    with (tmp_path / "eval.npz").open("rb") as handle:
+        dataset = a.post("/v1/datasets", files={"file": ("eval.npz", handle)}, data={"name": "eval"})
+    assert dataset.status_code == 201, dataset.text
+    model_id = a.get(f"/v1/engines/{once}").json()["model_id"]
+    started = a.post(
+        f"/v1/models/{model_id}/optimize",
+        json={
+            "evaluation_dataset_id": dataset.json()["id"],
+            "accuracy_budget": {"metric": "fidelity", "max_drop": 0.01},
+            "time_budget_minutes": 2,
+            "space": {"precisions": ["fp32"]},
+            "alias": "searched",
+        },
+    )
+    assert started.status_code == 202, started.text
+    job = wait_for_job(a, started.json()["id"], timeout=240)
+    assert job["status"] == "succeeded", (job["error"], job["messages"])
+    (searched,) = [engine for engine in job["engine_ids"] if a.get(f"/v1/engines/{engine}").json()["alias"]]
+    for client in (a, b):
+        served = _soon(
+            lambda client=client: replicas.infer(client, "searched"),
+            lambda answer: answer.status_code == 200 and answer.json()["model_version"] == searched,
+        )
+        assert _answer(served)[0] == searched
 
 
 @pytest.mark.postgres
