@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-slow lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos bench-scale bench-transformers gpu-wheels clean
+.PHONY: serve example test test-slow lint bench bench-prune bench-serve bench-zoo bench-gpu bench-autotune bench-chaos bench-scale bench-transformers gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ S3RVER := s3rver@3.7.1
 
 serve: $(VENV)/.serve-installed
 	$(BIN)/optiforge serve $(ARGS)
+
+# The README's first run: trains the digits CNN (seconds) on scikit-learn's bundled set and writes
+# the model and its datasets to examples/out. Needs only what `make serve` installed, plus sklearn.
+example: $(VENV)/.serve-installed
+	$(BIN)/pip install -q -e '.[example]'
+	$(BIN)/python -m examples.digits --out examples/out
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
