@@ -10,6 +10,7 @@ check; the check may raise `engines.errors.Cancelled`, and is polled between tim
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -420,6 +421,11 @@ def run_recipe(
         artifacts: dict[str, EngineArtifact] = {}
         hardware = {BASELINE: baseline_backend.hardware(threads)}
         source, stage_metadata = model_path, {}
+        # An engine's build time is all the work that made it: pruning and fine-tuning, graph fusion,
+        # calibration and quantization, then the backend's compile (an INT8 ONNX Runtime engine's
+        # compile alone is a few milliseconds).
+        stage_seconds = 0.0
+        stage_began = time.perf_counter()
         if recipe.prune is not None:
             progress(0.0, f"pruning ({recipe.prune.method})")
             stage = run_prune_stage(
@@ -460,6 +466,7 @@ def run_recipe(
                 check_cancelled=check_cancelled,
             )
             messages += graph.messages
+        stage_seconds = time.perf_counter() - stage_began
         # With pruning, the pruned fp32 model is a stage of its own: the report shows a row per stage.
         precisions = (
             ["fp32", recipe.precision]
@@ -468,6 +475,7 @@ def run_recipe(
         )
         # by (precision, profile, the model it starts from): targets that share one, share it
         variants: dict[tuple[str, str, Path], ModelVariant] = {}
+        variant_seconds: dict[tuple[str, str, Path], float] = {}
         plan = [(precision, target) for precision in precisions for target in recipe.targets]
         first_fp32_failure: EngineError | None = None
 
@@ -503,9 +511,11 @@ def run_recipe(
                         ),
                     )
 
+                variant_began = time.perf_counter()
                 variants[key] = (
                     make(source) if graph is None else graph.build(target, model_precision, make, messages)
                 )
+                variant_seconds[key] = time.perf_counter() - variant_began
                 messages.extend(variants[key].messages)
             variant = variants[key]
             progress(0.3 + 0.3 * (index + 0.5) / len(plan), f"building {target} {precision}")
@@ -517,6 +527,7 @@ def run_recipe(
                 **shaped,
             )
             artifact = compile_engine(backend, variant.path, workdir / target / precision, options)
+            artifact.metadata["build_seconds"] = stage_seconds + variant_seconds[key] + artifact.build_seconds
             runners[name], memory[name] = memory_of(
                 partial(backend.load, artifact.path, backend.options(threads=threads, batch_axes=stated)),
                 largest_batch,

@@ -45,6 +45,9 @@ def test_int8_keeps_top1_within_half_a_point(
     assert (engine.artifact.path.parent / "layer_errors.json").is_file()
     ops = {node.op_type for node in onnx.load(str(engine.artifact.path)).graph.node}
     assert ops & {"QuantizeLinear", "QLinearConv", "DequantizeLinear"}, ops
+    # the whole build (calibration and quantization included), not the backend's compile step alone
+    assert metadata["build_seconds"] > engine.artifact.build_seconds
+    assert metadata["build_seconds"] >= metadata.get("quantize_seconds", 0.0)
 
 
 def test_reduce_range_follows_the_cpu() -> None:
