@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -62,6 +63,22 @@ def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[byte
             time.sleep(0.1)
     process.kill()
     raise RuntimeError("moto_server did not start")
+
+
+@contextlib.contextmanager
+def environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """`variables` set in this process (the AWS_* ones boto3 reads when a client is made), then put
+    back as they were."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

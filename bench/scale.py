@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ from app.core.artifacts.cache import ArtifactCache
 from app.core.artifacts.s3 import S3ArtifactStore
 from app.core.artifacts.s3_client import S3Location, make_client
 from bench.chaos import hardware_line, load_average
-from bench.processes import free_port, kill_group, start_moto, start_redis, stop
+from bench.processes import environment, free_port, kill_group, start_moto, start_redis, stop
 from bench.serve import RawHttp, export_model, load
 from engines.hardware import cpu_info
 from engines.measure.latency import latency_stats
@@ -228,21 +227,6 @@ def _boto_credentials() -> dict[str, str]:
         "aws_access_key_id": AWS["AWS_ACCESS_KEY_ID"],
         "aws_secret_access_key": AWS["AWS_SECRET_ACCESS_KEY"],
     }
-
-
-@contextlib.contextmanager
-def aws_environment() -> Iterator[None]:
-    """The AWS_* variables for this process's own boto3 clients (the observers)."""
-    saved = {name: os.environ.get(name) for name in AWS}
-    os.environ.update(AWS)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 # ---------------------------------------------------------------- assets
@@ -559,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="optiforge-scale-"))
     cluster = Cluster(root)
     try:
-        with aws_environment():
+        with environment(AWS):
             cluster.start()
             assets = prepare(cluster, root / "assets")
             print("1. jobs per minute …", flush=True)

@@ -377,7 +377,7 @@ def test_the_search_fuses_once_before_its_candidates(graphs, tmp_path: Path) -> 
 
 def _post(api: LocalApi, kind: str, name: str, content: bytes) -> str:
     response = api.client.post(f"/v1/{kind}", files={"file": (name, content)})
-    assert response.status_code == 201, response.text
+    assert response.status_code in (200, 201), response.text  # 200: the same file again (deduplicated)
     return response.json()["id"]
 
 

@@ -237,7 +237,7 @@ def test_a_model_torch_cannot_take_is_a_clean_error(tmp_path: Path) -> None:
 
 def _post(api: LocalApi, kind: str, name: str, content: bytes) -> str:
     response = api.client.post(f"/v1/{kind}", files={"file": (name, content)})
-    assert response.status_code == 201, response.text
+    assert response.status_code in (200, 201), response.text  # 200: the same file again (deduplicated)
     return response.json()["id"]
 
 

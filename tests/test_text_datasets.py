@@ -149,7 +149,7 @@ def bert_like(
 
 def upload_model(api: LocalApi, content: bytes) -> str:
     answer = api.client.post("/v1/models", files={"file": ("bert.onnx", io.BytesIO(content))})
-    assert answer.status_code == 201, answer.text
+    assert answer.status_code in (200, 201), answer.text  # 200: the same file again (deduplicated)
     return str(answer.json()["id"])
 
 
