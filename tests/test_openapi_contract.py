@@ -156,7 +156,11 @@ def test_every_error_response_refers_to_the_body_its_path_answers(document: dict
 
 
 def _tiny_model() -> bytes:
-    """A graph of one Relu: an upload that takes no time."""
+    """A graph of one Relu: an upload that takes no time. Each call's bytes differ (a random doc
+    string), so each upload is a new model: the same bytes again would be the same model (uploads
+    are deduplicated by content within a project, app.services.uploads_dedup)."""
+    import secrets
+
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -165,7 +169,10 @@ def _tiny_model() -> bytes:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], doc_string=secrets.token_hex(8)
+    )
+    return model.SerializeToString()
 
 
 def test_error_answers_are_documented_and_match_their_schema(local_api: LocalApi) -> None:

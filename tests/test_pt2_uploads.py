@@ -313,7 +313,7 @@ def test_a_conversion_counts_against_the_projects_jobs_in_flight(tmp_path: Path,
     with TestClient(app) as client:
         first = upload(client, cnn_pt2)
         assert first.status_code == 201, first.text
-        second = upload(client, cnn_pt2)
+        second = upload(client, cnn_pt2, opset="18")  # another opset: a second conversion, not deduplicated
         assert second.status_code == 429 and second.json()["code"] == "too_many_jobs", second.text
         assert second.headers["Retry-After"]
         assert [model["id"] for model in client.get("/v1/models").json()] == [first.json()["id"]]

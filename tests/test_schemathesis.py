@@ -128,6 +128,7 @@ SPARES = {
     "/v1/models/{model_id}": "model",
     "/v1/datasets/{dataset_id}": "dataset",
     "/v1/engines/{engine_id}": "engine",
+    "/v1/jobs/{job_id}": "job",
 }
 #: Left out on the shared open stacks: the first API key made on a stack would close it to every
 #: test that shares it (the keyed stacks run it).
@@ -245,9 +246,11 @@ class FuzzTarget:
             assert self.client.delete(f"/v1/admin/projects/{response.json()['id']}").status_code == 204
 
 
-def _upload(client: httpx.Client, kind: str, path: Path) -> str:
+def _upload(client: httpx.Client, kind: str, path: Path, **options: str) -> str:
     with path.open("rb") as handle:
-        response = client.post(f"/v1/{kind}", files={"file": (path.name, handle)}, data={"name": "fuzz"})
+        response = client.post(
+            f"/v1/{kind}", files={"file": (path.name, handle)}, data={"name": "fuzz", **options}
+        )
     assert response.status_code in (200, 201), response.text  # 200: the same file again (deduplicated)
     return response.json()["id"]
 
@@ -289,16 +292,19 @@ def _seeded(
         model = _upload(client, "models", digits.onnx_path)
         job, engine = _engine(client, model)
         _job, spare_engine = _engine(client, model)
+        spare_job, _engine_of_spare_job = _engine(client, model)  # DELETE /v1/jobs/{id} takes it
         alias = f"fuzz-{engine}"
         assert client.put(f"/v1/engines/{engine}/alias", json={"alias": alias}).status_code == 200
         records = {
             "model": model,
-            "spare_model": _upload(client, "models", digits.onnx_path),
+            # another record: the same file with the same options would be `model` (deduplicated)
+            "spare_model": _upload(client, "models", digits.onnx_path, batch_axis='{"input": 0}'),
             "dataset": _upload(client, "datasets", digits.eval_npz),
             "spare_dataset": _upload(client, "datasets", digits.calib_npz),
             "job": job,
             "engine": engine,
             "spare_engine": spare_engine,
+            "spare_job": spare_job,
             "alias": alias,
         }
         target = FuzzTarget(live_stack, headers, client, records)

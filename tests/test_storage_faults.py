@@ -321,4 +321,5 @@ def test_disk_full_is_507_deletes_recover_and_readyz_says_so(
         filler.unlink()
         assert httpx.get(f"{api.base_url}/readyz").status_code == 200
         assert (data_dir / ".disk-reserve").exists()
+        assert client.delete(f"/v1/models/{model_id}").status_code == 204  # else the upload is deduplicated
         assert upload(client, "models", model_file).status_code == 201

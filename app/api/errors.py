@@ -9,10 +9,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.body_errors import bounded_issues, unreadable_body
+from app.api.body_errors import bounded_issues, unreadable_body, validation_code, with_suggestions
 from app.core.errors import ApiError, from_engine_error
 from app.core.outages import as_storage_fault
 from engines.errors import EngineError
@@ -71,6 +72,14 @@ def _storage_fault(request: Request, exc: Exception) -> JSONResponse | None:
     return JSONResponse(body, status_code=fault.status, headers=fault.headers)
 
 
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The JSON body model of the route that refused the request (None: a form, or no body)."""
+    route = request.scope.get("route")
+    field = getattr(route, "body_field", None)
+    annotation = getattr(getattr(field, "field_info", None), "annotation", None)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -88,9 +97,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        issues = exc.errors()
+        issues = with_suggestions(list(exc.errors()), _body_model(request))  # "did you mean …?"
         errors, detail = bounded_issues(issues, len(issues))  # a few KB, however many problems
-        body = error_body(request.url.path, "validation_error", detail, errors=errors)
+        body = error_body(request.url.path, validation_code(issues), detail, errors=errors)
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

@@ -210,8 +210,16 @@ RULES: tuple[Rule, ...] = (
          r"^/v1/datasets/\{dataset_id\}/download$", _on("get")),
     Rule(409, ("dataset_not_ready",), "a dataset's images are still being decoded, or decoding failed",
          _JOB_CREATING, _on("post")),
-    Rule(409, ("model_in_use", "dataset_in_use"), "a queued or running job still uses it",
-         r"^/v1/(models|datasets)/\{[a-z_]+\}$", _on("delete")),
+    Rule(409, ("model_in_use", "dataset_in_use"), "a queued or running job still uses it (a dataset: "
+         "unless force=true, which cancels those jobs)", r"^/v1/(models|datasets)/\{[a-z_]+\}$",
+         _on("delete")),
+    Rule(409, ("model_serving",), "an engine of the model holds an alias; force=true deletes it anyway",
+         r"^/v1/models/\{model_id\}$", _on("delete")),
+    Rule(409, ("engine_holds_alias",), "the engine (or one of the job's engines) holds an alias, named in "
+         "the body; force=true deletes it with its alias", r"^/v1/(engines/\{engine_id\}|jobs/\{job_id\})$",
+         _on("delete")),
+    Rule(409, ("job_active",), "the job is queued or running: cancel it first", r"^/v1/jobs/\{job_id\}$",
+         _on("delete")),
     # jobs
     Rule(404, ("model_not_found", "dataset_not_found", "job_not_found"), "an id in the body names nothing",
          _JOB_CREATING, _on("post")),
@@ -228,6 +236,8 @@ RULES: tuple[Rule, ...] = (
     Rule(422, ("graph_optimization_mismatch", "attention_heads_unknown"),
          "a stated transformer `graph_optimization` (model type, heads, hidden size) the graph does not "
          "hold", _JOB_CREATING, _on("post")),
+    Rule(422, ("budget_out_of_range",), "an accuracy budget's max_drop over 0.5 (a unit mistake: 1 for 1 "
+         "point): the body gives the value it probably meant", _JOB_CREATING, _on("post")),
     Rule(422, ("time_budget_too_long",), "the time budget is over the server's `max_time_budget_minutes`",
          r"^/v1/models/\{model_id\}/optimize$", _on("post")),
     Rule(429, ("too_many_jobs",), "the project has as many jobs queued or running as it may",
@@ -240,6 +250,8 @@ RULES: tuple[Rule, ...] = (
          r"^/v1/jobs/\{job_id\}/(report|sensitivity|autotune)$"),
     # engines
     Rule(404, ("layer_errors_not_available",), "not an INT8 engine: no per-layer errors", r"/layer-errors$"),
+    Rule(503, ("engine_file_missing",), "the engine's file is not in the artifact store",
+         r"^/v1/engines/\{engine_id\}/download$", _on("get")),
     Rule(409, ("alias_conflict",), "another request took the alias at that moment", r"/alias$", _on("put")),
     Rule(422, ("not_batchable",), "a tensor without a dynamic dim 0", r"/batching$", _on("put")),
     Rule(404, ("engine_not_found",), "a name in the query is no engine id or alias", r"^/v1/triton$"),

@@ -6,6 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -15,8 +16,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from app.api.middleware.control_chars import TEXT_CONTROL_CHARACTERS
+from app.core.orm import JobKind
 from engines.backends.registry import backend_names
 from engines.graphopt.config import AUTO, OFF, GraphOptConfig
 from engines.graphopt.model_types import model_type_names
@@ -51,6 +54,33 @@ SensitivityCriterion = Literal[_SENSITIVITY_CRITERIA]  # type: ignore[valid-type
 Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
 BackendName = Literal[tuple(backend_names())]  # type: ignore[valid-type]
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+#: `?sha256=` of the model and dataset listings: the hex sha256 of an uploaded file.
+Sha256Query = Annotated[
+    str | None,
+    Query(
+        pattern=r"^[0-9A-Fa-f]{64}$",
+        description="only records uploaded from a file with this sha256 (hex): ask before uploading",
+    ),
+]
+
+
+#: `?force=true` of a delete that would otherwise be refused (an alias, a dataset in use).
+ForceQuery = Annotated[
+    bool,
+    Query(
+        description="delete even what is in use: an engine's alias goes with it; a dataset's queued or "
+        "running jobs are cancelled"
+    ),
+]
+
+
+#: The example of an optional multipart form field: empty. Swagger UI's "Try it out" fills each
+#: form field with a sample of its schema (a random string matching its pattern, "string", 0), which
+#: it then sends: every optional field of POST /v1/datasets failed as given (preprocessing "string"
+#: on an .npz). An empty field is read as left out (FastAPI takes "" in a form as the default).
+FORM_UNSET = [""]
 
 
 #: A display name (uploads): anything printable, no control characters.
@@ -206,6 +236,11 @@ class ModelOut(BaseModel):
     name: str
     filename: str = Field(description="the uploaded file's name (.onnx, .zip or .pt2)")
     sha256: str = Field(description="of the uploaded file")
+    deduplicated: bool = Field(
+        False,
+        description="true on an upload answered with this model: the project held the same file, "
+        "uploaded with the same options; nothing new was stored",
+    )
     size_bytes: int = Field(description="of the uploaded file")
     status: ModelStatusName = Field(
         "ready", description="ready: usable; converting: its convert job runs; failed: see `error`"
@@ -241,7 +276,12 @@ class DatasetOut(BaseModel):
     id: str
     name: str
     filename: str
-    sha256: str
+    sha256: str = Field(description="of the uploaded file")
+    deduplicated: bool = Field(
+        False,
+        description="true on an upload answered with this dataset: the project held the same file, "
+        "uploaded with the same options (preprocessing, classes, tokenizer, …); nothing new was stored",
+    )
     size_bytes: int
     samples: int
     arrays: dict[str, ArrayOut]
@@ -320,16 +360,70 @@ class QuantizeIn(InputModel):
         return QuantizeConfig(**{**self.model_dump(), "nodes_to_exclude": tuple(self.nodes_to_exclude)})
 
 
+#: The largest `max_drop` taken as meant: a budget above 50 points is a unit mistake (1 sent for 1 %).
+MAX_BUDGET_DROP = 0.5
+#: `max_drop`'s bound in the document: anything larger is no drop at all; up to it, a value over
+#: MAX_BUDGET_DROP is answered with its probable reading (`budget_out_of_range`).
+_DROP_BOUND = 100
+_DROP_DESCRIPTION = (
+    f"a fraction: 0.01 = 1 point; at most {MAX_BUDGET_DROP:g} (over it, a 422 `budget_out_of_range` "
+    "gives the value it probably meant)"
+)
+_METRIC_DESCRIPTION = (
+    "top1 needs labels in the evaluation set; left out: top1 when the evaluation set has labels, "
+    "else fidelity"
+)
+
+
+def budget_reading(max_drop: float, relative: bool = False) -> str | None:
+    """Why `max_drop` cannot be meant, with what it probably meant (None: it is in range). The
+    sentence of the 422 `budget_out_of_range` (app.api.errors), e.g. "max_drop 1 would allow a
+    100-point drop; for 1 point send 0.01"."""
+    if max_drop <= MAX_BUDGET_DROP:
+        return None
+    if relative:
+        allowed = f"a drop of {max_drop * 100:g} % of the original's score"
+        meant = f"for {max_drop:g} % send {max_drop / 100:g}"
+    else:
+        allowed = f"a {max_drop * 100:g}-point drop"
+        unit = "point" if max_drop == 1 else "points"
+        meant = f"for {max_drop:g} {unit} send {max_drop / 100:g}"
+    return (
+        f"max_drop {max_drop:g} would allow {allowed}; {meant} (max_drop is a fraction, 0.01 = 1 point, "
+        f"at most {MAX_BUDGET_DROP:g})"
+    )
+
+
+def _check_budget(max_drop: float, relative: bool = False) -> None:
+    reading = budget_reading(max_drop, relative)
+    if reading is not None:
+        raise PydanticCustomError(BUDGET_OUT_OF_RANGE, reading)
+
+
+#: The code (and pydantic error type) of a budget over MAX_BUDGET_DROP.
+BUDGET_OUT_OF_RANGE = "budget_out_of_range"
+
+
 class AccuracyBudgetIn(InputModel):
     """Keep the most error-prone nodes in float until the drop is within `max_drop` (0.01 = 1 point).
 
     `top1` needs labels. `fidelity` needs none: the cosine similarity to the original's outputs (and,
-    for class scores, the top-1 agreement) must stay at or above 1 - max_drop."""
+    for class scores, the top-1 agreement) must stay at or above 1 - max_drop. Left out, the metric
+    is top1 with a labelled evaluation set, else fidelity."""
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: BudgetMetric = "top1"
-    max_drop: float = Field(0.01, ge=0, le=1)
+    metric: BudgetMetric = Field("top1", description=_METRIC_DESCRIPTION)
+    max_drop: float = Field(0.01, ge=0, le=_DROP_BOUND, description=_DROP_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> AccuracyBudgetIn:
+        _check_budget(self.max_drop)
+        return self
+
+    @property
+    def metric_stated(self) -> bool:
+        return "metric" in self.model_fields_set
 
     def to_config(self) -> AccuracyBudget:
         return AccuracyBudget(**self.model_dump())
@@ -574,8 +668,21 @@ class RecipeIn(InputModel):
         )
 
 
+#: The example Swagger UI fills POST /v1/jobs with: a small valid recipe (put a model id of yours).
+JOB_EXAMPLE = {
+    "model_id": "mdl_0123456789abcdef",
+    "recipe": {"targets": ["onnxruntime-cpu"], "precision": "fp32", "batch_sizes": [1, 8]},
+}
+#: The example of POST /v1/models/{id}/optimize: a labelled evaluation set, a 1-point budget, 5 minutes.
+AUTOTUNE_EXAMPLE = {
+    "evaluation_dataset_id": "ds_0123456789abcdef",
+    "accuracy_budget": {"metric": "top1", "max_drop": 0.01},
+    "time_budget_minutes": 5,
+}
+
+
 class JobCreate(InputModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     model_id: Text
     calibration_dataset_id: Text | None = None
@@ -603,9 +710,18 @@ class SearchBudgetIn(InputModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: BudgetMetric = "top1"
-    max_drop: float = Field(0.01, ge=0, le=1)
+    metric: BudgetMetric = Field("top1", description=_METRIC_DESCRIPTION)
+    max_drop: float = Field(0.01, ge=0, le=_DROP_BOUND, description=_DROP_DESCRIPTION)
     relative: bool = False
+
+    @model_validator(mode="after")
+    def _in_range(self) -> SearchBudgetIn:
+        _check_budget(self.max_drop, self.relative)
+        return self
+
+    @property
+    def metric_stated(self) -> bool:
+        return "metric" in self.model_fields_set
 
 
 class SearchSpaceIn(InputModel):
@@ -666,7 +782,7 @@ MIN_TIME_BUDGET_MINUTES = 1.0
 class AutotuneCreate(InputModel):
     """The fastest engine within an accuracy budget: `POST /v1/models/{id}/optimize`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [AUTOTUNE_EXAMPLE]})
 
     evaluation_dataset_id: Text = Field(description="scores every candidate; labels for a top1 budget")
     calibration_dataset_id: Text | None = Field(
@@ -697,6 +813,10 @@ class JobError(BaseModel):
     detail: str
 
 
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKindName = Literal[JobKind.ALL]  # type: ignore[valid-type]
+
+
 class JobOut(BaseModel):
     id: str
     model_id: str | None = Field(
@@ -723,6 +843,23 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    model_name: str | None = Field(None, description="the name of the job's model")
+    kind_label: str = Field(
+        "",
+        description='the kind as people name it: "recipe" (kind optimize), "auto-optimize" (kind '
+        "autotune), else the kind",
+    )
+    elapsed_s: float | None = Field(
+        None, description="seconds since it started (running), or from start to end (finished)"
+    )
+    time_budget_s: float | None = Field(None, description="an auto-optimize search's time budget")
+    remaining_s: float | None = Field(None, description="a running search: seconds of its time budget left")
+    best: dict[str, Any] | None = Field(
+        None,
+        description="a running search's best within the budget so far, the chosen engine once it "
+        "succeeded (the original when nothing beat it), a recipe's fastest engine: label, speedup "
+        "(× the original, higher is better), drop (a fraction: 0.01 = 1 point), lineage, engine_id",
+    )
 
 
 class EngineOut(BaseModel):
@@ -732,12 +869,17 @@ class EngineOut(BaseModel):
     backend: str
     precision: str
     size_bytes: int
-    build_seconds: float
+    build_seconds: float = Field(description="the whole build: pruning, quantization and compilation")
     hardware: dict[str, Any]
     metrics: dict[str, Any] = Field(
         description="latency per batch size, accuracy, and ratios vs the baseline"
     )
     build_info: dict[str, Any]
+    lineage: dict[str, Any] = Field(
+        default_factory=dict,
+        description="where it came from: backend, precision, pruning ({criterion, ratio} or null), "
+        "fallback_nodes (nodes kept in float), calibration, qat, and a one-line label",
+    )
     alias: str | None = Field(description="a name to infer with instead of the id (/v2/models/{alias})")
     batching: BatchingIn | None = Field(description="dynamic batching of concurrent requests; null: off")
     max_batch: int = Field(

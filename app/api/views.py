@@ -21,7 +21,8 @@ from app.api.schemas import BatchingIn, DatasetOut, EngineOut, JobOut, ModelOut
 from app.core.errors import ApiError
 from app.core.orm import DatasetRecord, EngineRecord, JobRecord, ModelRecord
 from app.services.datasets import DatasetState
-from app.services.jobs import ModelState, conversion_jobs, engine_ids_by_job, model_state
+from app.services.job_fields import JobContext, job_context, job_fields, lineage_of
+from app.services.jobs import ModelState, conversion_jobs, model_state
 from app.serving.limits import engine_max_batch
 from engines.ingest.signature import assign_batch_axes, specs_from_dicts
 
@@ -144,20 +145,24 @@ def _engine(record: EngineRecord, default_max_batch: int) -> EngineOut:
     )
     fields = {column.key: getattr(record, column.key) for column in EngineRecord.__table__.columns}
     max_batch = engine_max_batch(record.metrics, record.build_info, default_max_batch)
-    return EngineOut.model_validate({**fields, "batching": batching, "max_batch": max_batch})
+    lineage = lineage_of(record, None)
+    return EngineOut.model_validate(
+        {**fields, "batching": batching, "max_batch": max_batch, "lineage": lineage}
+    )
 
 
 def job_list(session: Session, jobs: list[JobRecord]) -> bytes:
-    """Jobs with their engines' ids, in two queries."""
-    engine_ids = engine_ids_by_job(session, [job.id for job in jobs])
-    return json_array(_job(job, engine_ids[job.id]) for job in jobs)
+    """Jobs with their engines, model names and best engine, in three queries."""
+    context = job_context(session, jobs)
+    return json_array(_job(job, context) for job in jobs)
 
 
 def job_out(session: Session, job: JobRecord) -> JobOut:
-    return shown(_job(job, engine_ids_by_job(session, [job.id])[job.id]))
+    return shown(_job(job, job_context(session, [job])))
 
 
-def _job(job: JobRecord, engine_ids: list[str]) -> JobOut:
+def _job(job: JobRecord, context: JobContext) -> JobOut:
+    engine_ids = [engine.id for engine in context.engines.get(job.id, [])]
     return JobOut(
         id=job.id,
         model_id=job.model_id,
@@ -178,4 +183,5 @@ def _job(job: JobRecord, engine_ids: list[str]) -> JobOut:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        **job_fields(job, context),
     )

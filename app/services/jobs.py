@@ -49,11 +49,13 @@ from engines.ingest.model import MODEL_FILENAME
 from engines.ingest.sequence import SequenceProfile, check_sequence_lengths, read_profile
 from engines.ingest.signature import TensorSpec, specs_from_dicts
 from engines.measure.report import report_row
-from engines.pipeline import validate_recipe
+from engines.pipeline import BASELINE_BACKEND, validate_recipe
 from engines.prune.methods import PruneConfig, check_prune_config
 from engines.prune.sensitivity import SENSITIVITY_JSON, ratios_within
 from engines.recipe import Recipe
 from engines.search.autotune import AutotuneRequest
+from engines.search.lineage import candidate_lineage, engine_lineage, original_lineage
+from engines.search.report import REPORT_JSON
 from engines.torch_bridge import check_prunable_layout, unconvertible_ops
 
 logger = logging.getLogger(__name__)
@@ -65,19 +67,6 @@ class SensitivitySource:
 
     job_id: str | None
     max_drop: float
-
-
-def engine_ids_by_job(session: Session, job_ids: list[str]) -> dict[str, list[str]]:
-    """Engine ids of many jobs in one query."""
-    found: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
-    rows = session.execute(
-        select(EngineRecord.job_id, EngineRecord.id)
-        .where(EngineRecord.job_id.in_(job_ids))
-        .order_by(EngineRecord.created_at, EngineRecord.id)
-    )
-    for job_id, engine_id in rows:
-        found[job_id].append(engine_id)
-    return found
 
 
 @dataclass(frozen=True)
@@ -201,10 +190,13 @@ def create_optimization_job(
     calibration_dataset_id: str | None,
     evaluation_dataset_id: str | None,
     sensitivity: SensitivitySource | None = None,
+    budget_metric_stated: bool = True,
 ) -> JobRecord:
     """Check that the recipe and datasets fit the model, store the job, then queue it.
 
     The dataset/model match is checked here, so a mismatch is a 422 now, not a failed job later.
+    An accuracy budget whose metric was left out measures fidelity when the evaluation set has no
+    labels (top1 would need them).
     """
     model = get_model_record(session, model_id, project_id)
     require_ready(session, model)
@@ -228,6 +220,9 @@ def create_optimization_job(
         evaluation = _dataset_fitting(
             session, project_id, evaluation_dataset_id, inputs, varying, store=store, model=model
         )
+        budget = recipe.accuracy_budget
+        if budget is not None and not budget_metric_stated and evaluation and not evaluation.has_labels:
+            recipe = replace(recipe, accuracy_budget=replace(budget, metric="fidelity"))
         validate_recipe(
             inputs,
             recipe,
@@ -324,12 +319,14 @@ def create_autotune_job(
     evaluation_dataset_id: str,
     calibration_dataset_id: str | None,
     alias: str | None,
+    budget_metric_stated: bool = True,
 ) -> JobRecord:
     """An `autotune` job: the fastest engine within the accuracy budget (engines.search.autotune).
 
     What can be refused now is: datasets that do not fit the model, a top1 budget without labels,
     an objective batch the model's static batch refuses. The latest succeeded sensitivity analysis
     of the model, when there is one, gives the search a pruning candidate with its per-layer ratios.
+    A budget whose metric was left out measures fidelity when the evaluation set has no labels.
     """
     check_time_budget(settings, request.time_budget_s)
     model = get_model_record(session, model_id, project_id)
@@ -344,6 +341,8 @@ def create_autotune_job(
             session, project_id, calibration_dataset_id, inputs, varying, store=store, model=model
         )
         assert evaluation is not None
+        if not budget_metric_stated and not evaluation.has_labels:
+            request = replace(request, budget=replace(request.budget, metric="fidelity"))
         if request.budget.metric == "top1" and not evaluation.has_labels:
             raise InvalidRecipeError(
                 "a top1 budget needs labels in the evaluation set; use the metric 'fidelity'"
@@ -586,6 +585,7 @@ def job_report(session: Session, job_id: str, project_id: str) -> dict[str, Any]
     ).all()
     params, macs = model.info.get("parameters"), model.info.get("macs")
     rows = [report_row(model.name, "original", job.baseline, None, model.size_bytes, params, macs)]
+    rows[0]["lineage"] = original_lineage(job.baseline.get("backend") or BASELINE_BACKEND)
     for engine in engines:
         measurement = {"backend": engine.backend, "precision": engine.precision, **engine.metrics}
         pruned = engine.build_info.get("prune", {})
@@ -599,6 +599,9 @@ def job_report(session: Session, job_id: str, project_id: str) -> dict[str, Any]
                 pruned.get("params", params),
                 pruned.get("macs", macs),
             )
+        )
+        rows[-1]["lineage"] = engine_lineage(
+            engine.backend, engine.precision, engine.build_info or {}, job.recipe
         )
     return {
         "job_id": job.id,
@@ -629,6 +632,26 @@ def latest_sensitivity(session: Session, model_id: str) -> str:
             f"POST /v1/models/{model_id}/sensitivity first",
         )
     return latest
+
+
+def autotune_report(session: Session, store: ArtifactStore, job_id: str, project_id: str) -> dict[str, Any]:
+    """A succeeded autotune job's JSON report, every candidate row with its lineage in the shape of
+    engines.search.lineage (reports stored before it had one get it here, from their candidate)."""
+    report = json.loads((autotune_report_dir(session, store, job_id, project_id) / REPORT_JSON).read_text())
+    method = (job_space(session, job_id).get("prune_method")) or None
+    for row in report.get("candidates", []):
+        lineage = row.get("lineage") or {}
+        if "label" not in lineage:
+            row["lineage"] = candidate_lineage(lineage, criterion=method)
+    report.setdefault("original_lineage", original_lineage(BASELINE_BACKEND))
+    return report
+
+
+def job_space(session: Session, job_id: str) -> dict[str, Any]:
+    """An autotune job's search space, as its row keeps it."""
+    recipe = session.scalar(select(JobRecord.recipe).where(JobRecord.id == job_id)) or {}
+    space = recipe.get("space")
+    return space if isinstance(space, dict) else {}
 
 
 def autotune_report_dir(session: Session, store: ArtifactStore, job_id: str, project_id: str) -> Path:

@@ -27,7 +27,7 @@ from engines.ingest.signature import specs_from_dicts
 from engines.measure.latency import measured_batch_sizes
 
 #: The build-metadata key holding the version of the runtime that saved each backend's engines.
-_RUNTIME_KEYS = {"onnxruntime-cpu": "onnxruntime", "tensorrt": "tensorrt"}
+_RUNTIME_KEYS = {"onnxruntime-cpu": "onnxruntime", "tensorrt": "tensorrt", "openvino-cpu": "openvino"}
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ file (platform `onnxruntime_onnx`, CPU instances), with its external-data files 
 their own names (the ONNX file points at them by name); a TensorRT engine is a plan (platform
 `tensorrt_plan`, GPU instances) that loads only on the GPU architecture and TensorRT version that
 built it, so its config says which: `cc_model_filenames` keyed by that compute capability (what
-Triton itself reads), and a comment for people. What other backends run (PyTorch) is not a file a
-Triton backend loads as it is: those engines are refused with `not_exportable`.
+Triton itself reads), and a comment for people. An OpenVINO engine is its IR, `model.xml` with its
+`model.bin` (`backend: "openvino"`, Triton's OpenVINO backend, CPU instances). What other backends
+run (PyTorch) is not a file a Triton backend loads as it is: those engines are refused with
+`not_exportable`.
 
 Batching: Triton batches along dim 0 of every input and every output at once (`max_batch_size` > 0,
 `dims` without that dim). An engine qualifies when each of its tensors has a dynamic batch axis at
@@ -53,6 +55,12 @@ class _Format:
     model_filename: str
     instance_kind: str
     what: str  # for messages: what the repository holds for such an engine
+    #: The config field naming the runtime: `platform` (onnxruntime_onnx, tensorrt_plan), or
+    #: `backend` for the runtimes Triton has only as a backend (openvino: no platform name exists).
+    field: str = "platform"
+    #: Files beside the engine file, by the suffix they have there and the name Triton loads
+    #: (OpenVINO's IR: the `.bin` of weights next to the `.xml`, which OpenVINO finds by its stem).
+    companions: tuple[tuple[str, str], ...] = ()
 
 
 #: optiforge backend -> how Triton runs its engines. Only these backends can be exported.
@@ -61,6 +69,16 @@ _FORMATS = {
         "onnxruntime_onnx", "model.onnx", "KIND_CPU", "an ONNX file for Triton's onnxruntime backend"
     ),
     "tensorrt": _Format("tensorrt_plan", "model.plan", "KIND_GPU", "a plan for Triton's TensorRT backend"),
+    # Triton's OpenVINO backend loads `<version>/model.xml` with its `model.bin` (its default model
+    # file name) and is named by `backend: "openvino"`; it runs on CPU instances.
+    "openvino-cpu": _Format(
+        "openvino",
+        "model.xml",
+        "KIND_CPU",
+        "an IR (model.xml + model.bin) for Triton's OpenVINO backend",
+        field="backend",
+        companions=((".bin", "model.bin"),),
+    ),
 }
 #: Triton's platform name of each exportable backend's engines.
 PLATFORMS = {backend: fmt.platform for backend, fmt in _FORMATS.items()}
@@ -149,7 +167,7 @@ def render_config(engine: TritonEngine) -> str:
     lines = [
         *_comments(engine),
         f"name: {_quote(engine.name)}",
-        f"platform: {_quote(fmt.platform)}",
+        f"{fmt.field}: {_quote(fmt.platform)}",
         f"max_batch_size: {engine.max_batch_size if batched else 0}",
         *_tensors("input", inputs, batched, engine),
         *_tensors("output", outputs, batched, engine),
@@ -278,6 +296,14 @@ def _engine_files(engine: TritonEngine) -> list[RepositoryFile]:
         RepositoryFile(f"{engine.name}/{CONFIG_FILENAME}", content=render_config(engine).encode()),
         RepositoryFile(f"{version}/{fmt.model_filename}", source=engine.engine_path),
     ]
+    for suffix, name in fmt.companions:
+        companion = engine.engine_path.with_suffix(suffix)
+        if not companion.is_file():
+            raise EngineError(
+                f"engine '{engine.engine_id}': its file '{companion.name}' is missing",
+                code="engine_file_missing",
+            )
+        files.append(RepositoryFile(f"{version}/{name}", source=companion))
     if fmt.model_filename.endswith(".onnx"):
         try:
             locations = external_data_files(engine.engine_path)

@@ -3,7 +3,10 @@
 For every quantized activation, two signal-to-quantization-noise ratios (dB, higher is better):
 `local_sqnr_db` compares the tensor right before and after its own Q/DQ pair (the error this
 quantizer adds), `model_sqnr_db` compares the INT8 model's tensor with the float model's (the
-error accumulated up to that point). Weights get their SQNR too. Rows come worst first.
+error accumulated up to that point). `own_sqnr_db` is the local one, and for a Q/DQ that folds a
+Relu or Clip (no local figure) the same comparison with the activation applied first: what the API's
+per-layer view sorts by (app.services.layer_report). Weights get their SQNR too. Rows come worst
+first by the accumulated error.
 
 This is a diagnostic: it never fails the job it diagnoses. A part it cannot compute (a debug
 model ONNX Runtime refuses, a runtime error) is listed under `unavailable` with the reason, and
@@ -98,19 +101,39 @@ def _activation_rows(
     for tensor, error in errors.items():
         node, op_type = producers.get(tensor, ("", "graph input"))
         folded = op_type in _FOLDED_ACTIVATIONS
+        local = None if folded else _finite(error.get("qdq_err"))
         rows.append(
             {
                 "tensor": tensor,
                 "node": node,
                 "op_type": op_type,
                 # after a folded Relu the "pre-Q/DQ" tensor is the pre-activation: no local error to report
-                "local_sqnr_db": None if folded else _finite(error.get("qdq_err")),
+                "local_sqnr_db": local,
                 "model_sqnr_db": _finite(error.get("xmodel_err")),
                 "quantized_node": folded_into.get(node, node) if folded else node,
+                # the error this quantizer adds alone, its input in float: for a folded Relu/Clip, the
+                # activation applied to the pre-activation first (what the Q/DQ range clips away is
+                # the activation's work, not noise)
+                "own_sqnr_db": _folded_own_sqnr(matching[tensor]) if folded else local,
             }
         )
     rows.sort(key=lambda row: (row["model_sqnr_db"] is None, row["model_sqnr_db"] or 0.0))
     return rows
+
+
+def _folded_own_sqnr(pair: dict[str, Any]) -> float | None:
+    """The own error of a Q/DQ that folds a Relu or Clip: the pre-activation clipped to the range
+    the Q/DQ output spans (Relu: at 0; Clip: its bounds, which the range reproduces) against it."""
+    pre, post = pair.get("pre_qdq"), pair.get("post_qdq")
+    if not pre or not post:
+        return None
+    try:
+        low = min(float(np.min(part)) for part in post)
+        high = max(float(np.max(part)) for part in post)
+        clipped = [np.clip(np.asarray(part, dtype=np.float64), low, high) for part in pre]
+        return _finite(sqnr_db(clipped, post))
+    except ValueError:  # shapes that do not line up: not reported
+        return None
 
 
 def _dequantized_weights(float_path: Path, qdq_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

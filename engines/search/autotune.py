@@ -76,6 +76,8 @@ from engines.qat.config import QatConfig
 from engines.quantize.budget import HEAVY_OPS, AccuracyBudget, score_outputs
 from engines.quantize.int8 import QuantizeConfig
 from engines.recipe import Recipe
+from engines.search.best import ratio_text, searching_stage
+from engines.search.lineage import candidate_lineage, original_lineage
 from engines.search.methods import not_applicable
 from engines.search.moves import Moves, pruning_key
 from engines.search.pareto import pareto_front
@@ -163,10 +165,11 @@ class CandidateOutcome:
         """Only a candidate whose full evaluation kept the budget is accepted."""
         return self.status == "accepted"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, prune_method: str | None = None) -> dict[str, Any]:
+        metadata = self.artifact.metadata if self.artifact is not None else None
         return {
             "label": self.candidate.label(),
-            "lineage": self.candidate.lineage(),
+            "lineage": candidate_lineage(self.candidate.lineage(), criterion=prune_method, metadata=metadata),
             "status": self.status,
             "reason": self.reason,
             "cost": self.cost,
@@ -197,6 +200,7 @@ class AutotuneResult:
     elapsed_s: float
     timed_out: bool
     serves_original: bool = False  # no candidate beats the original within the budget
+    prune_method: str = "l1"  # the space's pruning criterion, for the rows' lineage
 
     def report(self, objective: Objective, budget: Budget) -> dict[str, Any]:
         return {
@@ -217,7 +221,8 @@ class AutotuneResult:
                 else None
             ),
             "serves_original": self.serves_original,
-            "candidates": [outcome.to_dict() for outcome in self.outcomes],
+            "original_lineage": original_lineage(BASELINE_BACKEND),
+            "candidates": [outcome.to_dict(self.prune_method) for outcome in self.outcomes],
             "messages": self.messages,
             "elapsed_s": self.elapsed_s,
             "timed_out": self.timed_out,
@@ -254,6 +259,7 @@ class _Search:
         self.durations: dict[str, list[float]] = {}  # seconds per candidate of a kind (_kind)
         self.prune_seconds: list[float] = []  # seconds per pruning (with recovery training)
         self.last_prune_seconds = 0.0
+        self.prune_took: dict[tuple, float] = {}  # seconds of each pruning (by pruning_key)
         self.train_step: tuple[float, float] | str | None = None  # measured lazily (_train_step)
         self.qat_variants: dict[tuple[Any, ...], Any] = {}  # one QAT training per pruning and profile
         self.not_applicable: dict[str, str | None] = {}
@@ -383,6 +389,7 @@ class _Search:
                 check_cancelled=self.check_cancelled,
             )
             self.last_prune_seconds = self.clock() - began
+            self.prune_took[pruning_key(candidate)] = self.last_prune_seconds
             self.pruned_models[key] = stage.path if stage.pruned else "; ".join(stage.messages)
         source = self.pruned_models[key]
         if isinstance(source, str):
@@ -502,6 +509,11 @@ class _Search:
             return outcome
         outcome.artifact, outcome.runner = artifact, runner
         outcome.build_seconds = self.clock() - started
+        if candidate.pruned and not self.last_prune_seconds:  # its pruned model was built before
+            outcome.build_seconds += self.prune_took.get(pruning_key(candidate), 0.0)
+        # the engine's record: the whole build (pruning, quantization, compilation), not the
+        # backend's compile step alone (workers.handlers.store_engines)
+        artifact.metadata["build_seconds"] = outcome.build_seconds
         outcome.size_bytes = engine_size(artifact.path)
         try:
             screened = run_dataset(runner, self.screen, self.eval_batch, self.check_cancelled)
@@ -516,9 +528,10 @@ class _Search:
             )
             best = self.best_accepted()
             if best is not None and outcome.quick_ratio > HALVING_FACTOR * best.quick_ratio:
+                metric = self.objective.metric
                 reason = (
-                    f"quick timing beside the original: {outcome.quick_ratio:.2f}× its cost, "
-                    f"the best so far {best.quick_ratio:.2f}×"
+                    f"quick timing beside the original: {ratio_text(outcome.quick_ratio, metric)}, "
+                    f"the best so far {ratio_text(best.quick_ratio, metric)}"
                 )
                 return self._drop_runner(outcome, "slower", reason)
             if self.full_evaluations >= self.request.space.max_full_evaluations:
@@ -766,14 +779,18 @@ class _Search:
             elapsed = self.clock() - self.started
             self.progress(
                 min(0.9, elapsed / self.request.time_budget_s),
-                f"searching: {len(self.outcomes)} tried, {len(queue)} left; best within budget: "
-                + (
-                    f"{best.candidate.label()} ({best.quick_ratio:.2f}× the original's cost)"
-                    if best
-                    else "none yet"
-                ),  # type: ignore[arg-type]
+                searching_stage(
+                    len(self.outcomes),
+                    len(queue),
+                    None if best is None else (self._lineage_label(best), best.quick_ratio, best.drop),
+                    self.objective.metric,
+                ),
             )
         return self.finish(timed_out)
+
+    def _lineage_label(self, outcome: CandidateOutcome) -> str:
+        """The candidate's lineage label (the table's), for the running stage."""
+        return str(outcome.to_dict(self.request.space.prune_method)["lineage"]["label"])
 
     def finish(self, timed_out: bool) -> AutotuneResult:
         self.progress(0.9, "timing the accepted candidates side by side with the original")
@@ -844,7 +861,7 @@ class _Search:
             final[BASELINE],
             self.baseline_accuracy,
         )
-        engines = self._stored_engines(baseline, chosen)
+        engines = self._stored_engines(baseline, serves_original)
         for outcome in self.outcomes:
             if outcome.runner is not None:
                 outcome.runner.deactivate()
@@ -852,10 +869,12 @@ class _Search:
         return AutotuneResult(
             baseline, baseline_cost, self.baseline_score, self.allowed, self.outcomes, engines, chosen,
             messages, self.clock() - self.started, timed_out, serves_original,
+            self.request.space.prune_method,
         )  # fmt: skip
 
-    def _stored_engines(self, baseline: Measurement, chosen: CandidateOutcome | None) -> list[BuiltEngine]:
-        """The chosen engine first, then the other front members that were built."""
+    def _stored_engines(self, baseline: Measurement, serves_original: bool) -> list[BuiltEngine]:
+        """The chosen engine first, then the other front members that were built. `serves_original`:
+        the chosen one is the original's own engine (nothing beat it), which its record says."""
         stored = [o for o in self.outcomes if (o.chosen or o.on_front) and o.artifact is not None]
         stored.sort(key=lambda o: not o.chosen)
         engines = []
@@ -867,6 +886,7 @@ class _Search:
                 "on_front": outcome.on_front,
                 "within_budget": outcome.within_budget,
                 "drop": outcome.drop,
+                "serves_original": outcome.chosen and serves_original,
             }
             hardware = backend_class(artifact.backend)().hardware()
             measurement = Measurement(

@@ -116,15 +116,16 @@ def plot(report: dict[str, Any], path: Path) -> Path:
             marker="o",
             label="Pareto front",
         )
+    serves_original = bool(report.get("serves_original"))
     for row in scored:
-        if row["chosen"]:
+        if row["chosen"] and not serves_original:  # else the original's own engine: marked as the original
             axes.scatter(
                 row["drop"] * 100, _cost_value(metric, row["cost"], batch), marker="*", s=250,
                 color="tab:red", label=f"chosen: {row['label']}", zorder=5,
             )  # fmt: skip
     axes.scatter(
         0, _cost_value(metric, report["original"]["cost"], batch), marker="s", s=60, color="black",
-        label="original", zorder=5,
+        label="original (chosen: nothing beat it)" if serves_original else "original", zorder=5,
     )  # fmt: skip
     axes.axvline(report["allowed_drop"] * 100, color="tab:red", linestyle="--", linewidth=1, label="budget")
     axes.set_xlabel(f"accuracy drop ({report['budget']['metric']}, points)")

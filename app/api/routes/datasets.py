@@ -11,21 +11,22 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.deps import PrincipalDep, ProjectDep, get_db, get_settings_dep, get_store_dep
 from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
-from app.api.schemas import NAME_PATTERN, DatasetOut, check_text
+from app.api.schemas import FORM_UNSET, NAME_PATTERN, DatasetOut, ForceQuery, Sha256Query, check_text
 from app.api.uploads import commit_upload, receive_upload
 from app.api.views import dataset_list, dataset_out
 from app.core.audit import audit
 from app.core.dataset_limits import dataset_limits, text_limits
 from app.core.errors import ApiError, from_engine_error
-from app.core.orm import DatasetRecord, DatasetStatus, JobKind, JobRecord, JobStatus, new_id
+from app.core.orm import DatasetRecord, DatasetStatus, JobKind, JobRecord, new_id
 from app.core.settings import Settings
 from app.core.space import disk_reserve
 from app.core.store import ArtifactStore
+from app.services import deletes
 from app.services.datasets import (
     DatasetState,
     new_decode_job,
@@ -34,7 +35,7 @@ from app.services.datasets import (
     state_of,
 )
 from app.services.jobs import publish_upload_job, stage_job
-from app.services.records import delete_records, get_dataset_record
+from app.services.records import get_dataset_record
 from app.services.text_datasets import (
     TEXT_TOO_LARGE_CODES,
     TextUpload,
@@ -42,6 +43,7 @@ from app.services.text_datasets import (
     save_tokenizer,
     text_model,
 )
+from app.services.uploads_dedup import dataset_key, existing_dataset, file_sha256
 from engines.errors import InvalidDatasetError
 from engines.ingest.datasets import inspect_npz
 from engines.ingest.image_npz import write_image_npz
@@ -64,12 +66,17 @@ DATASET_FILENAME = "dataset.npz"
     status_code=201,
     response_model=DatasetOut,
     responses={
+        200: {
+            "model": DatasetOut,
+            "description": "the project already holds this file, uploaded with the same options: that "
+            "dataset, with `deduplicated: true`; nothing new is stored",
+        },
         202: {
             "model": DatasetOut,
             "description": "a large image folder, or a long JSONL of texts: stored, `processing` while "
             "its decode_images or tokenize_texts job (processing_job_id) makes its arrays; jobs can use "
             "it once it is ready",
-        }
+        },
     },
     summary="Upload a dataset (.npz, images, or texts with their tokenizer)",
 )
@@ -84,10 +91,11 @@ def upload_dataset(
     ],
     principal: PrincipalDep,
     response: Response,
-    name: Annotated[str | None, Form(max_length=255, pattern=NAME_PATTERN)] = None,
+    name: Annotated[str | None, Form(examples=FORM_UNSET, max_length=255, pattern=NAME_PATTERN)] = None,
     preprocessing: Annotated[
         str | None,
         Form(
+            examples=FORM_UNSET,
             max_length=4096,
             description="images only: JSON, any of size [h, w], resize, resize_size, interpolation, "
             "mean, std (0-1 scale), channel_order (RGB/BGR/GRAY), layout (NCHW/NHWC), dtype; "
@@ -97,13 +105,20 @@ def upload_dataset(
     classes: Annotated[
         str | None,
         Form(
+            examples=FORM_UNSET,
             max_length=1_000_000,
             description="images only: JSON list of class folder names in the model's output order "
             "(default: the folders, sorted)",
         ),
     ] = None,
     input_name: Annotated[
-        str | None, Form(max_length=255, pattern=NAME_PATTERN, description="images only: the array's name")
+        str | None,
+        Form(
+            examples=FORM_UNSET,
+            max_length=255,
+            pattern=NAME_PATTERN,
+            description="images only: the array's name",
+        ),
     ] = None,
     tokenizer: Annotated[
         UploadFile | None,
@@ -115,6 +130,7 @@ def upload_dataset(
     tokenization: Annotated[
         str | None,
         Form(
+            examples=FORM_UNSET,
             max_length=4096,
             description="texts only: JSON, any of max_length (default: the model's, else 128), "
             "truncation (true), padding (max_length or longest), padding_side (right or left), "
@@ -126,6 +142,7 @@ def upload_dataset(
     model_id: Annotated[
         str | None,
         Form(
+            examples=FORM_UNSET,
             max_length=64,
             description="texts only: the model the dataset is for: its arrays take the model's input "
             "names and dtypes, and the tokenizer's vocabulary is checked against its embedding table",
@@ -141,12 +158,26 @@ def upload_dataset(
     from its header); a small one is decoded now (201), a large one is stored and decoded by a
     `decode_images` job (202, `processing`). A JSONL of texts is checked whole, every line, with its
     tokenizer (and the model it is for); a short one is tokenized now (201), a long one by a
-    `tokenize_texts` job (202)."""
+    `tokenize_texts` job (202).
+
+    The same file uploaded again to the same project with the same options is not stored twice:
+    the dataset it already is comes back (200, `deduplicated: true`), whatever its name
+    (app.services.uploads_dedup). `GET /v1/datasets?sha256=` asks before uploading."""
     image_options = {"preprocessing": preprocessing, "classes": classes, "input_name": input_name}
     text_options = {"tokenization": tokenization, "model_id": model_id}
     limits = dataset_limits(settings)
     job: JobRecord | None = None
+    tokenizer_sha256 = file_sha256(tokenizer.file) if tokenizer is not None else None
     with receive_upload(file, settings, DATASET_FILENAME) as received:
+        key = dataset_key(
+            received.sha256, form={**image_options, **text_options}, tokenizer_sha256=tokenizer_sha256
+        )
+        existing = existing_dataset(session, principal.project_id, key)
+        if existing is not None:
+            response.status_code = 200
+            return dataset_out(existing, state_of(session, existing)).model_copy(
+                update={"deduplicated": True}
+            )
         dataset_id = new_id("ds")
         prefix = f"datasets/{dataset_id}"
         staged = received.subdir("stored")
@@ -219,6 +250,7 @@ def upload_dataset(
             artifact_key=f"{prefix}/{DATASET_FILENAME}",
             info=info,
             status=status,
+            dedup_key=key,
         )
         if job is not None:
             session.add(record)  # first: its job refers to it
@@ -347,10 +379,17 @@ def _json_form(value: str | None, field: str, kind: type, *, code: str = "invali
 
 @router.get("", response_model=list[DatasetOut], responses=PAGE_RESPONSES, summary="List datasets")
 def list_datasets(
-    request: Request, project: ProjectDep, page: PageDep, session: Session = Depends(get_db)
+    request: Request,
+    project: ProjectDep,
+    page: PageDep,
+    sha256: Sha256Query = None,
+    session: Session = Depends(get_db),
 ) -> Response:
-    """Newest first, a page at a time (app.api.pagination)."""
+    """Newest first, a page at a time (app.api.pagination). `sha256`: only datasets uploaded from a
+    file with that hash (ask before uploading)."""
     query = select(DatasetRecord).where(DatasetRecord.project_id == project)
+    if sha256:
+        query = query.where(DatasetRecord.sha256 == sha256.lower())
     records, next_cursor = fetch_page(session, query, DatasetRecord, page)
     return page_response(request, dataset_list(records, processing_states(session, records)), next_cursor)
 
@@ -386,26 +425,16 @@ def download_dataset(
 def delete_dataset(
     dataset_id: str,
     principal: PrincipalDep,
+    force: ForceQuery = False,
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
     settings: Settings = Depends(get_settings_dep),
 ) -> Response:
-    """Finished jobs keep their results; a dataset that a queued or running job reads is refused (409).
-    Works on a full disk (app.services.records.delete_records)."""
+    """Finished jobs keep their results; a dataset that a queued or running job reads is a 409
+    `dataset_in_use` unless `force=true`, which cancels those jobs first. Works on a full disk
+    (app.services.records.delete_records)."""
     record = get_dataset_record(session, dataset_id, principal.project_id)
-    active = session.scalars(
-        select(JobRecord.id).where(
-            JobRecord.status.in_(JobStatus.ACTIVE),
-            or_(
-                JobRecord.calibration_dataset_id == dataset_id, JobRecord.evaluation_dataset_id == dataset_id
-            ),
-        )
-    ).all()
-    if active:
-        raise ApiError(
-            409, "dataset_in_use", f"jobs {list(active)} still use this dataset; cancel them first"
-        )
-    prefix = record.artifact_key.rsplit("/", 1)[0]
-    delete_records(session, store, disk_reserve(settings), [record], [prefix])
-    audit(principal, "dataset.delete", dataset_id)
+    reserve = disk_reserve(settings)
+    cancelled = deletes.delete_dataset(session, settings, store, reserve, record, force=force)
+    audit(principal, "dataset.delete", dataset_id, cancelled_jobs=cancelled)
     return Response(status_code=204)

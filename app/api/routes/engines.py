@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from functools import partial
+import json
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -14,14 +16,18 @@ from app.api.body_reader import read_body
 from app.api.deps import DefaultMaxBatchDep, PrincipalDep, ProjectDep, ServingDep, get_db, get_store_dep
 from app.api.middleware.body_limit import json_tensor_limit
 from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
-from app.api.schemas import AliasIn, BatchingIn, EngineOut, InferResponse
+from app.api.schemas import AliasIn, BatchingIn, EngineOut, ForceQuery, InferResponse
 from app.api.views import engine_list, engine_out
+from app.api.zip_stream import zip_response
 from app.core.audit import audit
 from app.core.errors import ApiError, from_engine_error, not_found
 from app.core.orm import EngineRecord, ModelRecord, take_alias
 from app.core.space import disk_reserve
 from app.core.store import ArtifactStore
-from app.services.records import delete_records, get_engine_record
+from app.services import deletes
+from app.services.engine_files import engine_files
+from app.services.layer_report import layer_view
+from app.services.records import get_engine_record
 from app.serving.admission import json_text_bytes
 from engines.errors import EngineError
 from engines.ingest.signature import assign_batch_axes, specs_from_dicts
@@ -63,20 +69,47 @@ def delete_engine(
     serving: ServingDep,
     principal: PrincipalDep,
     request: Request,
+    force: ForceQuery = False,
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
-    """Works on a full disk (app.services.records.delete_records)."""
+    """An engine that holds an alias is a 409 `engine_holds_alias` (naming it) unless `force=true`,
+    which deletes the alias with it. Works on a full disk (app.services.records.delete_records)."""
     record = get_engine_record(session, engine_id, principal.project_id)
     reserve = disk_reserve(request.app.state.settings)
-    forget = partial(serving.forget, engine_id)
-    delete_records(session, store, reserve, [record], [record.artifact_prefix], after_commit=forget)
-    audit(principal, "engine.delete", engine_id)
+    alias = deletes.delete_engine(session, store, reserve, serving.forget, record, force=force)
+    audit(principal, "engine.delete", engine_id, alias=alias)
     return Response(status_code=204)
 
 
 @router.get(
-    "/{engine_id}/layer-errors", summary="Which layer lost accuracy: per-tensor INT8 error, worst first"
+    "/{engine_id}/download",
+    summary="Download the engine: its file, or a zip of its files (OpenVINO's IR, external data)",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}, "application/zip": {}}}},
+)
+def download_engine(
+    engine_id: str,
+    project: ProjectDep,
+    session: Session = Depends(get_db),
+    store: ArtifactStore = Depends(get_store_dep),
+) -> Response:
+    """Every backend: an ONNX-based engine (ONNX Runtime, torch) as its `.onnx`, a TensorRT engine as
+    its `.plan`; an engine of several files (OpenVINO's IR: `.xml` and `.bin`; ONNX with external
+    data) as a zip of them. The name says the engine and its backend (`eng_…-openvino-cpu.zip`).
+    The settings and reports stored beside the engine are not part of it."""
+    record = get_engine_record(session, engine_id, project)
+    files = engine_files(store, record)
+    stem = f"{record.id}-{record.backend}"
+    if len(files) == 1:
+        suffix = Path(record.engine_file).suffix
+        return FileResponse(files[0], media_type="application/octet-stream", filename=stem + suffix)
+    return zip_response(files, f"{stem}.zip")  # built while sent
+
+
+@router.get(
+    "/{engine_id}/layer-errors",
+    summary="Which layer lost accuracy: each node's own INT8 error, worst first, with a legend",
 )
 def get_layer_errors(
     engine_id: str,
@@ -84,9 +117,12 @@ def get_layer_errors(
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
-    """For INT8 engines: SQNR (dB, higher is better) of every quantized activation against the float
-    model, `local_sqnr_db` for the error its own Q/DQ adds, `model_sqnr_db` for the error accumulated
-    up to it; weights too. Measured on a few calibration samples when the engine was built."""
+    """For INT8 engines: every quantized activation (and weight) with `own_error`, the error its own
+    quantizer adds with float inputs (relative RMS, 0.01 = 1 %), and `accumulated_error`, the INT8
+    model's against the float model's at that tensor; sorted by `own_error`, highest first; `node`
+    as named in the model; `legend` says what each column and "—" mean (app.services.layer_report).
+    The SQNR figures (dB, higher is better) stay beside them. Measured on a few calibration samples
+    when the engine was built. Nodes to keep in float go in a recipe's `quantize.nodes_to_exclude`."""
     record = get_engine_record(session, engine_id, project)
     path = store.local_path(record.artifact_prefix) / LAYER_ERRORS_FILENAME
     if not path.is_file():
@@ -95,7 +131,7 @@ def get_layer_errors(
             "layer_errors_not_available",
             f"engine '{engine_id}' is {record.precision}; per-layer errors exist for int8 engines",
         )
-    return Response(path.read_bytes(), media_type="application/json")
+    return JSONResponse(layer_view(json.loads(path.read_bytes())))
 
 
 @router.put("/{engine_id}/alias", response_model=EngineOut, summary="Name an engine (moves the name here)")

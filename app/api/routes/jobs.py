@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.api.deps import PrincipalDep, ProjectDep, get_db, get_settings_dep, get_store_dep
+from app.api.deps import PrincipalDep, ProjectDep, ServingDep, get_db, get_settings_dep, get_store_dep
 from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
-from app.api.schemas import JobCreate, JobOut
+from app.api.schemas import ForceQuery, JobCreate, JobKindName, JobOut, JobStatusName
 from app.api.views import job_list, job_out
 from app.core.audit import audit
 from app.core.orm import JobRecord
 from app.core.settings import Settings
+from app.core.space import disk_reserve
 from app.core.store import ArtifactStore
+from app.services import deletes
 from app.services import jobs as service
 from app.services.records import get_job_record
 from engines.measure.report import render_markdown
 from engines.prune.sensitivity import SENSITIVITY_PNG
-from engines.search.report import REPORT_JSON, REPORT_MD, REPORT_PNG
+from engines.search.report import REPORT_MD, REPORT_PNG
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -50,6 +51,7 @@ def create_job(
         calibration_dataset_id=body.calibration_dataset_id,
         evaluation_dataset_id=body.evaluation_dataset_id,
         sensitivity=None if source is None else service.SensitivitySource(source.job_id, source.max_drop),
+        budget_metric_stated=body.recipe.accuracy_budget is None or body.recipe.accuracy_budget.metric_stated,
     )
     audit(principal, "job.create", job.id, kind=job.kind, model_id=body.model_id)
     return job_out(session, job)
@@ -60,14 +62,21 @@ def list_jobs(
     request: Request,
     project: ProjectDep,
     page: PageDep,
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
-    model_id: str | None = None,
+    status: Annotated[
+        list[JobStatusName] | None, Query(description="any of these statuses (repeat it for several)")
+    ] = None,
+    kind: Annotated[
+        list[JobKindName] | None, Query(description="any of these kinds (repeat it for several)")
+    ] = None,
+    model_id: Annotated[str | None, Query(description="jobs on this model")] = None,
     session: Session = Depends(get_db),
 ) -> Response:
-    """Newest first, a page at a time (app.api.pagination)."""
+    """Newest first, a page at a time (app.api.pagination); filtered by status, kind and model."""
     query = select(JobRecord).where(JobRecord.project_id == project)
     if status:
-        query = query.where(JobRecord.status == status)
+        query = query.where(JobRecord.status.in_(status))
+    if kind:
+        query = query.where(JobRecord.kind.in_(kind))
     if model_id:
         query = query.where(JobRecord.model_id == model_id)
     jobs, next_cursor = fetch_page(session, query, JobRecord, page)
@@ -77,6 +86,25 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut, summary="Job status, progress and error")
 def get_job(job_id: str, project: ProjectDep, session: Session = Depends(get_db)) -> JobOut:
     return job_out(session, get_job_record(session, job_id, project))
+
+
+@router.delete("/{job_id}", status_code=204, summary="Delete a finished job, its engines and report")
+def delete_job(
+    job_id: str,
+    serving: ServingDep,
+    principal: PrincipalDep,
+    force: ForceQuery = False,
+    session: Session = Depends(get_db),
+    store: ArtifactStore = Depends(get_store_dep),
+    settings: Settings = Depends(get_settings_dep),
+) -> Response:
+    """Its engines (their files too) and its report go with it. A queued or running job is a 409
+    `job_active` (cancel it first); an engine of the job that holds an alias is a 409
+    `engine_holds_alias` unless `force=true`, which deletes the alias too. Works on a full disk."""
+    job = get_job_record(session, job_id, principal.project_id)
+    engines = deletes.delete_job(session, store, disk_reserve(settings), serving.forget, job, force=force)
+    audit(principal, "job.delete", job_id, engines=len(engines))
+    return Response(status_code=204)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
@@ -144,9 +172,9 @@ def get_autotune(
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
 ) -> Response:
+    if format == "json":
+        return JSONResponse(service.autotune_report(session, store, job_id, project))
     folder = service.autotune_report_dir(session, store, job_id, project)
     if format == "png":
         return Response((folder / REPORT_PNG).read_bytes(), media_type="image/png")
-    if format == "md":
-        return PlainTextResponse((folder / REPORT_MD).read_text(), media_type="text/markdown")
-    return JSONResponse(json.loads((folder / REPORT_JSON).read_text()))
+    return PlainTextResponse((folder / REPORT_MD).read_text(), media_type="text/markdown")

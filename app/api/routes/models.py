@@ -7,7 +7,6 @@ import json
 import os
 import zipfile
 import zlib
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,17 +17,27 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import PrincipalDep, ProjectDep, ServingDep, get_db, get_settings_dep, get_store_dep
 from app.api.pagination import PAGE_RESPONSES, PageDep, fetch_page, page_response
-from app.api.schemas import NAME_PATTERN, AutotuneCreate, JobOut, ModelOut, SensitivityCreate
+from app.api.schemas import (
+    FORM_UNSET,
+    NAME_PATTERN,
+    AutotuneCreate,
+    ForceQuery,
+    JobOut,
+    ModelOut,
+    SensitivityCreate,
+    Sha256Query,
+)
 from app.api.uploads import ReceivedFile, commit_upload, receive_upload
 from app.api.views import job_out, model_list, model_out
 from app.api.zip_stream import zip_response
 from app.core.audit import audit
 from app.core.errors import ApiError, from_engine_error
 from app.core.keys import Principal
-from app.core.orm import EngineRecord, JobRecord, JobStatus, ModelRecord, ModelStatus, new_id
+from app.core.orm import ModelRecord, ModelStatus, new_id
 from app.core.settings import Settings
 from app.core.space import disk_reserve
 from app.core.store import ArtifactStore
+from app.services import deletes
 from app.services.jobs import (
     ModelState,
     conversion_jobs,
@@ -40,7 +49,8 @@ from app.services.jobs import (
     require_ready,
     stage_job,
 )
-from app.services.records import delete_records, get_model_record
+from app.services.records import get_model_record
+from app.services.uploads_dedup import existing_model, model_key
 from engines.convert.pt2_archive import (
     MAX_JSON_BYTES,
     PROGRAM_NAME,
@@ -57,7 +67,17 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.post(
-    "", status_code=201, response_model=ModelOut, summary="Upload an ONNX model or a PyTorch program"
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    responses={
+        200: {
+            "model": ModelOut,
+            "description": "the project already holds this file, uploaded with the same batch_axis and "
+            "opset: that model, with `deduplicated: true`; nothing new is stored",
+        }
+    },
+    summary="Upload an ONNX model or a PyTorch program",
 )
 def upload_model(
     file: Annotated[
@@ -68,14 +88,20 @@ def upload_model(
         ),
     ],
     principal: PrincipalDep,
-    name: Annotated[str | None, Form(max_length=255, pattern=NAME_PATTERN)] = None,
+    response: Response,
+    name: Annotated[str | None, Form(examples=FORM_UNSET, max_length=255, pattern=NAME_PATTERN)] = None,
     opset: Annotated[
         int | None,
-        Form(ge=MIN_OPSET, description="a .pt2 only: the ONNX opset to convert to (default: the exporter's)"),
+        Form(
+            examples=FORM_UNSET,
+            ge=MIN_OPSET,
+            description="a .pt2 only: the ONNX opset to convert to (default: the exporter's)",
+        ),
     ] = None,
     batch_axis: Annotated[
         str | None,
         Form(
+            examples=FORM_UNSET,
             min_length=2,
             max_length=65536,
             description='an ONNX model only: JSON {"input name": axis or null}, the dim each named input\'s '
@@ -93,8 +119,18 @@ def upload_model(
     anything in it (members, custom operators, shape expressions), stored, and converted to ONNX by
     a `convert` job: the model answers `converting` at once, then `ready` (with its signature) or
     `failed` (with `error`). Nothing is stored unless every check passes.
+
+    The same file uploaded again to the same project, with the same batch_axis and opset, is not
+    stored twice: the model it already is comes back (200, `deduplicated: true`), whatever its name
+    (app.services.uploads_dedup). `GET /v1/models?sha256=` asks before uploading.
     """
     with receive_upload(file, settings, "model.onnx") as received:
+        key = model_key(received.sha256, batch_axis=batch_axis, opset=opset)
+        existing = existing_model(session, principal.project_id, key)
+        if existing is not None:
+            response.status_code = 200
+            state = model_state(existing, conversion_jobs(session, [existing.id]).get(existing.id))
+            return model_out(existing, state).model_copy(update={"deduplicated": True})
         kind = _upload_kind(received.path, received.filename)
         if kind == "pt2":
             if batch_axis is not None:
@@ -104,7 +140,7 @@ def upload_model(
                     "batch_axis applies to ONNX models; a .pt2's batch dim comes from its export's dynamic "
                     "shapes: upload it without batch_axis",
                 )
-            return _upload_program(received, principal, name, opset, settings, store, session)
+            return _upload_program(received, principal, name, opset, key, settings, store, session)
         if opset is not None:
             raise ApiError(
                 422,
@@ -126,6 +162,7 @@ def upload_model(
         except InvalidModelError as exc:
             raise from_engine_error(exc) from exc
         record = _new_model_record(principal.project_id, received, name, info.to_dict(), ModelStatus.READY)
+        record.dedup_key = key
         commit_upload(session, store, received, record.artifact_prefix, normalized_dir, record)
     audit(principal, "model.create", record.id, name=record.name, size_bytes=record.size_bytes)
     return model_out(record)
@@ -222,6 +259,7 @@ def _upload_program(
     principal: Principal,
     name: str | None,
     opset: int | None,
+    key: str,
     settings: Settings,
     store: ArtifactStore,
     session: Session,
@@ -241,6 +279,7 @@ def _upload_program(
     source.parent.mkdir(parents=True)
     os.replace(received.path, source)
     record = _new_model_record(principal.project_id, received, name, {}, ModelStatus.CONVERTING)
+    record.dedup_key = key
     model_id, prefix = record.id, record.artifact_prefix
     session.add(record)  # first: its job refers to it
     job = new_convert_job(principal.project_id, model_id, opset)
@@ -254,10 +293,17 @@ def _upload_program(
 
 @router.get("", response_model=list[ModelOut], responses=PAGE_RESPONSES, summary="List models")
 def list_models(
-    request: Request, project: ProjectDep, page: PageDep, session: Session = Depends(get_db)
+    request: Request,
+    project: ProjectDep,
+    page: PageDep,
+    sha256: Sha256Query = None,
+    session: Session = Depends(get_db),
 ) -> Response:
-    """Newest first, a page at a time (app.api.pagination)."""
+    """Newest first, a page at a time (app.api.pagination). `sha256`: only models uploaded from a
+    file with that hash (ask before uploading)."""
     query = select(ModelRecord).where(ModelRecord.project_id == project)
+    if sha256:
+        query = query.where(ModelRecord.sha256 == sha256.lower())
     records, next_cursor = fetch_page(session, query, ModelRecord, page)
     return page_response(request, model_list(session, records), next_cursor)
 
@@ -297,23 +343,18 @@ def delete_model(
     model_id: str,
     serving: ServingDep,
     principal: PrincipalDep,
+    force: ForceQuery = False,
     session: Session = Depends(get_db),
     store: ArtifactStore = Depends(get_store_dep),
     settings: Settings = Depends(get_settings_dep),
 ) -> Response:
-    """Works on a full disk (app.services.records.delete_records)."""
+    """A job on the model still queued or running is a 409 `model_in_use` (cancel it first); an
+    engine of the model that holds an alias is a 409 `model_serving` unless `force=true`.
+    Works on a full disk (app.services.records.delete_records)."""
     record = get_model_record(session, model_id, principal.project_id)
-    jobs = session.scalars(select(JobRecord).where(JobRecord.model_id == model_id)).all()
-    active = [job.id for job in jobs if job.status in JobStatus.ACTIVE]
-    if active:
-        raise ApiError(
-            409, "model_in_use", f"jobs {active} are still running on this model; cancel them first"
-        )
-    prefixes = [record.artifact_prefix] + [f"jobs/{job.id}" for job in jobs]
-    engine_ids = session.scalars(select(EngineRecord.id).where(EngineRecord.model_id == model_id)).all()
-    forget = partial(serving.forget, *engine_ids)
-    delete_records(session, store, disk_reserve(settings), [*jobs, record], prefixes, after_commit=forget)
-    audit(principal, "model.delete", model_id, jobs=len(jobs), engines=len(engine_ids))
+    reserve = disk_reserve(settings)
+    jobs, engines = deletes.delete_model(session, store, reserve, serving.forget, record, force=force)
+    audit(principal, "model.delete", model_id, jobs=jobs, engines=engines)
     return Response(status_code=204)
 
 
@@ -379,6 +420,7 @@ def start_autotune(
         evaluation_dataset_id=body.evaluation_dataset_id,
         calibration_dataset_id=body.calibration_dataset_id,
         alias=body.alias,
+        budget_metric_stated=body.accuracy_budget.metric_stated,
     )
     audit(principal, "job.create", job.id, kind=job.kind, model_id=model_id, alias=body.alias)
     return job_out(session, job)
