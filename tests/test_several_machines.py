@@ -356,6 +356,8 @@ def test_nodes_that_share_no_disk_build_serve_recover_and_agree(
         assert "was modified on this node" in api_b.log.read_text()
         refetched = _cache_entry(api_b, f"jobs/{int8_id}/engines/") / "data" / name
         assert hashlib.sha256(refetched.read_bytes()).hexdigest() == manifest["files"][name]["sha256"]
+        # content-addressed: the row holds the hash of the file the worker built, checked on download
+        assert b.get(f"/v1/engines/{int8_engine}").json()["sha256"] == manifest["files"][name]["sha256"]
 
         # ---- what a job and an upload left, read through B, which received and built none of it
         report = b.get(f"/v1/jobs/{int8_id}/report", params={"format": "md"})

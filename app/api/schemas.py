@@ -7,6 +7,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
+
+# The shortest auto-optimize time budget: the SDK holds it, so its CLI refuses a smaller
+# --time-budget before uploading anything; the schema below enforces the same value.
+from optiforge_client.limits import MIN_TIME_BUDGET_MINUTES
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -775,10 +779,6 @@ class SearchSpaceIn(InputModel):
         )
 
 
-#: Below this, not even the cheapest candidates and the final timing fit.
-MIN_TIME_BUDGET_MINUTES = 1.0
-
-
 class AutotuneCreate(InputModel):
     """The fastest engine within an accuracy budget: `POST /v1/models/{id}/optimize`."""
 
@@ -869,6 +869,11 @@ class EngineOut(BaseModel):
     backend: str
     precision: str
     size_bytes: int
+    sha256: str | None = Field(
+        None,
+        description="the engine file's sha256, recorded when it was built; a node pulling the engine from "
+        "the store checks it (null for engines built before this was recorded)",
+    )
     build_seconds: float = Field(description="the whole build: pruning, quantization and compilation")
     hardware: dict[str, Any]
     metrics: dict[str, Any] = Field(
