@@ -216,6 +216,7 @@ def test_int8_job_over_http(live_stack: LiveStack, digits: DigitsArtifacts, meth
         )
         report = client.get(f"/v1/jobs/{job['id']}/report", params={"format": "md"}).text
         assert "| int8 | onnxruntime-cpu |" in report
+        assert "| Lineage |" in report and f"| {engine['lineage']['label']} |" in report
 
 
 def test_prune_finetune_int8_pipeline_over_http(

@@ -81,14 +81,21 @@ def render_markdown(rows: Sequence[dict[str, Any]], hardware: dict[str, Any] | N
     """A markdown table: latency per batch size, or per (batch, sequence length) (p50, p99, speedup
     of p50s), top-1, deltas vs baseline."""
     sizes = sorted_latency_keys(size for row in rows for size in row["latency"])
-    header = ["Network", "Engine", "Precision", "Backend", "Params (M)", "MACs (M)"]
+    # Where each engine came from (pruning, calibration, nodes kept in float): without it a pruned
+    # fp32 engine reads like the unpruned one. Rows of reports stored before lineage have none.
+    with_lineage = any((row.get("lineage") or {}).get("label") for row in rows)
+    header = ["Network", "Engine", *(["Lineage"] if with_lineage else []), "Precision", "Backend"]
+    header += ["Params (M)", "MACs (M)"]
     for size in sizes:
         shape = latency_label(size)
         header += [f"p50 ({shape}) ms", f"p99 ({shape}) ms", f"Speedup ({shape})"]
     header += ["Top-1", "Δ top-1 vs baseline", "Agreement", "Size (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [markdown_text(row[name]) for name in ("network", "engine", "precision", "backend")]
+        cells = [markdown_text(row["network"]), markdown_text(row["engine"])]
+        if with_lineage:
+            cells.append(markdown_text((row.get("lineage") or {}).get("label") or "—"))
+        cells += [markdown_text(row["precision"]), markdown_text(row["backend"])]
         cells += [
             _cell(row["params"] and row["params"] / 1e6, ".3f"),
             _cell(row["macs"] and row["macs"] / 1e6, ".1f"),
