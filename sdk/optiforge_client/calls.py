@@ -158,18 +158,24 @@ def upload_model(
     return call
 
 
-def list_models(limit: int | None = None) -> Call[list[Model]]:
-    """Newest first: every model, or the newest `limit` (at most 1000)."""
-    return _listing("/v1/models", Model, limit, {})
+def list_models(limit: int | None = None, *, sha256: str | None = None) -> Call[list[Model]]:
+    """Newest first: every model, or the newest `limit` (at most 1000); with `sha256`, those
+    uploaded from a file of that content (`file_sha256`)."""
+    return _listing("/v1/models", Model, limit, {"sha256": sha256})
 
 
 def get_model(model_id: str) -> Call[Model]:
     return Call("GET", f"/v1/models/{model_id}", _as(Model))
 
 
-def delete_model(model_id: str) -> Call[None]:
-    """Delete a model with its jobs and engines."""
-    return Call("DELETE", f"/v1/models/{model_id}", _nothing)
+def _delete(path: str, force: bool) -> Call[None]:
+    return Call("DELETE", path, _nothing, params={"force": "true"} if force else None)
+
+
+def delete_model(model_id: str, *, force: bool = False) -> Call[None]:
+    """Delete a model with its jobs and engines. Conflict `model_serving` while one of its
+    engines holds an alias, unless `force` (the aliases go too)."""
+    return _delete(f"/v1/models/{model_id}", force)
 
 
 def upload_dataset(
@@ -216,9 +222,16 @@ def get_dataset(dataset_id: str) -> Call[Dataset]:
     return Call("GET", f"/v1/datasets/{dataset_id}", _as(Dataset))
 
 
-def list_datasets(limit: int | None = None) -> Call[list[Dataset]]:
-    """Newest first: every dataset, or the newest `limit` (at most 1000)."""
-    return _listing("/v1/datasets", Dataset, limit, {})
+def list_datasets(limit: int | None = None, *, sha256: str | None = None) -> Call[list[Dataset]]:
+    """Newest first: every dataset, or the newest `limit` (at most 1000); with `sha256`, those
+    uploaded from a file of that content (`file_sha256`)."""
+    return _listing("/v1/datasets", Dataset, limit, {"sha256": sha256})
+
+
+def delete_dataset(dataset_id: str, *, force: bool = False) -> Call[None]:
+    """Delete a dataset. Conflict `dataset_in_use` while a queued or running job uses it,
+    unless `force`."""
+    return _delete(f"/v1/datasets/{dataset_id}", force)
 
 
 def create_job(
@@ -287,13 +300,33 @@ def get_job(job_id: str) -> Call[Job]:
     return Call("GET", f"/v1/jobs/{job_id}", _as(Job))
 
 
-def list_jobs(status: str | None = None, limit: int | None = None) -> Call[list[Job]]:
-    """Newest first: every job (of that status), or the newest `limit` (at most 1000)."""
-    return _listing("/v1/jobs", Job, limit, {"status": status or None})
+def list_jobs(
+    status: str | Sequence[str] | None = None,
+    limit: int | None = None,
+    *,
+    kind: str | None = None,
+    model_id: str | None = None,
+) -> Call[list[Job]]:
+    """Newest first: every job (of that status or those statuses, that kind, that model), or the
+    newest `limit` (at most 1000)."""
+    statuses = [status] if isinstance(status, str) else list(status or [])
+    return _listing(
+        "/v1/jobs",
+        Job,
+        limit,
+        {"status": statuses or None, "kind": kind or None, "model_id": model_id or None},
+    )
 
 
 def cancel_job(job_id: str) -> Call[Job]:
     return Call("POST", f"/v1/jobs/{job_id}/cancel", _as(Job))
+
+
+def delete_job(job_id: str, *, force: bool = False) -> Call[None]:
+    """Delete a finished job with its engines and report. Conflict `job_active` while it is
+    queued or running (cancel it first); `engine_holds_alias` when one of its engines holds an
+    alias, unless `force` (the alias goes too)."""
+    return _delete(f"/v1/jobs/{job_id}", force)
 
 
 def job_report(job_id: str, format: Literal["json", "md"] = "json") -> Call[Any]:
@@ -311,6 +344,12 @@ def list_engines(
 
 def get_engine(engine_id: str) -> Call[Engine]:
     return Call("GET", f"/v1/engines/{engine_id}", _as(Engine))
+
+
+def delete_engine(engine_id: str, *, force: bool = False) -> Call[None]:
+    """Delete an engine. Conflict `engine_holds_alias` while it holds an alias (the error names
+    it), unless `force` (the alias goes too)."""
+    return _delete(f"/v1/engines/{engine_id}", force)
 
 
 def set_alias(engine_id: str, alias: str) -> Call[Engine]:

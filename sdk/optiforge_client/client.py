@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import httpx
 
-from optiforge_client import calls
+from optiforge_client import calls, dedup
 from optiforge_client.errors import (
     DatasetFailed,
     DatasetTimeout,
@@ -131,6 +132,29 @@ def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".part")
 
 
+def _engine_download_call(engine_id: str) -> calls.Call[None]:
+    """GET /v1/engines/{id}/download, streamed to a file like `_triton_call`."""
+    return calls.Call("GET", f"/v1/engines/{engine_id}/download", lambda _response: None)
+
+
+_FILENAME = re.compile(r"""filename\*?=(?:UTF-8'')?"?([^";]+)"?""", re.IGNORECASE)
+
+
+def _download_target(path: str | Path | None, response: httpx.Response, fallback: str) -> Path:
+    """Where a download goes: `path`, or inside it when it is a folder (an existing one, or one
+    written with a trailing `/`; None: the working folder) under the server's file name
+    (Content-Disposition), else `fallback`."""
+    match = _FILENAME.search(response.headers.get("content-disposition", ""))
+    name = Path(match.group(1)).name if match else fallback
+    if path is None:
+        return Path.cwd() / name
+    target = Path(path)
+    if target.is_dir() or str(path).endswith(("/", os.sep)):  # a folder, made if it is not there
+        target.mkdir(parents=True, exist_ok=True)
+        return target / name
+    return target
+
+
 class Client:
     """Blocking client. `url` defaults to $OPTIFORGE_URL, `api_key` to $OPTIFORGE_API_KEY;
     `transport` lets tests pass an ASGI app."""
@@ -161,6 +185,30 @@ class Client:
     delete_model = _sync(calls.delete_model)
     list_datasets = _sync(calls.list_datasets)
     get_dataset = _sync(calls.get_dataset)
+    delete_dataset = _sync(calls.delete_dataset)
+
+    def find_or_upload_model(
+        self, path: str | Path, name: str | None = None, *, opset: int | None = None
+    ) -> Model:
+        """The stored model of this file's bytes (`deduplicated` True), else `upload_model`: an
+        ONNX file is looked up by its sha256 first (dedup.py), so it crosses the network once."""
+        if dedup.model_lookup(path, opset):
+            digest = dedup.file_sha256(path)
+            found = dedup.reusable_model(self.list_models(dedup.LOOKUP_LIMIT, sha256=digest), digest)
+            if found is not None:
+                return found
+        return self.upload_model(path, name, opset=opset)
+
+    def find_or_upload_dataset(self, path: str | Path, name: str | None = None, **options: Any) -> Dataset:
+        """The stored dataset of this .npz's bytes (`deduplicated` True), else `upload_dataset`
+        with `options` (an image folder or texts go up: the server matches them with their spec)."""
+        decoding = {key: value for key, value in options.items() if key not in ("wait", "timeout")}
+        if dedup.dataset_lookup(path, decoding):
+            digest = dedup.file_sha256(path)
+            found = dedup.reusable_dataset(self.list_datasets(dedup.LOOKUP_LIMIT, sha256=digest), digest)
+            if found is not None:
+                return found
+        return self.upload_dataset(path, name, **options)
 
     def upload_dataset(
         self,
@@ -209,9 +257,11 @@ class Client:
     get_job = _sync(calls.get_job)
     list_jobs = _sync(calls.list_jobs)
     cancel_job = _sync(calls.cancel_job)
+    delete_job = _sync(calls.delete_job)
     job_report = _sync(calls.job_report)
     list_engines = _sync(calls.list_engines)
     get_engine = _sync(calls.get_engine)
+    delete_engine = _sync(calls.delete_engine)
     set_alias = _sync(calls.set_alias)
     set_batching = _sync(calls.set_batching)
     clear_batching = _sync(calls.clear_batching)
@@ -251,19 +301,30 @@ class Client:
         """Download engines (ids or aliases) as one Triton model repository, a zip written to
         `path`: unpack it and serve it with `tritonserver --model-repository=DIR`. Each engine is a
         model named by its alias, else its id. Streamed to disk (engines can be gigabytes)."""
-        call, target = _triton_call(engines), Path(path)
-        partial = _partial(target)
-        try:
-            with self._http.stream(**call.request_args()) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    call.finish(response)  # raises the typed error
+        return self._stream_to(_triton_call(engines), path, "triton.zip")
+
+    def download_engine(self, engine_id: str, path: str | Path | None = None) -> Path:
+        """Download an engine, any backend: its file (`.onnx`, `.plan`), or a zip of its files
+        (OpenVINO's IR). Written to `path`, or into it when it is a folder (default: the working
+        folder), under the server's name `<engine id>-<backend>.<ext>`; streamed to disk."""
+        return self._stream_to(_engine_download_call(engine_id), path, f"{engine_id}.bin")
+
+    def _stream_to(self, call: calls.Call[None], path: str | Path | None, fallback: str) -> Path:
+        """Send `call` and write its answer to a file (`_download_target`), whole or not at all;
+        an error answer raises its typed error."""
+        with self._http.stream(**call.request_args()) as response:
+            if response.status_code >= 400:
+                response.read()
+                call.finish(response)  # raises the typed error
+            target = _download_target(path, response, fallback)
+            partial = _partial(target)
+            try:
                 with partial.open("wb") as handle:
                     for chunk in response.iter_bytes():
                         handle.write(chunk)
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
         return target
 
     def close(self) -> None:
@@ -312,6 +373,32 @@ class AsyncClient:
     delete_model = _async(calls.delete_model)
     list_datasets = _async(calls.list_datasets)
     get_dataset = _async(calls.get_dataset)
+    delete_dataset = _async(calls.delete_dataset)
+
+    async def find_or_upload_model(
+        self, path: str | Path, name: str | None = None, *, opset: int | None = None
+    ) -> Model:
+        """As `Client.find_or_upload_model` (the file hashed off the event loop)."""
+        if dedup.model_lookup(path, opset):
+            digest = await asyncio.to_thread(dedup.file_sha256, path)
+            found = dedup.reusable_model(await self.list_models(dedup.LOOKUP_LIMIT, sha256=digest), digest)
+            if found is not None:
+                return found
+        return await self.upload_model(path, name, opset=opset)
+
+    async def find_or_upload_dataset(
+        self, path: str | Path, name: str | None = None, **options: Any
+    ) -> Dataset:
+        """As `Client.find_or_upload_dataset`."""
+        decoding = {key: value for key, value in options.items() if key not in ("wait", "timeout")}
+        if dedup.dataset_lookup(path, decoding):
+            digest = await asyncio.to_thread(dedup.file_sha256, path)
+            found = dedup.reusable_dataset(
+                await self.list_datasets(dedup.LOOKUP_LIMIT, sha256=digest), digest
+            )
+            if found is not None:
+                return found
+        return await self.upload_dataset(path, name, **options)
 
     async def upload_dataset(
         self,
@@ -360,9 +447,11 @@ class AsyncClient:
     get_job = _async(calls.get_job)
     list_jobs = _async(calls.list_jobs)
     cancel_job = _async(calls.cancel_job)
+    delete_job = _async(calls.delete_job)
     job_report = _async(calls.job_report)
     list_engines = _async(calls.list_engines)
     get_engine = _async(calls.get_engine)
+    delete_engine = _async(calls.delete_engine)
     set_alias = _async(calls.set_alias)
     set_batching = _async(calls.set_batching)
     clear_batching = _async(calls.clear_batching)
@@ -398,19 +487,27 @@ class AsyncClient:
 
     async def triton_repository(self, engines: Sequence[str] | str, path: str | Path) -> Path:
         """Download engines (ids or aliases) as one Triton model repository zip to `path`."""
-        call, target = _triton_call(engines), Path(path)
-        partial = _partial(target)
-        try:
-            async with self._http.stream(**call.request_args()) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    call.finish(response)  # raises the typed error
+        return await self._stream_to(_triton_call(engines), path, "triton.zip")
+
+    async def download_engine(self, engine_id: str, path: str | Path | None = None) -> Path:
+        """As `Client.download_engine`."""
+        return await self._stream_to(_engine_download_call(engine_id), path, f"{engine_id}.bin")
+
+    async def _stream_to(self, call: calls.Call[None], path: str | Path | None, fallback: str) -> Path:
+        """As `Client._stream_to`."""
+        async with self._http.stream(**call.request_args()) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                call.finish(response)  # raises the typed error
+            target = _download_target(path, response, fallback)
+            partial = _partial(target)
+            try:
                 with partial.open("wb") as handle:
                     async for chunk in response.aiter_bytes():
                         handle.write(chunk)
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
         return target
 
     async def aclose(self) -> None:

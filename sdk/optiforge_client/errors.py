@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from optiforge_client.hints import sdk_hint
+
 
 class OptiforgeError(Exception):
     """An error answer: `status` (HTTP), `code` (stable, for programs), `detail` (for people)."""
 
-    def __init__(self, status: int, code: str, detail: str, body: Any = None):
-        super().__init__(f"{status} {code}: {detail}")
+    def __init__(self, status: int, code: str, detail: str, body: Any = None, hint: str | None = None):
+        super().__init__(f"{status} {code}: {detail}" + (f" ({hint})" if hint else ""))
         self.status, self.code, self.detail, self.body = status, code, detail, body
+        #: What to do, where the server's sentence does not say (optiforge_client.hints).
+        self.hint = hint
 
 
 class BadRequest(OptiforgeError):
@@ -135,4 +139,4 @@ def error_from_response(status: int, body: Any, text: str) -> OptiforgeError:
     else:
         code, detail = "http_error", text or f"HTTP {status}"
     error_class = _BY_STATUS.get(status, ServerError if status >= 500 else OptiforgeError)
-    return error_class(status, code, detail, body)
+    return error_class(status, code, detail, body, hint=sdk_hint(detail) if status == 422 else None)

@@ -36,6 +36,8 @@ class Model(_Resource):
     macs: int | None = None
     size_bytes: int
     warnings: list[str] = []
+    sha256: str | None = None  # of the uploaded file: `find_or_upload_model` looks for it first
+    deduplicated: bool = False  # the upload matched a stored model: that one came back
     created_at: datetime
 
     @property
@@ -56,6 +58,10 @@ class Dataset(_Resource):
     has_labels: bool
     classes: int | None = None
     uniform_arrays: list[str] = []
+    sha256: str | None = None  # of the uploaded file: `find_or_upload_dataset` looks for it first
+    deduplicated: bool = False  # the upload matched a stored dataset (same options): that one came back
+    image_folder: dict[str, Any] | None = None  # a .zip of images: its preprocessing spec, class names
+    text: dict[str, Any] | None = None  # a JSONL of texts: its tokenization spec
     created_at: datetime
 
 
@@ -69,6 +75,12 @@ class Job(_Resource):
     messages: list[str] = []
     error: dict[str, Any] | None = None
     engine_ids: list[str] = []
+    model_name: str | None = None
+    kind_label: str | None = None  # "recipe", "auto-optimize", or the kind
+    elapsed_s: float | None = None
+    time_budget_s: float | None = None  # a budgeted search's
+    remaining_s: float | None = None  # a budgeted search's, while it runs
+    best: dict[str, Any] | None = None  # a search's current best: label, speedup, drop, lineage
     created_at: datetime
 
     @property
@@ -87,6 +99,7 @@ class Engine(_Resource):
     alias: str | None = None
     batching: dict[str, Any] | None = None
     max_batch: int | None = None  # the most samples one inference request may carry (older servers: None)
+    lineage: dict[str, Any] | None = None  # backend, precision, pruning, fallback_nodes, calibration, label
     created_at: datetime
 
 
