@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT, DigitsArtifacts, LiveStack
+from tests.console_records import unique_dataset, unique_model
 
 CHROMIUM = (
     os.environ.get("OPTIFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -103,11 +104,14 @@ def test_console_upload_job_report_and_try_it(
     page.goto(base)
     page.wait_for_selector("#who:has-text('no API key needed')")
 
-    page.set_input_files("#upload-model input[type=file]", str(digits.onnx_path))
+    # files of their own: uploads are deduplicated by content, and the digits files other tests
+    # uploaded would come back under those tests' names
+    page.set_input_files("#upload-model input[type=file]", str(unique_model(digits, tmp_path)))
     page.fill("#upload-model input[name=name]", "digits-browser")
     page.click("#upload-model button")
     _wait_for(page, "#models td:has-text('digits-browser')")
-    for path, name in ((digits.eval_npz, "digits-eval-browser"), (digits.calib_npz, "digits-calib-browser")):
+    evaluation, calibration = unique_dataset(digits, tmp_path, 200), unique_dataset(digits, tmp_path, 128)
+    for path, name in ((evaluation, "digits-eval-browser"), (calibration, "digits-calib-browser")):
         page.set_input_files("#upload-dataset input[type=file]", str(path))
         page.fill("#upload-dataset input[name=name]", name)
         page.click("#upload-dataset button")
@@ -132,8 +136,8 @@ def test_console_upload_job_report_and_try_it(
     page.wait_for_selector("#job-status.succeeded", timeout=240_000)
     page.wait_for_selector("#report tbody tr >> nth=1")  # the original and the engine
     assert page.locator("#report tr.original").count() == 1
-    assert page.locator("#plot svg rect.original").count() == 1  # the original, marked
-    assert page.locator("#plot svg circle.point").count() >= 1
+    assert page.locator("#plot svg.plot rect.original").count() == 1  # the original, marked
+    assert page.locator("#plot svg.plot circle.marker").count() >= 1
     report = _screenshot(page, "console-report.png")
     assert report.stat().st_size > 10_000
 
