@@ -3,8 +3,9 @@
 In a terminal, rich redraws a single line in place, cropped to the terminal's width: a line wider
 than the terminal would wrap, and every redraw would then leave the wrapped part behind (the
 issue saw 142 lines for one job). Redirected to a file or a pipe there is nobody to redraw for:
-a plain line when the stage changes, or every `LOG_INTERVAL_S` seconds, and not one control
-sequence.
+a plain line when the status changes (queued, running, done), else at most one every
+`LOG_INTERVAL_S` seconds with the latest stage (a search changes its stage with every candidate,
+several times a second), and not one control sequence.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class TerminalProgress:
 
 class LogProgress:
     """Plain lines for a file or a pipe: the job's messages as they come, and a status line when
-    the status or stage changes, or `interval` seconds after the last one."""
+    the status changes or the job ends, else at most one per `interval` seconds, showing the stage
+    the job is in then."""
 
     def __init__(
         self, stream: IO[str], interval: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
@@ -121,11 +123,10 @@ class LogProgress:
         for message in job.messages[self.seen_messages :]:
             self.stream.write(f"  · {plain(message)}\n")
         self.seen_messages = len(job.messages)
-        state = (job.status, job.stage)
         now = self.clock()
-        if state != self.last_state or now - self.last_time >= self.interval or job.finished:
+        if job.status != self.last_state or now - self.last_time >= self.interval or job.finished:
             self.stream.write(f"{job.id} {plain(status_text(job))}\n")
-            self.last_state, self.last_time = state, now
+            self.last_state, self.last_time = job.status, now
         self.stream.flush()
 
     def close(self) -> None:
