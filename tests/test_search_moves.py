@@ -172,6 +172,10 @@ def test_a_search_that_beats_nothing_says_the_original_is_served(small_net, tmp_
     says_none = any("no candidate beats the original" in message for message in result.messages)
     names_one = any(message.startswith("chosen:") for message in result.messages)
     assert says_none == report["serves_original"] != names_one
+    served = [row for row in report["candidates"] if row["served_as_original"]]
+    chosen = [row for row in report["candidates"] if row["chosen"]]
+    assert served == (chosen if report["serves_original"] else [])
     if report["serves_original"]:
         assert report["chosen"] == f"the original ({ORT} fp32)"
         assert "chosen: the original" in search_report.markdown(report)
+        assert "| served as the original |" in search_report.markdown(report)

@@ -202,6 +202,14 @@ class AutotuneResult:
     serves_original: bool = False  # no candidate beats the original within the budget
     prune_method: str = "l1"  # the space's pruning criterion, for the rows' lineage
 
+    def _row(self, outcome: CandidateOutcome) -> dict[str, Any]:
+        """A candidate's row. When nothing beat the original, the row `chosen` is the original's own
+        engine (what the alias points at): `served_as_original` says so, so that no client reads
+        it as a candidate that won."""
+        row = outcome.to_dict(self.prune_method)
+        row["served_as_original"] = bool(row["chosen"] and self.serves_original)
+        return row
+
     def report(self, objective: Objective, budget: Budget) -> dict[str, Any]:
         return {
             "objective": objective.to_report(),
@@ -222,7 +230,7 @@ class AutotuneResult:
             ),
             "serves_original": self.serves_original,
             "original_lineage": original_lineage(BASELINE_BACKEND),
-            "candidates": [outcome.to_dict(self.prune_method) for outcome in self.outcomes],
+            "candidates": [self._row(outcome) for outcome in self.outcomes],
             "messages": self.messages,
             "elapsed_s": self.elapsed_s,
             "timed_out": self.timed_out,

@@ -55,7 +55,9 @@ def markdown(report: dict[str, Any]) -> str:
         cost = None if row["cost"] is None else _cost_value(metric, row["cost"], batch)
         cells = [
             ("**" + markdown_text(row["label"]) + "**") if row["chosen"] else markdown_text(row["label"]),
-            "chosen" if row["chosen"] else row["status"].replace("_", " "),
+            ("served as the original" if row.get("served_as_original") else "chosen")
+            if row["chosen"]
+            else row["status"].replace("_", " "),
             "—" if cost is None else f"{cost:.3f}",
             _versus_original(row, original, cost),
             "—" if row["drop"] is None else f"{row['drop'] * 100:.2f}",
@@ -88,49 +90,54 @@ def _not_tried(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    """Cost against drop: every scored candidate, the front joined, the chosen one starred, the
-    original marked, the budget as a vertical line."""
+    """Speedup against drop, the unit of every other table: every scored candidate, the front
+    joined, the chosen one starred, the original at (0, 1×), the budget as a vertical line. Labels
+    live in the legend, never beside the points, so none can hide another; when the original is
+    served, no star is drawn over its marker."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     objective = report["objective"]
-    metric, batch = objective["metric"], objective["batch_size"]
+    original_cost = report["original"]["cost"]
     scored = [row for row in report["candidates"] if row["cost"] is not None and row["drop"] is not None]
+
+    def gain(row: dict[str, Any]) -> float:
+        return original_cost / row["cost"] if row["cost"] else 0.0
+
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for row in scored:
-        axes.scatter(
-            row["drop"] * 100,
-            _cost_value(metric, row["cost"], batch),
-            color="tab:blue" if row["within_budget"] else "tab:gray",
-            s=30,
-            alpha=0.8,
-        )
+    for within in (True, False):
+        rows = [row for row in scored if bool(row["within_budget"]) == within]
+        if rows:
+            axes.scatter(
+                [row["drop"] * 100 for row in rows], [gain(row) for row in rows],
+                color="tab:blue" if within else "tab:gray", s=30, alpha=0.8,
+                label="within the budget" if within else "over the budget",
+            )  # fmt: skip
     front = sorted((row for row in scored if row["on_front"]), key=lambda row: row["drop"])
     if front:
         axes.plot(
-            [row["drop"] * 100 for row in front],
-            [_cost_value(metric, row["cost"], batch) for row in front],
-            color="tab:orange",
-            marker="o",
-            label="Pareto front",
-        )
+            [row["drop"] * 100 for row in front], [gain(row) for row in front],
+            color="tab:orange", marker="o", label="Pareto front",
+        )  # fmt: skip
     serves_original = bool(report.get("serves_original"))
     for row in scored:
         if row["chosen"] and not serves_original:  # else the original's own engine: marked as the original
             axes.scatter(
-                row["drop"] * 100, _cost_value(metric, row["cost"], batch), marker="*", s=250,
-                color="tab:red", label=f"chosen: {row['label']}", zorder=5,
+                row["drop"] * 100, gain(row), marker="*", s=250, color="tab:red",
+                label=f"chosen: {row['label']} ({gain(row):.2f}×)", zorder=5,
             )  # fmt: skip
     axes.scatter(
-        0, _cost_value(metric, report["original"]["cost"], batch), marker="s", s=60, color="black",
-        label="original (chosen: nothing beat it)" if serves_original else "original", zorder=5,
+        0, 1.0, marker="s", s=60, color="black",
+        label="original, served (nothing beat it)" if serves_original else "original (1×)", zorder=6,
     )  # fmt: skip
+    axes.axhline(1.0, color="black", linewidth=0.5)
     axes.axvline(report["allowed_drop"] * 100, color="tab:red", linestyle="--", linewidth=1, label="budget")
     axes.set_xlabel(f"accuracy drop ({report['budget']['metric']}, points)")
-    axes.set_ylabel(f"{metric} ({_COST_UNITS[metric]}) at {_at(objective)}")
-    axes.set_title("Autotune: every scored candidate, cost against accuracy drop")
+    better = "smaller" if objective["metric"] == "size" else "faster"
+    axes.set_ylabel(f"speedup (×, {objective['metric']} at {_at(objective)}; higher is {better})")
+    axes.set_title("Auto-optimize: every scored candidate, speedup against accuracy drop")
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
