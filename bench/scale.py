@@ -71,13 +71,16 @@ BASE = "optiforge"
 #: The admin key every node is started with (OPTIFORGE_BOOTSTRAP_API_KEY): replicas listen on
 #: loopback, but the rate-limit scenario needs keys.
 ADMIN_KEY = "bench-scale-" + secrets.token_hex(16)
-#: Small timed runs: a job's cost is then mostly calibration, quantization and evaluation, work
-#: that keeps a core busy, not a fixed wall-clock measuring window.
+#: One thread per job, as a worker given one core would run it (a worker measures with every core
+#: it sees by default: two workers on 2 cores would then fight over both). Enough timed runs that a
+#: job's own work, not the queue's fixed overhead, is what is timed.
 JOB_RECIPE = {
     "precision": "int8",
     "batch_sizes": [1, 8],
-    "measure": {"warmup_runs": 2, "timed_runs": 20, "min_seconds": 0.2},
+    "measure": {"warmup_runs": 5, "timed_runs": 100, "min_seconds": 0.5, "threads": 1},
 }
+#: Each API replica infers with one thread: a replica per core, as on Kubernetes with a 1-CPU request.
+REPLICA_THREADS = "1"
 
 
 @dataclass
@@ -162,7 +165,11 @@ class Cluster:
             capture_output=True,
         )
         for name in ("api-a", "api-b", "api-l", "worker-1", "worker-2"):
-            env = {**shared, "OPTIFORGE_DATA_DIR": str(self.root / name)}
+            env = {
+                **shared,
+                "OPTIFORGE_DATA_DIR": str(self.root / name),
+                "OPTIFORGE_INFERENCE_THREADS": REPLICA_THREADS,
+            }
             if name == "api-l":  # the single-machine store, holding copies of the engines (copy_engine)
                 env["OPTIFORGE_ARTIFACT_URL"] = (self.root / "local-store").as_uri()
             if name.startswith("api"):
@@ -408,11 +415,14 @@ def cold_and_warm_scenario(
             }
         )
     warm_engine = engine_ids[0]
-    samples: dict[str, list[float]] = {"b": [], "l": []}
-    for _ in range(rounds):
-        for name, http in (("b", b_http), ("l", l_http)):
-            for _ in range(per_round):
-                samples[name].append(_timed_request(http, warm_engine, body, headers))
+    # Replica A, on the store like B, is the control: how far two processes differ with nothing
+    # between them but being two processes.
+    clients = {"a": RawHttp(cluster.nodes["api-a"].url), "b": b_http, "l": l_http}
+    samples: dict[str, list[float]] = {name: [] for name in clients}
+    for index in range(rounds * per_round):  # request by request, in turn, rotating who goes first
+        names = list(clients)[index % 3 :] + list(clients)[: index % 3]
+        for name in names:
+            samples[name].append(_timed_request(clients[name], warm_engine, body, headers))
     warm = {name: latency_stats(np.asarray(values), 1) for name, values in samples.items()}
     return {
         "cold": cold,
@@ -425,6 +435,12 @@ def cold_and_warm_scenario(
         "warm": warm,
         "warm_requests": len(samples["b"]),
         "warm_ratio_b_over_l": warm["b"]["p50_ms"] / warm["l"]["p50_ms"],
+        "warm_paired_difference_ms": statistics.median(
+            on_b - on_l for on_b, on_l in zip(samples["b"], samples["l"], strict=True)
+        ),
+        "warm_control_difference_ms": statistics.median(
+            on_b - on_a for on_b, on_a in zip(samples["b"], samples["a"], strict=True)
+        ),
     }
 
 
@@ -499,11 +515,15 @@ def render(report: dict[str, Any]) -> str:
         f"{warm['l']['p99_ms']:.2f} ms |",
         f"| S3 through the node cache (replica B) | {median['b_first_ms']:.1f} ms | "
         f"{warm['b']['p50_ms']:.2f} ms | {warm['b']['p99_ms']:.2f} ms |",
+        f"| S3 through the node cache (replica A, control) | — | {warm['a']['p50_ms']:.2f} ms | "
+        f"{warm['a']['p99_ms']:.2f} ms |",
         "",
         f"Cold start: B's first request is {median['b_minus_l_ms']:.1f} ms slower than L's (median over "
         f"{len(cold['cold'])} engines); downloading and verifying the engine alone takes "
-        f"{median['download_ms']:.1f} ms. Warm: B/L p50 = {cold['warm_ratio_b_over_l']:.3f} "
-        f"({cold['warm_requests']} requests each, alternating B and L).",
+        f"{median['download_ms']:.1f} ms. Warm: B/L p50 = {cold['warm_ratio_b_over_l']:.3f}, median paired "
+        f"difference {cold['warm_paired_difference_ms'] * 1000:+.0f} µs; between B and A, two replicas "
+        f"on the same store: {cold['warm_control_difference_ms'] * 1000:+.0f} µs "
+        f"({cold['warm_requests']} requests each, in turn).",
         "",
         f"Rate limit across A and B: {rate['accepted_rps']:.1f} accepted/s against a limit of "
         f"{rate['limit_rps']:.0f}/s ({rate['deviation'] * 100:+.1f} %; target within ±10 %); "
@@ -528,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     args = parser.parse_args(argv)
-    jobs = args.jobs or (2 if args.quick else 6)
+    jobs = args.jobs or (2 if args.quick else 8)
     seconds = args.seconds or (1.0 if args.quick else 6.0)
     rounds = args.rounds or (1 if args.quick else 3)
     import onnxruntime
