@@ -230,7 +230,10 @@ def test_image_decoding_job_on_both_stacks(live_stack: LiveStack, tmp_path: Path
     with Client(live_stack.base_url) as sdk:
         waited = sdk.upload_dataset(archive, preprocessing=GRAY32)
         assert waited.status == "ready" and waited.samples == 2
-        pending = sdk.upload_dataset(archive, preprocessing=GRAY32, wait=False)
+        # other options: a new dataset to decode (the same upload again would be the ready one)
+        pending = sdk.upload_dataset(
+            archive, preprocessing={**GRAY32, "interpolation": "nearest"}, wait=False
+        )
         assert pending.status == "processing" and pending.processing_job_id
         assert sdk.wait_for_dataset(pending.id, timeout=120).status == "ready"
 

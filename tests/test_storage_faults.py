@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -203,7 +204,11 @@ def test_sqlite_locked_past_busy_timeout_is_503(
         try:
             assert_database_unavailable(client.put(f"/v1/engines/{engine_id}/alias", json={"alias": "prod"}))
             assert_database_unavailable(client.delete(f"/v1/engines/{engine_id}"))
-            assert_database_unavailable(upload(client, "models", digits.onnx_path))
+            other = tmp_path / "other.onnx"  # not the stored file: the same one is deduplicated, a read
+            renamed = onnx.load(str(digits.onnx_path))
+            renamed.doc_string = "another upload"
+            onnx.save(renamed, str(other))
+            assert_database_unavailable(upload(client, "models", other))
             assert client.get("/v1/models").status_code == 200
             assert client.post(f"/v2/models/{engine_id}/infer", json=v2_input).status_code == 200
         finally:

@@ -25,11 +25,11 @@ class FlakyStore(LocalArtifactStore):
         self.error = error
         self.calls = 0
 
-    def local_path(self, key: str) -> Path:
+    def local_path(self, key: str, *, sha256: str | None = None) -> Path:
         self.calls += 1
         if self.calls <= self.failures:
             raise self.error("the artifact store could not be reached: check OPTIFORGE_S3_ENDPOINT_URL")
-        return super().local_path(key)
+        return super().local_path(key, sha256=sha256)
 
 
 def _queued_job(local_api: LocalApi, digits: DigitsArtifacts) -> str:
