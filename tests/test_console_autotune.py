@@ -86,7 +86,7 @@ def test_the_form_offers_the_apis_options_and_defaults(page, embedded_stack: Liv
     assert "Max drop" in page.inner_text("#auto-error")
     page.click("#auto-optimize button[type=reset]")
     assert float(_form_value(page, "max_drop")) == pytest.approx(1.0)
-    assert page.locator("#auto-error").is_hidden()
+    page.wait_for_selector("#auto-error", state="hidden", timeout=5000)  # the reset handler runs after
 
 
 def test_the_form_starts_a_search_and_its_page_shows_it_live(
