@@ -163,17 +163,31 @@ def test_report_table_fits_the_terminal(columns: int) -> None:
 # ---------------------------------------------------------------- against a live server
 
 
-def _optiforge_argv(digits: DigitsArtifacts) -> list[str]:
+def _own_model(digits: DigitsArtifacts, path: Path) -> Path:
+    """The digits model as a file of this test's own: uploads are deduplicated by content, so the
+    shared file would come back under the name another test gave it."""
+    import onnx
+
+    model = onnx.load(str(digits.onnx_path))
+    model.doc_string = path.stem
+    onnx.save(model, str(path))
+    return path
+
+
+def _optiforge_argv(digits: DigitsArtifacts, model: Path) -> list[str]:
     return [
-        sys.executable, "-m", "app.cli", "optimize", str(digits.onnx_path),
+        sys.executable, "-m", "app.cli", "optimize", str(model),
         "--calib", str(digits.calib_npz), "--eval", str(digits.eval_npz),
         "--precision", "int8", "--batch-sizes", "1,8,32", "--wait",
     ]  # fmt: skip
 
 
-def test_optimize_in_an_80_column_terminal(embedded_stack: LiveStack, digits: DigitsArtifacts) -> None:
+def test_optimize_in_an_80_column_terminal(
+    embedded_stack: LiveStack, digits: DigitsArtifacts, tmp_path: Path
+) -> None:
     env = {**embedded_stack.env, "OPTIFORGE_URL": embedded_stack.base_url}
-    status, output = run_in_terminal(_optiforge_argv(digits), env, columns=80, cwd=str(REPO_ROOT))
+    argv = _optiforge_argv(digits, _own_model(digits, tmp_path / "digits.onnx"))
+    status, output = run_in_terminal(argv, env, columns=80, cwd=str(REPO_ROOT))
     screen = Screen(80).feed(output)
     lines = screen.text()
     assert status == 0, "\n".join(lines)
@@ -197,7 +211,7 @@ def test_optimize_redirected_to_a_file(
     log = tmp_path / "optimize.log"
     with log.open("w") as handle:
         run = subprocess.run(
-            _optiforge_argv(digits),
+            _optiforge_argv(digits, _own_model(digits, tmp_path / "digits.onnx")),
             env=env,
             cwd=REPO_ROOT,
             stdout=handle,
