@@ -314,6 +314,10 @@ def test_nodes_that_share_no_disk_build_serve_recover_and_agree(
         pid = int(job["worker"].rsplit(":", 1)[1])
         killed = next(node for name, node in nodes.items() if name.startswith("worker") and node.owns(pid))
         survivor = nodes["worker-2" if killed.name == "worker-1" else "worker-1"]
+        # mid-job: once the attempt has its scratch folder (a job marked running may not have one yet)
+        while not list((killed.data_dir / "scratch").glob(f"job-{int8_id}-*")):
+            assert time.monotonic() < deadline, a.get(f"/v1/jobs/{int8_id}").json()
+            time.sleep(0.05)
         killed.kill()
         killed.process.wait(timeout=10)
 
