@@ -56,7 +56,15 @@ from app.core.artifacts.cache import ArtifactCache
 from app.core.artifacts.s3 import S3ArtifactStore
 from app.core.artifacts.s3_client import S3Location, make_client
 from bench.chaos import hardware_line, load_average
-from bench.processes import environment, free_port, kill_group, start_moto, start_redis, stop
+from bench.processes import (
+    environment,
+    free_port,
+    fresh_postgres_database,
+    kill_group,
+    start_moto,
+    start_redis,
+    stop,
+)
 from bench.serve import RawHttp, export_model, load
 from engines.hardware import cpu_info
 from engines.measure.latency import latency_stats
@@ -118,25 +126,19 @@ class Node:
 class Cluster:
     root: Path
     redis_port: int = field(default_factory=free_port)
-    db_name: str = field(default_factory=lambda: f"optiforge_scale_{secrets.token_hex(4)}")
     bucket: str = field(default_factory=lambda: f"scale-{secrets.token_hex(4)}")
     nodes: dict[str, Node] = field(default_factory=dict)
     services: list[subprocess.Popen] = field(default_factory=list)
     endpoint: str = ""
+    #: What `close` undoes besides the processes: the fresh PostgreSQL database.
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
-    def _admin_conninfo(self) -> str:
-        from sqlalchemy.engine import make_url
-
-        return make_url(POSTGRES_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-
     def start(self) -> None:
         import boto3
-        import psycopg
-        from sqlalchemy.engine import make_url
 
         self.services.append(start_redis(self.redis_port, self.root))
         moto, self.endpoint = start_moto(AWS)
@@ -144,9 +146,7 @@ class Cluster:
         boto3.client("s3", endpoint_url=self.endpoint, **_boto_credentials()).create_bucket(
             Bucket=self.bucket
         )
-        with psycopg.connect(self._admin_conninfo(), autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{self.db_name}"')
-        database_url = make_url(POSTGRES_URL).set(database=self.db_name).render_as_string(hide_password=False)
+        database_url = self.resources.enter_context(fresh_postgres_database(POSTGRES_URL, "optiforge_scale"))
         shared = {
             **{key: value for key, value in os.environ.items() if not key.startswith("OPTIFORGE_")},
             **AWS,
@@ -188,14 +188,12 @@ class Cluster:
         self.wait_workers(1)
 
     def close(self) -> None:
-        import psycopg
-
         for node in self.nodes.values():
             node.stop()
         for process in self.services:
             stop(process, timeout=10)
-        with contextlib.suppress(Exception), psycopg.connect(self._admin_conninfo(), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        with contextlib.suppress(Exception):  # a database left behind must not hide the results
+            self.resources.close()
 
     def client(self, name: str = "api-a", timeout: float = 300) -> httpx.Client:
         return httpx.Client(base_url=self.nodes[name].url, headers=self.headers, timeout=timeout)

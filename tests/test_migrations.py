@@ -60,23 +60,17 @@ def test_replicas_migrating_one_postgresql_database_at_once_all_succeed() -> Non
     """API replicas and a migrations Job start together on Kubernetes; each runs `optiforge migrate`.
     Without migrations/env.py's advisory lock, all but one failed on a duplicate key (measured: 3 of
     4). With it, the others wait and find the head."""
-    import secrets
     import subprocess
     import sys
 
-    import psycopg
     from sqlalchemy.engine import make_url
 
+    from bench.processes import fresh_postgres_database
     from tests.conftest import POSTGRES_URL, REPO_ROOT, require_service
 
     admin_url = make_url(POSTGRES_URL)
     require_service("PostgreSQL", admin_url.host or "127.0.0.1", admin_url.port or 5432)
-    db_name = f"optiforge_race_{secrets.token_hex(4)}"
-    conninfo = admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{db_name}"')
-    try:
-        url = admin_url.set(database=db_name).render_as_string(hide_password=False)
+    with fresh_postgres_database(POSTGRES_URL, "optiforge_race") as url:
         code = f"from app.core.migrate import upgrade; upgrade({url!r})"
         racers = [
             subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
@@ -85,6 +79,3 @@ def test_replicas_migrating_one_postgresql_database_at_once_all_succeed() -> Non
         failures = [process.communicate(timeout=120)[1] for process in racers if process.wait(timeout=120)]
         assert not failures, failures[0][-2000:]
         command.check(alembic_config(url))
-    finally:
-        with psycopg.connect(conninfo, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')

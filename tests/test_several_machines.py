@@ -22,6 +22,7 @@ shared between the nodes' data directories.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from onnx import TensorProto, helper, numpy_helper, save_model
 from app.core.artifacts.cache import ArtifactCache
 from app.core.artifacts.s3 import MANIFEST_NAME, VERSIONS, S3ArtifactStore
 from app.core.artifacts.s3_client import S3Location, make_client
-from bench.processes import environment
+from bench.processes import environment, fresh_postgres_database
 from tests.conftest import (
     POSTGRES_URL,
     QUICK_MEASURE,
@@ -156,7 +157,6 @@ def _wait_until_up(nodes: list[Node], timeout: float = 90) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    import psycopg
     import redis
     from sqlalchemy.engine import make_url
 
@@ -165,18 +165,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_service("PostgreSQL", admin_url.host or "127.0.0.1", admin_url.port or 5432)
     require_service("Redis", redis_url.host or "127.0.0.1", redis_url.port or 6379)
     root = tmp_path_factory.mktemp("machines")
-    db_name = f"optiforge_machines_{secrets.token_hex(4)}"
     queue_prefix = f"machines-{secrets.token_hex(4)}-"
-    conninfo = admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{db_name}"')
+    database = contextlib.ExitStack()
+    database_url = database.enter_context(fresh_postgres_database(POSTGRES_URL, "optiforge_machines"))
     moto, endpoint = start_moto()
     cluster = Cluster(endpoint, f"machines-{secrets.token_hex(4)}", moto)
     try:
         cluster.s3().create_bucket(Bucket=cluster.bucket)
         shared = {
             **AWS,
-            "OPTIFORGE_DATABASE_URL": admin_url.set(database=db_name).render_as_string(hide_password=False),
+            "OPTIFORGE_DATABASE_URL": database_url,
             "OPTIFORGE_BROKER_URL": REDIS_URL,
             "OPTIFORGE_QUEUE_PREFIX": queue_prefix,
             "OPTIFORGE_ARTIFACT_URL": f"s3://{cluster.bucket}/{BASE.rstrip('/')}",
@@ -212,8 +210,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 node.process.wait(timeout=10)
         moto.kill()
         moto.wait(timeout=10)
-        with psycopg.connect(conninfo, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        database.close()
         client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(f"{queue_prefix}*"):
             client.delete(key)

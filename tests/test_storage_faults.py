@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from app.core.store import LocalArtifactStore
+from bench.processes import fresh_postgres_database
 from bench.tcp_proxy import TcpProxy
 from tests.conftest import (
     POSTGRES_URL,
@@ -116,19 +117,10 @@ def v2_input(digits: DigitsArtifacts) -> dict:
 @pytest.fixture
 def postgres_database() -> Iterator[str]:
     """A fresh database on the shared PostgreSQL; its URL."""
-    import psycopg
-
     admin_url = make_url(POSTGRES_URL)
     require_service("PostgreSQL", admin_url.host or "127.0.0.1", admin_url.port or 5432)
-    name = f"optiforge_outage_{secrets.token_hex(4)}"
-    conninfo = admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(conninfo, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database(POSTGRES_URL, "optiforge_outage") as url:
+        yield url
 
 
 def test_postgres_outage_is_503_and_v2_keeps_serving_a_loaded_engine(

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.artifacts.manifest import stream_sha256
 from app.core.orm import DatasetRecord, ModelRecord, ModelStatus
 from app.services.datasets import state_of
 from app.services.jobs import conversion_jobs, model_state
 
-_CHUNK = 1024 * 1024
+Record = TypeVar("Record", ModelRecord, DatasetRecord)
 
 
 def _canonical(value: str | None) -> Any:
@@ -60,20 +61,25 @@ def dataset_key(file_sha256: str, *, form: dict[str, str | None], tokenizer_sha2
 def file_sha256(handle: BinaryIO) -> str:
     """The sha256 of a spooled form file, read from its start and rewound for whoever reads it next."""
     handle.seek(0)
-    digest = hashlib.sha256()
-    while chunk := handle.read(_CHUNK):
-        digest.update(chunk)
+    digest = stream_sha256(handle)
     handle.seek(0)
-    return digest.hexdigest()
+    return digest
+
+
+def _with_key(session: Session, record_type: type[Record], project_id: str, key: str) -> list[Record]:
+    """The project's records of `record_type` with this key, oldest first."""
+    return list(
+        session.scalars(
+            select(record_type)
+            .where(record_type.project_id == project_id, record_type.dedup_key == key)
+            .order_by(record_type.created_at, record_type.id)
+        ).all()
+    )
 
 
 def existing_model(session: Session, project_id: str, key: str) -> ModelRecord | None:
     """The project's oldest model with this key that is ready or still converting (None: upload it)."""
-    records = session.scalars(
-        select(ModelRecord)
-        .where(ModelRecord.project_id == project_id, ModelRecord.dedup_key == key)
-        .order_by(ModelRecord.created_at, ModelRecord.id)
-    ).all()
+    records = _with_key(session, ModelRecord, project_id, key)
     if not records:
         return None
     conversions = conversion_jobs(session, [record.id for record in records])
@@ -85,12 +91,7 @@ def existing_model(session: Session, project_id: str, key: str) -> ModelRecord |
 
 def existing_dataset(session: Session, project_id: str, key: str) -> DatasetRecord | None:
     """The project's oldest dataset with this key that is ready or still processing (None: upload it)."""
-    records = session.scalars(
-        select(DatasetRecord)
-        .where(DatasetRecord.project_id == project_id, DatasetRecord.dedup_key == key)
-        .order_by(DatasetRecord.created_at, DatasetRecord.id)
-    ).all()
-    for record in records:
+    for record in _with_key(session, DatasetRecord, project_id, key):
         state = state_of(session, record)
         status = record.status if state is None else state.status
         if status != "failed":
